@@ -1,0 +1,148 @@
+// slicemoe.h: the C API of slicemoe-gguf, compiled into libllama next to the llama_* API.
+//
+// Conventions
+//   - Handles are opaque. Every function that can fail returns an int status (SLICEMOE_OK == 0)
+//     and, on failure, leaves a message in slicemoe_last_error() (per thread). Nothing aborts on
+//     bad input.
+//   - Outputs go through pointer arguments; the caller owns every buffer it passes.
+//   - Parameter structs are obtained from *_default_params() and then edited, so fields can be
+//     added at the end without breaking callers that start from the defaults.
+//
+// This header is C and is the only thing the Python layer binds (cffi, ABI mode): between the
+// cdef markers keep to plain declarations (no preprocessor lines, no expressions in enums).
+
+#ifndef SLICEMOE_H
+#define SLICEMOE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(SLICEMOE_BUILDING)
+#define SLICEMOE_API __declspec(dllexport)
+#elif defined(_WIN32)
+#define SLICEMOE_API __declspec(dllimport)
+#else
+#define SLICEMOE_API __attribute__((visibility("default")))
+#endif
+
+// cdef-begin (the Python binding parses the declarations from here to cdef-end)
+enum slicemoe_status {
+    SLICEMOE_OK                 = 0,
+    SLICEMOE_ERR_INVALID_ARG    = 1,  // a NULL handle, a bad size, an out-of-range token
+    SLICEMOE_ERR_IO             = 2,  // a file is missing or cannot be read
+    SLICEMOE_ERR_FORMAT         = 3,  // not a GGUF, truncated, or a model llama.cpp cannot load
+    SLICEMOE_ERR_NO_MEMORY      = 4,
+    SLICEMOE_ERR_BUFFER_TOO_SMALL = 5,  // the required size is returned through the n_out argument
+    SLICEMOE_ERR_CONTEXT_FULL   = 6,  // the prompt plus generated tokens exceed n_ctx
+    SLICEMOE_ERR_COMPUTE        = 7,  // llama_decode failed
+};
+
+typedef struct slicemoe_model   slicemoe_model;
+typedef struct slicemoe_context slicemoe_context;
+typedef struct slicemoe_sampler slicemoe_sampler;
+
+struct slicemoe_model_params {
+    int32_t n_gpu_layers;  // layers offloaded to a GPU backend; 0 = CPU only, -1 = all
+    bool    use_mmap;      // map the file instead of reading it (llama.cpp's default)
+};
+
+struct slicemoe_context_params {
+    uint32_t n_ctx;      // context length in tokens; 0 = the model's training context
+    uint32_t n_batch;    // tokens per llama_decode call during prompt evaluation
+    int32_t  n_threads;  // compute threads; 0 = all cores
+};
+
+struct slicemoe_sampling_params {
+    float    temperature;  // <= 0: greedy (argmax)
+    float    top_p;        // nucleus sampling; 1 disables it
+    uint32_t seed;
+};
+
+struct slicemoe_timings {
+    double  prefill_ms;  // wall time of prompt batches (more than one token per llama_decode)
+    double  decode_ms;   // wall time of single-token steps
+    int32_t n_prefill;   // tokens evaluated as prompt
+    int32_t n_decode;    // tokens evaluated one at a time
+};
+
+// --- library -------------------------------------------------------------------------------
+
+SLICEMOE_API const char * slicemoe_version(void);             // this package, e.g. "0.1.0"
+SLICEMOE_API const char * slicemoe_llama_cpp_version(void);   // e.g. "llama-cpp-python 0.3.36 (llama.cpp 0c1e570)"
+SLICEMOE_API const char * slicemoe_system_info(void);         // llama.cpp's CPU feature line
+SLICEMOE_API const char * slicemoe_last_error(void);          // "" when the last call succeeded
+// Verbose mode forwards llama.cpp's log to stderr; otherwise only its errors are kept (as the
+// message of the failing call).
+SLICEMOE_API void         slicemoe_set_verbose(bool verbose);
+
+// Compute devices ggml found (CPU, Vulkan GPUs, Metal): name and description of device i.
+SLICEMOE_API int32_t      slicemoe_device_count(void);
+SLICEMOE_API const char * slicemoe_device_name(int32_t i);
+SLICEMOE_API const char * slicemoe_device_description(int32_t i);
+
+// --- model ---------------------------------------------------------------------------------
+
+SLICEMOE_API struct slicemoe_model_params slicemoe_model_default_params(void);
+SLICEMOE_API int  slicemoe_model_load(const char * path, const struct slicemoe_model_params * params,
+                                      slicemoe_model ** out);
+SLICEMOE_API void slicemoe_model_free(slicemoe_model * model);
+
+SLICEMOE_API int32_t slicemoe_model_n_vocab(const slicemoe_model * model);
+SLICEMOE_API int32_t slicemoe_model_n_layer(const slicemoe_model * model);
+SLICEMOE_API int32_t slicemoe_model_n_ctx_train(const slicemoe_model * model);
+SLICEMOE_API bool    slicemoe_model_is_eog(const slicemoe_model * model, int32_t token);
+// Short description ("qwen2moe ?B F32") written into buf, NUL-terminated.
+SLICEMOE_API int     slicemoe_model_desc(const slicemoe_model * model, char * buf, size_t size);
+// A metadata value as a string (e.g. "general.architecture"); SLICEMOE_ERR_INVALID_ARG if absent.
+SLICEMOE_API int     slicemoe_model_meta(const slicemoe_model * model, const char * key, char * buf, size_t size);
+
+// Text -> token ids. add_special adds BOS/EOS as the model's tokenizer says; parse_special turns
+// "<|...|>" markup into special tokens. On SLICEMOE_ERR_BUFFER_TOO_SMALL, *n_out is the size needed.
+SLICEMOE_API int slicemoe_tokenize(const slicemoe_model * model, const char * text, int32_t text_len,
+                                   bool add_special, bool parse_special,
+                                   int32_t * tokens, int32_t n_tokens_max, int32_t * n_out);
+// Token ids -> UTF-8 text (not NUL-terminated; *n_out bytes). Same buffer rule as tokenize.
+SLICEMOE_API int slicemoe_detokenize(const slicemoe_model * model, const int32_t * tokens, int32_t n_tokens,
+                                     char * text, int32_t text_len_max, int32_t * n_out);
+
+// --- context -------------------------------------------------------------------------------
+
+SLICEMOE_API struct slicemoe_context_params slicemoe_context_default_params(void);
+SLICEMOE_API int  slicemoe_context_create(slicemoe_model * model, const struct slicemoe_context_params * params,
+                                          slicemoe_context ** out);
+SLICEMOE_API void slicemoe_context_free(slicemoe_context * ctx);
+SLICEMOE_API uint32_t slicemoe_context_n_ctx(const slicemoe_context * ctx);
+SLICEMOE_API int32_t  slicemoe_context_n_past(const slicemoe_context * ctx);
+
+// Forget every evaluated token and zero the timings.
+SLICEMOE_API void slicemoe_context_reset(slicemoe_context * ctx);
+// Append tokens to the sequence and run the model over them (in n_batch chunks); afterwards the
+// logits of the last token are available. A failed call leaves the sequence as it was.
+SLICEMOE_API int  slicemoe_eval(slicemoe_context * ctx, const int32_t * tokens, int32_t n_tokens);
+// The n_vocab logits of the last evaluated token, or NULL before any evaluation.
+SLICEMOE_API const float * slicemoe_logits(slicemoe_context * ctx);
+SLICEMOE_API void slicemoe_timings_get(const slicemoe_context * ctx, struct slicemoe_timings * out);
+
+// --- sampling ------------------------------------------------------------------------------
+
+SLICEMOE_API struct slicemoe_sampling_params slicemoe_sampling_default_params(void);
+SLICEMOE_API int  slicemoe_sampler_create(const struct slicemoe_sampling_params * params, slicemoe_sampler ** out);
+SLICEMOE_API void slicemoe_sampler_free(slicemoe_sampler * sampler);
+// Choose the next token from the last logits (does not evaluate it).
+SLICEMOE_API int  slicemoe_sample(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token);
+// Decode one token: sample from the last logits, then evaluate the chosen token so the next
+// logits are ready. *token receives the chosen id.
+SLICEMOE_API int  slicemoe_decode_next(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token);
+
+// cdef-end
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif // SLICEMOE_H

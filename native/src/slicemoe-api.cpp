@@ -1,0 +1,489 @@
+// The slicemoe C API (include/slicemoe.h) over llama.cpp's public API.
+//
+// Errors: every entry point that can fail returns a status and leaves a message in a thread-local
+// string. llama.cpp reports its own failures through its log, so the log callback keeps the error
+// lines of the current call and they become part of our message.
+
+#include "slicemoe.h"
+
+#include "llama.h"
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#ifndef SLICEMOE_VERSION
+#define SLICEMOE_VERSION "dev"
+#endif
+#ifndef SLICEMOE_LLAMA_CPP_PYTHON_VERSION
+#define SLICEMOE_LLAMA_CPP_PYTHON_VERSION "unknown"
+#endif
+#ifndef SLICEMOE_LLAMA_CPP_COMMIT
+#define SLICEMOE_LLAMA_CPP_COMMIT "unknown"
+#endif
+
+struct slicemoe_model {
+    llama_model       * model;
+    const llama_vocab * vocab;
+};
+
+struct slicemoe_context {
+    slicemoe_model  * model;
+    llama_context   * lctx;
+    int32_t           n_past;
+    bool              has_logits;
+    slicemoe_timings  timings;
+};
+
+struct slicemoe_sampler {
+    llama_sampler * chain;
+};
+
+// ---------------------------------------------------------------------------------------------
+// errors and logging
+
+static thread_local std::string g_last_error;
+
+static std::mutex  g_log_mutex;
+static bool        g_verbose = false;
+static std::string g_llama_errors;         // error lines llama.cpp logged since the last clear
+static ggml_log_level g_last_level = GGML_LOG_LEVEL_NONE;
+
+static void log_callback(ggml_log_level level, const char * text, void * /*user_data*/) {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    if (level == GGML_LOG_LEVEL_CONT) {
+        level = g_last_level;
+    }
+    g_last_level = level;
+    if (g_verbose) {
+        fputs(text, stderr);
+        fflush(stderr);
+    }
+    if (level == GGML_LOG_LEVEL_ERROR && g_llama_errors.size() < 4096) {
+        g_llama_errors += text;
+    }
+}
+
+static void clear_llama_errors() {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    g_llama_errors.clear();
+}
+
+static std::string take_llama_errors() {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    std::string s;
+    s.swap(g_llama_errors);
+    while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) {
+        s.pop_back();
+    }
+    return s;
+}
+
+static int fail(int status, std::string message) {
+    g_last_error = std::move(message);
+    return status;
+}
+
+// A failure of a llama.cpp call: our message, then what llama.cpp logged about it.
+static int fail_llama(int status, const std::string & message) {
+    const std::string detail = take_llama_errors();
+    return fail(status, detail.empty() ? message : message + ": " + detail);
+}
+
+static int ok() {
+    g_last_error.clear();
+    return SLICEMOE_OK;
+}
+
+static void init_once() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        llama_log_set(log_callback, nullptr);
+        llama_backend_init();
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// library
+
+const char * slicemoe_version(void) {
+    return SLICEMOE_VERSION;
+}
+
+const char * slicemoe_llama_cpp_version(void) {
+    return "llama-cpp-python " SLICEMOE_LLAMA_CPP_PYTHON_VERSION " (llama.cpp " SLICEMOE_LLAMA_CPP_COMMIT ")";
+}
+
+const char * slicemoe_system_info(void) {
+    init_once();
+    return llama_print_system_info();
+}
+
+const char * slicemoe_last_error(void) {
+    return g_last_error.c_str();
+}
+
+void slicemoe_set_verbose(bool verbose) {
+    init_once();
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    g_verbose = verbose;
+}
+
+int32_t slicemoe_device_count(void) {
+    init_once();
+    return (int32_t) ggml_backend_dev_count();
+}
+
+const char * slicemoe_device_name(int32_t i) {
+    init_once();
+    if (i < 0 || (size_t) i >= ggml_backend_dev_count()) {
+        return "";
+    }
+    return ggml_backend_dev_name(ggml_backend_dev_get(i));
+}
+
+const char * slicemoe_device_description(int32_t i) {
+    init_once();
+    if (i < 0 || (size_t) i >= ggml_backend_dev_count()) {
+        return "";
+    }
+    return ggml_backend_dev_description(ggml_backend_dev_get(i));
+}
+
+// ---------------------------------------------------------------------------------------------
+// model
+
+slicemoe_model_params slicemoe_model_default_params(void) {
+    slicemoe_model_params p;
+    p.n_gpu_layers = 0;
+    p.use_mmap     = true;
+    return p;
+}
+
+// Check what llama.cpp would only report as "failed to load": missing file, not a GGUF.
+static int check_gguf_file(const char * path) {
+    FILE * f = fopen(path, "rb");
+    if (!f) {
+        return fail(SLICEMOE_ERR_IO, std::string("cannot open '") + path + "': " + strerror(errno));
+    }
+    char magic[4] = {0, 0, 0, 0};
+    const size_t n = fread(magic, 1, sizeof(magic), f);
+    fclose(f);
+    if (n != sizeof(magic) || memcmp(magic, "GGUF", 4) != 0) {
+        return fail(SLICEMOE_ERR_FORMAT, std::string("'") + path + "' is not a GGUF file (no GGUF magic at its start)");
+    }
+    return SLICEMOE_OK;
+}
+
+int slicemoe_model_load(const char * path, const slicemoe_model_params * params, slicemoe_model ** out) {
+    init_once();
+    if (!path || !out) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_load: path and out must not be NULL");
+    }
+    *out = nullptr;
+    const int status = check_gguf_file(path);
+    if (status != SLICEMOE_OK) {
+        return status;
+    }
+    const slicemoe_model_params p = params ? *params : slicemoe_model_default_params();
+
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = p.n_gpu_layers;
+    mp.load_mode    = p.use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+
+    clear_llama_errors();
+    llama_model * model = llama_model_load_from_file(path, mp);
+    if (!model) {
+        return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp could not load '") + path + "'");
+    }
+    slicemoe_model * m = new (std::nothrow) slicemoe_model{model, llama_model_get_vocab(model)};
+    if (!m) {
+        llama_model_free(model);
+        return fail(SLICEMOE_ERR_NO_MEMORY, "out of memory");
+    }
+    *out = m;
+    return ok();
+}
+
+void slicemoe_model_free(slicemoe_model * model) {
+    if (model) {
+        llama_model_free(model->model);
+        delete model;
+    }
+}
+
+int32_t slicemoe_model_n_vocab(const slicemoe_model * model) {
+    return model ? llama_vocab_n_tokens(model->vocab) : 0;
+}
+
+int32_t slicemoe_model_n_layer(const slicemoe_model * model) {
+    return model ? llama_model_n_layer(model->model) : 0;
+}
+
+int32_t slicemoe_model_n_ctx_train(const slicemoe_model * model) {
+    return model ? llama_model_n_ctx_train(model->model) : 0;
+}
+
+bool slicemoe_model_is_eog(const slicemoe_model * model, int32_t token) {
+    return model && llama_vocab_is_eog(model->vocab, token);
+}
+
+int slicemoe_model_desc(const slicemoe_model * model, char * buf, size_t size) {
+    if (!model || !buf || size == 0) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_desc: NULL model or empty buffer");
+    }
+    llama_model_desc(model->model, buf, size);
+    return ok();
+}
+
+int slicemoe_model_meta(const slicemoe_model * model, const char * key, char * buf, size_t size) {
+    if (!model || !key || !buf || size == 0) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_meta: NULL argument or empty buffer");
+    }
+    const int32_t n = llama_model_meta_val_str(model->model, key, buf, size);
+    if (n < 0) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, std::string("no metadata key '") + key + "'");
+    }
+    if ((size_t) n >= size) {
+        return fail(SLICEMOE_ERR_BUFFER_TOO_SMALL, std::string("metadata value of '") + key + "' is truncated");
+    }
+    return ok();
+}
+
+int slicemoe_tokenize(const slicemoe_model * model, const char * text, int32_t text_len,
+                      bool add_special, bool parse_special,
+                      int32_t * tokens, int32_t n_tokens_max, int32_t * n_out) {
+    if (!model || !text || text_len < 0 || !n_out || n_tokens_max < 0 || (!tokens && n_tokens_max > 0)) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_tokenize: bad arguments");
+    }
+    const int32_t n = llama_tokenize(model->vocab, text, text_len, tokens, n_tokens_max, add_special, parse_special);
+    if (n == INT32_MIN) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_tokenize: the text yields more than 2^31 tokens");
+    }
+    if (n < 0) {
+        *n_out = -n;
+        return fail(SLICEMOE_ERR_BUFFER_TOO_SMALL, "token buffer too small");
+    }
+    *n_out = n;
+    return ok();
+}
+
+int slicemoe_detokenize(const slicemoe_model * model, const int32_t * tokens, int32_t n_tokens,
+                        char * text, int32_t text_len_max, int32_t * n_out) {
+    if (!model || (!tokens && n_tokens > 0) || n_tokens < 0 || !n_out || text_len_max < 0 || (!text && text_len_max > 0)) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_detokenize: bad arguments");
+    }
+    const int32_t n_vocab = llama_vocab_n_tokens(model->vocab);
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
+        }
+    }
+    const int32_t n = llama_detokenize(model->vocab, tokens, n_tokens, text, text_len_max,
+                                       /*remove_special*/ false, /*unparse_special*/ false);
+    if (n < 0) {
+        *n_out = -n;
+        return fail(SLICEMOE_ERR_BUFFER_TOO_SMALL, "text buffer too small");
+    }
+    *n_out = n;
+    return ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// context
+
+slicemoe_context_params slicemoe_context_default_params(void) {
+    slicemoe_context_params p;
+    p.n_ctx     = 2048;
+    p.n_batch   = 512;
+    p.n_threads = 0;
+    return p;
+}
+
+static int32_t default_threads() {
+    const unsigned n = std::thread::hardware_concurrency();
+    return n > 0 ? (int32_t) n : 4;
+}
+
+int slicemoe_context_create(slicemoe_model * model, const slicemoe_context_params * params, slicemoe_context ** out) {
+    init_once();
+    if (!model || !out) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_context_create: model and out must not be NULL");
+    }
+    *out = nullptr;
+    const slicemoe_context_params p = params ? *params : slicemoe_context_default_params();
+    if (p.n_batch == 0) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "n_batch must be at least 1");
+    }
+
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx           = p.n_ctx;
+    cp.n_batch         = p.n_batch;
+    cp.n_ubatch        = p.n_batch;
+    cp.n_seq_max       = 1;
+    cp.n_threads       = p.n_threads > 0 ? p.n_threads : default_threads();
+    cp.n_threads_batch = cp.n_threads;
+
+    clear_llama_errors();
+    llama_context * lctx = llama_init_from_model(model->model, cp);
+    if (!lctx) {
+        return fail_llama(SLICEMOE_ERR_NO_MEMORY, "llama.cpp could not create a context");
+    }
+    slicemoe_context * c = new (std::nothrow) slicemoe_context{model, lctx, 0, false, {}};
+    if (!c) {
+        llama_free(lctx);
+        return fail(SLICEMOE_ERR_NO_MEMORY, "out of memory");
+    }
+    *out = c;
+    return ok();
+}
+
+void slicemoe_context_free(slicemoe_context * ctx) {
+    if (ctx) {
+        llama_free(ctx->lctx);
+        delete ctx;
+    }
+}
+
+uint32_t slicemoe_context_n_ctx(const slicemoe_context * ctx) {
+    return ctx ? llama_n_ctx(ctx->lctx) : 0;
+}
+
+int32_t slicemoe_context_n_past(const slicemoe_context * ctx) {
+    return ctx ? ctx->n_past : 0;
+}
+
+void slicemoe_context_reset(slicemoe_context * ctx) {
+    if (!ctx) {
+        return;
+    }
+    llama_memory_clear(llama_get_memory(ctx->lctx), true);
+    ctx->n_past     = 0;
+    ctx->has_logits = false;
+    ctx->timings    = {};
+}
+
+int slicemoe_eval(slicemoe_context * ctx, const int32_t * tokens, int32_t n_tokens) {
+    if (!ctx || !tokens || n_tokens <= 0) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_eval: NULL context or no tokens");
+    }
+    const int32_t n_vocab = llama_vocab_n_tokens(ctx->model->vocab);
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " + std::to_string(n_vocab));
+        }
+    }
+    const uint32_t n_ctx = llama_n_ctx(ctx->lctx);
+    if ((uint32_t) ctx->n_past + (uint32_t) n_tokens > n_ctx) {
+        return fail(SLICEMOE_ERR_CONTEXT_FULL, "context full: " + std::to_string(ctx->n_past) + " evaluated + " +
+                    std::to_string(n_tokens) + " new tokens > n_ctx " + std::to_string(n_ctx));
+    }
+
+    const int32_t n_batch = (int32_t) llama_n_batch(ctx->lctx);
+    const auto t0 = std::chrono::steady_clock::now();
+    clear_llama_errors();
+    for (int32_t i = 0; i < n_tokens; i += n_batch) {
+        const int32_t n = std::min(n_batch, n_tokens - i);
+        llama_batch batch = llama_batch_get_one(const_cast<int32_t *>(tokens) + i, n);
+        const int32_t rc = llama_decode(ctx->lctx, batch);
+        if (rc != 0) {
+            // roll the sequence back so the context stays usable
+            llama_memory_seq_rm(llama_get_memory(ctx->lctx), 0, ctx->n_past, -1);
+            ctx->has_logits = false;
+            return fail_llama(SLICEMOE_ERR_COMPUTE, "llama_decode failed with code " + std::to_string(rc));
+        }
+    }
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (n_tokens > 1) {
+        ctx->timings.prefill_ms += ms;
+        ctx->timings.n_prefill  += n_tokens;
+    } else {
+        ctx->timings.decode_ms += ms;
+        ctx->timings.n_decode  += 1;
+    }
+    ctx->n_past    += n_tokens;
+    ctx->has_logits = true;
+    return ok();
+}
+
+const float * slicemoe_logits(slicemoe_context * ctx) {
+    if (!ctx || !ctx->has_logits) {
+        return nullptr;
+    }
+    return llama_get_logits_ith(ctx->lctx, -1);
+}
+
+void slicemoe_timings_get(const slicemoe_context * ctx, slicemoe_timings * out) {
+    if (ctx && out) {
+        *out = ctx->timings;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sampling
+
+slicemoe_sampling_params slicemoe_sampling_default_params(void) {
+    slicemoe_sampling_params p;
+    p.temperature = 0.0f;
+    p.top_p       = 1.0f;
+    p.seed        = 0;
+    return p;
+}
+
+int slicemoe_sampler_create(const slicemoe_sampling_params * params, slicemoe_sampler ** out) {
+    init_once();
+    if (!out) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sampler_create: out must not be NULL");
+    }
+    *out = nullptr;
+    const slicemoe_sampling_params p = params ? *params : slicemoe_sampling_default_params();
+    if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "top_p must be in (0, 1]");
+    }
+    llama_sampler * chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+    if (p.temperature <= 0.0f) {
+        llama_sampler_chain_add(chain, llama_sampler_init_greedy());
+    } else {
+        if (p.top_p < 1.0f) {
+            llama_sampler_chain_add(chain, llama_sampler_init_top_p(p.top_p, 1));
+        }
+        llama_sampler_chain_add(chain, llama_sampler_init_temp(p.temperature));
+        llama_sampler_chain_add(chain, llama_sampler_init_dist(p.seed));
+    }
+    *out = new slicemoe_sampler{chain};
+    return ok();
+}
+
+void slicemoe_sampler_free(slicemoe_sampler * sampler) {
+    if (sampler) {
+        llama_sampler_free(sampler->chain);
+        delete sampler;
+    }
+}
+
+int slicemoe_sample(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token) {
+    if (!sampler || !ctx || !token) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sample: NULL argument");
+    }
+    if (!ctx->has_logits) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sample: no logits yet, evaluate a prompt first");
+    }
+    *token = llama_sampler_sample(sampler->chain, ctx->lctx, -1);
+    return ok();
+}
+
+int slicemoe_decode_next(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token) {
+    const int status = slicemoe_sample(sampler, ctx, token);
+    if (status != SLICEMOE_OK) {
+        return status;
+    }
+    return slicemoe_eval(ctx, token, 1);
+}

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Create a tiny random-weight MoE checkpoint of a supported architecture with transformers.
+
+The checkpoint is a real Hugging Face directory (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json): the same layout and config fields as the published models, only small.
+Its tokenizer is a byte-level BPE trained with `tokenizers` on a few English sentences.
+
+    python scripts/make_tiny_moe.py qwen2_moe out/tiny-qwen2moe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# A few hundred words of plain English: enough for a 512-token byte-level BPE whose merges cover
+# ordinary words, so prompts tokenize to word-sized pieces.
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+Once upon a time there was a small village by the sea, where the fishermen went out every morning
+and came back every evening with their boats full of fish. The children played on the beach and the
+old men sat in the shade and told stories about the sea, the wind and the stars. In the winter the
+storms came, and the people stayed in their houses by the fire. In the spring the flowers came back,
+and the birds sang in the trees. It was a quiet life, and the people of the village were happy with it.
+Machine learning models learn from data. A mixture of experts routes each token to a few experts, so
+only part of the model runs for each token. The experts that are not used still need to be stored,
+and on a phone or a laptop the memory is small, so the experts live in flash and a cache keeps the
+most useful ones in memory. Every miss is a read from flash, which costs time and energy.
+"""
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = 512) -> int:
+    """Train and save a GPT-2-style byte-level BPE; returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "add_bos_token": False,
+        "model_max_length": 256,
+    }, indent=2))
+    return tokenizer.get_vocab_size()
+
+
+def tiny_config(arch: str, vocab_size: int):
+    """A transformers config of `arch` with every dimension small but every feature present."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, eos_token_id=0, bos_token_id=None, pad_token_id=0)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=48, num_experts=8,
+                                 num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=False)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**common, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                              norm_topk_prob=False)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                                 num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                                 norm_topk_prob=True)
+    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+
+
+ARCHITECTURES = ("qwen2_moe", "olmoe", "mixtral", "qwen3_moe")
+
+
+def make_tiny_moe(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random MoE checkpoint of `arch` to out_dir and return the directory."""
+    import torch
+    import transformers as tf
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_size = train_tokenizer(out_dir)
+    config = tiny_config(arch, vocab_size)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init uses std 0.02: scale up so logits differ clearly between tokens and greedy
+    # decoding is not decided by rounding noise.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0)
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("arch", choices=ARCHITECTURES)
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = make_tiny_moe(args.arch, args.out_dir, args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

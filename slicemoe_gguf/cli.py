@@ -1,0 +1,156 @@
+"""`slicemoe`: run and inspect MoE GGUF models through the slicemoe native engine.
+
+Flags follow llama.cpp's tools (-m, -p, -n, --temp, --seed, -t, -ngl) where they overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from ._native import SliceMoEError
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .runtime import library_info
+
+    info = library_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"slicemoe-gguf   {info['version']} (native {info['native_version']})")
+    print(f"llama.cpp       {info['llama_cpp']}")
+    print(f"library         {info['library']}")
+    print("devices         " + ", ".join(f"{d['name']} ({d['description']})" for d in info["devices"]))
+    print(f"cpu features    {info['system_info']}")
+    return 0
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.file is not None:
+        try:
+            return Path(args.file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SliceMoEError(f"cannot read prompt file '{args.file}': {exc.strerror}", 2) from exc
+    return args.prompt
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import Model, Sampling
+
+    prompt = _read_prompt(args)
+    sampling = Sampling(temperature=args.temp, top_p=args.top_p, seed=args.seed)
+    with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
+               n_threads=args.threads) as model:
+        if args.json or args.logits_out:
+            result = model.generate(prompt, args.n_predict, sampling, keep_logits=bool(args.logits_out),
+                                    stop_at_eog=not args.ignore_eos)
+        else:
+            # Stream text as it is produced; decode whole prefixes so multi-byte characters that
+            # span tokens come out intact.
+            tokens: list[int] = []
+            shown = ""
+            for token, _ in model.stream(prompt, args.n_predict, sampling, stop_at_eog=not args.ignore_eos):
+                tokens.append(token)
+                text = model.detokenize(tokens)
+                if not text.endswith("\ufffd"):
+                    sys.stdout.write(text[len(shown):])
+                    sys.stdout.flush()
+                    shown = text
+            prefill_ms, decode_ms = model.timings()
+            steps = max(len(tokens) - 1, 1)
+            print(f"\n\nprefill: {prefill_ms:.1f} ms, decode: {decode_ms / steps:.2f} ms/token "
+                  f"({len(tokens)} tokens)", file=sys.stderr)
+            return 0
+    if args.logits_out:
+        np.save(args.logits_out, result.logits.astype(np.float32))
+    if args.json:
+        print(json.dumps({
+            "text": result.text,
+            "prompt_tokens": result.prompt_tokens,
+            "tokens": result.tokens,
+            "n_prompt": result.n_prompt,
+            "n_decode": result.n_decode,
+            "prefill_ms": round(result.prefill_ms, 3),
+            "decode_ms_per_token": round(result.decode_ms_per_token, 3),
+        }))
+    else:
+        print(result.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slicemoe",
+        description="Run Mixture-of-Experts GGUF models with the slicemoe llama.cpp engine.")
+    parser.add_argument("--version", action="version", version=f"slicemoe-gguf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="versions, compute devices, CPU features, library path",
+                          description="Print the package and pinned llama.cpp versions, the compute "
+                                      "devices ggml found, the CPU features compiled in, and the library path.")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=_cmd_info)
+
+    run = sub.add_parser("run", help="generate text from a prompt",
+                         description="Evaluate a prompt and decode tokens. Works on any llama.cpp GGUF.")
+    run.add_argument("-m", "--model", required=True, help="path to a .gguf file")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("-p", "--prompt", help="prompt text")
+    source.add_argument("-f", "--file", help="read the prompt from this file")
+    run.add_argument("-n", "--n-predict", type=int, default=32, help="tokens to decode (default 32)")
+    run.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1 = off)")
+    run.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    run.add_argument("-t", "--threads", type=int, default=0, help="compute threads (default: all cores)")
+    run.add_argument("-c", "--ctx-size", type=int, default=2048, help="context length in tokens (default 2048)")
+    run.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per batch (default 512)")
+    run.add_argument("-ngl", "--gpu-layers", type=int, default=0,
+                     help="layers to offload to a GPU backend (default 0; -1 = all)")
+    run.add_argument("--ignore-eos", action="store_true", help="keep decoding past end-of-generation tokens")
+    run.add_argument("--json", action="store_true",
+                     help="print one JSON object: text, prompt_tokens, tokens, n_prompt, n_decode, "
+                          "prefill_ms, decode_ms_per_token")
+    run.add_argument("--logits-out", metavar="FILE.npy",
+                     help="save the float32 logits [n_decode, n_vocab] each decoded token was chosen from")
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.command == "run":
+        if args.n_predict < 0:
+            parser.error("-n/--n-predict must be >= 0")
+        if args.ctx_size < 0 or args.batch_size < 1:
+            parser.error("--ctx-size must be >= 0 and --batch-size >= 1")
+        if not 0.0 < args.top_p <= 1.0:
+            parser.error("--top-p must be in (0, 1]")
+        if not 0 <= args.seed < 2**32:
+            parser.error("--seed must be in [0, 2^32)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(args, parser)
+    try:
+        from ._native import lib
+        if args.verbose:
+            lib().slicemoe_set_verbose(True)
+        return args.func(args)
+    except SliceMoEError as exc:
+        print(f"slicemoe: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("slicemoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The Python API over the native engine: load a model, evaluate, sample, stream tokens.
+
+    from slicemoe_gguf import Model
+    with Model("model.gguf") as model:
+        result = model.generate("Once upon a time", n_predict=32)
+        print(result.text, result.decode_ms_per_token)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ._native import SliceMoEError, check, ffi, lib, string
+
+STATUS_BUFFER_TOO_SMALL = 5
+
+
+@dataclass
+class Sampling:
+    """temperature <= 0 is greedy decoding; otherwise top-p then temperature then a seeded draw."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: list[int]
+    tokens: list[int]
+    prefill_ms: float
+    decode_ms: float
+    logits: np.ndarray | None = field(default=None, repr=False)  # [n_decode, n_vocab] float32
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.prompt_tokens)
+
+    @property
+    def n_decode(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        # The last sampled token is never evaluated, so n_decode - 1 single-token steps ran.
+        steps = max(self.n_decode - 1, 0)
+        return self.decode_ms / steps if steps else 0.0
+
+
+class Model:
+    """A GGUF model loaded by the native library. Use as a context manager or call close()."""
+
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
+                 n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0):
+        self.path = Path(path)
+        self._lib = lib()
+        params = self._lib.slicemoe_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.use_mmap = use_mmap
+        out = ffi.new("slicemoe_model **")
+        check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
+        self._model = out[0]
+        self._ctx = ffi.NULL
+        try:
+            cparams = self._lib.slicemoe_context_default_params()
+            cparams.n_ctx = n_ctx
+            cparams.n_batch = n_batch
+            cparams.n_threads = n_threads
+            cout = ffi.new("slicemoe_context **")
+            check(self._lib.slicemoe_context_create(self._model, ffi.new("struct slicemoe_context_params *", cparams), cout))
+            self._ctx = cout[0]
+        except BaseException:
+            self.close()
+            raise
+        self.n_vocab = int(self._lib.slicemoe_model_n_vocab(self._model))
+        self.n_layer = int(self._lib.slicemoe_model_n_layer(self._model))
+        self.n_ctx = int(self._lib.slicemoe_context_n_ctx(self._ctx))
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", ffi.NULL) != ffi.NULL:
+            self._lib.slicemoe_context_free(self._ctx)
+            self._ctx = ffi.NULL
+        if getattr(self, "_model", ffi.NULL) != ffi.NULL:
+            self._lib.slicemoe_model_free(self._model)
+            self._model = ffi.NULL
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    @property
+    def description(self) -> str:
+        buf = ffi.new("char[]", 256)
+        check(self._lib.slicemoe_model_desc(self._model, buf, 256))
+        return string(buf)
+
+    def metadata(self, key: str) -> str | None:
+        buf = ffi.new("char[]", 4096)
+        status = self._lib.slicemoe_model_meta(self._model, key.encode(), buf, 4096)
+        return string(buf) if status == 0 else None
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.slicemoe_model_is_eog(self._model, token))
+
+    # -- text -------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        n_out = ffi.new("int32_t *")
+        capacity = len(data) + 8
+        while True:
+            buf = ffi.new("int32_t[]", capacity)
+            status = self._lib.slicemoe_tokenize(self._model, data, len(data), add_special, parse_special, buf, capacity, n_out)
+            if status == STATUS_BUFFER_TOO_SMALL:
+                capacity = n_out[0]
+                continue
+            check(status)
+            return list(buf[0:n_out[0]])
+
+    def detokenize(self, tokens: list[int]) -> str:
+        ids = ffi.new("int32_t[]", tokens)
+        n_out = ffi.new("int32_t *")
+        capacity = 16 * len(tokens) + 16
+        while True:
+            buf = ffi.new("char[]", capacity)
+            status = self._lib.slicemoe_detokenize(self._model, ids, len(tokens), buf, capacity, n_out)
+            if status == STATUS_BUFFER_TOO_SMALL:
+                capacity = n_out[0]
+                continue
+            check(status)
+            return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self._lib.slicemoe_context_reset(self._ctx)
+
+    def eval(self, tokens: list[int]) -> None:
+        """Append tokens to the sequence and run the model over them."""
+        check(self._lib.slicemoe_eval(self._ctx, ffi.new("int32_t[]", tokens), len(tokens)))
+
+    def logits(self) -> np.ndarray:
+        """A copy of the last evaluated token's logits, float32 [n_vocab]."""
+        ptr = self._lib.slicemoe_logits(self._ctx)
+        if ptr == ffi.NULL:
+            raise SliceMoEError("no logits yet: evaluate a prompt first", 1)
+        return np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32).copy()
+
+    def timings(self) -> tuple[float, float]:
+        """(prefill_ms, decode_ms) since the last reset."""
+        t = ffi.new("struct slicemoe_timings *")
+        self._lib.slicemoe_timings_get(self._ctx, t)
+        return float(t.prefill_ms), float(t.decode_ms)
+
+    def stream(self, prompt: str | list[int], n_predict: int, sampling: Sampling | None = None,
+               *, stop_at_eog: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        """Reset, evaluate the prompt, then yield (token, logits it was sampled from) per step."""
+        if n_predict < 0:
+            raise ValueError("n_predict must be >= 0")
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise ValueError("the prompt is empty (no tokens)")
+        sampling = sampling or Sampling()
+        params = self._lib.slicemoe_sampling_default_params()
+        params.temperature = sampling.temperature
+        params.top_p = sampling.top_p
+        params.seed = sampling.seed
+        out = ffi.new("slicemoe_sampler **")
+        check(self._lib.slicemoe_sampler_create(ffi.new("struct slicemoe_sampling_params *", params), out))
+        sampler = ffi.gc(out[0], self._lib.slicemoe_sampler_free)
+        self.reset()
+        self.eval(tokens)
+        token = ffi.new("int32_t *")
+        for step in range(n_predict):
+            logits = self.logits()
+            check(self._lib.slicemoe_sample(sampler, self._ctx, token))
+            yield int(token[0]), logits
+            if stop_at_eog and self.is_eog(token[0]):
+                return
+            if step + 1 < n_predict:
+                self.eval([token[0]])
+
+    def generate(self, prompt: str | list[int], n_predict: int = 32, sampling: Sampling | None = None,
+                 *, keep_logits: bool = False, stop_at_eog: bool = True) -> GenerationResult:
+        prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        tokens: list[int] = []
+        rows: list[np.ndarray] = []
+        for token, logits in self.stream(prompt_tokens, n_predict, sampling, stop_at_eog=stop_at_eog):
+            tokens.append(token)
+            if keep_logits:
+                rows.append(logits)
+        prefill_ms, decode_ms = self.timings()
+        logits = np.stack(rows) if rows else (np.zeros((0, self.n_vocab), np.float32) if keep_logits else None)
+        return GenerationResult(text=self.detokenize(tokens), prompt_tokens=prompt_tokens, tokens=tokens,
+                                prefill_ms=prefill_ms, decode_ms=decode_ms, logits=logits)
+
+
+def library_info() -> dict:
+    """Versions, compute devices and CPU features of the loaded native library."""
+    from . import __version__
+    from ._native import library_path
+
+    native = lib()
+    devices = []
+    for i in range(native.slicemoe_device_count()):
+        devices.append({"name": string(native.slicemoe_device_name(i)),
+                        "description": string(native.slicemoe_device_description(i))})
+    return {
+        "version": __version__,
+        "native_version": string(native.slicemoe_version()),
+        "llama_cpp": string(native.slicemoe_llama_cpp_version()),
+        "devices": devices,
+        "system_info": string(native.slicemoe_system_info()).strip(),
+        "library": str(library_path()),
+    }
