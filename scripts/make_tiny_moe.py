@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def tiny_config(arch: str, vocab_size: int):
                                  shared_expert_intermediate_size=48, num_experts=8,
                                  num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=False)
     if arch == "olmoe":
+        # OLMoE-1B-7B has no GQA and llama.cpp sizes its q/k norms by n_embd accordingly.
+        common["num_key_value_heads"] = common["num_attention_heads"]
         return tf.OlmoeConfig(**common, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                               norm_topk_prob=False)
     if arch == "mixtral":
@@ -103,15 +106,47 @@ def make_tiny_moe(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
+def llama_cpp_source() -> Path:
+    from slicemoe_gguf._native import build_info
+
+    return Path(build_info()["llama_cpp_source"])
+
+
+def convert_with_pinned_llama_cpp(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
+    """Convert with the pinned source's own convert_hf_to_gguf.py (a reference tool until
+    slicemoe-convert exists).
+
+    Its BPE pre-tokenizer check hashes the tokenizer's output against known published models; our
+    tiny tokenizer is GPT-2 style byte-level BPE, so we name that pre-tokenizer directly.
+    """
+    tree = llama_cpp_source()
+    code = (
+        "import sys\n"
+        f"sys.path[:0] = [{str(tree)!r}, {str(tree / 'gguf-py')!r}]\n"
+        "import conversion.base as base\n"
+        "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'\n"
+        "import convert_hf_to_gguf\n"
+        f"sys.argv = ['convert_hf_to_gguf.py', {str(hf_dir)!r}, '--outfile', {str(out)!r}, '--outtype', {outtype!r}]\n"
+        "convert_hf_to_gguf.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{proc.stderr[-4000:]}")
+    return out
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("arch", choices=ARCHITECTURES)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gguf", metavar="OUT.gguf", help="also convert it to an F32 GGUF with the "
+                        "pinned llama.cpp's convert_hf_to_gguf.py (needs the package installed)")
     args = parser.parse_args(argv)
     path = make_tiny_moe(args.arch, args.out_dir, args.seed)
     print(f"wrote {path}")
+    if args.gguf:
+        print(f"wrote {convert_with_pinned_llama_cpp(path, Path(args.gguf))}")
     return 0
 
 

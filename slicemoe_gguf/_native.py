@@ -90,3 +90,13 @@ def check(status: int) -> None:
 
 def string(ptr) -> str:
     return ffi.string(ptr).decode("utf-8", "replace") if ptr != ffi.NULL else ""
+
+
+def build_info() -> dict:
+    """What CMake recorded about this build (pinned versions, llama.cpp source tree, compiler)."""
+    import json
+
+    path = LIB_DIR / "build_info.json"
+    if not path.exists():
+        raise NativeLibraryMissing(f"{path} not found: the package was not installed by its build", 0)
+    return json.loads(path.read_text())

@@ -213,7 +213,7 @@ class Model:
 def library_info() -> dict:
     """Versions, compute devices and CPU features of the loaded native library."""
     from . import __version__
-    from ._native import library_path
+    from ._native import build_info, library_path
 
     native = lib()
     devices = []
@@ -227,4 +227,5 @@ def library_info() -> dict:
         "devices": devices,
         "system_info": string(native.slicemoe_system_info()).strip(),
         "library": str(library_path()),
+        "build": build_info(),
     }

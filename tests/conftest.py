@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny transformers checkpoints and their GGUF conversions, made once per session.
+
+The tests run against the installed package (pytest's importlib mode keeps the source tree off
+sys.path), so they exercise the real native library the build produced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import convert_with_pinned_llama_cpp, make_tiny_moe
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """arch -> directory of a tiny random HF checkpoint (created on first use)."""
+    root = tmp_path_factory.mktemp("hf")
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = make_tiny_moe(arch, root / arch)
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def stock_gguf(tiny_checkpoints, tmp_path_factory):
+    """arch -> F32 GGUF of the tiny checkpoint, written by the pinned llama.cpp converter."""
+    root = tmp_path_factory.mktemp("gguf")
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = convert_with_pinned_llama_cpp(tiny_checkpoints(arch), root / f"{arch}-f32.gguf")
+        return made[arch]
+
+    return get
