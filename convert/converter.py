@@ -1,0 +1,263 @@
+"""HF MoE checkpoint -> GGUF, one tensor at a time, with AMAT bit-sliced routed experts.
+
+The plan (every output tensor's name, shape, type and byte size) is made from the safetensors
+headers alone, so the GGUF header is written first and tensor data streams after it. The output
+goes to a temporary file in the target directory that is fsynced and renamed into place only when
+complete: an interrupted or failed conversion never leaves a partial OUT.gguf.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from slicemoe_gguf import amat
+
+from .architectures import ATTENTION_TENSORS, Architecture, architecture_for, moe_layers, n_expert, write_hparams
+from .checkpoint import Checkpoint, CheckpointError
+from .tokenizer import write_tokenizer
+
+FORMAT_VERSION = 1
+LSB_SUFFIX = "lsb"
+Q = gguf.GGMLQuantizationType
+EXPERT_TYPES = ("amat", "q8_0", "f16", "f32")
+DENSE_TYPES = ("q8_0", "f16", "f32")
+
+
+@dataclass
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]   # numpy (row-major) element shape; GGUF stores it reversed
+    qtype: Q
+    role: str                # "dense", "expert_msb", "expert_lsb", "expert"
+
+    @property
+    def nbytes(self) -> int:
+        block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape)) // block * type_size
+
+
+@dataclass
+class PlanItem:
+    """One source tensor (or stacked expert group) and the 1 or 2 GGUF tensors it becomes."""
+
+    outputs: list[OutTensor]
+    load: Callable[[], np.ndarray]
+    source_bytes: int
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+@dataclass
+class ConversionSummary:
+    path: Path
+    arch: str
+    file_bytes: int
+    bytes_by_role: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotary halves -> llama.cpp's interleaved pairs for the 'llama' architecture."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _dense_type(shape: tuple[int, ...], requested: str, name: str) -> Q:
+    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight") or name.endswith("ffn_gate_inp_shexp.weight"):
+        return Q.F32   # norms, biases and routers stay f32: routing decides which experts run
+    if requested == "q8_0" and shape[-1] % 32 != 0:
+        return Q.F16
+    return {"q8_0": Q.Q8_0, "f16": Q.F16, "f32": Q.F32}[requested]
+
+
+class Converter:
+    def __init__(self, hf_dir: str | os.PathLike, experts: str = "amat", dense_type: str = "q8_0"):
+        if experts not in EXPERT_TYPES:
+            raise CheckpointError(f"--experts must be one of {', '.join(EXPERT_TYPES)}")
+        if dense_type not in DENSE_TYPES:
+            raise CheckpointError(f"--dense-type must be one of {', '.join(DENSE_TYPES)}")
+        self.ckpt = Checkpoint(hf_dir)
+        self.config = self.ckpt.config
+        self.arch: Architecture = architecture_for(self.config)
+        self.experts = experts
+        self.dense_type = dense_type
+        self.plan = self._make_plan()
+
+    # -- plan --------------------------------------------------------------------------------
+
+    def _dense(self, hf_name: str, gguf_name: str, permute_heads: int = 0) -> PlanItem:
+        ref = self.ckpt.ref(hf_name)
+        out = OutTensor(gguf_name, ref.shape, _dense_type(ref.shape, self.dense_type, gguf_name), "dense")
+        transform = (lambda a: _permute_qk(a, permute_heads)) if permute_heads else None
+        return PlanItem([out], lambda: self.ckpt.read(hf_name), ref.nbytes, transform)
+
+    def _expert_sources(self, layer: int, proj: str) -> tuple[list[str], Callable[[], np.ndarray]]:
+        """Names read and a loader of the [n_expert, n_out, n_in] stack of one projection."""
+        a, c = self.arch, self.config
+        prefix = f"model.layers.{layer}.{a.moe_block}.experts"
+        per_expert = [f"{prefix}.{e}.{a.expert_proj[proj]}.weight" for e in range(n_expert(c))]
+        if per_expert[0] in self.ckpt:
+            missing = [n for n in per_expert if n not in self.ckpt]
+            if missing:
+                raise CheckpointError(f"tensor {missing[0]} not found in the checkpoint")
+            return per_expert, lambda: np.stack([self.ckpt.read(n) for n in per_expert])
+        fused = f"{prefix}.down_proj" if proj == "down" else f"{prefix}.gate_up_proj"
+        if fused not in self.ckpt:
+            raise CheckpointError(f"experts of layer {layer} not found: neither {per_expert[0]} nor {fused}")
+        if proj == "down":
+            return [fused], lambda: self.ckpt.read(fused)
+        ref = self.ckpt.ref(fused)
+        n_ff = ref.shape[1] // 2
+        half = slice(0, n_ff) if proj == "gate" else slice(n_ff, 2 * n_ff)
+        return [fused], lambda: np.ascontiguousarray(self.ckpt.read(fused)[:, half, :])
+
+    def _experts(self, layer: int, proj: str) -> PlanItem:
+        names, load = self._expert_sources(layer, proj)
+        refs = [self.ckpt.ref(n) for n in names]
+        if len(refs) == 1:   # fused: [E, 2I, H] for gate_up, [E, H, I] for down
+            shape = refs[0].shape if proj == "down" else (refs[0].shape[0], refs[0].shape[1] // 2, refs[0].shape[2])
+            source_bytes = refs[0].nbytes if proj == "down" else refs[0].nbytes // 2
+        else:
+            shape = (len(refs), *refs[0].shape)
+            source_bytes = sum(r.nbytes for r in refs)
+        base = f"blk.{layer}.ffn_{proj}_exps"
+        if shape[-1] % 32 != 0 and self.experts in ("amat", "q8_0"):
+            raise CheckpointError(f"{names[0]}: input dimension {shape[-1]} is not a multiple of 32, "
+                                  f"required by --experts {self.experts}")
+        if self.experts == "amat":
+            outs = [OutTensor(f"{base}.weight", shape, Q.Q4_1, "expert_msb"),
+                    OutTensor(f"{base}.{LSB_SUFFIX}", shape, Q.Q4_1, "expert_lsb")]
+        else:
+            qtype = {"q8_0": Q.Q8_0, "f16": Q.F16, "f32": Q.F32}[self.experts]
+            outs = [OutTensor(f"{base}.weight", shape, qtype, "expert")]
+        return PlanItem(outs, load, source_bytes)
+
+    def _make_plan(self) -> list[PlanItem]:
+        c, a = self.config, self.arch
+        plan = [self._dense("model.embed_tokens.weight", "token_embd.weight")]
+        moe = set(moe_layers(a, c))
+        n_head, n_head_kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+        for i in range(c["num_hidden_layers"]):
+            if i not in moe:
+                raise CheckpointError(f"layer {i} is a dense FFN layer; mixed dense/MoE stacks are not supported yet")
+            for hf_suffix, gguf_suffix in {**ATTENTION_TENSORS, **a.extra}.items():
+                hf_name = f"model.layers.{i}.{hf_suffix}"
+                if hf_name not in self.ckpt:
+                    continue
+                permute = 0
+                if a.permute_qk and gguf_suffix == "attn_q.weight":
+                    permute = n_head
+                elif a.permute_qk and gguf_suffix == "attn_k.weight":
+                    permute = n_head_kv
+                plan.append(self._dense(hf_name, f"blk.{i}.{gguf_suffix}", permute))
+            plan.append(self._dense(f"model.layers.{i}.{a.moe_block}.{a.router}.weight", f"blk.{i}.ffn_gate_inp.weight"))
+            for proj in ("gate", "up", "down"):
+                plan.append(self._experts(i, proj))
+        plan.append(self._dense("model.norm.weight", "output_norm.weight"))
+        if "lm_head.weight" in self.ckpt:
+            plan.append(self._dense("lm_head.weight", "output.weight"))
+        elif not c.get("tie_word_embeddings", False):
+            raise CheckpointError("tensor lm_head.weight not found in the checkpoint")
+        return plan
+
+    # -- encoding ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _encode(item: PlanItem, data: np.ndarray) -> list[np.ndarray]:
+        if item.transform is not None:
+            data = item.transform(data)
+        first = item.outputs[0]
+        if tuple(data.shape) != first.shape:
+            raise CheckpointError(f"{first.name}: source shape {data.shape} != expected {first.shape}")
+        if first.role == "expert_msb":
+            g = amat.quantize(data, name=first.name)
+            return list(amat.slice_blocks(g))
+        if not np.isfinite(data).all():
+            raise CheckpointError(f"{first.name}: contains NaN or Inf")
+        if first.qtype == Q.F32:
+            return [np.ascontiguousarray(data, dtype=np.float32)]
+        if first.qtype == Q.F16:
+            return [data.astype(np.float16)]
+        return [gguf.quants.quantize(data, first.qtype)]
+
+    def tensors(self) -> list[OutTensor]:
+        return [t for item in self.plan for t in item.outputs]
+
+    def bytes_by_role(self) -> dict[str, int]:
+        roles: dict[str, int] = {}
+        for t in self.tensors():
+            roles[t.role] = roles.get(t.role, 0) + t.nbytes
+        return roles
+
+    def _metadata(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        w.add_name(c.get("_name_or_path") or self.ckpt.path.name)
+        write_hparams(w, self.arch, c)
+        file_type = {"amat": gguf.LlamaFileType.MOSTLY_Q4_1, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                     "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[self.experts]
+        w.add_file_type(file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_tokenizer(w, self.ckpt.path)
+        if self.experts == "amat":
+            w.add_uint32("slicemoe.format_version", FORMAT_VERSION)
+            w.add_uint32("slicemoe.bits_high", 8)
+            w.add_uint32("slicemoe.bits_low", 4)
+            w.add_uint32("slicemoe.group_size", amat.GROUP_SIZE)
+            w.add_string("slicemoe.lsb_suffix", LSB_SUFFIX)
+            w.add_string("slicemoe.source.model", str(c.get("_name_or_path") or self.ckpt.path.name))
+            w.add_string("slicemoe.source.model_type", c["model_type"])
+            if c.get("transformers_version"):
+                w.add_string("slicemoe.source.transformers_version", c["transformers_version"])
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def write(self, out: str | os.PathLike, *, force: bool = False, progress: bool = True) -> ConversionSummary:
+        from tqdm import tqdm
+
+        out = Path(out)
+        if out.exists() and not force:
+            raise CheckpointError(f"{out} exists; pass --force to overwrite it")
+        if not out.parent.is_dir():
+            raise CheckpointError(f"output directory {out.parent} does not exist")
+        t0 = time.perf_counter()
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write to {out.parent}: {exc.strerror}") from exc
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            w = gguf.GGUFWriter(tmp, arch=self.arch.gguf_arch)
+            self._metadata(w)
+            for t in self.tensors():
+                # float tensors by element type; quantized ones as raw blocks with their ggml type
+                plain = {Q.F32: np.dtype(np.float32), Q.F16: np.dtype(np.float16)}.get(t.qtype)
+                w.add_tensor_info(t.name, t.shape, plain if plain is not None else np.dtype(np.float32),
+                                  t.nbytes, raw_dtype=None if plain is not None else t.qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            total = sum(item.source_bytes for item in self.plan)
+            with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
+                for item in self.plan:
+                    for t, data in zip(item.outputs, self._encode(item, item.load())):
+                        if data.nbytes != t.nbytes:
+                            raise CheckpointError(f"{t.name}: encoded {data.nbytes} bytes, planned {t.nbytes}")
+                        w.write_tensor_data(data)
+                    bar.update(item.source_bytes)
+            w.close()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return ConversionSummary(out, self.arch.gguf_arch, out.stat().st_size, self.bytes_by_role(),
+                                 time.perf_counter() - t0)

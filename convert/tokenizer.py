@@ -1,0 +1,86 @@
+"""tokenizer.json / tokenizer_config.json -> llama.cpp's BPE tokenizer metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+
+from .checkpoint import CheckpointError
+
+# Split regexes of the pre-tokenizers llama.cpp implements, by the name it expects in
+# tokenizer.ggml.pre. A ByteLevel pre-tokenizer with use_regex is GPT-2's own regex.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_KNOWN_SPLITS = {_QWEN2_SPLIT: "qwen2"}
+
+
+def _pre_tokenizer_name(pre: dict | None) -> str:
+    if pre is None:
+        raise CheckpointError("tokenizer.json has no pre_tokenizer; only byte-level BPE tokenizers are supported")
+    parts = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    splits = [p for p in parts if p.get("type") == "Split"]
+    if splits:
+        pattern = splits[0].get("pattern", {}).get("Regex")
+        if pattern in _KNOWN_SPLITS:
+            return _KNOWN_SPLITS[pattern]
+        raise CheckpointError(f"tokenizer.json pre-tokenizer regex {pattern!r} is not one llama.cpp implements "
+                              "(known: GPT-2 byte-level, Qwen2)")
+    if any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in parts):
+        return "gpt-2"
+    raise CheckpointError(f"unsupported pre-tokenizer {pre.get('type')!r} in tokenizer.json")
+
+
+def write_tokenizer(w: gguf.GGUFWriter, hf_dir: Path) -> int:
+    """Write the vocabulary, merges, token types and special tokens; returns the vocabulary size."""
+    try:
+        tok = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'} not found (a fast tokenizer is required)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read tokenizer.json: {exc}") from exc
+    config_path = hf_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+
+    model = tok.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise CheckpointError(f"tokenizer model {model.get('type')!r}"
+                              f"{' with byte_fallback' if model.get('byte_fallback') else ''} is not supported "
+                              "yet; supported: byte-level BPE (GPT-2, Qwen2 and OLMoE style)")
+
+    vocab: dict[str, int] = dict(model["vocab"])
+    special: set[str] = set()
+    for added in tok.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+        if added.get("special"):
+            special.add(added["content"])
+    n_vocab = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for text, idx in vocab.items():
+        tokens[idx] = text
+        types[idx] = gguf.TokenType.CONTROL if text in special else gguf.TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer_name(tok.get("pre_tokenizer")))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+
+    def token_id(key: str) -> int | None:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return vocab.get(value) if value else None
+
+    for key, add in [("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id),
+                     ("pad_token", w.add_pad_token_id), ("unk_token", w.add_unk_token_id)]:
+        idx = token_id(key)
+        if idx is not None:
+            add(idx)
+    w.add_add_bos_token(bool(config.get("add_bos_token", False)))
+    if config.get("chat_template"):
+        w.add_chat_template(config["chat_template"])
+    return n_vocab

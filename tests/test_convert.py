@@ -1,0 +1,182 @@
+"""slicemoe-convert: every supported architecture, both expert layouts, AMAT slices within their
+bounds, stock GGUFs that reproduce transformers, and clean failures on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from helpers import convert, hf_greedy, rewrite_checkpoint, run_json
+
+from slicemoe_gguf import amat
+
+ARCHS = ["qwen2_moe", "olmoe", "mixtral", "qwen3_moe"]
+PROMPT = "Once upon a time there was a small village"
+
+
+def _expert_stack(hf_dir: Path, layer: int, proj: str) -> np.ndarray:
+    """[E, n_out, n_in] float32 of one projection, read with safetensors from a per-expert checkpoint."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(hf_dir / "model.safetensors")
+    hf_proj = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}[proj]
+    rows = {}
+    for name, value in tensors.items():
+        parts = name.split(".")
+        if f"layers.{layer}." in name and ".experts." in name and parts[-2] in hf_proj:
+            rows[int(parts[-3])] = value
+    return np.stack([rows[e] for e in sorted(rows)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_amat_slices_reproduce_the_original_experts(arch, layout, tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints(arch)
+    hf_dir = src if layout == "per_expert" else rewrite_checkpoint(src, tmp_path / "fused", fused=True)
+    out = tmp_path / "amat.gguf"
+    proc = convert(hf_dir, out)
+    assert proc.returncode == 0, proc.stderr
+
+    reader = gguf.GGUFReader(out)
+    fields = {f.name: f.contents() for f in reader.fields.values()}
+    assert fields["slicemoe.format_version"] == 1
+    assert (fields["slicemoe.bits_high"], fields["slicemoe.bits_low"], fields["slicemoe.group_size"]) == (8, 4, 32)
+    assert fields["slicemoe.lsb_suffix"] == "lsb"
+    tensors = {t.name: t for t in reader.tensors}
+    n_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    for layer in range(n_layers):
+        for proj in ("gate", "up", "down"):
+            w = _expert_stack(src, layer, proj)
+            msb_t, lsb_t = tensors[f"blk.{layer}.ffn_{proj}_exps.weight"], tensors[f"blk.{layer}.ffn_{proj}_exps.lsb"]
+            assert msb_t.tensor_type == lsb_t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+            assert list(msb_t.shape) == [w.shape[2], w.shape[1], w.shape[0]]  # ggml order: n_in, n_out, n_expert
+            msb = amat.dequantize_q4_1(np.asarray(msb_t.data), w.shape)
+            lsb = amat.dequantize_q4_1(np.asarray(lsb_t.data), w.shape)
+            groups = w.reshape(-1, 32)
+            s = (groups.max(1) - groups.min(1)) / 255
+            slack = 1e-3 * np.abs(groups).max(1) + 1e-7   # fp16 rounding of the block constants
+            err_high = np.abs((msb + lsb).reshape(-1, 32) - groups).max(1)
+            err_low = np.abs(msb.reshape(-1, 32) - groups).max(1)
+            assert (err_high <= s / 2 + slack).all()
+            assert (err_low <= 8.5 * s + slack).all()
+            # one expert's slice is one contiguous byte range
+            per_expert_bytes = msb_t.n_bytes // w.shape[0]
+            assert per_expert_bytes == w.shape[1] * w.shape[2] // 32 * 20
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_conversion_runs_and_matches_transformers(arch, tiny_checkpoints, tmp_path):
+    out = tmp_path / "f32.gguf"
+    proc = convert(tiny_checkpoints(arch), out, "--experts", "f32", "--dense-type", "f32")
+    assert proc.returncode == 0, proc.stderr
+    n = 12
+    logits_path = tmp_path / "logits.npy"
+    result = run_json("run", "-m", str(out), "-p", PROMPT, "-n", str(n), "--ignore-eos", "--json",
+                      "--logits-out", str(logits_path))
+    hf_tokens, hf_logits = hf_greedy(tiny_checkpoints(arch), result["prompt_tokens"], n)
+    assert result["tokens"] == hf_tokens
+    np.testing.assert_allclose(np.load(logits_path), hf_logits, atol=1e-2, rtol=0)
+
+
+def test_bf16_sharded_fused_input_gives_the_same_gguf_as_bf16_single_file(tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints("qwen2_moe")
+    a = rewrite_checkpoint(src, tmp_path / "a", bf16=True)
+    b = rewrite_checkpoint(src, tmp_path / "b", bf16=True, fused=True, shards=3)
+    assert convert(a, tmp_path / "a.gguf").returncode == 0
+    assert convert(b, tmp_path / "b.gguf").returncode == 0
+    ta = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors}
+    tb = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "b.gguf").tensors}
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        np.testing.assert_array_equal(ta[name], tb[name], err_msg=name)
+
+
+def test_q8_0_experts_make_a_stock_gguf(tiny_checkpoints, tmp_path):
+    out = tmp_path / "q8.gguf"
+    assert convert(tiny_checkpoints("olmoe"), out, "--experts", "q8_0").returncode == 0
+    reader = gguf.GGUFReader(out)
+    assert not any(f.name.startswith("slicemoe.") for f in reader.fields.values())
+    assert not any(t.name.endswith(".lsb") for t in reader.tensors)
+    result = run_json("run", "-m", str(out), "-p", PROMPT, "-n", "4", "--json", "--ignore-eos")
+    assert result["n_decode"] == 4
+
+
+def test_dry_run_lists_tensors_and_writes_nothing(tiny_checkpoints, tmp_path):
+    out = tmp_path / "never.gguf"
+    proc = convert(tiny_checkpoints("qwen2_moe"), out, "--dry-run")
+    assert proc.returncode == 0
+    assert "blk.0.ffn_up_exps.lsb" in proc.stdout and "Q4_1" in proc.stdout and "MiB" in proc.stdout
+    assert not out.exists()
+
+
+class TestBadInput:
+    def _fails(self, proc, message: str, out: Path):
+        assert proc.returncode == 1
+        assert message in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}.*"))   # no temporary file left behind
+
+    def test_unsupported_architecture_lists_the_supported_ones(self, tiny_checkpoints, tmp_path):
+        hf = rewrite_checkpoint(tiny_checkpoints("olmoe"), tmp_path / "hf")
+        config = json.loads((hf / "config.json").read_text())
+        config["model_type"] = "llama"
+        (hf / "config.json").write_text(json.dumps(config))
+        out = tmp_path / "o.gguf"
+        self._fails(convert(hf, out), "unsupported architecture 'llama'", out)
+        assert "qwen2_moe" in convert(hf, out).stderr
+
+    def test_missing_shard_is_named(self, tiny_checkpoints, tmp_path):
+        hf = rewrite_checkpoint(tiny_checkpoints("olmoe"), tmp_path / "hf", shards=2)
+        (hf / "model-00002-of-00002.safetensors").unlink()
+        out = tmp_path / "o.gguf"
+        self._fails(convert(hf, out), "missing shard model-00002-of-00002.safetensors", out)
+
+    def test_missing_tensor_is_named(self, tiny_checkpoints, tmp_path):
+        from safetensors.numpy import load_file, save_file
+
+        hf = rewrite_checkpoint(tiny_checkpoints("olmoe"), tmp_path / "hf")
+        tensors = load_file(hf / "model.safetensors")
+        del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+        save_file(tensors, hf / "model.safetensors")
+        out = tmp_path / "o.gguf"
+        self._fails(convert(hf, out), "model.layers.1.mlp.experts.3.up_proj.weight not found", out)
+
+    def test_nan_weights_are_named(self, tiny_checkpoints, tmp_path):
+        from safetensors.numpy import load_file, save_file
+
+        hf = rewrite_checkpoint(tiny_checkpoints("olmoe"), tmp_path / "hf")
+        tensors = load_file(hf / "model.safetensors")
+        tensors["model.layers.2.mlp.experts.5.down_proj.weight"][3, 7] = np.nan
+        save_file(tensors, hf / "model.safetensors")
+        out = tmp_path / "o.gguf"
+        self._fails(convert(hf, out), "blk.2.ffn_down_exps.weight: contains NaN or Inf", out)
+
+    def test_truncated_safetensors(self, tiny_checkpoints, tmp_path):
+        hf = rewrite_checkpoint(tiny_checkpoints("olmoe"), tmp_path / "hf")
+        data = (hf / "model.safetensors").read_bytes()
+        (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
+        out = tmp_path / "o.gguf"
+        self._fails(convert(hf, out), "truncated", out)
+
+    def test_not_a_checkpoint_directory(self, tmp_path):
+        out = tmp_path / "o.gguf"
+        self._fails(convert(tmp_path / "nowhere", out), "is not a directory", out)
+
+    def test_existing_output_needs_force(self, tiny_checkpoints, tmp_path):
+        out = tmp_path / "o.gguf"
+        out.write_bytes(b"keep me")
+        proc = convert(tiny_checkpoints("olmoe"), out)
+        assert proc.returncode == 1 and "--force" in proc.stderr
+        assert out.read_bytes() == b"keep me"
+        assert convert(tiny_checkpoints("olmoe"), out, "--force").returncode == 0
+        assert out.read_bytes()[:4] == b"GGUF"
+
+    def test_unwritable_output_directory(self, tiny_checkpoints, tmp_path):
+        out = tmp_path / "no" / "such" / "dir" / "o.gguf"
+        proc = convert(tiny_checkpoints("olmoe"), out)
+        assert proc.returncode == 1 and "does not exist" in proc.stderr
