@@ -107,7 +107,7 @@ class Converter:
             missing = [n for n in per_expert if n not in self.ckpt]
             if missing:
                 raise CheckpointError(f"tensor {missing[0]} not found in the checkpoint")
-            return per_expert, lambda: np.stack([self.ckpt.read(n) for n in per_expert])
+            return per_expert, lambda: self._stack(per_expert)
         fused = f"{prefix}.down_proj" if proj == "down" else f"{prefix}.gate_up_proj"
         if fused not in self.ckpt:
             raise CheckpointError(f"experts of layer {layer} not found: neither {per_expert[0]} nor {fused}")
@@ -117,6 +117,14 @@ class Converter:
         n_ff = ref.shape[1] // 2
         half = slice(0, n_ff) if proj == "gate" else slice(n_ff, 2 * n_ff)
         return [fused], lambda: np.ascontiguousarray(self.ckpt.read(fused)[:, half, :])
+
+    def _stack(self, names: list[str]) -> np.ndarray:
+        """Per-expert tensors into one preallocated [E, n_out, n_in] array (never two copies)."""
+        first = self.ckpt.ref(names[0])
+        out = np.empty((len(names), *first.shape), dtype=np.float32)
+        for e, name in enumerate(names):
+            out[e] = self.ckpt.read(name)
+        return out
 
     def _experts(self, layer: int, proj: str) -> PlanItem:
         names, load = self._expert_sources(layer, proj)
@@ -177,8 +185,13 @@ class Converter:
         if tuple(data.shape) != first.shape:
             raise CheckpointError(f"{first.name}: source shape {data.shape} != expected {first.shape}")
         if first.role == "expert_msb":
-            g = amat.quantize(data, name=first.name)
-            return list(amat.slice_blocks(g))
+            # expert by expert, so the quantizer's temporaries stay the size of one expert
+            row_bytes = data.shape[-1] // amat.GROUP_SIZE * amat.Q4_1_BLOCK_BYTES
+            msb = np.empty((*data.shape[:-1], row_bytes), dtype=np.uint8)
+            lsb = np.empty_like(msb)
+            for e in range(data.shape[0]):
+                msb[e], lsb[e] = amat.slice_blocks(amat.quantize(data[e], name=first.name))
+            return [msb, lsb]
         if not np.isfinite(data).all():
             raise CheckpointError(f"{first.name}: contains NaN or Inf")
         if first.qtype == Q.F32:

@@ -31,6 +31,37 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .model_info import describe
+
+    try:
+        info = describe(args.model)
+    except FileNotFoundError:
+        raise SliceMoEError(f"cannot open '{args.model}': No such file or directory", 2) from None
+    except ValueError as exc:
+        raise SliceMoEError(str(exc), 3) from exc
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+    print(f"{info['path']}: {info['architecture']} '{info['name']}', {mib(info['file_bytes'])}")
+    print(f"layers {info['n_layers']}, MoE layers {len(info['moe_layers'])}, experts {info['n_experts']}, "
+          f"top-k {info['top_k']}")
+    if info["sliced"]:
+        print(f"AMAT slices: MSB {mib(info['expert_msb_bytes'])}, LSB {mib(info['expert_lsb_bytes'])}; "
+              f"other tensors {mib(info['other_bytes'])}")
+        print("layer  MSB/expert  LSB/expert  MSB total   LSB total")
+        for p in info["layers"]:
+            print(f"{p['layer']:5d}  {p['msb_bytes_per_expert']:8d} B  {p['lsb_bytes_per_expert']:8d} B  "
+                  f"{mib(p['msb_bytes']):>10s}  {mib(p['lsb_bytes']):>10s}")
+        for key, value in info["slicemoe"].items():
+            print(f"{key} = {value}")
+    else:
+        print(f"plain expert tensors {mib(info['expert_msb_bytes'])} (not sliced); "
+              f"other tensors {mib(info['other_bytes'])}")
+    return 0
+
+
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.file is not None:
         try:
@@ -97,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "devices ggml found, the CPU features compiled in, and the library path.")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_cmd_info)
+
+    inspect = sub.add_parser("inspect", help="architecture, experts and slice sizes of a GGUF",
+                             description="Describe a GGUF: architecture, layers, experts, top-k, AMAT slice "
+                                         "bytes per expert and per layer, totals, slicemoe.* metadata. For a "
+                                         "stock file the whole expert tensors are reported as msb bytes.")
+    inspect.add_argument("model", help="path to a .gguf file")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(func=_cmd_inspect)
 
     run = sub.add_parser("run", help="generate text from a prompt",
                          description="Evaluate a prompt and decode tokens. Works on any llama.cpp GGUF.")

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from helpers import convert, hf_greedy, rewrite_checkpoint, run_json
+from helpers import convert, hf_greedy, rewrite_checkpoint, run_cli, run_json
 
 from slicemoe_gguf import amat
 
@@ -180,3 +180,17 @@ class TestBadInput:
         out = tmp_path / "no" / "such" / "dir" / "o.gguf"
         proc = convert(tiny_checkpoints("olmoe"), out)
         assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+def test_inspect_reports_slice_sizes(tiny_checkpoints, tmp_path):
+    out = tmp_path / "amat.gguf"
+    assert convert(tiny_checkpoints("qwen2_moe"), out).returncode == 0
+    info = run_json("inspect", str(out), "--json")
+    assert info["architecture"] == "qwen2moe" and info["sliced"]
+    assert (info["n_layers"], info["n_experts"], info["top_k"]) == (3, 8, 2)
+    assert info["moe_layers"] == [0, 1, 2]
+    # per expert: gate + up (32 x 64) and down (64 x 32), 20 bytes per 32 weights, in each slice
+    assert info["layers"][0]["msb_bytes_per_expert"] == info["layers"][0]["lsb_bytes_per_expert"] == 3 * 2048 // 32 * 20
+    assert info["expert_msb_bytes"] == 3 * 8 * 3 * 2048 // 32 * 20
+    assert info["slicemoe"]["slicemoe.group_size"] == 32
+    assert "AMAT slices" in run_cli("inspect", str(out)).stdout
