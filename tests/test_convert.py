@@ -194,3 +194,12 @@ def test_inspect_reports_slice_sizes(tiny_checkpoints, tmp_path):
     assert info["expert_msb_bytes"] == 3 * 8 * 3 * 2048 // 32 * 20
     assert info["slicemoe"]["slicemoe.group_size"] == 32
     assert "AMAT slices" in run_cli("inspect", str(out)).stdout
+
+
+def test_amat_gguf_loads_and_runs_through_our_library(tiny_checkpoints, tmp_path):
+    """A sliced file loads (patch 0001 accepts the .lsb tensors); until the slice cache exists the
+    stock graph runs its MSB slices, i.e. the 4-bit model."""
+    out = tmp_path / "amat.gguf"
+    assert convert(tiny_checkpoints("olmoe"), out).returncode == 0
+    result = run_json("run", "-m", str(out), "-p", PROMPT, "-n", "6", "--json", "--ignore-eos")
+    assert result["n_decode"] == 6 and all(0 <= t < 512 for t in result["tokens"])
