@@ -55,9 +55,9 @@ class AmatGroups:
 
 
 def _fp16_round_up(x: np.ndarray) -> np.ndarray:
-    """The smallest float16 >= x (x >= 0, float32)."""
+    """The smallest float16 >= x (x >= 0, float64 so that a tiny positive x never becomes 0)."""
     h = x.astype(np.float16)
-    low = h.astype(np.float32) < x
+    low = h.astype(np.float64) < x
     h[low] = np.nextafter(h[low], np.float16(np.inf))
     return h
 
@@ -78,7 +78,7 @@ def quantize(w: np.ndarray, name: str = "tensor") -> AmatGroups:
     if max(-float(lo.min(initial=0)), float(hi.max(initial=0))) > FP16_MAX / 2:
         raise ValueError(f"{name}: values beyond +-{FP16_MAX / 2:g} cannot be stored in fp16 block constants")
 
-    s = _fp16_round_up((hi - lo) / np.float32(255))
+    s = _fp16_round_up((hi.astype(np.float64) - lo) / 255)
     s32 = s.astype(np.float32)
     m_msb = (lo + np.float32(7.5) * s32).astype(np.float16)
     m_lsb = (lo - m_msb.astype(np.float32)).astype(np.float16)

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import pytest
+from hypothesis import settings
+
+# CI replays the same examples every run (a red build must be reproducible); locally hypothesis
+# keeps searching with new random examples.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 from helpers import convert_with_pinned_llama_cpp, make_tiny_moe
 
