@@ -40,10 +40,13 @@ function(slicemoe_fetch_sdist cache out)
     if (NOT EXISTS "${sdist}")
         find_package(Python3 COMPONENTS Interpreter REQUIRED)
         message(STATUS "slicemoe: downloading llama-cpp-python==${SLICEMOE_LLAMA_CPP_PYTHON_VERSION} source with pip")
-        # --no-binary for this package only: pip must still use wheels for its build requirements.
-        # --no-build-isolation: the metadata step then needs only the scikit-build-core we run under.
+        # --no-binary for this package only: with :all: pip would also build its build
+        # requirements (CMake itself) from source just to read the sdist's metadata.
+        # pip's build isolation hides the interpreter's site-packages (pip included) through
+        # PYTHONPATH; the download runs with the interpreter's own environment instead.
         execute_process(
-            COMMAND ${Python3_EXECUTABLE} -m pip download --no-deps --no-build-isolation
+            COMMAND ${CMAKE_COMMAND} -E env --unset=PYTHONPATH --unset=PYTHONNOUSERSITE
+                    ${Python3_EXECUTABLE} -m pip download --no-deps
                     --no-binary llama-cpp-python --dest "${cache}"
                     "llama-cpp-python==${SLICEMOE_LLAMA_CPP_PYTHON_VERSION}"
             RESULT_VARIABLE rc)
