@@ -113,15 +113,28 @@ class Checkpoint:
     def read(self, name: str) -> np.ndarray:
         """The tensor as float32 (bf16 and f16 widened exactly)."""
         ref = self.ref(name)
-        dt = _DTYPES[ref.dtype]
+        return self._pread(ref, [(ref.offset, ref.nbytes)]).reshape(ref.shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of every matrix of a 3-D tensor [E, R, C], as float32 [E, stop - start, C].
+
+        One read per matrix: the gate and up halves of a fused gate_up_proj are read separately
+        without ever holding the whole tensor."""
+        ref = self.ref(name)
+        n_mat, n_rows, n_cols = ref.shape
+        row_bytes = n_cols * _DTYPES[ref.dtype].itemsize
+        ranges = [(ref.offset + (e * n_rows + start) * row_bytes, (stop - start) * row_bytes) for e in range(n_mat)]
+        return self._pread(ref, ranges).reshape(n_mat, stop - start, n_cols)
+
+    def _pread(self, ref: TensorRef, ranges: list[tuple[int, int]]) -> np.ndarray:
         fd = os.open(ref.file, os.O_RDONLY)
         try:
-            buf = os.pread(fd, ref.nbytes, ref.offset)
+            chunks = [os.pread(fd, n, offset) for offset, n in ranges]
         finally:
             os.close(fd)
-        if len(buf) != ref.nbytes:
-            raise CheckpointError(f"{ref.file.name}: short read of tensor {name}")
-        a = np.frombuffer(buf, dtype=dt)
+        if any(len(c) != n for c, (_, n) in zip(chunks, ranges)):
+            raise CheckpointError(f"{ref.file.name}: short read of tensor {ref.name}")
+        a = np.frombuffer(b"".join(chunks) if len(chunks) > 1 else chunks[0], dtype=_DTYPES[ref.dtype])
         if ref.dtype == "BF16":
             a = (a.astype(np.uint32) << 16).view(np.float32)
-        return a.astype(np.float32, copy=False).reshape(ref.shape)
+        return a.astype(np.float32, copy=False)

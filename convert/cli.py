@@ -47,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({conv.arch.gguf_arch}); nothing written (--dry-run)")
             return 0
         summary = conv.write(args.output, force=args.force, progress=not args.quiet)
-    except CheckpointError as exc:
-        print(f"slicemoe-convert: error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:   # AMAT input checks (NaN/Inf, range) name the tensor
+    except (CheckpointError, ValueError) as exc:   # ValueError: AMAT input checks, which name the tensor
         print(f"slicemoe-convert: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

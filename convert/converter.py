@@ -98,25 +98,25 @@ class Converter:
         transform = (lambda a: _permute_qk(a, permute_heads)) if permute_heads else None
         return PlanItem([out], lambda: self.ckpt.read(hf_name), ref.nbytes, transform)
 
-    def _expert_sources(self, layer: int, proj: str) -> tuple[list[str], Callable[[], np.ndarray]]:
-        """Names read and a loader of the [n_expert, n_out, n_in] stack of one projection."""
+    def _expert_source(self, layer: int, proj: str) -> tuple[str, tuple[int, int, int], int, Callable[[], np.ndarray]]:
+        """(name for messages, [n_expert, n_out, n_in] shape, source bytes, loader) of one projection,
+        from per-expert tensors or from the fused 3-D ones (gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
         a, c = self.arch, self.config
         prefix = f"model.layers.{layer}.{a.moe_block}.experts"
         per_expert = [f"{prefix}.{e}.{a.expert_proj[proj]}.weight" for e in range(n_expert(c))]
         if per_expert[0] in self.ckpt:
-            missing = [n for n in per_expert if n not in self.ckpt]
-            if missing:
-                raise CheckpointError(f"tensor {missing[0]} not found in the checkpoint")
-            return per_expert, lambda: self._stack(per_expert)
+            refs = [self.ckpt.ref(n) for n in per_expert]   # names the first missing expert
+            return per_expert[0], (len(refs), *refs[0].shape), sum(r.nbytes for r in refs), lambda: self._stack(per_expert)
         fused = f"{prefix}.down_proj" if proj == "down" else f"{prefix}.gate_up_proj"
         if fused not in self.ckpt:
             raise CheckpointError(f"experts of layer {layer} not found: neither {per_expert[0]} nor {fused}")
-        if proj == "down":
-            return [fused], lambda: self.ckpt.read(fused)
         ref = self.ckpt.ref(fused)
+        if proj == "down":
+            return fused, ref.shape, ref.nbytes, lambda: self.ckpt.read(fused)
         n_ff = ref.shape[1] // 2
-        half = slice(0, n_ff) if proj == "gate" else slice(n_ff, 2 * n_ff)
-        return [fused], lambda: np.ascontiguousarray(self.ckpt.read(fused)[:, half, :])
+        start = 0 if proj == "gate" else n_ff
+        return (fused, (ref.shape[0], n_ff, ref.shape[2]), ref.nbytes // 2,
+                lambda: self.ckpt.read_rows(fused, start, start + n_ff))
 
     def _stack(self, names: list[str]) -> np.ndarray:
         """Per-expert tensors into one preallocated [E, n_out, n_in] array (never two copies)."""
@@ -127,17 +127,10 @@ class Converter:
         return out
 
     def _experts(self, layer: int, proj: str) -> PlanItem:
-        names, load = self._expert_sources(layer, proj)
-        refs = [self.ckpt.ref(n) for n in names]
-        if len(refs) == 1:   # fused: [E, 2I, H] for gate_up, [E, H, I] for down
-            shape = refs[0].shape if proj == "down" else (refs[0].shape[0], refs[0].shape[1] // 2, refs[0].shape[2])
-            source_bytes = refs[0].nbytes if proj == "down" else refs[0].nbytes // 2
-        else:
-            shape = (len(refs), *refs[0].shape)
-            source_bytes = sum(r.nbytes for r in refs)
+        source, shape, source_bytes, load = self._expert_source(layer, proj)
         base = f"blk.{layer}.ffn_{proj}_exps"
         if shape[-1] % 32 != 0 and self.experts in ("amat", "q8_0"):
-            raise CheckpointError(f"{names[0]}: input dimension {shape[-1]} is not a multiple of 32, "
+            raise CheckpointError(f"{source}: input dimension {shape[-1]} is not a multiple of 32, "
                                   f"required by --experts {self.experts}")
         if self.experts == "amat":
             outs = [OutTensor(f"{base}.weight", shape, Q.Q4_1, "expert_msb"),

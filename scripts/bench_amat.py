@@ -39,8 +39,8 @@ def main() -> None:
         t2 = time.perf_counter()
         best_q, best_p = min(best_q, t1 - t0), min(best_p, t2 - t1)
     total = best_q + best_p
-    print(f"| weights | quantize | pack MSB+LSB | total | throughput | target |")
-    print(f"|---|---|---|---|---|---|")
+    print("| weights | quantize | pack MSB+LSB | total | throughput | target |")
+    print("|---|---|---|---|---|---|")
     print(f"| {n / 1e6:.1f} M | {best_q * 1e3:.0f} ms | {best_p * 1e3:.0f} ms | {total * 1e3:.0f} ms "
           f"| {n / total / 1e6:.1f} M weights/s | {n / total / 1e6 / 50:.2f}x of 50 M/s |")
 

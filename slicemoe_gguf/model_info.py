@@ -27,7 +27,7 @@ def describe(path: str | Path) -> dict:
         if not m:
             other_bytes += int(t.n_bytes)
             continue
-        layer, _proj, kind = int(m.group(1)), m.group(2), m.group(3)
+        layer, kind = int(m.group(1)), m.group(3)
         n_expert_tensor = int(t.shape[2])
         slot = "msb" if kind == "weight" else "lsb"
         layers.setdefault(layer, {"msb": 0, "lsb": 0})[slot] += int(t.n_bytes)

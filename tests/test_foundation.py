@@ -3,7 +3,6 @@ llama.cpp, and `slicemoe run` on a stock GGUF reproduces transformers."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
