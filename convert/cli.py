@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="routed expert encoding (default: amat)")
     parser.add_argument("--dense-type", choices=DENSE_TYPES, default="q8_0",
                         help="attention, embeddings, shared experts (default: q8_0; routers and norms stay f32)")
+    parser.add_argument("--tokenizer-pre", metavar="NAME",
+                        help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when it cannot be detected "
+                             "from tokenizer.json, e.g. deepseek-llm")
     parser.add_argument("--dry-run", action="store_true", help="print the tensors and sizes, write nothing")
     parser.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -38,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        conv = Converter(args.hf_dir, experts=args.experts, dense_type=args.dense_type)
+        conv = Converter(args.hf_dir, experts=args.experts, dense_type=args.dense_type,
+                         tokenizer_pre=args.tokenizer_pre)
         roles = conv.bytes_by_role()
         if args.dry_run:
             for t in conv.tensors():

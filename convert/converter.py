@@ -20,7 +20,7 @@ import numpy as np
 
 from slicemoe_gguf import amat
 
-from .architectures import ATTENTION_TENSORS, Architecture, architecture_for, moe_layers, n_expert, write_hparams
+from .architectures import ATTENTION_TENSORS, DENSE_FFN_TENSORS, Architecture, architecture_for, moe_layers, n_expert, write_hparams
 from .checkpoint import Checkpoint, CheckpointError
 from .tokenizer import write_tokenizer
 
@@ -51,7 +51,8 @@ class PlanItem:
     outputs: list[OutTensor]
     load: Callable[[], np.ndarray]
     source_bytes: int
-    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    # source array -> one array per output (a permutation, or a split like MLA's kv_b_proj)
+    transform: Callable[[np.ndarray], list[np.ndarray]] | None = None
 
 
 @dataclass
@@ -77,8 +78,19 @@ def _dense_type(shape: tuple[int, ...], requested: str, name: str) -> Q:
     return {"q8_0": Q.Q8_0, "f16": Q.F16, "f32": Q.F32}[requested]
 
 
+def _encode_plain(t: OutTensor, data: np.ndarray) -> np.ndarray:
+    if not np.isfinite(data).all():
+        raise CheckpointError(f"{t.name}: contains NaN or Inf")
+    if t.qtype == Q.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if t.qtype == Q.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, t.qtype)
+
+
 class Converter:
-    def __init__(self, hf_dir: str | os.PathLike, experts: str = "amat", dense_type: str = "q8_0"):
+    def __init__(self, hf_dir: str | os.PathLike, experts: str = "amat", dense_type: str = "q8_0",
+                 tokenizer_pre: str | None = None):
         if experts not in EXPERT_TYPES:
             raise CheckpointError(f"--experts must be one of {', '.join(EXPERT_TYPES)}")
         if dense_type not in DENSE_TYPES:
@@ -88,6 +100,7 @@ class Converter:
         self.arch: Architecture = architecture_for(self.config)
         self.experts = experts
         self.dense_type = dense_type
+        self.tokenizer_pre = tokenizer_pre
         self.plan = self._make_plan()
 
     # -- plan --------------------------------------------------------------------------------
@@ -95,8 +108,29 @@ class Converter:
     def _dense(self, hf_name: str, gguf_name: str, permute_heads: int = 0) -> PlanItem:
         ref = self.ckpt.ref(hf_name)
         out = OutTensor(gguf_name, ref.shape, _dense_type(ref.shape, self.dense_type, gguf_name), "dense")
-        transform = (lambda a: _permute_qk(a, permute_heads)) if permute_heads else None
+        transform = (lambda a: [_permute_qk(a, permute_heads)]) if permute_heads else None
         return PlanItem([out], lambda: self.ckpt.read(hf_name), ref.nbytes, transform)
+
+    def _mla_kv_b(self, layer: int) -> PlanItem:
+        """kv_b_proj [n_head * (qk_nope + v), kv_lora] -> attn_k_b [n_head, kv_lora, qk_nope]
+        (transposed, for the absorbed-MLA path) and attn_v_b [n_head, v, kv_lora]."""
+        c = self.config
+        name = f"model.layers.{layer}.self_attn.kv_b_proj.weight"
+        ref = self.ckpt.ref(name)
+        n_head, nope, v_dim = c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"]
+        kv_lora = ref.shape[1]
+        if ref.shape[0] != n_head * (nope + v_dim):
+            raise CheckpointError(f"{name}: shape {ref.shape} does not match n_head * (qk_nope + v_head_dim)")
+
+        def split(a: np.ndarray) -> list[np.ndarray]:
+            kv = a.reshape(n_head, nope + v_dim, kv_lora)
+            return [np.ascontiguousarray(kv[:, :nope, :].transpose(0, 2, 1)), np.ascontiguousarray(kv[:, nope:, :])]
+
+        outs = [OutTensor(f"blk.{layer}.attn_k_b.weight", (n_head, kv_lora, nope), Q.F32, "dense"),
+                OutTensor(f"blk.{layer}.attn_v_b.weight", (n_head, v_dim, kv_lora), Q.F32, "dense")]
+        for t in outs:
+            t.qtype = _dense_type(t.shape, self.dense_type, t.name)
+        return PlanItem(outs, lambda: self.ckpt.read(name), ref.nbytes, split)
 
     def _expert_source(self, layer: int, proj: str) -> tuple[str, tuple[int, int, int], int, Callable[[], np.ndarray]]:
         """(name for messages, [n_expert, n_out, n_in] shape, source bytes, loader) of one projection,
@@ -146,9 +180,10 @@ class Converter:
         moe = set(moe_layers(a, c))
         n_head, n_head_kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
         for i in range(c["num_hidden_layers"]):
-            if i not in moe:
-                raise CheckpointError(f"layer {i} is a dense FFN layer; mixed dense/MoE stacks are not supported yet")
-            for hf_suffix, gguf_suffix in {**ATTENTION_TENSORS, **a.extra}.items():
+            if i not in moe and not a.dense_ffn:
+                raise CheckpointError(f"layer {i} is a dense FFN layer, which llama.cpp's {a.gguf_arch} does not run")
+            dense = DENSE_FFN_TENSORS if i not in moe else {}
+            for hf_suffix, gguf_suffix in {**ATTENTION_TENSORS, **a.extra, **dense}.items():
                 hf_name = f"model.layers.{i}.{hf_suffix}"
                 if hf_name not in self.ckpt:
                     continue
@@ -158,6 +193,10 @@ class Converter:
                 elif a.permute_qk and gguf_suffix == "attn_k.weight":
                     permute = n_head_kv
                 plan.append(self._dense(hf_name, f"blk.{i}.{gguf_suffix}", permute))
+            if a.mla:
+                plan.append(self._mla_kv_b(i))
+            if i not in moe:
+                continue
             plan.append(self._dense(f"model.layers.{i}.{a.moe_block}.{a.router}.weight", f"blk.{i}.ffn_gate_inp.weight"))
             for proj in ("gate", "up", "down"):
                 plan.append(self._experts(i, proj))
@@ -172,11 +211,11 @@ class Converter:
 
     @staticmethod
     def _encode(item: PlanItem, data: np.ndarray) -> list[np.ndarray]:
-        if item.transform is not None:
-            data = item.transform(data)
+        arrays = item.transform(data) if item.transform is not None else [data]
+        for t, a in zip(item.outputs, arrays):
+            if tuple(a.shape) != t.shape:
+                raise CheckpointError(f"{t.name}: source shape {a.shape} != expected {t.shape}")
         first = item.outputs[0]
-        if tuple(data.shape) != first.shape:
-            raise CheckpointError(f"{first.name}: source shape {data.shape} != expected {first.shape}")
         if first.role == "expert_msb":
             # expert by expert, so the quantizer's temporaries stay the size of one expert
             row_bytes = data.shape[-1] // amat.GROUP_SIZE * amat.Q4_1_BLOCK_BYTES
@@ -185,13 +224,7 @@ class Converter:
             for e in range(data.shape[0]):
                 msb[e], lsb[e] = amat.slice_blocks(amat.quantize(data[e], name=first.name))
             return [msb, lsb]
-        if not np.isfinite(data).all():
-            raise CheckpointError(f"{first.name}: contains NaN or Inf")
-        if first.qtype == Q.F32:
-            return [np.ascontiguousarray(data, dtype=np.float32)]
-        if first.qtype == Q.F16:
-            return [data.astype(np.float16)]
-        return [gguf.quants.quantize(data, first.qtype)]
+        return [_encode_plain(t, a) for t, a in zip(item.outputs, arrays)]
 
     def tensors(self) -> list[OutTensor]:
         return [t for item in self.plan for t in item.outputs]
@@ -210,7 +243,7 @@ class Converter:
                      "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[self.experts]
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_tokenizer(w, self.ckpt.path)
+        write_tokenizer(w, self.ckpt.path, self.tokenizer_pre)
         if self.experts == "amat":
             w.add_uint32("slicemoe.format_version", FORMAT_VERSION)
             w.add_uint32("slicemoe.bits_high", 8)

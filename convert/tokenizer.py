@@ -25,15 +25,17 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
         pattern = splits[0].get("pattern", {}).get("Regex")
         if pattern in _KNOWN_SPLITS:
             return _KNOWN_SPLITS[pattern]
-        raise CheckpointError(f"tokenizer.json pre-tokenizer regex {pattern!r} is not one llama.cpp implements "
-                              "(known: GPT-2 byte-level, Qwen2)")
+        raise CheckpointError(f"tokenizer.json pre-tokenizer regex {pattern!r} is not one this converter "
+                              "recognizes (GPT-2 byte-level, Qwen2); name llama.cpp's pre-tokenizer with "
+                              "--tokenizer-pre (e.g. deepseek-llm for DeepSeek-V2)")
     if any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in parts):
         return "gpt-2"
     raise CheckpointError(f"unsupported pre-tokenizer {pre.get('type')!r} in tokenizer.json")
 
 
-def write_tokenizer(w: gguf.GGUFWriter, hf_dir: Path) -> int:
-    """Write the vocabulary, merges, token types and special tokens; returns the vocabulary size."""
+def write_tokenizer(w: gguf.GGUFWriter, hf_dir: Path, pre: str | None = None) -> int:
+    """Write the vocabulary, merges, token types and special tokens; returns the vocabulary size.
+    ``pre`` names llama.cpp's pre-tokenizer (tokenizer.ggml.pre) instead of detecting it."""
     try:
         tok = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -64,7 +66,7 @@ def write_tokenizer(w: gguf.GGUFWriter, hf_dir: Path) -> int:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_tokenizer_name(tok.get("pre_tokenizer")))
+    w.add_tokenizer_pre(pre or _pre_tokenizer_name(tok.get("pre_tokenizer")))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

@@ -79,10 +79,20 @@ def tiny_config(arch: str, vocab_size: int):
         return tf.Qwen3MoeConfig(**common, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
                                  num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
                                  norm_topk_prob=True)
+    if arch == "deepseek_v2":
+        # DeepSeek-V2-Lite's structure: MLA without a q LoRA, the first layer dense, shared
+        # experts, softmax routing scaled by routed_scaling_factor.
+        common["num_key_value_heads"] = common["num_attention_heads"]
+        return tf.DeepseekV2Config(**common, intermediate_size=96, moe_intermediate_size=32,
+                                   n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                   first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                                   qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, head_dim=16,
+                                   routed_scaling_factor=1.5, topk_method="greedy", norm_topk_prob=False,
+                                   n_group=1, topk_group=1)
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
 
 
-ARCHITECTURES = ("qwen2_moe", "olmoe", "mixtral", "qwen3_moe")
+ARCHITECTURES = ("qwen2_moe", "olmoe", "mixtral", "qwen3_moe", "deepseek_v2")
 
 
 def make_tiny_moe(arch: str, out_dir: str | Path, seed: int = 0) -> Path:

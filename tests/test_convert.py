@@ -14,7 +14,7 @@ from helpers import convert, hf_greedy, rewrite_checkpoint, run_cli, run_json
 
 from slicemoe_gguf import amat
 
-ARCHS = ["qwen2_moe", "olmoe", "mixtral", "qwen3_moe"]
+ARCHS = ["qwen2_moe", "olmoe", "mixtral", "qwen3_moe", "deepseek_v2"]
 PROMPT = "Once upon a time there was a small village"
 
 
@@ -47,8 +47,11 @@ def test_amat_slices_reproduce_the_original_experts(arch, layout, tiny_checkpoin
     assert (fields["slicemoe.bits_high"], fields["slicemoe.bits_low"], fields["slicemoe.group_size"]) == (8, 4, 32)
     assert fields["slicemoe.lsb_suffix"] == "lsb"
     tensors = {t.name: t for t in reader.tensors}
-    n_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    for layer in range(n_layers):
+    config = json.loads((src / "config.json").read_text())
+    first_moe = config.get("first_k_dense_replace", 0)   # DeepSeek-V2 starts with dense layers
+    moe = [i for i in range(config["num_hidden_layers"]) if f"blk.{i}.ffn_up_exps.weight" in tensors]
+    assert moe == list(range(first_moe, config["num_hidden_layers"]))
+    for layer in moe:
         for proj in ("gate", "up", "down"):
             w = _expert_stack(src, layer, proj)
             msb_t, lsb_t = tensors[f"blk.{layer}.ffn_{proj}_exps.weight"], tensors[f"blk.{layer}.ffn_{proj}_exps.lsb"]
@@ -203,3 +206,18 @@ def test_amat_gguf_loads_and_runs_through_our_library(tiny_checkpoints, tmp_path
     assert convert(tiny_checkpoints("olmoe"), out).returncode == 0
     result = run_json("run", "-m", str(out), "-p", PROMPT, "-n", "6", "--json", "--ignore-eos")
     assert result["n_decode"] == 6 and all(0 <= t < 512 for t in result["tokens"])
+
+
+def test_unknown_pre_tokenizer_regex_is_refused_unless_named(tiny_checkpoints, tmp_path):
+    hf = rewrite_checkpoint(tiny_checkpoints("olmoe"), tmp_path / "hf")
+    tok = json.loads((hf / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (hf / "tokenizer.json").write_text(json.dumps(tok))
+    out = tmp_path / "o.gguf"
+    proc = convert(hf, out)
+    assert proc.returncode == 1 and "--tokenizer-pre" in proc.stderr and not out.exists()
+    assert convert(hf, out, "--tokenizer-pre", "gpt-2").returncode == 0
+    fields = {f.name: f.contents() for f in gguf.GGUFReader(out).fields.values() if f.name == "tokenizer.ggml.pre"}
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"
