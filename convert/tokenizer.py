@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -14,6 +15,7 @@ from .checkpoint import CheckpointError
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _KNOWN_SPLITS = {_QWEN2_SPLIT: "qwen2"}
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
@@ -33,6 +35,28 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
     raise CheckpointError(f"unsupported pre-tokenizer {pre.get('type')!r} in tokenizer.json")
 
 
+def _write_spm_style(w: gguf.GGUFWriter, tokens: list[str], types: list, merges: list[str],
+                     vocab: dict[str, int]) -> None:
+    """A BPE with byte fallback over "▁"-joined text (Llama-2, Mistral, Mixtral) as llama.cpp's
+    SentencePiece tokenizer: <0xXX> pieces are BYTE tokens, and each piece scores minus the rank
+    of the merge that makes it, so that llama.cpp's highest-score-first merging applies the
+    merges in the order the BPE ranks them."""
+    scores = [0.0] * len(tokens)
+    for rank, merge in enumerate(merges):
+        merged = merge.replace(" ", "", 1)
+        idx = vocab.get(merged)
+        if idx is not None and scores[idx] == 0.0:
+            scores[idx] = -float(rank + 1)
+    for i, text in enumerate(tokens):
+        if _BYTE_PIECE.fullmatch(text):
+            types[i] = gguf.TokenType.BYTE
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+
+
 def write_tokenizer(w: gguf.GGUFWriter, hf_dir: Path, pre: str | None = None) -> int:
     """Write the vocabulary, merges, token types and special tokens; returns the vocabulary size.
     ``pre`` names llama.cpp's pre-tokenizer (tokenizer.ggml.pre) instead of detecting it."""
@@ -46,10 +70,9 @@ def write_tokenizer(w: gguf.GGUFWriter, hf_dir: Path, pre: str | None = None) ->
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
 
     model = tok.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise CheckpointError(f"tokenizer model {model.get('type')!r}"
-                              f"{' with byte_fallback' if model.get('byte_fallback') else ''} is not supported "
-                              "yet; supported: byte-level BPE (GPT-2, Qwen2 and OLMoE style)")
+    if model.get("type") != "BPE":
+        raise CheckpointError(f"tokenizer model {model.get('type')!r} is not supported; supported: BPE "
+                              "(byte-level as GPT-2/Qwen2/OLMoE, or with byte fallback as Llama/Mistral)")
 
     vocab: dict[str, int] = dict(model["vocab"])
     special: set[str] = set()
@@ -65,11 +88,14 @@ def write_tokenizer(w: gguf.GGUFWriter, hf_dir: Path, pre: str | None = None) ->
         types[idx] = gguf.TokenType.CONTROL if text in special else gguf.TokenType.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre or _pre_tokenizer_name(tok.get("pre_tokenizer")))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    if model.get("byte_fallback"):
+        _write_spm_style(w, tokens, types, merges, vocab)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre or _pre_tokenizer_name(tok.get("pre_tokenizer")))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
 
     def token_id(key: str) -> int | None:
         value = config.get(key)

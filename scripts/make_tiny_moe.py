@@ -57,6 +57,37 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512) -> int:
     return tokenizer.get_vocab_size()
 
 
+def train_spm_style_tokenizer(out_dir: Path, vocab_size: int = 512) -> int:
+    """Train and save a Llama-2/Mistral-style tokenizer.json: BPE over "▁"-joined words with byte
+    fallback (<0x00>..<0xFF> at ids 3..258 after <unk>, <s>, </s>), as the published Mixtral has."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(byte_tokens), special_tokens=specials,
+                                  show_progress=False)
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    # Re-number: specials, then the 256 byte tokens, then the learned pieces (the Llama layout).
+    data = json.loads(tokenizer.to_str())
+    learned = [t for t, _ in sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    data["model"]["vocab"] = {t: i for i, t in enumerate(specials + byte_tokens + learned)}
+    data["added_tokens"] = [dict(a, id=specials.index(a["content"])) for a in data["added_tokens"]]
+    tokenizer = Tokenizer.from_str(json.dumps(data))
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", 1)])
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 256,
+    }, indent=2))
+    return tokenizer.get_vocab_size()
+
+
 def tiny_config(arch: str, vocab_size: int):
     """A transformers config of `arch` with every dimension small but every feature present."""
     import transformers as tf
@@ -102,8 +133,10 @@ def make_tiny_moe(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab_size = train_tokenizer(out_dir)
+    vocab_size = train_spm_style_tokenizer(out_dir) if arch == "mixtral" else train_tokenizer(out_dir)
     config = tiny_config(arch, vocab_size)
+    if arch == "mixtral":
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init uses std 0.02: scale up so logits differ clearly between tokens and greedy

@@ -221,3 +221,18 @@ def test_unknown_pre_tokenizer_regex_is_refused_unless_named(tiny_checkpoints, t
     assert convert(hf, out, "--tokenizer-pre", "gpt-2").returncode == 0
     fields = {f.name: f.contents() for f in gguf.GGUFReader(out).fields.values() if f.name == "tokenizer.ggml.pre"}
     assert fields["tokenizer.ggml.pre"] == "gpt-2"
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])  # byte-level BPE; Llama-style BPE with byte fallback
+def test_converted_tokenizer_matches_transformers(arch, tiny_checkpoints, tmp_path):
+    import transformers
+
+    from slicemoe_gguf import Model
+
+    out = tmp_path / "m.gguf"
+    assert convert(tiny_checkpoints(arch), out).returncode == 0
+    hf = transformers.AutoTokenizer.from_pretrained(tiny_checkpoints(arch))
+    texts = [PROMPT, "Hello wörld 123!", " two  spaces", "fish, sea and stars!\nnew line", "naïve café — ok?"]
+    with Model(out) as model:
+        for text in texts:
+            assert model.tokenize(text) == hf.encode(text), text
