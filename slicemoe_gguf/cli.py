@@ -77,7 +77,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     sampling = Sampling(temperature=args.temp, top_p=args.top_p, seed=args.seed)
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
-               n_threads=args.threads) as model:
+               n_threads=args.threads, precision=args.precision) as model:
         if args.json or args.logits_out:
             result = model.generate(prompt, args.n_predict, sampling, keep_logits=bool(args.logits_out),
                                     stop_at_eog=not args.ignore_eos)
@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per batch (default 512)")
     run.add_argument("-ngl", "--gpu-layers", type=int, default=0,
                      help="layers to offload to a GPU backend (default 0; -1 = all)")
+    run.add_argument("--precision", choices=["auto", "high", "low"], default="auto",
+                     help="routed experts of a sliced (AMAT) model: high = MSB+LSB slices (8-bit), "
+                          "low = MSB slices only (4-bit), auto = per use by the cache policy, high "
+                          "without a cache (default auto); ignored for stock models")
     run.add_argument("--ignore-eos", action="store_true", help="keep decoding past end-of-generation tokens")
     run.add_argument("--json", action="store_true",
                      help="print one JSON object: text, prompt_tokens, tokens, n_prompt, n_decode, "

@@ -18,6 +18,8 @@ import numpy as np
 from ._native import SliceMoEError, check, ffi, lib, string
 
 STATUS_BUFFER_TOO_SMALL = 5
+# routed-expert precision of sliced models (enum slicemoe_precision)
+PRECISIONS = {"auto": 0, "high": 1, "low": 2}
 
 
 @dataclass
@@ -57,12 +59,15 @@ class Model:
     """A GGUF model loaded by the native library. Use as a context manager or call close()."""
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0):
+                 n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0, precision: str = "auto"):
         self.path = Path(path)
         self._lib = lib()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         params = self._lib.slicemoe_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
+        params.precision = PRECISIONS[precision]
         out = ffi.new("slicemoe_model **")
         check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
         self._model = out[0]
@@ -81,6 +86,7 @@ class Model:
         self.n_vocab = int(self._lib.slicemoe_model_n_vocab(self._model))
         self.n_layer = int(self._lib.slicemoe_model_n_layer(self._model))
         self.n_ctx = int(self._lib.slicemoe_context_n_ctx(self._ctx))
+        self.n_sliced_layers = int(self._lib.slicemoe_model_n_sliced_layers(self._model))
 
     # -- lifetime ---------------------------------------------------------------------------
 

@@ -96,3 +96,37 @@ def rewrite_checkpoint(src: Path, dst: Path, *, fused: bool = False, bf16: bool 
 def convert(hf_dir: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["slicemoe-convert", str(hf_dir), "-o", str(out), "-q", *args],
                           capture_output=True, text=True, timeout=600)
+
+
+def hf_logits_with_gguf_experts(hf_dir: Path, gguf_path: Path, precision: str, tokens: list[int], n_prompt: int):
+    """Teacher-forced transformers logits [len(tokens) - n_prompt + 1, n_vocab] of the model whose
+    routed experts are replaced by the AMAT slices stored in gguf_path, dequantized independently in
+    numpy: MSB + LSB for precision "high", MSB only for "low"."""
+    import gguf
+    import numpy as np
+    import torch
+    import transformers
+
+    from slicemoe_gguf import amat
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    params = dict(model.named_parameters())
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_path).tensors}
+
+    def experts(layer: int, proj: str) -> torch.Tensor:
+        msb = tensors[f"blk.{layer}.ffn_{proj}_exps.weight"]
+        shape = tuple(int(d) for d in reversed(msb.shape))
+        w = amat.dequantize_q4_1(np.asarray(msb.data), shape)
+        if precision == "high":
+            w = w + amat.dequantize_q4_1(np.asarray(tensors[f"blk.{layer}.ffn_{proj}_exps.lsb"].data), shape)
+        return torch.from_numpy(w)
+
+    with torch.no_grad():
+        for layer in range(model.config.num_hidden_layers):
+            if f"blk.{layer}.ffn_up_exps.weight" not in tensors:
+                continue
+            prefix = f"model.layers.{layer}.mlp.experts"
+            params[f"{prefix}.gate_up_proj"].copy_(torch.cat([experts(layer, "gate"), experts(layer, "up")], dim=1))
+            params[f"{prefix}.down_proj"].copy_(experts(layer, "down"))
+        logits = model(torch.tensor([tokens])).logits[0]
+    return logits[n_prompt - 1:].float().numpy()

@@ -46,9 +46,17 @@ typedef struct slicemoe_model   slicemoe_model;
 typedef struct slicemoe_context slicemoe_context;
 typedef struct slicemoe_sampler slicemoe_sampler;
 
+// Precision of the routed experts of a sliced (AMAT) model.
+enum slicemoe_precision {
+    SLICEMOE_PRECISION_AUTO = 0,  // chosen per use by the cache policy; without a cache: high
+    SLICEMOE_PRECISION_HIGH = 1,  // MSB + LSB slices: the 8-bit model
+    SLICEMOE_PRECISION_LOW  = 2,  // MSB slices only: the 4-bit model
+};
+
 struct slicemoe_model_params {
     int32_t n_gpu_layers;  // layers offloaded to a GPU backend; 0 = CPU only, -1 = all
     bool    use_mmap;      // map the file instead of reading it (llama.cpp's default)
+    int32_t precision;     // enum slicemoe_precision; ignored for stock (unsliced) models
 };
 
 struct slicemoe_context_params {
@@ -96,6 +104,8 @@ SLICEMOE_API int32_t slicemoe_model_n_vocab(const slicemoe_model * model);
 SLICEMOE_API int32_t slicemoe_model_n_layer(const slicemoe_model * model);
 SLICEMOE_API int32_t slicemoe_model_n_ctx_train(const slicemoe_model * model);
 SLICEMOE_API bool    slicemoe_model_is_eog(const slicemoe_model * model, int32_t token);
+// MoE layers whose experts are AMAT bit slices (0 for a stock model).
+SLICEMOE_API int32_t slicemoe_model_n_sliced_layers(const slicemoe_model * model);
 // Short description ("qwen2moe ?B F32") written into buf, NUL-terminated.
 SLICEMOE_API int     slicemoe_model_desc(const slicemoe_model * model, char * buf, size_t size);
 // A metadata value as a string (e.g. "general.architecture"); SLICEMOE_ERR_INVALID_ARG if absent.

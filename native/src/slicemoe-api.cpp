@@ -5,6 +5,7 @@
 // lines of the current call and they become part of our message.
 
 #include "slicemoe.h"
+#include "slicemoe-slices.h"
 
 #include "llama.h"
 #include "ggml-backend.h"
@@ -165,6 +166,7 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     slicemoe_model_params p;
     p.n_gpu_layers = 0;
     p.use_mmap     = true;
+    p.precision    = SLICEMOE_PRECISION_AUTO;
     return p;
 }
 
@@ -194,6 +196,9 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
         return status;
     }
     const slicemoe_model_params p = params ? *params : slicemoe_model_default_params();
+    if (p.precision < SLICEMOE_PRECISION_AUTO || p.precision > SLICEMOE_PRECISION_LOW) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "precision must be auto (0), high (1) or low (2)");
+    }
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = p.n_gpu_layers;
@@ -209,12 +214,14 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
         llama_model_free(model);
         return fail(SLICEMOE_ERR_NO_MEMORY, "out of memory");
     }
+    slicemoe_slices_attach(model, p.precision);
     *out = m;
     return ok();
 }
 
 void slicemoe_model_free(slicemoe_model * model) {
     if (model) {
+        slicemoe_slices_detach(model->model);
         llama_model_free(model->model);
         delete model;
     }
@@ -222,6 +229,10 @@ void slicemoe_model_free(slicemoe_model * model) {
 
 int32_t slicemoe_model_n_vocab(const slicemoe_model * model) {
     return model ? llama_vocab_n_tokens(model->vocab) : 0;
+}
+
+int32_t slicemoe_model_n_sliced_layers(const slicemoe_model * model) {
+    return model ? slicemoe_slices_n_layers(model->model) : 0;
 }
 
 int32_t slicemoe_model_n_layer(const slicemoe_model * model) {

@@ -1,0 +1,22 @@
+// The one hook llama.cpp's MoE graph calls (native/patches/0002): it lets the engine choose which
+// weights and expert ids the expert products use.
+#pragma once
+
+#include "ggml.h"
+
+#include <cstdint>
+
+struct slicemoe_moe_weights {
+    ggml_tensor * up;        // MSB slice (or plain expert weights); replaced by a pool when cached
+    ggml_tensor * gate;
+    ggml_tensor * down;
+    ggml_tensor * up_lsb;    // LSB slices; nullptr = no LSB product (4-bit, or a plain model)
+    ggml_tensor * gate_lsb;
+    ggml_tensor * down_lsb;
+    ggml_tensor * ids;       // expert (or slot) ids of the MSB products, [n_expert_used, n_tokens]
+    ggml_tensor * ids_lsb;   // ids of the LSB products
+};
+
+// Called by build_moe_ffn with the model's own tensors in *w; leaves *w unchanged for layers the
+// engine does not know (stock models).
+void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, int il, int64_t n_tokens, slicemoe_moe_weights * w);

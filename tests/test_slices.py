@@ -1,0 +1,70 @@
+"""Sliced (AMAT) models run through patch 0002's hook: --precision high is the 8-bit model
+(MSB + LSB products), --precision low the 4-bit model (MSB products), each checked against an
+independent transformers evaluation with the slices dequantized in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import convert, hf_logits_with_gguf_experts, run_json
+
+PROMPT = "Once upon a time there was a small village"
+# llama.cpp quantizes activations to 8 bits for Q4_1 products and keeps the KV cache in f16:
+# measured 5e-3 to 6e-3 max abs on these models, whose logits span about +-2.5.
+TOLERANCE = 2e-2
+
+
+@pytest.fixture(scope="module")
+def sliced_gguf(tiny_checkpoints, tmp_path_factory):
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            out = tmp_path_factory.mktemp("sliced") / f"{arch}.gguf"
+            proc = convert(tiny_checkpoints(arch), out, "--dense-type", "f32")
+            assert proc.returncode == 0, proc.stderr
+            made[arch] = out
+        return made[arch]
+
+    return get
+
+
+def _run(path, precision: str, tmp_path, n: int = 16):
+    logits_path = tmp_path / f"{precision}.npy"
+    result = run_json("run", "-m", str(path), "-p", PROMPT, "-n", str(n), "--json", "--ignore-eos",
+                      "--precision", precision, "--logits-out", str(logits_path))
+    return result, np.load(logits_path)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe", "deepseek_v2"])
+def test_high_and_low_precision_match_the_8bit_and_4bit_models(arch, tiny_checkpoints, sliced_gguf, tmp_path):
+    runs = {}
+    for precision in ("high", "low"):
+        result, logits = _run(sliced_gguf(arch), precision, tmp_path)
+        sequence = result["prompt_tokens"] + result["tokens"][:-1]
+        reference = hf_logits_with_gguf_experts(tiny_checkpoints(arch), sliced_gguf(arch), precision,
+                                                sequence, len(result["prompt_tokens"]))
+        np.testing.assert_allclose(logits, reference, atol=TOLERANCE, rtol=0)
+        assert list(logits.argmax(axis=1)) == result["tokens"]
+        runs[precision] = (logits, reference)
+    # each run is much closer to its own reference than to the other precision's: a swap or an
+    # ignored LSB would show here even where the two models differ by little
+    for mine, other in (("high", "low"), ("low", "high")):
+        logits = runs[mine][0]
+        assert np.abs(logits - runs[mine][1]).mean() < 0.5 * np.abs(logits - runs[other][1]).mean()
+
+
+def test_auto_without_a_cache_runs_high_precision(sliced_gguf, tmp_path):
+    _, auto = _run(sliced_gguf("qwen2_moe"), "auto", tmp_path, n=8)
+    _, high = _run(sliced_gguf("qwen2_moe"), "high", tmp_path, n=8)
+    np.testing.assert_array_equal(auto, high)
+
+
+def test_sliced_layers_are_reported(sliced_gguf, stock_gguf):
+    from slicemoe_gguf import Model
+
+    with Model(sliced_gguf("deepseek_v2")) as model:
+        assert model.n_sliced_layers == 2          # layer 0 is dense
+    with Model(stock_gguf("qwen2_moe")) as model:
+        assert model.n_sliced_layers == 0
