@@ -214,7 +214,12 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
         llama_model_free(model);
         return fail(SLICEMOE_ERR_NO_MEMORY, "out of memory");
     }
-    slicemoe_slices_attach(model, p.precision);
+    // Only files that declare the slicemoe format get the slice treatment; .lsb tensors alone
+    // (patch 0001 loads them) change nothing.
+    char version[16];
+    if (llama_model_meta_val_str(model, "slicemoe.format_version", version, sizeof(version)) >= 0) {
+        slicemoe_slices_attach(model, p.precision);
+    }
     *out = m;
     return ok();
 }
