@@ -20,6 +20,12 @@ from ._native import SliceMoEError, check, ffi, lib, string
 STATUS_BUFFER_TOO_SMALL = 5
 # routed-expert precision of sliced models (enum slicemoe_precision)
 PRECISIONS = {"auto": 0, "high": 1, "low": 2}
+WARMUPS = {"none": 0, "pcw": 1}
+_CACHE_FIELDS = ("budget_bytes", "pool_bytes", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads",
+                 "evictions", "flash_bytes", "ram_bytes", "high_uses", "low_uses", "warmup_loads",
+                 "decode_tokens", "io_ms")
+_LAYER_FIELDS = ("layer", "msb_slots", "lsb_slots", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses",
+                 "loads", "evictions", "flash_bytes", "ram_bytes")
 
 
 @dataclass
@@ -59,7 +65,8 @@ class Model:
     """A GGUF model loaded by the native library. Use as a context manager or call close()."""
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0, precision: str = "auto"):
+                 n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0, precision: str = "auto",
+                 cache_budget: int = 0, warmup: str = "none", high_threshold: float = 0.25):
         self.path = Path(path)
         self._lib = lib()
         if precision not in PRECISIONS:
@@ -68,6 +75,11 @@ class Model:
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
         params.precision = PRECISIONS[precision]
+        if warmup not in WARMUPS:
+            raise ValueError(f"warmup must be one of {', '.join(WARMUPS)}")
+        params.cache_budget_bytes = int(cache_budget)
+        params.warmup = WARMUPS[warmup]
+        params.high_threshold = high_threshold
         out = ffi.new("slicemoe_model **")
         check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
         self._model = out[0]
@@ -119,6 +131,37 @@ class Model:
         buf = ffi.new("char[]", 4096)
         status = self._lib.slicemoe_model_meta(self._model, key.encode(), buf, 4096)
         return string(buf) if status == 0 else None
+
+    # -- slice cache ------------------------------------------------------------------------
+
+    @property
+    def has_cache(self) -> bool:
+        return self._lib.slicemoe_cache_n_layers(self._model) > 0
+
+    def cache_stats(self) -> dict | None:
+        """Counters of the slice cache (None without one): totals, hits/misses summed over MSB and
+        LSB slices, and per-layer arrays."""
+        if not self.has_cache:
+            return None
+        t = ffi.new("slicemoe_cache_stats_t *")
+        check(self._lib.slicemoe_cache_get_stats(self._model, t))
+        stats = {name: getattr(t, name) for name in _CACHE_FIELDS}
+        stats["hits"] = stats["msb_hits"] + stats["lsb_hits"]
+        stats["misses"] = stats["msb_misses"] + stats["lsb_misses"]
+        layers = []
+        row = ffi.new("slicemoe_layer_stats_t *")
+        for i in range(self._lib.slicemoe_cache_n_layers(self._model)):
+            check(self._lib.slicemoe_cache_get_layer_stats(self._model, i, row))
+            layers.append({name: getattr(row, name) for name in _LAYER_FIELDS})
+        stats["layers"] = {name: [layer[name] for layer in layers] for name in _LAYER_FIELDS}
+        return stats
+
+    def reset_cache_stats(self) -> None:
+        self._lib.slicemoe_cache_reset_stats(self._model)
+
+    def fail_reads_after(self, n_reads: int) -> None:
+        """Testing: make every slice read after the next n_reads fail (-1 turns it off)."""
+        self._lib.slicemoe_cache_fail_reads_after(self._model, n_reads)
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.slicemoe_model_is_eog(self._model, token))

@@ -53,11 +53,45 @@ enum slicemoe_precision {
     SLICEMOE_PRECISION_LOW  = 2,  // MSB slices only: the 4-bit model
 };
 
+enum slicemoe_warmup {
+    SLICEMOE_WARMUP_NONE = 0,
+    SLICEMOE_WARMUP_PCW  = 1,  // predictive cache warm-up from the prompt's routing
+};
+
 struct slicemoe_model_params {
     int32_t n_gpu_layers;  // layers offloaded to a GPU backend; 0 = CPU only, -1 = all
     bool    use_mmap;      // map the file instead of reading it (llama.cpp's default)
     int32_t precision;     // enum slicemoe_precision; ignored for stock (unsliced) models
+    // Slice cache of a sliced model: bytes for all routed-expert slice pools. 0 = no cache (every
+    // expert stays mapped from the file). During decode the expert products then run on the pools
+    // and a miss reads the slice from the file.
+    int64_t cache_budget_bytes;
+    int32_t warmup;            // enum slicemoe_warmup
+    float   high_threshold;    // auto precision: a use runs at 8 bits if its routing weight >= this
+                               // (the top-ranked expert of a token always does)
 };
+
+// Counters of the slice cache, summed over layers (or of one layer). "Hits" and "misses" count
+// slice uses: an expert run at high precision uses its MSB and its LSB slice.
+typedef struct slicemoe_cache_stats {
+    int64_t budget_bytes;      // as configured
+    int64_t pool_bytes;        // actually allocated for slice pools (never more than the budget)
+    int64_t msb_hits, msb_misses, lsb_hits, lsb_misses;
+    int64_t loads, evictions;  // slices read into / dropped from pools (warm-up loads included)
+    int64_t flash_bytes;       // bytes read from the model file
+    int64_t ram_bytes;         // expert slice bytes the decode products read from the pools
+    int64_t high_uses, low_uses;
+    int64_t warmup_loads;
+    int64_t decode_tokens;
+    double  io_ms;             // time blocked on reads
+} slicemoe_cache_stats_t;
+
+typedef struct slicemoe_layer_stats {
+    int32_t layer;
+    int32_t msb_slots, lsb_slots;
+    int64_t msb_hits, msb_misses, lsb_hits, lsb_misses;
+    int64_t loads, evictions, flash_bytes, ram_bytes;
+} slicemoe_layer_stats_t;
 
 struct slicemoe_context_params {
     uint32_t n_ctx;      // context length in tokens; 0 = the model's training context
@@ -106,6 +140,13 @@ SLICEMOE_API int32_t slicemoe_model_n_ctx_train(const slicemoe_model * model);
 SLICEMOE_API bool    slicemoe_model_is_eog(const slicemoe_model * model, int32_t token);
 // MoE layers whose experts are AMAT bit slices (0 for a stock model).
 SLICEMOE_API int32_t slicemoe_model_n_sliced_layers(const slicemoe_model * model);
+// Slice cache counters; SLICEMOE_ERR_INVALID_ARG when the model runs without a cache.
+SLICEMOE_API int     slicemoe_cache_get_stats(const slicemoe_model * model, slicemoe_cache_stats_t * out);
+SLICEMOE_API int32_t slicemoe_cache_n_layers(const slicemoe_model * model);
+SLICEMOE_API int     slicemoe_cache_get_layer_stats(const slicemoe_model * model, int32_t i, slicemoe_layer_stats_t * out);
+SLICEMOE_API void    slicemoe_cache_reset_stats(slicemoe_model * model);
+// Testing: every read after the next n_reads fails as an I/O error would (-1 = never).
+SLICEMOE_API void    slicemoe_cache_fail_reads_after(slicemoe_model * model, int64_t n_reads);
 // Short description ("qwen2moe ?B F32") written into buf, NUL-terminated.
 SLICEMOE_API int     slicemoe_model_desc(const slicemoe_model * model, char * buf, size_t size);
 // A metadata value as a string (e.g. "general.architecture"); SLICEMOE_ERR_INVALID_ARG if absent.

@@ -167,6 +167,9 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     p.n_gpu_layers = 0;
     p.use_mmap     = true;
     p.precision    = SLICEMOE_PRECISION_AUTO;
+    p.cache_budget_bytes = 0;
+    p.warmup         = SLICEMOE_WARMUP_NONE;
+    p.high_threshold = 0.25f;
     return p;
 }
 
@@ -199,6 +202,11 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
     if (p.precision < SLICEMOE_PRECISION_AUTO || p.precision > SLICEMOE_PRECISION_LOW) {
         return fail(SLICEMOE_ERR_INVALID_ARG, "precision must be auto (0), high (1) or low (2)");
     }
+    if (p.cache_budget_bytes < 0 || p.warmup < SLICEMOE_WARMUP_NONE || p.warmup > SLICEMOE_WARMUP_PCW ||
+        !(p.high_threshold >= 0.0f && p.high_threshold <= 1.0f)) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "cache budget must be >= 0, warmup none (0) or pcw (1), "
+                                              "high_threshold in [0, 1]");
+    }
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = p.n_gpu_layers;
@@ -217,8 +225,20 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
     // Only files that declare the slicemoe format get the slice treatment; .lsb tensors alone
     // (patch 0001 loads them) change nothing.
     char version[16];
-    if (llama_model_meta_val_str(model, "slicemoe.format_version", version, sizeof(version)) >= 0) {
-        slicemoe_slices_attach(model, p.precision);
+    const bool sliced = llama_model_meta_val_str(model, "slicemoe.format_version", version, sizeof(version)) >= 0;
+    if (sliced) {
+        std::string error;
+        const int status = slicemoe::attach(model, path, p, &error);
+        if (status != SLICEMOE_OK) {
+            delete m;
+            llama_model_free(model);
+            return fail(status, error);
+        }
+    } else if (p.cache_budget_bytes > 0) {
+        delete m;
+        llama_model_free(model);
+        return fail(SLICEMOE_ERR_INVALID_ARG, std::string("'") + path + "' is not a sliced (AMAT) model: "
+                    "a slice cache needs a file written by slicemoe-convert --experts amat");
     }
     *out = m;
     return ok();
@@ -226,7 +246,7 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
 
 void slicemoe_model_free(slicemoe_model * model) {
     if (model) {
-        slicemoe_slices_detach(model->model);
+        slicemoe::detach(model->model);
         llama_model_free(model->model);
         delete model;
     }
@@ -237,7 +257,41 @@ int32_t slicemoe_model_n_vocab(const slicemoe_model * model) {
 }
 
 int32_t slicemoe_model_n_sliced_layers(const slicemoe_model * model) {
-    return model ? slicemoe_slices_n_layers(model->model) : 0;
+    return model ? slicemoe::n_sliced_layers(model->model) : 0;
+}
+
+int slicemoe_cache_get_stats(const slicemoe_model * model, slicemoe_cache_stats_t * out) {
+    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+    if (!c || !out) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "the model runs without a slice cache");
+    }
+    slicemoe::read_stats(c, out);
+    return ok();
+}
+
+int32_t slicemoe_cache_n_layers(const slicemoe_model * model) {
+    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+    return c ? slicemoe::n_layers(c) : 0;
+}
+
+int slicemoe_cache_get_layer_stats(const slicemoe_model * model, int32_t i, slicemoe_layer_stats_t * out) {
+    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+    if (!c || !out || slicemoe::read_layer_stats(c, i, out) != SLICEMOE_OK) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "no slice cache, or layer index out of range");
+    }
+    return ok();
+}
+
+void slicemoe_cache_reset_stats(slicemoe_model * model) {
+    if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
+        slicemoe::clear_stats(c);
+    }
+}
+
+void slicemoe_cache_fail_reads_after(slicemoe_model * model, int64_t n_reads) {
+    if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
+        slicemoe::fail_reads_after(c, n_reads);
+    }
 }
 
 int32_t slicemoe_model_n_layer(const slicemoe_model * model) {
@@ -348,6 +402,11 @@ int slicemoe_context_create(slicemoe_model * model, const slicemoe_context_param
     cp.n_threads       = p.n_threads > 0 ? p.n_threads : default_threads();
     cp.n_threads_batch = cp.n_threads;
 
+    if (slicemoe::cache * c = slicemoe::cache_of(model->model)) {
+        cp.cb_eval           = slicemoe::eval_callback;
+        cp.cb_eval_user_data = c;
+    }
+
     clear_llama_errors();
     llama_context * lctx = llama_init_from_model(model->model, cp);
     if (!lctx) {
@@ -382,6 +441,7 @@ void slicemoe_context_reset(slicemoe_context * ctx) {
         return;
     }
     llama_memory_clear(llama_get_memory(ctx->lctx), true);
+    slicemoe::begin_sequence(slicemoe::cache_of(ctx->model->model));
     ctx->n_past     = 0;
     ctx->has_logits = false;
     ctx->timings    = {};
@@ -409,7 +469,13 @@ int slicemoe_eval(slicemoe_context * ctx, const int32_t * tokens, int32_t n_toke
     for (int32_t i = 0; i < n_tokens; i += n_batch) {
         const int32_t n = std::min(n_batch, n_tokens - i);
         llama_batch batch = llama_batch_get_one(const_cast<int32_t *>(tokens) + i, n);
-        const int32_t rc = llama_decode(ctx->lctx, batch);
+        int32_t rc = llama_decode(ctx->lctx, batch);
+        std::string cache_error;
+        if (slicemoe::take_error(slicemoe::cache_of(ctx->model->model), &cache_error)) {
+            llama_memory_seq_rm(llama_get_memory(ctx->lctx), 0, ctx->n_past, -1);
+            ctx->has_logits = false;
+            return fail(SLICEMOE_ERR_IO, cache_error);
+        }
         if (rc != 0) {
             // roll the sequence back so the context stays usable
             llama_memory_seq_rm(llama_get_memory(ctx->lctx), 0, ctx->n_past, -1);

@@ -1,53 +1,504 @@
-// The graph hook for sliced models. Without a slice cache every expert stays where llama.cpp put
-// it (mapped from the file) and the hook only decides the precision: high adds the LSB product to
-// the MSB product (the 8-bit model, exactly MSB + LSB as AMAT defines it), low leaves the MSB
+// Sliced models and the slice cache (DBSC with PCW).
+//
+// Without a cache every expert stays mapped from the file and the graph hook only sets the
+// precision: high adds the LSB product to the MSB product (the 8-bit model), low leaves the MSB
 // product alone (the 4-bit model).
+//
+// With a cache, decode (one token per batch) runs the expert products on pools:
+//   - per MoE layer, an MSB pool and an LSB pool (one tensor per projection, [n_in, n_out, slots])
+//     allocated once in a CPU buffer; their sizes come from one byte budget;
+//   - the graph maps expert ids to slots with get_rows on two small I32 tables (and, for auto
+//     precision, multiplies each LSB product by a 0/1 mask gathered the same way);
+//   - llama.cpp's eval callback observes the layer's router probabilities and top-k node, then
+//     runs the policy before the expert products of that layer run: hits, misses (a pread of the
+//     slice's byte range from the GGUF, then POSIX_FADV_DONTNEED so the next miss is a real read),
+//     evictions, precision per use; then it rewrites the tables.
+// Prefill (more than one token per batch) is compute-bound and touches most experts, so it runs
+// on the mapped tensors (streaming them from the file) and only records routing for warm-up.
 
 #include "slicemoe-slices.h"
 #include "slicemoe-graph.h"
-#include "slicemoe.h"
 
 #include "llama-model.h"
 
+#include "ggml-backend.h"
+#include "gguf.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fcntl.h>
+#include <memory>
 #include <mutex>
+#include <unistd.h>
 #include <unordered_map>
+#include <vector>
+
+namespace slicemoe {
+
+namespace {
+
+constexpr int N_PROJ = 3;   // up, gate, down: the order of slicemoe_moe_weights
+
+struct pool {
+    ggml_tensor *          t[N_PROJ] = {};
+    int64_t                file_offset[N_PROJ] = {};   // of the model tensor's data in the GGUF
+    size_t                 expert_bytes[N_PROJ] = {};  // one expert's slice of one projection
+    size_t                 slice_bytes = 0;            // one expert's slice, all projections
+    int                    n_slots = 0;
+    std::vector<int>       slot_expert;                // -1: empty
+    std::vector<int>       expert_slot;                // -1: not cached
+    std::vector<uint64_t>  last_use;
+};
+
+struct layer {
+    int                  il = 0;
+    pool                 msb, lsb;
+    ggml_tensor *        msb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> MSB slot
+    ggml_tensor *        lsb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> LSB slot
+    ggml_tensor *        lsb_mask = nullptr;  // F32 [1, n_expert, 1]: 1 = run the LSB product
+    std::vector<float>   probs;               // router probabilities of the current decode token
+    std::vector<double>  prompt_score;        // recency-weighted prompt routing, for PCW
+    bool                 warm_pending = false;
+    slicemoe_layer_stats_t stats = {};
+};
+
+} // namespace
+
+struct cache {
+    const llama_model *  model = nullptr;
+    int                  fd = -1;
+    int                  n_expert = 0;
+    int                  top_k = 0;
+    int                  precision = SLICEMOE_PRECISION_AUTO;
+    int                  warmup = SLICEMOE_WARMUP_NONE;
+    float                high_threshold = 0.25f;
+    int64_t              budget = 0;
+    ggml_context *       ctx = nullptr;
+    ggml_backend_buffer_t buf = nullptr;
+    std::vector<layer>   layers;
+    std::unordered_map<int, int> layer_of_il;
+    uint64_t             clock = 0;
+    bool                 failed = false;
+    std::string          error;
+    int64_t              reads_left = -1;     // failure injection for tests; -1 = off
+    slicemoe_cache_stats_t totals = {};
+    std::vector<int32_t> scratch_ids;
+
+    ~cache() {
+        if (buf) ggml_backend_buffer_free(buf);
+        if (ctx) ggml_free(ctx);
+        if (fd >= 0) close(fd);
+    }
+};
 
 namespace {
 
 struct sliced_layer {
     const llama_model * model;
-    ggml_tensor * up_lsb;
-    ggml_tensor * gate_lsb;
-    ggml_tensor * down_lsb;
-    int precision;
+    ggml_tensor *       lsb[N_PROJ];
+    int                 precision;
+    cache *             c;       // nullptr: no cache
+    int                 index;   // into c->layers
 };
 
 std::mutex g_mutex;
 // keyed by the layer's MSB up tensor, the pointer build_moe_ffn hands to the hook
 std::unordered_map<const ggml_tensor *, sliced_layer> g_layers;
+std::unordered_map<const llama_model *, std::unique_ptr<cache>> g_caches;
+
+std::string format_bytes(int64_t n) {
+    char buf[64];
+    if (n >= (int64_t(1) << 30))      snprintf(buf, sizeof(buf), "%.2f GiB", n / double(int64_t(1) << 30));
+    else if (n >= (int64_t(1) << 20)) snprintf(buf, sizeof(buf), "%.2f MiB", n / double(1 << 20));
+    else if (n >= 1024)               snprintf(buf, sizeof(buf), "%.1f KiB", n / 1024.0);
+    else                              snprintf(buf, sizeof(buf), "%lld B", (long long) n);
+    return buf;
+}
+
+// Slot counts of one layer from its share of the budget (see the README for the rule).
+void split_budget(int64_t budget, int precision, int n_expert, int top_k, size_t msb_b, size_t lsb_b,
+                  int * n_msb, int * n_lsb) {
+    const int64_t whole = int64_t(n_expert) * int64_t(msb_b + lsb_b);
+    if (precision == SLICEMOE_PRECISION_LOW) {
+        *n_msb = (int) std::min<int64_t>(n_expert, budget / int64_t(msb_b));
+        *n_lsb = 0;
+    } else if (precision == SLICEMOE_PRECISION_HIGH || budget >= whole) {
+        *n_msb = *n_lsb = (int) std::min<int64_t>(n_expert, budget / int64_t(msb_b + lsb_b));
+    } else {
+        // DBSC: two thirds of the layer's bytes for MSB slots (every use needs one), the rest for
+        // the LSB slices of the experts that run at high precision.
+        const int64_t for_msb = std::max<int64_t>(int64_t(top_k) * int64_t(msb_b), budget * 2 / 3);
+        *n_msb = (int) std::min<int64_t>(n_expert, for_msb / int64_t(msb_b));
+        *n_lsb = (int) std::min<int64_t>(n_expert, (budget - int64_t(*n_msb) * int64_t(msb_b)) / int64_t(lsb_b));
+    }
+}
+
+int64_t min_layer_budget(int precision, int top_k, size_t msb_b, size_t lsb_b) {
+    return int64_t(top_k) * int64_t(precision == SLICEMOE_PRECISION_HIGH ? msb_b + lsb_b : msb_b);
+}
+
+bool tensor_source(gguf_context * g, const ggml_tensor * t, int64_t * offset, std::string * error) {
+    const int64_t id = gguf_find_tensor(g, ggml_get_name(t));
+    if (id < 0) {
+        *error = std::string("tensor ") + ggml_get_name(t) + " not found in the file";
+        return false;
+    }
+    *offset = int64_t(gguf_get_data_offset(g) + gguf_get_tensor_offset(g, id));
+    return true;
+}
+
+// Read one expert's slice (all projections) into a slot. On failure the slot is left empty.
+bool load_slice(cache & c, layer & L, pool & p, int expert, int slot) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int j = 0; j < N_PROJ; ++j) {
+        const size_t  n   = p.expert_bytes[j];
+        const int64_t off = p.file_offset[j] + int64_t(expert) * int64_t(n);
+        std::vector<uint8_t> staging;
+        uint8_t * dst = nullptr;
+        if (ggml_backend_buffer_is_host(c.buf)) {
+            dst = (uint8_t *) p.t[j]->data + size_t(slot) * p.t[j]->nb[2];
+        } else {
+            staging.resize(n);
+            dst = staging.data();
+        }
+        ssize_t got = -1;
+        if (c.reads_left == 0) {
+            errno = EIO;
+        } else {
+            if (c.reads_left > 0) --c.reads_left;
+            got = pread(c.fd, dst, n, off);
+        }
+        if (got != ssize_t(n)) {
+            const int err = got < 0 ? errno : EIO;
+            p.slot_expert[slot] = -1;
+            c.failed = true;
+            c.error = "reading expert " + std::to_string(expert) + " of layer " + std::to_string(L.il) +
+                      " from the model file failed: " + (got < 0 ? strerror(err) : "short read");
+            return false;
+        }
+        // drop the range from the page cache: the next miss of this slice is a real read
+        posix_fadvise(c.fd, off, off_t(n), POSIX_FADV_DONTNEED);
+        if (!staging.empty()) {
+            ggml_backend_tensor_set(p.t[j], staging.data(), size_t(slot) * p.t[j]->nb[2], n);
+        }
+    }
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    p.slot_expert[slot] = expert;
+    p.expert_slot[expert] = slot;
+    L.stats.loads += 1;
+    L.stats.flash_bytes += int64_t(p.slice_bytes);
+    c.totals.loads += 1;
+    c.totals.flash_bytes += int64_t(p.slice_bytes);
+    c.totals.io_ms += ms;
+    return true;
+}
+
+void evict(cache & c, layer & L, pool & p, int slot) {
+    const int old = p.slot_expert[slot];
+    if (old < 0) return;
+    p.expert_slot[old] = -1;
+    p.slot_expert[slot] = -1;
+    L.stats.evictions += 1;
+    c.totals.evictions += 1;
+    // an LSB slice is useless without its MSB slice
+    if (&p == &L.msb && L.lsb.n_slots > 0 && L.lsb.expert_slot[old] >= 0) {
+        evict(c, L, L.lsb, L.lsb.expert_slot[old]);
+    }
+}
+
+// The least recently used slot not used by the current token (empty slots first); -1 if none.
+int victim(const cache & c, const pool & p) {
+    int best = -1;
+    for (int s = 0; s < p.n_slots; ++s) {
+        if (p.slot_expert[s] < 0) return s;
+        if (p.last_use[s] == c.clock) continue;
+        if (best < 0 || p.last_use[s] < p.last_use[best]) best = s;
+    }
+    return best;
+}
+
+// Make `expert`'s slice resident in pool p; false if no slot is free for it or the read failed.
+bool ensure(cache & c, layer & L, pool & p, int expert, bool * hit) {
+    int slot = p.expert_slot[expert];
+    *hit = slot >= 0;
+    if (slot < 0) {
+        slot = victim(c, p);
+        if (slot < 0) return false;
+        evict(c, L, p, slot);
+        if (!load_slice(c, L, p, expert, slot)) return false;
+    }
+    p.last_use[slot] = c.clock;
+    return true;
+}
+
+// PCW: before the layer's first decode token, load the slices the prompt used most (recent tokens
+// weigh more): MSB slices for as many as fit, LSB slices for the top of that list.
+void warm_up(cache & c, layer & L) {
+    L.warm_pending = false;
+    std::vector<int> order(c.n_expert);
+    for (int e = 0; e < c.n_expert; ++e) order[e] = e;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return L.prompt_score[a] > L.prompt_score[b]; });
+    for (int rank = 0; rank < c.n_expert && !c.failed; ++rank) {
+        const int e = order[rank];
+        if (L.prompt_score[e] <= 0.0) break;
+        if (rank < L.msb.n_slots && L.msb.expert_slot[e] < 0) {
+            const int slot = victim(c, L.msb);
+            if (slot < 0) break;
+            evict(c, L, L.msb, slot);
+            if (!load_slice(c, L, L.msb, e, slot)) return;
+            c.totals.warmup_loads += 1;
+        }
+        if (rank < L.lsb.n_slots && rank < c.top_k && L.lsb.expert_slot[e] < 0 && L.msb.expert_slot[e] >= 0) {
+            const int slot = victim(c, L.lsb);
+            if (slot < 0) continue;
+            evict(c, L, L.lsb, slot);
+            if (!load_slice(c, L, L.lsb, e, slot)) return;
+            c.totals.warmup_loads += 1;
+        }
+    }
+}
+
+// The policy for one decode token of one layer: ids are the token's experts, best first.
+bool serve_token(cache & c, layer & L, const int32_t * ids) {
+    c.clock += 1;
+    if (L.warm_pending) {
+        warm_up(c, L);
+        if (c.failed) return false;
+    }
+    std::vector<int32_t> msb_map(c.n_expert, 0), lsb_map(c.n_expert, 0);
+    std::vector<float> mask(c.n_expert, 0.0f);
+    for (int r = 0; r < c.top_k; ++r) {
+        const int e = ids[r];
+        if (e < 0 || e >= c.n_expert) {
+            c.failed = true;
+            c.error = "router selected expert " + std::to_string(e) + " outside [0, " + std::to_string(c.n_expert) + ")";
+            return false;
+        }
+        bool hit = false;
+        if (!ensure(c, L, L.msb, e, &hit)) {
+            if (!c.failed) {
+                c.failed = true;
+                c.error = "no MSB slot free in layer " + std::to_string(L.il) + " (budget below top-k slices)";
+            }
+            return false;
+        }
+        (hit ? L.stats.msb_hits : L.stats.msb_misses) += 1;
+        (hit ? c.totals.msb_hits : c.totals.msb_misses) += 1;
+        msb_map[e] = L.msb.expert_slot[e];
+        L.stats.ram_bytes += int64_t(L.msb.slice_bytes);
+        c.totals.ram_bytes += int64_t(L.msb.slice_bytes);
+
+        const float p = L.probs.empty() ? 0.0f : L.probs[e];
+        bool high = c.precision == SLICEMOE_PRECISION_HIGH ||
+                    (c.precision == SLICEMOE_PRECISION_AUTO && (r == 0 || p >= c.high_threshold));
+        if (high && L.lsb.n_slots > 0) {
+            if (ensure(c, L, L.lsb, e, &hit)) {
+                (hit ? L.stats.lsb_hits : L.stats.lsb_misses) += 1;
+                (hit ? c.totals.lsb_hits : c.totals.lsb_misses) += 1;
+                lsb_map[e] = L.lsb.expert_slot[e];
+                mask[e] = 1.0f;
+                L.stats.ram_bytes += int64_t(L.lsb.slice_bytes);
+                c.totals.ram_bytes += int64_t(L.lsb.slice_bytes);
+            } else if (c.failed) {
+                return false;
+            } else {
+                high = false;   // every LSB slot serves this token already: run at 4 bits
+            }
+        } else {
+            high = false;
+        }
+        (high ? c.totals.high_uses : c.totals.low_uses) += 1;
+    }
+    ggml_backend_tensor_set(L.msb_map, msb_map.data(), 0, msb_map.size() * sizeof(int32_t));
+    if (L.lsb_map) {
+        ggml_backend_tensor_set(L.lsb_map, lsb_map.data(), 0, lsb_map.size() * sizeof(int32_t));
+        ggml_backend_tensor_set(L.lsb_mask, mask.data(), 0, mask.size() * sizeof(float));
+    }
+    return true;
+}
+
+void record_prompt(cache & c, layer & L, const std::vector<int32_t> & ids, int64_t n_tokens, size_t row_stride) {
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const double w = 1.0 + double(t + 1) / double(n_tokens);   // later prompt tokens weigh up to 2x
+        for (int r = 0; r < c.top_k; ++r) {
+            const int e = ids[t * row_stride + r];
+            if (e >= 0 && e < c.n_expert) L.prompt_score[e] += w;
+        }
+    }
+    L.warm_pending = c.warmup == SLICEMOE_WARMUP_PCW;
+}
+
+// "ffn_moe_topk-12" -> (true, 12)
+bool parse_node(const char * name, const char * prefix, int * il) {
+    const size_t n = strlen(prefix);
+    if (strncmp(name, prefix, n) != 0 || name[n] != '-') return false;
+    char * end = nullptr;
+    const long v = strtol(name + n + 1, &end, 10);
+    if (end == name + n + 1 || *end != '\0') return false;
+    *il = int(v);
+    return true;
+}
+
+void init_pool(pool & p, int n_slots, int n_expert) {
+    p.n_slots = n_slots;
+    p.slot_expert.assign(n_slots, -1);
+    p.expert_slot.assign(n_expert, -1);
+    p.last_use.assign(n_slots, 0);
+}
+
+std::unique_ptr<cache> build_cache(const llama_model * model, const char * path, const slicemoe_model_params & params,
+                                   const std::vector<const llama_layer *> & moe, const std::vector<int> & moe_il,
+                                   std::string * error) {
+    auto c = std::make_unique<cache>();
+    c->model = model;
+    c->n_expert = int(model->hparams.n_expert);
+    c->top_k = int(model->hparams.n_expert_used_max());
+    c->precision = params.precision;
+    c->warmup = params.warmup;
+    c->high_threshold = params.high_threshold;
+    c->budget = params.cache_budget_bytes;
+
+    gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ nullptr };
+    gguf_context * g = gguf_init_from_file(path, gp);
+    if (!g) {
+        *error = std::string("cannot read the tensor index of '") + path + "'";
+        return nullptr;
+    }
+    const llama_layer & first = *moe[0];
+    const ggml_tensor * msb_t[N_PROJ] = { first.ffn_up_exps, first.ffn_gate_exps, first.ffn_down_exps };
+    const ggml_tensor * lsb_t[N_PROJ] = { first.ffn_up_exps_lsb, first.ffn_gate_exps_lsb, first.ffn_down_exps_lsb };
+    size_t msb_b = 0, lsb_b = 0;
+    for (int j = 0; j < N_PROJ; ++j) {
+        msb_b += msb_t[j]->nb[2];
+        lsb_b += lsb_t[j]->nb[2];
+    }
+    const int64_t n_layers = int64_t(moe.size());
+    const int64_t per_layer = c->budget / n_layers;
+    const int64_t minimum = n_layers * min_layer_budget(c->precision, c->top_k, msb_b, lsb_b);
+    if (c->budget < minimum) {
+        gguf_free(g);
+        *error = "cache budget " + format_bytes(c->budget) + " is below the minimum that can run, " +
+                 format_bytes(minimum) + " (" + std::to_string(c->top_k) + " " +
+                 (c->precision == SLICEMOE_PRECISION_HIGH ? "MSB+LSB" : "MSB") + " expert slices in each of " +
+                 std::to_string(n_layers) + " MoE layers)";
+        return nullptr;
+    }
+    int n_msb = 0, n_lsb = 0;
+    split_budget(per_layer, c->precision, c->n_expert, c->top_k, msb_b, lsb_b, &n_msb, &n_lsb);
+
+    const size_t n_tensors = size_t(n_layers) * (2 * N_PROJ + 3);
+    ggml_init_params ip = { ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc*/ true };
+    c->ctx = ggml_init(ip);
+    c->layers.resize(size_t(n_layers));
+    bool ok = true;
+    for (int64_t i = 0; i < n_layers && ok; ++i) {
+        const llama_layer & ml = *moe[i];
+        layer & L = c->layers[i];
+        L.il = moe_il[i];
+        L.stats.layer = L.il;
+        L.prompt_score.assign(c->n_expert, 0.0);
+        const ggml_tensor * msb[N_PROJ] = { ml.ffn_up_exps, ml.ffn_gate_exps, ml.ffn_down_exps };
+        const ggml_tensor * lsb[N_PROJ] = { ml.ffn_up_exps_lsb, ml.ffn_gate_exps_lsb, ml.ffn_down_exps_lsb };
+        init_pool(L.msb, n_msb, c->n_expert);
+        init_pool(L.lsb, n_lsb, c->n_expert);
+        for (int j = 0; j < N_PROJ && ok; ++j) {
+            L.msb.t[j] = ggml_new_tensor_3d(c->ctx, msb[j]->type, msb[j]->ne[0], msb[j]->ne[1], n_msb);
+            L.msb.expert_bytes[j] = msb[j]->nb[2];
+            L.msb.slice_bytes += msb[j]->nb[2];
+            ok = tensor_source(g, msb[j], &L.msb.file_offset[j], error);
+            if (n_lsb > 0 && ok) {
+                L.lsb.t[j] = ggml_new_tensor_3d(c->ctx, lsb[j]->type, lsb[j]->ne[0], lsb[j]->ne[1], n_lsb);
+                L.lsb.expert_bytes[j] = lsb[j]->nb[2];
+                L.lsb.slice_bytes += lsb[j]->nb[2];
+                ok = tensor_source(g, lsb[j], &L.lsb.file_offset[j], error);
+            }
+        }
+        L.msb_map = ggml_new_tensor_3d(c->ctx, GGML_TYPE_I32, 1, c->n_expert, 1);
+        if (n_lsb > 0) {
+            L.lsb_map  = ggml_new_tensor_3d(c->ctx, GGML_TYPE_I32, 1, c->n_expert, 1);
+            L.lsb_mask = ggml_new_tensor_3d(c->ctx, GGML_TYPE_F32, 1, c->n_expert, 1);
+        }
+        L.stats.msb_slots = n_msb;
+        L.stats.lsb_slots = n_lsb;
+        c->layer_of_il[L.il] = int(i);
+    }
+    gguf_free(g);
+    if (!ok) return nullptr;
+
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    c->buf = ggml_backend_alloc_ctx_tensors_from_buft(c->ctx, ggml_backend_dev_buffer_type(cpu));
+    if (!c->buf) {
+        *error = "cannot allocate the slice pools (" + format_bytes(c->budget) + ")";
+        return nullptr;
+    }
+    ggml_backend_buffer_clear(c->buf, 0);
+    c->fd = open(path, O_RDONLY);
+    if (c->fd < 0) {
+        *error = std::string("cannot open '") + path + "' for expert reads: " + strerror(errno);
+        return nullptr;
+    }
+    for (const layer & L : c->layers) {
+        for (int j = 0; j < N_PROJ; ++j) {
+            c->totals.pool_bytes += int64_t(ggml_nbytes(L.msb.t[j]));
+            if (L.lsb.t[j]) c->totals.pool_bytes += int64_t(ggml_nbytes(L.lsb.t[j]));
+        }
+    }
+    c->totals.budget_bytes = c->budget;
+    return c;
+}
 
 } // namespace
 
-int slicemoe_slices_attach(const llama_model * model, int precision) {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    int n = 0;
-    for (const llama_layer & layer : model->layers) {
-        if (layer.ffn_up_exps && layer.ffn_up_exps_lsb && layer.ffn_gate_exps_lsb && layer.ffn_down_exps_lsb) {
-            g_layers[layer.ffn_up_exps] = { model, layer.ffn_up_exps_lsb, layer.ffn_gate_exps_lsb, layer.ffn_down_exps_lsb, precision };
-            ++n;
+int attach(const llama_model * model, const char * path, const slicemoe_model_params & params, std::string * error) {
+    std::vector<const llama_layer *> moe;
+    std::vector<int> moe_il;
+    for (size_t il = 0; il < model->layers.size(); ++il) {
+        const llama_layer & l = model->layers[il];
+        if (l.ffn_up_exps && l.ffn_gate_exps && l.ffn_down_exps &&
+            l.ffn_up_exps_lsb && l.ffn_gate_exps_lsb && l.ffn_down_exps_lsb) {
+            moe.push_back(&l);
+            moe_il.push_back(int(il));
         }
     }
-    return n;
+    if (moe.empty()) {
+        return SLICEMOE_OK;
+    }
+    std::unique_ptr<cache> c;
+    if (params.cache_budget_bytes > 0) {
+        if (params.n_gpu_layers != 0) {
+            *error = "the slice cache runs on the CPU backend only in this version (use n_gpu_layers 0)";
+            return SLICEMOE_ERR_INVALID_ARG;
+        }
+        c = build_cache(model, path, params, moe, moe_il, error);
+        if (!c) {
+            return SLICEMOE_ERR_INVALID_ARG;
+        }
+    }
+    std::lock_guard<std::mutex> lock(g_mutex);
+    for (size_t i = 0; i < moe.size(); ++i) {
+        const llama_layer & l = *moe[i];
+        g_layers[l.ffn_up_exps] = { model, { l.ffn_up_exps_lsb, l.ffn_gate_exps_lsb, l.ffn_down_exps_lsb },
+                                    params.precision, c.get(), int(i) };
+    }
+    if (c) {
+        g_caches[model] = std::move(c);
+    }
+    return SLICEMOE_OK;
 }
 
-void slicemoe_slices_detach(const llama_model * model) {
+void detach(const llama_model * model) {
     std::lock_guard<std::mutex> lock(g_mutex);
     for (auto it = g_layers.begin(); it != g_layers.end();) {
         it = it->second.model == model ? g_layers.erase(it) : std::next(it);
     }
+    g_caches.erase(model);
 }
 
-int slicemoe_slices_n_layers(const llama_model * model) {
+int n_sliced_layers(const llama_model * model) {
     std::lock_guard<std::mutex> lock(g_mutex);
     int n = 0;
     for (const auto & kv : g_layers) {
@@ -56,14 +507,134 @@ int slicemoe_slices_n_layers(const llama_model * model) {
     return n;
 }
 
-void slicemoe_moe_graph(ggml_context * /*ctx*/, ggml_cgraph * /*gf*/, int /*il*/, int64_t /*n_tokens*/, slicemoe_moe_weights * w) {
+cache * cache_of(const llama_model * model) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    const auto it = g_caches.find(model);
+    return it == g_caches.end() ? nullptr : it->second.get();
+}
+
+bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
+    cache & c = *static_cast<cache *>(user_data);
+    int il = -1;
+    const char * name = ggml_get_name(t);
+    const bool is_probs = parse_node(name, "ffn_moe_probs", &il);
+    const bool is_topk = !is_probs && parse_node(name, "ffn_moe_topk", &il);
+    const auto it = (is_probs || is_topk) ? c.layer_of_il.find(il) : c.layer_of_il.end();
+    if (it == c.layer_of_il.end()) {
+        return !ask;   // not ours: never requested (and keep computing if asked to report)
+    }
+    if (ask) {
+        return true;
+    }
+    if (c.failed) {
+        return false;
+    }
+    layer & L = c.layers[it->second];
+    const int64_t n_tokens = t->ne[1];
+    if (is_probs) {
+        if (n_tokens == 1) {
+            L.probs.resize(size_t(c.n_expert));
+            ggml_backend_tensor_get(t, L.probs.data(), 0, L.probs.size() * sizeof(float));
+        }
+        return true;
+    }
+    // top-k ids: a view [top_k, n_tokens] of the argsort, rows nb[1] bytes apart
+    const size_t row_stride = t->nb[1] / sizeof(int32_t);
+    c.scratch_ids.resize(size_t((n_tokens - 1) * int64_t(row_stride) + c.top_k));
+    ggml_backend_tensor_get(t, c.scratch_ids.data(), 0, c.scratch_ids.size() * sizeof(int32_t));
+    if (n_tokens > 1) {
+        record_prompt(c, L, c.scratch_ids, n_tokens, row_stride);
+        return true;
+    }
+    if (it->second == 0) {
+        c.totals.decode_tokens += 1;
+    }
+    return serve_token(c, L, c.scratch_ids.data());
+}
+
+bool take_error(cache * c, std::string * message) {
+    if (!c || !c->failed) return false;
+    *message = c->error;
+    c->failed = false;
+    c->error.clear();
+    return true;
+}
+
+void begin_sequence(cache * c) {
+    if (!c) return;
+    for (layer & L : c->layers) {
+        std::fill(L.prompt_score.begin(), L.prompt_score.end(), 0.0);
+        L.warm_pending = false;
+    }
+}
+
+void read_stats(const cache * c, slicemoe_cache_stats_t * out) {
+    *out = c->totals;
+}
+
+int32_t n_layers(const cache * c) {
+    return int32_t(c->layers.size());
+}
+
+int read_layer_stats(const cache * c, int32_t i, slicemoe_layer_stats_t * out) {
+    if (i < 0 || size_t(i) >= c->layers.size()) return SLICEMOE_ERR_INVALID_ARG;
+    *out = c->layers[size_t(i)].stats;
+    return SLICEMOE_OK;
+}
+
+void clear_stats(cache * c) {
+    const int64_t budget = c->totals.budget_bytes, pool_bytes = c->totals.pool_bytes;
+    c->totals = {};
+    c->totals.budget_bytes = budget;
+    c->totals.pool_bytes = pool_bytes;
+    for (layer & L : c->layers) {
+        const slicemoe_layer_stats_t keep = L.stats;
+        L.stats = {};
+        L.stats.layer = keep.layer;
+        L.stats.msb_slots = keep.msb_slots;
+        L.stats.lsb_slots = keep.lsb_slots;
+    }
+}
+
+void fail_reads_after(cache * c, int64_t n_reads) {
+    c->reads_left = n_reads;
+}
+
+} // namespace slicemoe
+
+void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * /*gf*/, int /*il*/, int64_t n_tokens, slicemoe_moe_weights * w) {
+    using namespace slicemoe;
     std::lock_guard<std::mutex> lock(g_mutex);
     const auto it = g_layers.find(w->up);
-    if (it == g_layers.end() || it->second.precision == SLICEMOE_PRECISION_LOW) {
+    if (it == g_layers.end()) {
         return;
     }
-    w->up_lsb   = it->second.up_lsb;
-    w->gate_lsb = it->second.gate_lsb;
-    w->down_lsb = it->second.down_lsb;
+    const sliced_layer & s = it->second;
+    if (s.c && n_tokens == 1) {
+        layer & L = s.c->layers[size_t(s.index)];
+        ggml_tensor * selected = w->ids;
+        const int64_t k = selected->ne[0];
+        auto gather = [&](ggml_tensor * table) {
+            return ggml_reshape_2d(ctx, ggml_get_rows(ctx, table, selected), k, n_tokens);
+        };
+        w->up   = L.msb.t[0];
+        w->gate = L.msb.t[1];
+        w->down = L.msb.t[2];
+        w->ids  = gather(L.msb_map);
+        if (L.lsb.n_slots > 0) {
+            w->up_lsb   = L.lsb.t[0];
+            w->gate_lsb = L.lsb.t[1];
+            w->down_lsb = L.lsb.t[2];
+            w->ids_lsb  = gather(L.lsb_map);
+            w->lsb_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.lsb_mask, selected), 1, k, n_tokens);
+        }
+        return;
+    }
+    if (s.precision == SLICEMOE_PRECISION_LOW) {
+        return;
+    }
+    w->up_lsb   = s.lsb[0];
+    w->gate_lsb = s.lsb[1];
+    w->down_lsb = s.lsb[2];
     w->ids_lsb  = w->ids;
 }

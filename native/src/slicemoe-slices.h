@@ -1,12 +1,41 @@
-// Sliced models inside the engine: which MoE layers have AMAT bit slices, and at what precision
-// the graph runs them.
+// The engine's side of sliced (AMAT) models: which MoE layers have bit slices, the slice cache
+// that serves them during decode, and its counters.
 #pragma once
 
-struct llama_model;
+#include "slicemoe.h"
 
-// Register the MSB/LSB slice tensors of every MoE layer of a sliced model (a model without LSB
-// tensors registers nothing). precision is a slicemoe_precision value.
-int  slicemoe_slices_attach(const llama_model * model, int precision);
-void slicemoe_slices_detach(const llama_model * model);
-// Number of MoE layers registered for this model (0 for a stock model).
-int  slicemoe_slices_n_layers(const llama_model * model);
+#include <cstdint>
+#include <string>
+
+struct llama_model;
+struct ggml_tensor;
+
+namespace slicemoe {
+
+struct cache;
+
+// Register the MSB/LSB slice tensors of every MoE layer of a sliced model. With
+// params.cache_budget_bytes > 0 also build the slice cache: pools allocated once, misses read
+// from `path`. Returns SLICEMOE_OK, or an error status with *error set and nothing registered.
+int  attach(const llama_model * model, const char * path, const slicemoe_model_params & params, std::string * error);
+void detach(const llama_model * model);
+// MoE layers registered for this model (0 for a stock model).
+int  n_sliced_layers(const llama_model * model);
+
+// The model's slice cache, or nullptr when it runs without one.
+cache * cache_of(const llama_model * model);
+// llama.cpp's eval callback (user data: the cache): observes routing nodes and runs the policy
+// before the expert products of the same layer run.
+bool eval_callback(ggml_tensor * t, bool ask, void * user_data);
+// A failure inside the callback (a read error), taken once by the caller of llama_decode.
+bool take_error(cache * c, std::string * message);
+// A new sequence starts: forget the prompt routing recorded for warm-up.
+void begin_sequence(cache * c);
+
+void    read_stats(const cache * c, slicemoe_cache_stats_t * out);
+int32_t n_layers(const cache * c);
+int     read_layer_stats(const cache * c, int32_t i, slicemoe_layer_stats_t * out);
+void    clear_stats(cache * c);
+void    fail_reads_after(cache * c, int64_t n_reads);
+
+} // namespace slicemoe
