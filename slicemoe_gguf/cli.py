@@ -14,6 +14,7 @@ import numpy as np
 
 from . import __version__
 from ._native import SliceMoEError
+from .units import format_size, parse_size
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -71,13 +72,37 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return args.prompt
 
 
+def _cache_budget(args: argparse.Namespace) -> int:
+    """--cache-budget in bytes; a percentage is of all routed-expert slice bytes of the file."""
+    if args.cache_budget is None:
+        return 0
+    total = None
+    if args.cache_budget.strip().endswith("%"):
+        from .model_info import describe
+
+        try:
+            info = describe(args.model)
+        except (OSError, ValueError) as exc:
+            raise SliceMoEError(f"cannot read '{args.model}': {exc}", 3) from exc
+        total = info["expert_msb_bytes"] + info["expert_lsb_bytes"]
+    try:
+        budget = parse_size(args.cache_budget, total)
+    except ValueError as exc:
+        raise SliceMoEError(f"--cache-budget: {exc}", 1) from exc
+    if budget <= 0:
+        raise SliceMoEError("--cache-budget must be more than 0 bytes", 1)
+    return budget
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import Model, Sampling
 
     prompt = _read_prompt(args)
     sampling = Sampling(temperature=args.temp, top_p=args.top_p, seed=args.seed)
+    budget = _cache_budget(args)
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
-               n_threads=args.threads, precision=args.precision) as model:
+               n_threads=args.threads, precision=args.precision, cache_budget=budget, warmup=args.warmup,
+               high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate) as model:
         if args.json or args.logits_out:
             result = model.generate(prompt, args.n_predict, sampling, keep_logits=bool(args.logits_out),
                                     stop_at_eog=not args.ignore_eos)
@@ -97,7 +122,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             steps = max(len(tokens) - 1, 1)
             print(f"\n\nprefill: {prefill_ms:.1f} ms, decode: {decode_ms / steps:.2f} ms/token "
                   f"({len(tokens)} tokens)", file=sys.stderr)
+            cache = model.cache_stats()
+            if cache:
+                uses = cache["hits"] + cache["misses"]
+                print(f"cache: pools {format_size(cache['pool_bytes'])} of {format_size(cache['budget_bytes'])} "
+                      f"budget, {cache['hits']} hits, {cache['misses']} misses "
+                      f"({100 * cache['misses'] / max(uses, 1):.1f}% of slice uses), "
+                      f"{format_size(cache['flash_bytes'] / max(cache['decode_tokens'], 1))}/token from flash, "
+                      f"{cache['io_ms']:.1f} ms blocked on reads", file=sys.stderr)
             return 0
+        cache = model.cache_stats()
     if args.logits_out:
         np.save(args.logits_out, result.logits.astype(np.float32))
     if args.json:
@@ -109,6 +143,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "n_decode": result.n_decode,
             "prefill_ms": round(result.prefill_ms, 3),
             "decode_ms_per_token": round(result.decode_ms_per_token, 3),
+            **({"cache": cache} if cache else {}),
         }))
     else:
         print(result.text)
@@ -156,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="routed experts of a sliced (AMAT) model: high = MSB+LSB slices (8-bit), "
                           "low = MSB slices only (4-bit), auto = per use by the cache policy, high "
                           "without a cache (default auto); ignored for stock models")
+    cache = run.add_argument_group("slice cache (sliced models)")
+    cache.add_argument("--cache-budget", metavar="SIZE",
+                       help="RAM for routed-expert slices: bytes with a unit (512KB, 300MB, 2GiB) or a "
+                            "percentage of all expert slice bytes (50%%). Decode then reads missing slices "
+                            "from the file. Default: no cache, every expert mapped from the file")
+    cache.add_argument("--policy", choices=["dbsc"], default="dbsc",
+                       help="cache policy (default dbsc: bit-sliced caching, precision per use)")
+    cache.add_argument("--warmup", choices=["pcw", "none"], default="pcw",
+                       help="pcw: load the slices the prompt used most before the first decode token "
+                            "(default pcw)")
+    cache.add_argument("--high-threshold", type=float, default=0.25, metavar="W",
+                       help="auto precision: a use runs at 8 bits if its routing weight is >= W; the "
+                            "top-ranked expert always does (default 0.25)")
+    cache.add_argument("--max-miss-rate", type=float, default=0.0, metavar="R",
+                       help="auto precision: adapt the threshold at run time to keep the slice miss rate "
+                            "near R (e.g. 0.05); default 0 = fixed threshold")
     run.add_argument("--ignore-eos", action="store_true", help="keep decoding past end-of-generation tokens")
     run.add_argument("--json", action="store_true",
                      help="print one JSON object: text, prompt_tokens, tokens, n_prompt, n_decode, "
@@ -176,6 +227,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
             parser.error("--top-p must be in (0, 1]")
         if not 0 <= args.seed < 2**32:
             parser.error("--seed must be in [0, 2^32)")
+        if not 0.0 <= args.high_threshold <= 1.0 or not 0.0 <= args.max_miss_rate < 1.0:
+            parser.error("--high-threshold must be in [0, 1] and --max-miss-rate in [0, 1)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ def describe(path: str | Path) -> dict:
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError) as exc:
-        raise ValueError(f"cannot read '{path}' as GGUF: {exc}") from exc
+        raise ValueError(f"'{path}' is not a readable GGUF (truncated or corrupt: {exc})") from exc
     fields = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
     arch = fields.get("general.architecture", "?")
 

@@ -23,7 +23,7 @@ PRECISIONS = {"auto": 0, "high": 1, "low": 2}
 WARMUPS = {"none": 0, "pcw": 1}
 _CACHE_FIELDS = ("budget_bytes", "pool_bytes", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads",
                  "evictions", "flash_bytes", "ram_bytes", "high_uses", "low_uses", "warmup_loads",
-                 "decode_tokens", "io_ms")
+                 "decode_tokens", "io_ms", "high_threshold")
 _LAYER_FIELDS = ("layer", "msb_slots", "lsb_slots", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses",
                  "loads", "evictions", "flash_bytes", "ram_bytes")
 
@@ -66,7 +66,8 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
                  n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0, precision: str = "auto",
-                 cache_budget: int = 0, warmup: str = "none", high_threshold: float = 0.25):
+                 cache_budget: int = 0, warmup: str = "none", high_threshold: float = 0.25,
+                 max_miss_rate: float = 0.0):
         self.path = Path(path)
         self._lib = lib()
         if precision not in PRECISIONS:
@@ -80,6 +81,7 @@ class Model:
         params.cache_budget_bytes = int(cache_budget)
         params.warmup = WARMUPS[warmup]
         params.high_threshold = high_threshold
+        params.max_miss_rate = max_miss_rate
         out = ffi.new("slicemoe_model **")
         check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
         self._model = out[0]

@@ -69,6 +69,8 @@ struct slicemoe_model_params {
     int32_t warmup;            // enum slicemoe_warmup
     float   high_threshold;    // auto precision: a use runs at 8 bits if its routing weight >= this
                                // (the top-ranked expert of a token always does)
+    float   max_miss_rate;     // auto precision: > 0 adapts high_threshold at run time so that the
+                               // slice miss rate stays near this target (see README); 0 = off
 };
 
 // Counters of the slice cache, summed over layers (or of one layer). "Hits" and "misses" count
@@ -84,6 +86,7 @@ typedef struct slicemoe_cache_stats {
     int64_t warmup_loads;
     int64_t decode_tokens;
     double  io_ms;             // time blocked on reads
+    float   high_threshold;    // current value (moves when max_miss_rate is set)
 } slicemoe_cache_stats_t;
 
 typedef struct slicemoe_layer_stats {

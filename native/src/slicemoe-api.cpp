@@ -170,6 +170,7 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     p.cache_budget_bytes = 0;
     p.warmup         = SLICEMOE_WARMUP_NONE;
     p.high_threshold = 0.25f;
+    p.max_miss_rate  = 0.0f;
     return p;
 }
 
@@ -203,9 +204,9 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
         return fail(SLICEMOE_ERR_INVALID_ARG, "precision must be auto (0), high (1) or low (2)");
     }
     if (p.cache_budget_bytes < 0 || p.warmup < SLICEMOE_WARMUP_NONE || p.warmup > SLICEMOE_WARMUP_PCW ||
-        !(p.high_threshold >= 0.0f && p.high_threshold <= 1.0f)) {
+        !(p.high_threshold >= 0.0f && p.high_threshold <= 1.0f) || !(p.max_miss_rate >= 0.0f && p.max_miss_rate < 1.0f)) {
         return fail(SLICEMOE_ERR_INVALID_ARG, "cache budget must be >= 0, warmup none (0) or pcw (1), "
-                                              "high_threshold in [0, 1]");
+                                              "high_threshold in [0, 1], max_miss_rate in [0, 1)");
     }
 
     llama_model_params mp = llama_model_default_params();

@@ -76,6 +76,9 @@ struct cache {
     int                  precision = SLICEMOE_PRECISION_AUTO;
     int                  warmup = SLICEMOE_WARMUP_NONE;
     float                high_threshold = 0.25f;
+    float                max_miss_rate = 0.0f;
+    double               miss_rate_ema = 0.0;   // slice miss rate, smoothed over decode tokens
+    int64_t              token_uses = 0, token_misses = 0;
     int64_t              budget = 0;
     ggml_context *       ctx = nullptr;
     ggml_backend_buffer_t buf = nullptr;
@@ -288,6 +291,8 @@ bool serve_token(cache & c, layer & L, const int32_t * ids) {
         }
         (hit ? L.stats.msb_hits : L.stats.msb_misses) += 1;
         (hit ? c.totals.msb_hits : c.totals.msb_misses) += 1;
+        c.token_uses += 1;
+        c.token_misses += !hit;
         msb_map[e] = L.msb.expert_slot[e];
         L.stats.ram_bytes += int64_t(L.msb.slice_bytes);
         c.totals.ram_bytes += int64_t(L.msb.slice_bytes);
@@ -299,6 +304,8 @@ bool serve_token(cache & c, layer & L, const int32_t * ids) {
             if (ensure(c, L, L.lsb, e, &hit)) {
                 (hit ? L.stats.lsb_hits : L.stats.lsb_misses) += 1;
                 (hit ? c.totals.lsb_hits : c.totals.lsb_misses) += 1;
+                c.token_uses += 1;
+                c.token_misses += !hit;
                 lsb_map[e] = L.lsb.expert_slot[e];
                 mask[e] = 1.0f;
                 L.stats.ram_bytes += int64_t(L.lsb.slice_bytes);
@@ -319,6 +326,20 @@ bool serve_token(cache & c, layer & L, const int32_t * ids) {
         ggml_backend_tensor_set(L.lsb_mask, mask.data(), 0, mask.size() * sizeof(float));
     }
     return true;
+}
+
+// --max-miss-rate: after each decode token (at its first MoE layer) compare the smoothed slice
+// miss rate with the target; above it, fewer uses run at 8 bits (each one may miss an LSB slice),
+// below it, more do. Steps are asymmetric so the rate settles under the target.
+void adapt_threshold(cache & c) {
+    if (c.max_miss_rate <= 0.0f || c.precision != SLICEMOE_PRECISION_AUTO || c.token_uses == 0) {
+        return;
+    }
+    const double rate = double(c.token_misses) / double(c.token_uses);
+    c.miss_rate_ema = c.totals.decode_tokens <= 2 ? rate : 0.8 * c.miss_rate_ema + 0.2 * rate;
+    c.token_uses = c.token_misses = 0;
+    c.high_threshold = c.miss_rate_ema > c.max_miss_rate ? std::min(1.0f, c.high_threshold + 0.05f)
+                                                         : std::max(0.0f, c.high_threshold - 0.01f);
 }
 
 void record_prompt(cache & c, layer & L, const std::vector<int32_t> & ids, int64_t n_tokens, size_t row_stride) {
@@ -360,6 +381,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->precision = params.precision;
     c->warmup = params.warmup;
     c->high_threshold = params.high_threshold;
+    c->max_miss_rate = params.max_miss_rate;
     c->budget = params.cache_budget_bytes;
 
     gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ nullptr };
@@ -548,6 +570,7 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     }
     if (it->second == 0) {
         c.totals.decode_tokens += 1;
+        adapt_threshold(c);
     }
     return serve_token(c, L, c.scratch_ids.data());
 }
@@ -570,6 +593,7 @@ void begin_sequence(cache * c) {
 
 void read_stats(const cache * c, slicemoe_cache_stats_t * out) {
     *out = c->totals;
+    out->high_threshold = c->high_threshold;
 }
 
 int32_t n_layers(const cache * c) {

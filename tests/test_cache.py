@@ -1,0 +1,165 @@
+"""The slice cache: decode from budgeted MSB/LSB pools, misses read from the GGUF.
+
+What users rely on: whatever the budget, a fixed precision gives bit-identical logits; pools
+never exceed the budget; warm-up saves misses; bad budgets and failing reads are clean errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import convert, run_cli, run_json
+
+from slicemoe_gguf import Model, SliceMoEError
+from slicemoe_gguf.model_info import describe
+
+PROMPT = "Once upon a time there was a small village by the sea"
+N_DECODE = 32
+
+
+@pytest.fixture(scope="module")
+def sliced(tiny_checkpoints, tmp_path_factory):
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            out = tmp_path_factory.mktemp("cache") / f"{arch}.gguf"
+            assert convert(tiny_checkpoints(arch), out).returncode == 0
+            made[arch] = out
+        return made[arch]
+
+    return get
+
+
+def budgets(path, precision: str) -> dict[str, int]:
+    info = describe(path)
+    layer = info["layers"][0]
+    per_use = layer["msb_bytes_per_expert"] + (layer["lsb_bytes_per_expert"] if precision == "high" else 0)
+    total = info["expert_msb_bytes"] + info["expert_lsb_bytes"]
+    return {"100%": total, "50%": total // 2, "minimum": len(info["layers"]) * info["top_k"] * per_use}
+
+
+def decode(path, precision: str, budget: int, **kw):
+    with Model(path, precision=precision, cache_budget=budget, **kw) as model:
+        result = model.generate(PROMPT, N_DECODE, keep_logits=True, stop_at_eog=False)
+        return result, model.cache_stats()
+
+
+@pytest.mark.parametrize("precision", ["high", "low"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe", "deepseek_v2"])
+def test_fixed_precision_is_bit_identical_at_every_budget(arch, precision, sliced):
+    path = sliced(arch)
+    resident, _ = decode(path, precision, 0)       # no cache: every expert mapped from the file
+    misses = {}
+    for name, budget in budgets(path, precision).items():
+        result, stats = decode(path, precision, budget)
+        assert result.tokens == resident.tokens, name
+        np.testing.assert_array_equal(result.logits, resident.logits, err_msg=name)
+        assert 0 < stats["pool_bytes"] <= budget
+        misses[name] = stats["misses"]
+    # the budgets are really different caches
+    assert misses["minimum"] > misses["100%"]
+
+
+def test_pools_never_exceed_the_budget(sliced):
+    path = sliced("qwen2_moe")
+    total = budgets(path, "auto")["100%"]
+    for fraction in (1.0, 0.73, 0.5, 0.31, 0.2):
+        budget = int(total * fraction)
+        with Model(path, cache_budget=budget) as model:
+            stats = model.cache_stats()
+            assert stats["budget_bytes"] == budget
+            assert 0 < stats["pool_bytes"] <= budget
+            slots = stats["layers"]
+            info = describe(path)["layers"][0]
+            allocated = sum(m * info["msb_bytes_per_expert"] + l * info["lsb_bytes_per_expert"]
+                            for m, l in zip(slots["msb_slots"], slots["lsb_slots"]))
+            assert allocated == stats["pool_bytes"]
+
+
+def test_auto_precision_mixes_8bit_and_4bit_uses_and_misses_read_the_file(sliced):
+    path = sliced("qwen2_moe")
+    result, stats = decode(path, "auto", budgets(path, "auto")["50%"], high_threshold=0.3)
+    assert stats["high_uses"] > 0 and stats["low_uses"] > 0
+    assert stats["high_uses"] + stats["low_uses"] == stats["hits"] + stats["misses"] - stats["lsb_hits"] - stats["lsb_misses"]
+    info = describe(path)["layers"][0]
+    # every miss is a read of one slice from the file (warm-up loads come on top)
+    assert stats["flash_bytes"] >= stats["msb_misses"] * info["msb_bytes_per_expert"] + stats["lsb_misses"] * info["lsb_bytes_per_expert"]
+    assert stats["flash_bytes"] == sum(stats["layers"]["flash_bytes"])
+    assert stats["decode_tokens"] == N_DECODE - 1
+
+
+def test_budget_below_the_minimum_is_refused_with_the_minimum(sliced):
+    path = sliced("olmoe")
+    minimum = budgets(path, "auto")["minimum"]
+    with pytest.raises(SliceMoEError, match="below the minimum that can run") as excinfo:
+        Model(path, cache_budget=minimum - 1)
+    assert "KiB" in str(excinfo.value)
+    proc = run_cli("run", "-m", str(path), "-p", "hi", "--cache-budget", "1KB", check=False)
+    assert proc.returncode == 1 and "below the minimum" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_cache_on_a_stock_model_is_refused(stock_gguf):
+    with pytest.raises(SliceMoEError, match="not a sliced"):
+        Model(stock_gguf("qwen2_moe"), cache_budget=10**6)
+
+
+def test_truncated_sliced_file_is_a_clear_error(sliced, tmp_path):
+    data = sliced("qwen2_moe").read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[: int(len(data) * 0.9)])
+    proc = run_cli("run", "-m", str(path), "-p", "hi", "--cache-budget", "100KB", check=False)
+    assert proc.returncode == 1 and "could not load" in proc.stderr and "Traceback" not in proc.stderr
+    # a percentage budget reads the file's tensor index first, and says what is wrong with it
+    proc = run_cli("run", "-m", str(path), "-p", "hi", "--cache-budget", "50%", check=False)
+    assert proc.returncode == 1 and "truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_failing_miss_read_is_an_error_and_the_context_stays_usable(sliced):
+    path = sliced("qwen2_moe")
+    with Model(path, precision="high", cache_budget=budgets(path, "high")["minimum"], warmup="none") as model:
+        reference = model.generate(PROMPT, 8, stop_at_eog=False).tokens
+        model.reset()
+        model.eval(model.tokenize(PROMPT))
+        model.fail_reads_after(0)
+        with pytest.raises(SliceMoEError, match="failed: Input/output error") as excinfo:
+            for _ in range(8):                      # the minimum budget misses within a few tokens
+                model.eval([reference[0]])
+        assert excinfo.value.status == 2            # SLICEMOE_ERR_IO
+        model.fail_reads_after(-1)
+        assert model.generate(PROMPT, 8, stop_at_eog=False).tokens == reference
+
+
+def test_pcw_warm_up_saves_misses_on_a_repeating_prompt(sliced):
+    path = sliced("qwen2_moe")
+    prompt = " ".join(["the fish and the sea"] * 12)
+    budget = budgets(path, "auto")["50%"]
+    first16 = {}
+    for warmup in ("none", "pcw"):
+        with Model(path, cache_budget=budget, warmup=warmup) as model:
+            model.generate(prompt, 17, stop_at_eog=False)
+            first16[warmup] = model.cache_stats()
+    assert first16["pcw"]["warmup_loads"] > 0 and first16["none"]["warmup_loads"] == 0
+    assert first16["pcw"]["misses"] < first16["none"]["misses"]
+
+
+def test_max_miss_rate_raises_the_threshold_when_misses_are_too_many(sliced):
+    path = sliced("olmoe")
+    budget = budgets(path, "auto")["minimum"] * 2
+    _, fixed = decode(path, "auto", budget, high_threshold=0.0)
+    _, adapted = decode(path, "auto", budget, high_threshold=0.0, max_miss_rate=0.01)
+    assert fixed["high_threshold"] == 0.0
+    assert adapted["high_threshold"] > 0.0
+    assert adapted["high_uses"] < fixed["high_uses"]
+
+
+def test_run_json_reports_the_cache(sliced):
+    result = run_json("run", "-m", str(sliced("olmoe")), "-p", PROMPT, "-n", "8", "--json", "--ignore-eos",
+                      "--cache-budget", "50%")
+    cache = result["cache"]
+    for key in ("budget_bytes", "pool_bytes", "hits", "misses", "flash_bytes", "io_ms", "layers"):
+        assert key in cache
+    assert cache["pool_bytes"] <= cache["budget_bytes"]
+    assert len(cache["layers"]["msb_hits"]) == 3
+    assert sum(cache["layers"]["flash_bytes"]) == cache["flash_bytes"]
