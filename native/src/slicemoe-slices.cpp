@@ -470,6 +470,19 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         }
     }
     c->totals.budget_bytes = c->budget;
+    // A budget that holds every slice needs no policy: load them all now, in file order, as the
+    // stock path would, so decode starts with no compulsory misses.
+    const bool everything = n_msb == c->n_expert && (n_lsb == c->n_expert || c->precision == SLICEMOE_PRECISION_LOW);
+    for (layer & L : c->layers) {
+        for (int e = 0; everything && e < c->n_expert; ++e) {
+            ok = load_slice(*c, L, L.msb, e, e) && (L.lsb.n_slots == 0 || load_slice(*c, L, L.lsb, e, e));
+            if (!ok) {
+                *error = c->error;
+                return nullptr;
+            }
+        }
+    }
+    c->totals.warmup_loads = c->totals.loads;
     return c;
 }
 
