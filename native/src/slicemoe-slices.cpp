@@ -32,6 +32,7 @@
 #include <cstring>
 #include <fcntl.h>
 #include <memory>
+#include <sys/mman.h>
 #include <mutex>
 #include <unistd.h>
 #include <unordered_map>
@@ -57,6 +58,7 @@ struct pool {
 struct layer {
     int                  il = 0;
     pool                 msb, lsb;
+    const ggml_tensor *  mapped[2 * N_PROJ] = {};   // the model's own MSB and LSB tensors
     ggml_tensor *        msb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> MSB slot
     ggml_tensor *        lsb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> LSB slot
     ggml_tensor *        lsb_mask = nullptr;  // F32 [1, n_expert, 1]: 1 = run the LSB product
@@ -88,6 +90,8 @@ struct cache {
     bool                 failed = false;
     std::string          error;
     int64_t              reads_left = -1;     // failure injection for tests; -1 = off
+    bool                 mapped = false;      // the model's expert tensors are mapped from the file
+    bool                 prompt_seen = false; // a prompt batch ran since the last release
     slicemoe_cache_stats_t totals = {};
     std::vector<int32_t> scratch_ids;
 
@@ -265,6 +269,24 @@ void warm_up(cache & c, layer & L) {
     }
 }
 
+// llama.cpp maps the file and prefetches all of it; the expert tensors are only read by prefill,
+// so their pages are handed back (to the file, not dropped as data) after loading and after each
+// prompt, and resident memory is the pools plus the dense weights.
+void release_mapped(cache & c) {
+    if (!c.mapped) return;
+    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+    for (const layer & L : c.layers) {
+        for (const ggml_tensor * t : L.mapped) {
+            const uintptr_t begin = (uintptr_t(t->data) + page - 1) / page * page;
+            const uintptr_t end = (uintptr_t(t->data) + ggml_nbytes(t)) / page * page;
+            if (end > begin) {
+                madvise((void *) begin, end - begin, MADV_DONTNEED);
+            }
+        }
+    }
+    posix_fadvise(c.fd, 0, 0, POSIX_FADV_DONTNEED);
+}
+
 // The policy for one decode token of one layer: ids are the token's experts, best first.
 bool serve_token(cache & c, layer & L, const int32_t * ids) {
     c.clock += 1;
@@ -427,6 +449,10 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         const ggml_tensor * lsb[N_PROJ] = { ml.ffn_up_exps_lsb, ml.ffn_gate_exps_lsb, ml.ffn_down_exps_lsb };
         init_pool(L.msb, n_msb, c->n_expert);
         init_pool(L.lsb, n_lsb, c->n_expert);
+        for (int j = 0; j < N_PROJ; ++j) {
+            L.mapped[j] = msb[j];
+            L.mapped[N_PROJ + j] = lsb[j];
+        }
         for (int j = 0; j < N_PROJ && ok; ++j) {
             L.msb.t[j] = ggml_new_tensor_3d(c->ctx, msb[j]->type, msb[j]->ne[0], msb[j]->ne[1], n_msb);
             L.msb.expert_bytes[j] = msb[j]->nb[2];
@@ -483,6 +509,8 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         }
     }
     c->totals.warmup_loads = c->totals.loads;
+    c->mapped = params.use_mmap;
+    release_mapped(*c);
     return c;
 }
 
@@ -579,11 +607,16 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     ggml_backend_tensor_get(t, c.scratch_ids.data(), 0, c.scratch_ids.size() * sizeof(int32_t));
     if (n_tokens > 1) {
         record_prompt(c, L, c.scratch_ids, n_tokens, row_stride);
+        c.prompt_seen = true;
         return true;
     }
     if (it->second == 0) {
         c.totals.decode_tokens += 1;
         adapt_threshold(c);
+        if (c.prompt_seen) {
+            c.prompt_seen = false;
+            release_mapped(c);   // the prompt streamed the experts through the mapping
+        }
     }
     return serve_token(c, L, c.scratch_ids.data());
 }
