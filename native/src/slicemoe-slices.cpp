@@ -580,7 +580,8 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     cache & c = *static_cast<cache *>(user_data);
     int il = -1;
     const char * name = ggml_get_name(t);
-    const bool is_probs = parse_node(name, "ffn_moe_probs", &il);
+    // router probabilities matter only to auto precision; every observed node costs a graph split
+    const bool is_probs = c.precision == SLICEMOE_PRECISION_AUTO && parse_node(name, "ffn_moe_probs", &il);
     const bool is_topk = !is_probs && parse_node(name, "ffn_moe_topk", &il);
     const auto it = (is_probs || is_topk) ? c.layer_of_il.find(il) : c.layer_of_il.end();
     if (it == c.layer_of_il.end()) {
@@ -696,7 +697,9 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * /*gf*/, int /*il*/, in
             w->gate_lsb = L.lsb.t[1];
             w->down_lsb = L.lsb.t[2];
             w->ids_lsb  = gather(L.lsb_map);
-            w->lsb_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.lsb_mask, selected), 1, k, n_tokens);
+            if (s.precision == SLICEMOE_PRECISION_AUTO) {   // fixed high precision needs no mask
+                w->lsb_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.lsb_mask, selected), 1, k, n_tokens);
+            }
         }
         return;
     }
