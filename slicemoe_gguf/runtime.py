@@ -25,7 +25,7 @@ _CACHE_FIELDS = ("budget_bytes", "pool_bytes", "msb_hits", "msb_misses", "lsb_hi
                  "evictions", "flash_bytes", "ram_bytes", "high_uses", "low_uses", "warmup_loads",
                  "decode_tokens", "io_ms", "high_threshold")
 _LAYER_FIELDS = ("layer", "msb_slots", "lsb_slots", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses",
-                 "loads", "evictions", "flash_bytes", "ram_bytes")
+                 "loads", "evictions", "flash_bytes", "ram_bytes", "io_ms")
 
 
 @dataclass

@@ -163,3 +163,4 @@ def test_run_json_reports_the_cache(sliced):
     assert cache["pool_bytes"] <= cache["budget_bytes"]
     assert len(cache["layers"]["msb_hits"]) == 3
     assert sum(cache["layers"]["flash_bytes"]) == cache["flash_bytes"]
+    assert sum(cache["layers"]["io_ms"]) == pytest.approx(cache["io_ms"])

@@ -94,6 +94,7 @@ typedef struct slicemoe_layer_stats {
     int32_t msb_slots, lsb_slots;
     int64_t msb_hits, msb_misses, lsb_hits, lsb_misses;
     int64_t loads, evictions, flash_bytes, ram_bytes;
+    double  io_ms;
 } slicemoe_layer_stats_t;
 
 struct slicemoe_context_params {

@@ -201,6 +201,7 @@ bool load_slice(cache & c, layer & L, pool & p, int expert, int slot) {
     c.totals.loads += 1;
     c.totals.flash_bytes += int64_t(p.slice_bytes);
     c.totals.io_ms += ms;
+    L.stats.io_ms += ms;
     return true;
 }
 
