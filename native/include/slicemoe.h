@@ -53,6 +53,15 @@ enum slicemoe_precision {
     SLICEMOE_PRECISION_LOW  = 2,  // MSB slices only: the 4-bit model
 };
 
+// Cache policies: one implementation each, used live and in trace replay.
+enum slicemoe_policy {
+    SLICEMOE_POLICY_DBSC   = 0,  // SliceMoE: bit-sliced caching, precision per use
+    SLICEMOE_POLICY_LRU8   = 1,  // whole experts (MSB + LSB) at 8 bits, least recently used out
+    SLICEMOE_POLICY_LFU8   = 2,  // whole experts at 8 bits, least frequently used out
+    SLICEMOE_POLICY_LRU4   = 3,  // MSB slices only (the 4-bit model), LRU
+    SLICEMOE_POLICY_BELADY = 4,  // whole experts at 8 bits, farthest next use out (replay only)
+};
+
 enum slicemoe_warmup {
     SLICEMOE_WARMUP_NONE = 0,
     SLICEMOE_WARMUP_PCW  = 1,  // predictive cache warm-up from the prompt's routing
@@ -71,6 +80,24 @@ struct slicemoe_model_params {
                                // (the top-ranked expert of a token always does)
     float   max_miss_rate;     // auto precision: > 0 adapts high_threshold at run time so that the
                                // slice miss rate stays near this target (see README); 0 = off
+    int32_t policy;            // enum slicemoe_policy (precision follows it except for dbsc)
+    bool    record_trace;      // keep the routing of every MoE layer (see slicemoe_trace_*); works
+                               // for stock MoE models too
+};
+
+// Trace replay with no model: the same cache manager with no pools and no reads.
+struct slicemoe_sim_params {
+    int32_t n_layers;          // MoE layers
+    int32_t n_expert;
+    int32_t top_k;
+    int64_t msb_bytes;         // one expert's MSB slice, all projections
+    int64_t lsb_bytes;         // one expert's LSB slice (0 for a model without slices: lru4 only)
+    int64_t budget_bytes;
+    int32_t policy;
+    int32_t precision;
+    int32_t warmup;
+    float   high_threshold;
+    float   max_miss_rate;
 };
 
 // Counters of the slice cache, summed over layers (or of one layer). "Hits" and "misses" count
@@ -151,6 +178,25 @@ SLICEMOE_API int     slicemoe_cache_get_layer_stats(const slicemoe_model * model
 SLICEMOE_API void    slicemoe_cache_reset_stats(slicemoe_model * model);
 // Testing: every read after the next n_reads fails as an I/O error would (-1 = never).
 SLICEMOE_API void    slicemoe_cache_fail_reads_after(slicemoe_model * model, int64_t n_reads);
+
+// The routing trace (record_trace): one record per (request, token, MoE layer) in the order the
+// cache saw them; layer is the index among MoE layers, phase 0 = prefill, 1 = decode; experts and
+// weights hold top_k values (weights are router probabilities, 0 where not observed).
+SLICEMOE_API int32_t slicemoe_trace_top_k(const slicemoe_model * model);
+SLICEMOE_API int64_t slicemoe_trace_size(const slicemoe_model * model);
+SLICEMOE_API int     slicemoe_trace_get(const slicemoe_model * model, int64_t i, int32_t * request, int32_t * layer,
+                                        int32_t * phase, int32_t * experts, float * weights);
+SLICEMOE_API void    slicemoe_trace_clear(slicemoe_model * model);
+
+typedef struct slicemoe_sim slicemoe_sim;
+SLICEMOE_API struct slicemoe_sim_params slicemoe_sim_default_params(void);
+SLICEMOE_API int     slicemoe_sim_create(const struct slicemoe_sim_params * params, slicemoe_sim ** out);
+SLICEMOE_API void    slicemoe_sim_free(slicemoe_sim * sim);
+// Replay n records (arrays as in slicemoe_trace_get; experts and weights n * top_k, row-major).
+SLICEMOE_API int     slicemoe_sim_run(slicemoe_sim * sim, int64_t n, const int32_t * request, const int32_t * layer,
+                                      const int32_t * phase, const int32_t * experts, const float * weights);
+SLICEMOE_API int     slicemoe_sim_get_stats(const slicemoe_sim * sim, slicemoe_cache_stats_t * out);
+SLICEMOE_API int     slicemoe_sim_get_layer_stats(const slicemoe_sim * sim, int32_t i, slicemoe_layer_stats_t * out);
 // Short description ("qwen2moe ?B F32") written into buf, NUL-terminated.
 SLICEMOE_API int     slicemoe_model_desc(const slicemoe_model * model, char * buf, size_t size);
 // A metadata value as a string (e.g. "general.architecture"); SLICEMOE_ERR_INVALID_ARG if absent.

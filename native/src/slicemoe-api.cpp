@@ -171,6 +171,8 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     p.warmup         = SLICEMOE_WARMUP_NONE;
     p.high_threshold = 0.25f;
     p.max_miss_rate  = 0.0f;
+    p.policy         = SLICEMOE_POLICY_DBSC;
+    p.record_trace   = false;
     return p;
 }
 
@@ -204,9 +206,10 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
         return fail(SLICEMOE_ERR_INVALID_ARG, "precision must be auto (0), high (1) or low (2)");
     }
     if (p.cache_budget_bytes < 0 || p.warmup < SLICEMOE_WARMUP_NONE || p.warmup > SLICEMOE_WARMUP_PCW ||
-        !(p.high_threshold >= 0.0f && p.high_threshold <= 1.0f) || !(p.max_miss_rate >= 0.0f && p.max_miss_rate < 1.0f)) {
+        !(p.high_threshold >= 0.0f && p.high_threshold <= 1.0f) || !(p.max_miss_rate >= 0.0f && p.max_miss_rate < 1.0f) ||
+        p.policy < SLICEMOE_POLICY_DBSC || p.policy > SLICEMOE_POLICY_BELADY) {
         return fail(SLICEMOE_ERR_INVALID_ARG, "cache budget must be >= 0, warmup none (0) or pcw (1), "
-                                              "high_threshold in [0, 1], max_miss_rate in [0, 1)");
+                                              "high_threshold in [0, 1], max_miss_rate in [0, 1), a known policy");
     }
 
     llama_model_params mp = llama_model_default_params();
@@ -227,15 +230,16 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
     // (patch 0001 loads them) change nothing.
     char version[16];
     const bool sliced = llama_model_meta_val_str(model, "slicemoe.format_version", version, sizeof(version)) >= 0;
-    if (sliced) {
+    if (sliced || p.record_trace) {
         std::string error;
-        const int status = slicemoe::attach(model, path, p, &error);
+        const int status = slicemoe::attach(model, path, p, sliced, &error);
         if (status != SLICEMOE_OK) {
             delete m;
             llama_model_free(model);
             return fail(status, error);
         }
-    } else if (p.cache_budget_bytes > 0) {
+    }
+    if (!sliced && p.cache_budget_bytes > 0) {
         delete m;
         llama_model_free(model);
         return fail(SLICEMOE_ERR_INVALID_ARG, std::string("'") + path + "' is not a sliced (AMAT) model: "
@@ -293,6 +297,96 @@ void slicemoe_cache_fail_reads_after(slicemoe_model * model, int64_t n_reads) {
     if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
         slicemoe::fail_reads_after(c, n_reads);
     }
+}
+
+int32_t slicemoe_trace_top_k(const slicemoe_model * model) {
+    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+    return c ? slicemoe::top_k(c) : 0;
+}
+
+int64_t slicemoe_trace_size(const slicemoe_model * model) {
+    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+    return c ? slicemoe::trace_size(c) : 0;
+}
+
+int slicemoe_trace_get(const slicemoe_model * model, int64_t i, int32_t * request, int32_t * layer,
+                       int32_t * phase, int32_t * experts, float * weights) {
+    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+    const slicemoe::route * r = c ? slicemoe::trace_at(c, i) : nullptr;
+    if (!r || !request || !layer || !phase || !experts || !weights) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "no trace record " + std::to_string(i) + " (was record_trace set?)");
+    }
+    slicemoe::route_fields(r, request, layer, phase, experts, weights, slicemoe::top_k(c));
+    return ok();
+}
+
+void slicemoe_trace_clear(slicemoe_model * model) {
+    if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
+        slicemoe::trace_clear(c);
+    }
+}
+
+struct slicemoe_sim {
+    slicemoe::cache * cache;
+};
+
+slicemoe_sim_params slicemoe_sim_default_params(void) {
+    slicemoe_sim_params p = {};
+    p.policy         = SLICEMOE_POLICY_DBSC;
+    p.precision      = SLICEMOE_PRECISION_AUTO;
+    p.warmup         = SLICEMOE_WARMUP_NONE;
+    p.high_threshold = 0.25f;
+    return p;
+}
+
+int slicemoe_sim_create(const slicemoe_sim_params * params, slicemoe_sim ** out) {
+    if (!params || !out) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sim_create: NULL argument");
+    }
+    *out = nullptr;
+    if (params->policy < SLICEMOE_POLICY_DBSC || params->policy > SLICEMOE_POLICY_BELADY ||
+        params->precision < SLICEMOE_PRECISION_AUTO || params->precision > SLICEMOE_PRECISION_LOW) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "unknown policy or precision");
+    }
+    std::string error;
+    slicemoe::cache * c = slicemoe::sim_create(*params, &error);
+    if (!c) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, error);
+    }
+    *out = new slicemoe_sim{c};
+    return ok();
+}
+
+void slicemoe_sim_free(slicemoe_sim * sim) {
+    if (sim) {
+        slicemoe::sim_free(sim->cache);
+        delete sim;
+    }
+}
+
+int slicemoe_sim_run(slicemoe_sim * sim, int64_t n, const int32_t * request, const int32_t * layer,
+                     const int32_t * phase, const int32_t * experts, const float * weights) {
+    if (!sim || n < 0 || (n > 0 && (!request || !layer || !phase || !experts || !weights))) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sim_run: bad arguments");
+    }
+    std::string error;
+    const int status = slicemoe::sim_run(sim->cache, n, request, layer, phase, experts, weights, &error);
+    return status == SLICEMOE_OK ? ok() : fail(status, error);
+}
+
+int slicemoe_sim_get_stats(const slicemoe_sim * sim, slicemoe_cache_stats_t * out) {
+    if (!sim || !out) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sim_get_stats: NULL argument");
+    }
+    slicemoe::read_stats(sim->cache, out);
+    return ok();
+}
+
+int slicemoe_sim_get_layer_stats(const slicemoe_sim * sim, int32_t i, slicemoe_layer_stats_t * out) {
+    if (!sim || !out || slicemoe::read_layer_stats(sim->cache, i, out) != SLICEMOE_OK) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "layer index out of range");
+    }
+    return ok();
 }
 
 int32_t slicemoe_model_n_layer(const slicemoe_model * model) {

@@ -53,7 +53,18 @@ struct pool {
     std::vector<int>       slot_expert;                // -1: empty
     std::vector<int>       expert_slot;                // -1: not cached
     std::vector<uint64_t>  last_use;
+    std::vector<int64_t>   uses;                       // per slot, since loaded (LFU)
 };
+
+} // namespace
+
+struct route {
+    int32_t request, layer, phase;   // phase: 0 prefill, 1 decode
+    std::vector<int32_t> experts;
+    std::vector<float>   weights;
+};
+
+namespace {
 
 struct layer {
     int                  il = 0;
@@ -65,6 +76,8 @@ struct layer {
     std::vector<float>   probs;               // router probabilities of the current decode token
     std::vector<double>  prompt_score;        // recency-weighted prompt routing, for PCW
     bool                 warm_pending = false;
+    int64_t              event = 0;           // decode accesses of this layer so far
+    std::vector<std::vector<int64_t>> future; // Belady (replay): per expert, its decode access indices
     slicemoe_layer_stats_t stats = {};
 };
 
@@ -76,7 +89,13 @@ struct cache {
     int                  n_expert = 0;
     int                  top_k = 0;
     int                  precision = SLICEMOE_PRECISION_AUTO;
+    int                  policy = SLICEMOE_POLICY_DBSC;
     int                  warmup = SLICEMOE_WARMUP_NONE;
+    bool                 simulated = false;   // trace replay: no pools, no reads, same decisions
+    bool                 observe_only = false;// no pools at all: only records routing
+    bool                 record = false;      // keep a routing trace
+    int32_t              request = 0;
+    std::vector<route>   trace;
     float                high_threshold = 0.25f;
     float                max_miss_rate = 0.0f;
     double               miss_rate_ema = 0.0;   // slice miss rate, smoothed over decode tokens
@@ -161,7 +180,7 @@ bool tensor_source(gguf_context * g, const ggml_tensor * t, int64_t * offset, st
 // Read one expert's slice (all projections) into a slot. On failure the slot is left empty.
 bool load_slice(cache & c, layer & L, pool & p, int expert, int slot) {
     const auto t0 = std::chrono::steady_clock::now();
-    for (int j = 0; j < N_PROJ; ++j) {
+    for (int j = 0; j < N_PROJ && !c.simulated; ++j) {
         const size_t  n   = p.expert_bytes[j];
         const int64_t off = p.file_offset[j] + int64_t(expert) * int64_t(n);
         std::vector<uint8_t> staging;
@@ -196,12 +215,15 @@ bool load_slice(cache & c, layer & L, pool & p, int expert, int slot) {
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     p.slot_expert[slot] = expert;
     p.expert_slot[expert] = slot;
+    p.uses[slot] = 0;
     L.stats.loads += 1;
     L.stats.flash_bytes += int64_t(p.slice_bytes);
     c.totals.loads += 1;
     c.totals.flash_bytes += int64_t(p.slice_bytes);
-    c.totals.io_ms += ms;
-    L.stats.io_ms += ms;
+    if (!c.simulated) {
+        c.totals.io_ms += ms;
+        L.stats.io_ms += ms;
+    }
     return true;
 }
 
@@ -218,13 +240,31 @@ void evict(cache & c, layer & L, pool & p, int slot) {
     }
 }
 
-// The least recently used slot not used by the current token (empty slots first); -1 if none.
-int victim(const cache & c, const pool & p) {
+// Belady: the index of expert e's next decode access in layer L (INT64_MAX if none).
+int64_t next_use(const layer & L, int e) {
+    const std::vector<int64_t> & f = L.future[size_t(e)];
+    const auto it = std::upper_bound(f.begin(), f.end(), L.event);
+    return it == f.end() ? INT64_MAX : *it;
+}
+
+// The slot to replace for the current token (empty slots first, never one the token already
+// uses): least recently used, least frequently used (ties: LRU), or for Belady the one whose
+// next use is farthest away. -1 if none.
+int victim(const cache & c, const layer & L, const pool & p) {
     int best = -1;
+    int64_t best_next = -1;
     for (int s = 0; s < p.n_slots; ++s) {
         if (p.slot_expert[s] < 0) return s;
         if (p.last_use[s] == c.clock) continue;
-        if (best < 0 || p.last_use[s] < p.last_use[best]) best = s;
+        if (c.policy == SLICEMOE_POLICY_BELADY && !L.future.empty()) {
+            const int64_t n = next_use(L, p.slot_expert[s]);
+            if (best < 0 || n > best_next) { best = s; best_next = n; }
+            continue;
+        }
+        const bool better = best < 0 ||
+            (c.policy == SLICEMOE_POLICY_LFU8 && p.uses[s] != p.uses[best] ? p.uses[s] < p.uses[best]
+                                                                          : p.last_use[s] < p.last_use[best]);
+        if (better) best = s;
     }
     return best;
 }
@@ -234,12 +274,13 @@ bool ensure(cache & c, layer & L, pool & p, int expert, bool * hit) {
     int slot = p.expert_slot[expert];
     *hit = slot >= 0;
     if (slot < 0) {
-        slot = victim(c, p);
+        slot = victim(c, L, p);
         if (slot < 0) return false;
         evict(c, L, p, slot);
         if (!load_slice(c, L, p, expert, slot)) return false;
     }
     p.last_use[slot] = c.clock;
+    p.uses[slot] += 1;
     return true;
 }
 
@@ -254,14 +295,14 @@ void warm_up(cache & c, layer & L) {
         const int e = order[rank];
         if (L.prompt_score[e] <= 0.0) break;
         if (rank < L.msb.n_slots && L.msb.expert_slot[e] < 0) {
-            const int slot = victim(c, L.msb);
+            const int slot = victim(c, L, L.msb);
             if (slot < 0) break;
             evict(c, L, L.msb, slot);
             if (!load_slice(c, L, L.msb, e, slot)) return;
             c.totals.warmup_loads += 1;
         }
         if (rank < L.lsb.n_slots && rank < c.top_k && L.lsb.expert_slot[e] < 0 && L.msb.expert_slot[e] >= 0) {
-            const int slot = victim(c, L.lsb);
+            const int slot = victim(c, L, L.lsb);
             if (slot < 0) continue;
             evict(c, L, L.lsb, slot);
             if (!load_slice(c, L, L.lsb, e, slot)) return;
@@ -288,8 +329,9 @@ void release_mapped(cache & c) {
     posix_fadvise(c.fd, 0, 0, POSIX_FADV_DONTNEED);
 }
 
-// The policy for one decode token of one layer: ids are the token's experts, best first.
-bool serve_token(cache & c, layer & L, const int32_t * ids) {
+// The policy for one decode token of one layer: ids are the token's experts, best first, and
+// weights their routing probabilities (0 where not observed).
+bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weights) {
     c.clock += 1;
     if (L.warm_pending) {
         warm_up(c, L);
@@ -320,7 +362,7 @@ bool serve_token(cache & c, layer & L, const int32_t * ids) {
         L.stats.ram_bytes += int64_t(L.msb.slice_bytes);
         c.totals.ram_bytes += int64_t(L.msb.slice_bytes);
 
-        const float p = L.probs.empty() ? 0.0f : L.probs[e];
+        const float p = weights[r];
         bool high = c.precision == SLICEMOE_PRECISION_HIGH ||
                     (c.precision == SLICEMOE_PRECISION_AUTO && (r == 0 || p >= c.high_threshold));
         if (high && L.lsb.n_slots > 0) {
@@ -342,6 +384,9 @@ bool serve_token(cache & c, layer & L, const int32_t * ids) {
             high = false;
         }
         (high ? c.totals.high_uses : c.totals.low_uses) += 1;
+    }
+    if (c.simulated) {
+        return true;
     }
     ggml_backend_tensor_set(L.msb_map, msb_map.data(), 0, msb_map.size() * sizeof(int32_t));
     if (L.lsb_map) {
@@ -365,15 +410,43 @@ void adapt_threshold(cache & c) {
                                                          : std::max(0.0f, c.high_threshold - 0.01f);
 }
 
-void record_prompt(cache & c, layer & L, const std::vector<int32_t> & ids, int64_t n_tokens, size_t row_stride) {
-    for (int64_t t = 0; t < n_tokens; ++t) {
-        const double w = 1.0 + double(t + 1) / double(n_tokens);   // later prompt tokens weigh up to 2x
-        for (int r = 0; r < c.top_k; ++r) {
-            const int e = ids[t * row_stride + r];
-            if (e >= 0 && e < c.n_expert) L.prompt_score[e] += w;
-        }
+// PCW's prompt statistics: each prompt token decays the scores by 0.9 and adds 1 to its experts,
+// so recent tokens count most (one token at a time: the same whatever the batch size).
+void record_prompt_token(cache & c, layer & L, const int32_t * ids) {
+    for (double & score : L.prompt_score) score *= 0.9;
+    for (int r = 0; r < c.top_k; ++r) {
+        const int e = ids[r];
+        if (e >= 0 && e < c.n_expert) L.prompt_score[size_t(e)] += 1.0;
     }
     L.warm_pending = c.warmup == SLICEMOE_WARMUP_PCW;
+}
+
+// One routing event, live or replayed: the single place that drives the policy.
+bool access(cache & c, int index, int phase, const int32_t * ids, const float * weights) {
+    layer & L = c.layers[size_t(index)];
+    if (c.record) {
+        c.trace.push_back({ c.request, index, phase, std::vector<int32_t>(ids, ids + c.top_k),
+                            std::vector<float>(weights, weights + c.top_k) });
+    }
+    if (c.observe_only) {
+        return true;
+    }
+    if (phase == 0) {
+        record_prompt_token(c, L, ids);
+        c.prompt_seen = true;
+        return true;
+    }
+    if (index == 0) {
+        c.totals.decode_tokens += 1;
+        adapt_threshold(c);
+        if (c.prompt_seen) {
+            c.prompt_seen = false;
+            release_mapped(c);   // the prompt streamed the experts through the mapping
+        }
+    }
+    const bool ok = serve_token(c, L, ids, weights);
+    L.event += 1;
+    return ok;
 }
 
 // "ffn_moe_topk-12" -> (true, 12)
@@ -392,6 +465,37 @@ void init_pool(pool & p, int n_slots, int n_expert) {
     p.slot_expert.assign(n_slots, -1);
     p.expert_slot.assign(n_expert, -1);
     p.last_use.assign(n_slots, 0);
+    p.uses.assign(n_slots, 0);
+}
+
+// lru8, lfu8 and belady cache whole experts at 8 bits, lru4 MSB slices only; dbsc decides per use
+// (or runs a forced precision, for tests and comparisons).
+int effective_precision(int policy, int precision) {
+    switch (policy) {
+        case SLICEMOE_POLICY_LRU8:
+        case SLICEMOE_POLICY_LFU8:
+        case SLICEMOE_POLICY_BELADY: return SLICEMOE_PRECISION_HIGH;
+        case SLICEMOE_POLICY_LRU4:   return SLICEMOE_PRECISION_LOW;
+        default:                     return precision;
+    }
+}
+
+// A cache with no pools that only records routing (tracing a model run without a budget).
+std::unique_ptr<cache> build_observer(const llama_model * model, const std::vector<int> & moe_il) {
+    auto c = std::make_unique<cache>();
+    c->model = model;
+    c->n_expert = int(model->hparams.n_expert);
+    c->top_k = int(model->hparams.n_expert_used_max());
+    c->observe_only = true;
+    c->record = true;
+    c->layers.resize(moe_il.size());
+    for (size_t i = 0; i < moe_il.size(); ++i) {
+        c->layers[i].il = moe_il[i];
+        c->layers[i].stats.layer = moe_il[i];
+        c->layers[i].prompt_score.assign(size_t(c->n_expert), 0.0);
+        c->layer_of_il[moe_il[i]] = int(i);
+    }
+    return c;
 }
 
 std::unique_ptr<cache> build_cache(const llama_model * model, const char * path, const slicemoe_model_params & params,
@@ -401,7 +505,9 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->model = model;
     c->n_expert = int(model->hparams.n_expert);
     c->top_k = int(model->hparams.n_expert_used_max());
-    c->precision = params.precision;
+    c->precision = effective_precision(params.policy, params.precision);
+    c->policy = params.policy;
+    c->record = params.record_trace;
     c->warmup = params.warmup;
     c->high_threshold = params.high_threshold;
     c->max_miss_rate = params.max_miss_rate;
@@ -517,19 +623,24 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
 
 } // namespace
 
-int attach(const llama_model * model, const char * path, const slicemoe_model_params & params, std::string * error) {
+int attach(const llama_model * model, const char * path, const slicemoe_model_params & params, bool sliced,
+           std::string * error) {
     std::vector<const llama_layer *> moe;
     std::vector<int> moe_il;
     for (size_t il = 0; il < model->layers.size(); ++il) {
         const llama_layer & l = model->layers[il];
-        if (l.ffn_up_exps && l.ffn_gate_exps && l.ffn_down_exps &&
-            l.ffn_up_exps_lsb && l.ffn_gate_exps_lsb && l.ffn_down_exps_lsb) {
+        const bool has_lsb = l.ffn_up_exps_lsb && l.ffn_gate_exps_lsb && l.ffn_down_exps_lsb;
+        if (l.ffn_up_exps && l.ffn_gate_exps && l.ffn_down_exps && (has_lsb || !sliced)) {
             moe.push_back(&l);
             moe_il.push_back(int(il));
         }
     }
     if (moe.empty()) {
         return SLICEMOE_OK;
+    }
+    if (params.policy == SLICEMOE_POLICY_BELADY && params.cache_budget_bytes > 0) {
+        *error = "the belady policy needs the future: it runs only in trace replay (slicemoe sim)";
+        return SLICEMOE_ERR_INVALID_ARG;
     }
     std::unique_ptr<cache> c;
     if (params.cache_budget_bytes > 0) {
@@ -541,12 +652,15 @@ int attach(const llama_model * model, const char * path, const slicemoe_model_pa
         if (!c) {
             return SLICEMOE_ERR_INVALID_ARG;
         }
+    } else if (params.record_trace) {
+        c = build_observer(model, moe_il);
     }
     std::lock_guard<std::mutex> lock(g_mutex);
-    for (size_t i = 0; i < moe.size(); ++i) {
+    for (size_t i = 0; i < moe.size() && sliced; ++i) {
         const llama_layer & l = *moe[i];
         g_layers[l.ffn_up_exps] = { model, { l.ffn_up_exps_lsb, l.ffn_gate_exps_lsb, l.ffn_down_exps_lsb },
-                                    params.precision, c.get(), int(i) };
+                                    effective_precision(params.policy, params.precision),
+                                    c && !c->observe_only ? c.get() : nullptr, int(i) };
     }
     if (c) {
         g_caches[model] = std::move(c);
@@ -582,7 +696,8 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     int il = -1;
     const char * name = ggml_get_name(t);
     // router probabilities matter only to auto precision; every observed node costs a graph split
-    const bool is_probs = c.precision == SLICEMOE_PRECISION_AUTO && parse_node(name, "ffn_moe_probs", &il);
+    const bool want_probs = c.record || (c.precision == SLICEMOE_PRECISION_AUTO && !c.observe_only);
+    const bool is_probs = want_probs && parse_node(name, "ffn_moe_probs", &il);
     const bool is_topk = !is_probs && parse_node(name, "ffn_moe_topk", &il);
     const auto it = (is_probs || is_topk) ? c.layer_of_il.find(il) : c.layer_of_il.end();
     if (it == c.layer_of_il.end()) {
@@ -597,30 +712,28 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     layer & L = c.layers[it->second];
     const int64_t n_tokens = t->ne[1];
     if (is_probs) {
-        if (n_tokens == 1) {
-            L.probs.resize(size_t(c.n_expert));
-            ggml_backend_tensor_get(t, L.probs.data(), 0, L.probs.size() * sizeof(float));
-        }
+        L.probs.resize(size_t(c.n_expert * n_tokens));
+        ggml_backend_tensor_get(t, L.probs.data(), 0, L.probs.size() * sizeof(float));
         return true;
     }
     // top-k ids: a view [top_k, n_tokens] of the argsort, rows nb[1] bytes apart
     const size_t row_stride = t->nb[1] / sizeof(int32_t);
     c.scratch_ids.resize(size_t((n_tokens - 1) * int64_t(row_stride) + c.top_k));
     ggml_backend_tensor_get(t, c.scratch_ids.data(), 0, c.scratch_ids.size() * sizeof(int32_t));
-    if (n_tokens > 1) {
-        record_prompt(c, L, c.scratch_ids, n_tokens, row_stride);
-        c.prompt_seen = true;
-        return true;
-    }
-    if (it->second == 0) {
-        c.totals.decode_tokens += 1;
-        adapt_threshold(c);
-        if (c.prompt_seen) {
-            c.prompt_seen = false;
-            release_mapped(c);   // the prompt streamed the experts through the mapping
+    const bool have_probs = L.probs.size() == size_t(c.n_expert * n_tokens);
+    std::vector<float> weights(size_t(c.top_k), 0.0f);
+    for (int64_t tok = 0; tok < n_tokens; ++tok) {
+        const int32_t * ids = c.scratch_ids.data() + tok * int64_t(row_stride);
+        for (int r = 0; r < c.top_k; ++r) {
+            const bool valid = have_probs && ids[r] >= 0 && ids[r] < c.n_expert;
+            weights[size_t(r)] = valid ? L.probs[size_t(tok * c.n_expert + ids[r])] : 0.0f;
+        }
+        if (!access(c, it->second, n_tokens > 1 ? 0 : 1, ids, weights.data())) {
+            return false;
         }
     }
-    return serve_token(c, L, c.scratch_ids.data());
+    L.probs.clear();
+    return true;
 }
 
 bool take_error(cache * c, std::string * message) {
@@ -633,6 +746,7 @@ bool take_error(cache * c, std::string * message) {
 
 void begin_sequence(cache * c) {
     if (!c) return;
+    c->request += 1;
     for (layer & L : c->layers) {
         std::fill(L.prompt_score.begin(), L.prompt_score.end(), 0.0);
         L.warm_pending = false;
@@ -670,6 +784,120 @@ void clear_stats(cache * c) {
 
 void fail_reads_after(cache * c, int64_t n_reads) {
     c->reads_left = n_reads;
+}
+
+int64_t trace_size(const cache * c) {
+    return int64_t(c->trace.size());
+}
+
+const route * trace_at(const cache * c, int64_t i) {
+    return i >= 0 && i < int64_t(c->trace.size()) ? &c->trace[size_t(i)] : nullptr;
+}
+
+void trace_clear(cache * c) {
+    c->trace.clear();
+}
+
+void route_fields(const route * r, int32_t * request, int32_t * layer, int32_t * phase, int32_t * experts,
+                  float * weights, int32_t top_k) {
+    *request = r->request;
+    *layer = r->layer;
+    *phase = r->phase;
+    std::copy(r->experts.begin(), r->experts.begin() + top_k, experts);
+    std::copy(r->weights.begin(), r->weights.begin() + top_k, weights);
+}
+
+int32_t top_k(const cache * c) {
+    return c->top_k;
+}
+
+cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
+    if (p.n_layers <= 0 || p.n_expert <= 0 || p.top_k <= 0 || p.top_k > p.n_expert || p.msb_bytes <= 0 ||
+        p.lsb_bytes < 0 || p.budget_bytes <= 0) {
+        *error = "simulation needs n_layers, n_expert, top_k <= n_expert, slice sizes and a budget above 0";
+        return nullptr;
+    }
+    auto c = std::make_unique<cache>();
+    c->simulated = true;
+    c->n_expert = p.n_expert;
+    c->top_k = p.top_k;
+    c->policy = p.policy;
+    c->precision = effective_precision(p.policy, p.precision);
+    c->warmup = p.warmup;
+    c->high_threshold = p.high_threshold;
+    c->max_miss_rate = p.max_miss_rate;
+    c->budget = p.budget_bytes;
+    const size_t msb_b = size_t(p.msb_bytes), lsb_b = size_t(p.lsb_bytes);
+    if (c->precision != SLICEMOE_PRECISION_LOW && lsb_b == 0) {
+        *error = "this policy and precision need LSB slices (lsb_bytes > 0)";
+        return nullptr;
+    }
+    const int64_t minimum = int64_t(p.n_layers) * min_layer_budget(c->precision, c->top_k, msb_b, lsb_b);
+    if (c->budget < minimum) {
+        *error = "cache budget " + format_bytes(c->budget) + " is below the minimum that can run, " + format_bytes(minimum);
+        return nullptr;
+    }
+    int n_msb = 0, n_lsb = 0;
+    split_budget(c->budget / p.n_layers, c->precision, c->n_expert, c->top_k, msb_b, lsb_b == 0 ? 1 : lsb_b, &n_msb, &n_lsb);
+    c->layers.resize(size_t(p.n_layers));
+    for (int i = 0; i < p.n_layers; ++i) {
+        layer & L = c->layers[size_t(i)];
+        L.il = i;
+        L.stats.layer = i;
+        L.prompt_score.assign(size_t(c->n_expert), 0.0);
+        init_pool(L.msb, n_msb, c->n_expert);
+        init_pool(L.lsb, n_lsb, c->n_expert);
+        L.msb.slice_bytes = msb_b;
+        L.lsb.slice_bytes = lsb_b;
+        L.stats.msb_slots = n_msb;
+        L.stats.lsb_slots = n_lsb;
+        c->totals.pool_bytes += int64_t(n_msb) * int64_t(msb_b) + int64_t(n_lsb) * int64_t(lsb_b);
+    }
+    c->totals.budget_bytes = c->budget;
+    return c.release();
+}
+
+void sim_free(cache * c) {
+    delete c;
+}
+
+int sim_run(cache * c, int64_t n, const int32_t * requests, const int32_t * layers, const int32_t * phases,
+            const int32_t * experts, const float * weights, std::string * error) {
+    const int n_layers = int(c->layers.size());
+    for (int64_t i = 0; i < n; ++i) {
+        if (layers[i] < 0 || layers[i] >= n_layers || (phases[i] != 0 && phases[i] != 1)) {
+            *error = "trace record " + std::to_string(i) + ": layer or phase out of range";
+            return SLICEMOE_ERR_INVALID_ARG;
+        }
+    }
+    if (c->policy == SLICEMOE_POLICY_BELADY) {
+        // the future of each layer: the decode access indices of every expert, in order
+        std::vector<int64_t> event(size_t(n_layers), 0);
+        for (layer & L : c->layers) {
+            L.future.assign(size_t(c->n_expert), {});
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            if (phases[i] != 1) continue;
+            layer & L = c->layers[size_t(layers[i])];
+            const int64_t ev = L.event + event[size_t(layers[i])]++;
+            for (int r = 0; r < c->top_k; ++r) {
+                const int e = experts[i * c->top_k + r];
+                if (e >= 0 && e < c->n_expert) L.future[size_t(e)].push_back(ev);
+            }
+        }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        if (requests[i] != c->request) {
+            begin_sequence(c);
+            c->request = requests[i];
+        }
+        if (!access(*c, layers[i], phases[i], experts + i * c->top_k, weights + i * c->top_k)) {
+            *error = "trace record " + std::to_string(i) + ": " + c->error;
+            c->failed = false;
+            return SLICEMOE_ERR_INVALID_ARG;
+        }
+    }
+    return SLICEMOE_OK;
 }
 
 } // namespace slicemoe

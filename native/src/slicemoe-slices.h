@@ -17,7 +17,10 @@ struct cache;
 // Register the MSB/LSB slice tensors of every MoE layer of a sliced model. With
 // params.cache_budget_bytes > 0 also build the slice cache: pools allocated once, misses read
 // from `path`. Returns SLICEMOE_OK, or an error status with *error set and nothing registered.
-int  attach(const llama_model * model, const char * path, const slicemoe_model_params & params, std::string * error);
+// sliced: the file declares the slicemoe format; a stock model gets only a routing observer, and
+// only when params.record_trace asks for one.
+int  attach(const llama_model * model, const char * path, const slicemoe_model_params & params, bool sliced,
+            std::string * error);
 void detach(const llama_model * model);
 // MoE layers registered for this model (0 for a stock model).
 int  n_sliced_layers(const llama_model * model);
@@ -37,5 +40,20 @@ int32_t n_layers(const cache * c);
 int     read_layer_stats(const cache * c, int32_t i, slicemoe_layer_stats_t * out);
 void    clear_stats(cache * c);
 void    fail_reads_after(cache * c, int64_t n_reads);
+
+// Routing trace of a model run with record_trace.
+struct route;
+int64_t       trace_size(const cache * c);
+const route * trace_at(const cache * c, int64_t i);
+void          trace_clear(cache * c);
+void          route_fields(const route * r, int32_t * request, int32_t * layer, int32_t * phase,
+                           int32_t * experts, float * weights, int32_t top_k);
+int32_t       top_k(const cache * c);
+
+// Trace replay: the same cache and policy with no pools and no reads.
+cache * sim_create(const slicemoe_sim_params & p, std::string * error);
+void    sim_free(cache * c);
+int     sim_run(cache * c, int64_t n, const int32_t * request, const int32_t * layer, const int32_t * phase,
+                const int32_t * experts, const float * weights, std::string * error);
 
 } // namespace slicemoe
