@@ -102,7 +102,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     budget = _cache_budget(args)
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
                n_threads=args.threads, precision=args.precision, cache_budget=budget, warmup=args.warmup,
-               high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate) as model:
+               high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
+               policy=args.policy) as model:
         if args.json or args.logits_out:
             result = model.generate(prompt, args.n_predict, sampling, keep_logits=bool(args.logits_out),
                                     stop_at_eog=not args.ignore_eos)
@@ -147,6 +148,73 @@ def _cmd_run(args: argparse.Namespace) -> int:
         }))
     else:
         print(result.text)
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from .runtime import Model, Sampling
+
+    if args.file is not None:
+        try:
+            prompts = [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as exc:
+            raise SliceMoEError(f"cannot read prompt file '{args.file}': {exc.strerror}", 2) from exc
+    else:
+        prompts = [args.prompt]
+    if not prompts:
+        raise SliceMoEError("no prompts: the prompt file has no non-empty line", 1)
+    with Model(args.model, n_ctx=args.ctx_size, n_threads=args.threads, record_trace=True) as model:
+        for prompt in prompts:
+            model.generate(prompt, args.n_predict, Sampling(), stop_at_eog=False)
+        trace = model.routing_trace()
+    trace.write(args.output)
+    decode = int((trace.phase == 1).sum())
+    print(f"wrote {args.output}: {len(prompts)} request(s), {len(trace)} routing records "
+          f"({decode} decode, {len(trace) - decode} prefill) over {trace.header['n_layers']} MoE layers")
+    return 0
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from . import trace as traces
+
+    try:
+        trace = traces.read(args.trace)
+    except traces.TraceError as exc:
+        raise SliceMoEError(str(exc), 3) from exc
+    msb, lsb = traces._slice_bytes(trace.header)
+    total = int(trace.header["n_layers"]) * int(trace.header["n_experts"]) * (msb + lsb)
+    try:
+        budget = parse_size(args.cache_budget, total)
+    except ValueError as exc:
+        raise SliceMoEError(f"--cache-budget: {exc}", 1) from exc
+    stats = traces.replay(trace, policy=args.policy, budget=budget, precision=args.precision, warmup=args.warmup,
+                          high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate)
+    decode_tokens = max(stats["decode_tokens"], 1)
+    msb_uses = stats["msb_hits"] + stats["msb_misses"]
+    lsb_uses = stats["lsb_hits"] + stats["lsb_misses"]
+    uses = msb_uses + lsb_uses
+    summary = {
+        "policy": args.policy, **stats,
+        "hit_rate": stats["hits"] / max(uses, 1), "miss_rate": stats["misses"] / max(uses, 1),
+        "msb_miss_rate": stats["msb_misses"] / max(msb_uses, 1),
+        "lsb_miss_rate": stats["lsb_misses"] / max(lsb_uses, 1),
+        "flash_bytes_per_token": stats["flash_bytes"] / decode_tokens,
+        "ram_bytes_per_token": stats["ram_bytes"] / decode_tokens,
+        "layer_hit_rates": [h / max(h + m, 1) for h, m in zip(
+            [a + b for a, b in zip(stats["layers"]["msb_hits"], stats["layers"]["lsb_hits"])],
+            [a + b for a, b in zip(stats["layers"]["msb_misses"], stats["layers"]["lsb_misses"])])],
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{args.trace}: {len(trace)} records, {stats['decode_tokens']} decode tokens; policy {args.policy}, "
+          f"budget {format_size(budget)} (pools {format_size(stats['pool_bytes'])})")
+    print(f"slice uses {uses}: hits {stats['hits']}, misses {stats['misses']} ({100 * summary['miss_rate']:.1f}%); "
+          f"MSB miss rate {100 * summary['msb_miss_rate']:.1f}%, LSB miss rate {100 * summary['lsb_miss_rate']:.1f}%")
+    print(f"flash {format_size(summary['flash_bytes_per_token'])}/token, expert RAM reads "
+          f"{format_size(summary['ram_bytes_per_token'])}/token, 8-bit/4-bit uses "
+          f"{stats['high_uses']}/{stats['low_uses']}")
+    print("layer hit rates: " + " ".join(f"{100 * r:.0f}%" for r in summary["layer_hit_rates"]))
     return 0
 
 
@@ -196,8 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RAM for routed-expert slices: bytes with a unit (512KB, 300MB, 2GiB) or a "
                             "percentage of all expert slice bytes (50%%). Decode then reads missing slices "
                             "from the file. Default: no cache, every expert mapped from the file")
-    cache.add_argument("--policy", choices=["dbsc"], default="dbsc",
-                       help="cache policy (default dbsc: bit-sliced caching, precision per use)")
+    cache.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4"], default="dbsc",
+                       help="cache policy: dbsc (SliceMoE: bit slices, precision per use; default), lru8 / "
+                            "lfu8 (whole experts at 8 bits, least recently / frequently used out), lru4 "
+                            "(MSB slices only: the 4-bit model)")
     cache.add_argument("--warmup", choices=["pcw", "none"], default="pcw",
                        help="pcw: load the slices the prompt used most before the first decode token "
                             "(default pcw)")
@@ -214,10 +284,41 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--logits-out", metavar="FILE.npy",
                      help="save the float32 logits [n_decode, n_vocab] each decoded token was chosen from")
     run.set_defaults(func=_cmd_run)
+
+    trace = sub.add_parser("trace", help="record expert routing to a slicemoe-trace JSONL file",
+                           description="Run greedy decoding and record, for every MoE layer of every token, "
+                                       "the chosen experts and their router probabilities (format in the README).")
+    trace.add_argument("-m", "--model", required=True, help="path to a .gguf file (sliced or stock MoE)")
+    source = trace.add_mutually_exclusive_group(required=True)
+    source.add_argument("-p", "--prompt", help="prompt text (one request)")
+    source.add_argument("-f", "--file", help="prompts, one request per non-empty line")
+    trace.add_argument("-n", "--n-predict", type=int, default=32, help="tokens to decode per request (default 32)")
+    trace.add_argument("-o", "--output", required=True, help="the .jsonl file to write")
+    trace.add_argument("-t", "--threads", type=int, default=0, help="compute threads (default: all cores)")
+    trace.add_argument("-c", "--ctx-size", type=int, default=2048, help="context length in tokens (default 2048)")
+    trace.set_defaults(func=_cmd_trace)
+
+    sim = sub.add_parser("sim", help="replay a routing trace through the cache manager (no compute)",
+                         description="Drive the native slice cache with a recorded trace: the same policies as "
+                                     "slicemoe run, plus belady (the offline optimum).")
+    sim.add_argument("trace", help="a slicemoe-trace .jsonl file")
+    sim.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "belady"], default="dbsc")
+    sim.add_argument("--cache-budget", required=True, metavar="SIZE",
+                     help="bytes with a unit (300MB, 2GiB) or a percentage of all slice bytes (50%%)")
+    sim.add_argument("--precision", choices=["auto", "high", "low"], default="auto",
+                     help="dbsc only: force a precision (default auto)")
+    sim.add_argument("--warmup", choices=["pcw", "none"], default="none", help="default none")
+    sim.add_argument("--high-threshold", type=float, default=0.25, metavar="W")
+    sim.add_argument("--max-miss-rate", type=float, default=0.0, metavar="R")
+    sim.add_argument("--json", action="store_true",
+                     help="one JSON object, with the counter names of slicemoe run --json's cache object")
+    sim.set_defaults(func=_cmd_sim)
     return parser
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.command == "trace" and args.n_predict < 1:
+        parser.error("-n/--n-predict must be >= 1")
     if args.command == "run":
         if args.n_predict < 0:
             parser.error("-n/--n-predict must be >= 0")

@@ -67,7 +67,7 @@ class Model:
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
                  n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0, precision: str = "auto",
                  cache_budget: int = 0, warmup: str = "none", high_threshold: float = 0.25,
-                 max_miss_rate: float = 0.0):
+                 max_miss_rate: float = 0.0, policy: str = "dbsc", record_trace: bool = False):
         self.path = Path(path)
         self._lib = lib()
         if precision not in PRECISIONS:
@@ -82,6 +82,12 @@ class Model:
         params.warmup = WARMUPS[warmup]
         params.high_threshold = high_threshold
         params.max_miss_rate = max_miss_rate
+        from .trace import POLICIES
+
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
+        params.policy = POLICIES[policy]
+        params.record_trace = record_trace
         out = ffi.new("slicemoe_model **")
         check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
         self._model = out[0]
@@ -157,6 +163,28 @@ class Model:
             layers.append({name: getattr(row, name) for name in _LAYER_FIELDS})
         stats["layers"] = {name: [layer[name] for layer in layers] for name in _LAYER_FIELDS}
         return stats
+
+    def routing_trace(self):
+        """The routing recorded so far (record_trace=True) as a slicemoe-trace Trace."""
+        from .model_info import describe
+        from .trace import FORMAT, VERSION, from_records
+
+        k = int(self._lib.slicemoe_trace_top_k(self._model))
+        if k == 0:
+            raise SliceMoEError("no routing was recorded: load the model with record_trace=True", 1)
+        info = describe(self.path)
+        layers = info["layers"]
+        header = {"format": FORMAT, "version": VERSION, "n_layers": len(layers), "n_experts": info["n_experts"],
+                  "top_k": k, "moe_layers": info["moe_layers"],
+                  "slice_bytes": {"msb": layers[0]["msb_bytes_per_expert"], "lsb": layers[0]["lsb_bytes_per_expert"]},
+                  "model": str(self.path.name)}
+        request, layer, phase = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
+        experts, weights = ffi.new("int32_t[]", k), ffi.new("float[]", k)
+        records = []
+        for i in range(int(self._lib.slicemoe_trace_size(self._model))):
+            check(self._lib.slicemoe_trace_get(self._model, i, request, layer, phase, experts, weights))
+            records.append((request[0], layer[0], phase[0], list(experts), list(weights)))
+        return from_records(header, records)
 
     def reset_cache_stats(self) -> None:
         self._lib.slicemoe_cache_reset_stats(self._model)

@@ -1,0 +1,171 @@
+"""Routing traces (format `slicemoe-trace` v1, JSON Lines) and their replay through the native
+cache manager.
+
+Line 1 is a header; every other line is one routing event of one MoE layer:
+
+    {"format": "slicemoe-trace", "version": 1, "n_layers": 3, "n_experts": 8, "top_k": 2,
+     "moe_layers": [0, 1, 2], "slice_bytes": {"msb": 3840, "lsb": 3840}, "model": "..."}
+    {"request": 1, "token": 0, "phase": "prefill", "layer": 0, "experts": [3, 5], "weights": [0.41, 0.22]}
+
+`layer` indexes `moe_layers` (the model's layer numbers of the MoE layers); `token` counts the
+events of that layer within the request; `weights` are router probabilities (0 where not observed).
+Records come in the order the engine saw them, which replay keeps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._native import check, ffi, lib
+
+FORMAT = "slicemoe-trace"
+VERSION = 1
+POLICIES = {"dbsc": 0, "lru8": 1, "lfu8": 2, "lru4": 3, "belady": 4}
+PHASES = ("prefill", "decode")
+
+
+class TraceError(ValueError):
+    """A trace file that is not a readable slicemoe-trace v1."""
+
+
+@dataclass
+class Trace:
+    header: dict
+    request: np.ndarray          # int32 [n]
+    layer: np.ndarray            # int32 [n]
+    phase: np.ndarray            # int32 [n], 0 prefill, 1 decode
+    experts: np.ndarray          # int32 [n, top_k]
+    weights: np.ndarray          # float32 [n, top_k]
+    tokens: np.ndarray = field(default=None)  # int32 [n]
+
+    @property
+    def top_k(self) -> int:
+        return int(self.header["top_k"])
+
+    def __len__(self) -> int:
+        return len(self.layer)
+
+    def write(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.header) + "\n")
+            for i in range(len(self)):
+                f.write(json.dumps({
+                    "request": int(self.request[i]), "token": int(self.tokens[i]),
+                    "phase": PHASES[int(self.phase[i])], "layer": int(self.layer[i]),
+                    "experts": self.experts[i].tolist(),
+                    "weights": [round(float(w), 7) for w in self.weights[i]],
+                }) + "\n")
+        tmp.replace(path)
+
+
+def _token_indices(request: np.ndarray, layer: np.ndarray) -> np.ndarray:
+    counters: dict[tuple[int, int], int] = {}
+    tokens = np.empty(len(layer), dtype=np.int32)
+    for i, key in enumerate(zip(request.tolist(), layer.tolist())):
+        tokens[i] = counters.get(key, 0)
+        counters[key] = tokens[i] + 1
+    return tokens
+
+
+def from_records(header: dict, records: list[tuple[int, int, int, list[int], list[float]]]) -> Trace:
+    """A Trace from (request, layer, phase, experts, weights) tuples."""
+    k = int(header["top_k"])
+    n = len(records)
+    request = np.array([r[0] for r in records], dtype=np.int32).reshape(n)
+    layer = np.array([r[1] for r in records], dtype=np.int32).reshape(n)
+    phase = np.array([r[2] for r in records], dtype=np.int32).reshape(n)
+    experts = np.array([r[3] for r in records], dtype=np.int32).reshape(n, k)
+    weights = np.array([r[4] for r in records], dtype=np.float32).reshape(n, k)
+    return Trace(header, request, layer, phase, experts, weights, _token_indices(request, layer))
+
+
+def read(path: str | Path) -> Trace:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise TraceError(f"cannot read trace '{path}': {exc.strerror}") from exc
+    if not lines:
+        raise TraceError(f"'{path}' is empty (expected a slicemoe-trace header line)")
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"'{path}' line 1: not JSON") from exc
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise TraceError(f"'{path}' is not a {FORMAT} v{VERSION} trace (header {lines[0][:80]!r})")
+    for key in ("n_layers", "n_experts", "top_k", "slice_bytes"):
+        if key not in header:
+            raise TraceError(f"'{path}': header lacks {key!r}")
+    records = []
+    n_layers, n_experts, k = header["n_layers"], header["n_experts"], header["top_k"]
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            phase = PHASES.index(r["phase"])
+            experts = [int(e) for e in r["experts"]]
+            weights = [float(w) for w in r.get("weights", [0.0] * len(experts))]
+            record = (int(r["request"]), int(r["layer"]), phase, experts, weights)
+        except (json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+            raise TraceError(f"'{path}' line {number}: not a routing record ({exc})") from exc
+        if len(experts) != k or len(weights) != k or not 0 <= record[1] < n_layers or \
+                not all(0 <= e < n_experts for e in experts):
+            raise TraceError(f"'{path}' line {number}: needs {k} experts in [0, {n_experts}) "
+                             f"and a layer in [0, {n_layers})")
+        records.append(record)
+    return from_records(header, records)
+
+
+def _slice_bytes(header: dict) -> tuple[int, int]:
+    sb = header["slice_bytes"]
+    msb, lsb = sb["msb"], sb.get("lsb", 0)
+    # per layer sizes may differ; the engine shares one size, so take the largest
+    return (int(max(msb)) if isinstance(msb, list) else int(msb), int(max(lsb)) if isinstance(lsb, list) else int(lsb))
+
+
+def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", warmup: str = "none",
+           high_threshold: float = 0.25, max_miss_rate: float = 0.0) -> dict:
+    """Drive the native cache manager with the trace (no compute) and return its counters, with the
+    same names as `slicemoe run --json`'s `cache` object."""
+    from .runtime import PRECISIONS, WARMUPS, _CACHE_FIELDS, _LAYER_FIELDS
+
+    native = lib()
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
+    msb, lsb = _slice_bytes(trace.header)
+    params = native.slicemoe_sim_default_params()
+    params.n_layers = int(trace.header["n_layers"])
+    params.n_expert = int(trace.header["n_experts"])
+    params.top_k = trace.top_k
+    params.msb_bytes = msb
+    params.lsb_bytes = lsb
+    params.budget_bytes = int(budget)
+    params.policy = POLICIES[policy]
+    params.precision = PRECISIONS[precision]
+    params.warmup = WARMUPS[warmup]
+    params.high_threshold = high_threshold
+    params.max_miss_rate = max_miss_rate
+    out = ffi.new("slicemoe_sim **")
+    check(native.slicemoe_sim_create(ffi.new("struct slicemoe_sim_params *", params), out))
+    sim = ffi.gc(out[0], native.slicemoe_sim_free)
+    arrays = [np.ascontiguousarray(a) for a in (trace.request, trace.layer, trace.phase, trace.experts, trace.weights)]
+    ptrs = [ffi.from_buffer("int32_t[]", a) for a in arrays[:4]] + [ffi.from_buffer("float[]", arrays[4])]
+    check(native.slicemoe_sim_run(sim, len(trace), *ptrs))
+    t = ffi.new("slicemoe_cache_stats_t *")
+    check(native.slicemoe_sim_get_stats(sim, t))
+    stats = {name: getattr(t, name) for name in _CACHE_FIELDS}
+    stats["hits"] = stats["msb_hits"] + stats["lsb_hits"]
+    stats["misses"] = stats["msb_misses"] + stats["lsb_misses"]
+    rows = []
+    row = ffi.new("slicemoe_layer_stats_t *")
+    for i in range(params.n_layers):
+        check(native.slicemoe_sim_get_layer_stats(sim, i, row))
+        rows.append({name: getattr(row, name) for name in _LAYER_FIELDS})
+    stats["layers"] = {name: [r[name] for r in rows] for name in _LAYER_FIELDS}
+    return stats

@@ -1,0 +1,140 @@
+"""Routing traces and their replay: one cache manager serves live runs and `slicemoe sim`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import convert, run_cli, run_json
+
+from slicemoe_gguf import Model, trace as traces
+from slicemoe_gguf.model_info import describe
+
+PROMPT = "Once upon a time there was a small village by the sea"
+COUNTERS = ("msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads", "evictions", "flash_bytes",
+            "ram_bytes", "high_uses", "low_uses", "warmup_loads", "decode_tokens")
+
+
+@pytest.fixture(scope="module")
+def sliced(tiny_checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trace") / "qwen2_moe.gguf"
+    assert convert(tiny_checkpoints("qwen2_moe"), out).returncode == 0
+    return out
+
+
+def slice_total(path) -> int:
+    info = describe(path)
+    return info["expert_msb_bytes"] + info["expert_lsb_bytes"]
+
+
+@pytest.mark.parametrize("policy,warmup,fraction", [("dbsc", "pcw", 0.5), ("dbsc", "none", 0.3),
+                                                    ("lru8", "none", 0.5), ("lfu8", "pcw", 0.4),
+                                                    ("lru4", "none", 0.25)])
+def test_a_live_run_replayed_gives_the_same_counters(sliced, policy, warmup, fraction):
+    budget = int(slice_total(sliced) * fraction)
+    with Model(sliced, cache_budget=budget, policy=policy, warmup=warmup, record_trace=True) as model:
+        for prompt in (PROMPT, "the fish and the sea and the stars"):
+            model.generate(prompt, 24, stop_at_eog=False)
+        live = model.cache_stats()
+        trace = model.routing_trace()
+    replayed = traces.replay(trace, policy=policy, budget=budget, warmup=warmup)
+    for name in COUNTERS:
+        assert replayed[name] == live[name], name
+    assert replayed["layers"]["msb_misses"] == live["layers"]["msb_misses"]
+    assert replayed["pool_bytes"] == live["pool_bytes"]
+
+
+def test_trace_file_round_trips_and_sim_reports_the_run_counters(sliced, tmp_path):
+    path = tmp_path / "t.jsonl"
+    proc = run_cli("trace", "-m", str(sliced), "-p", PROMPT, "-n", "16", "-o", str(path))
+    assert "routing records" in proc.stdout
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["format"] == "slicemoe-trace" and header["version"] == 1
+    assert header["n_layers"] == 3 and header["top_k"] == 2 and header["moe_layers"] == [0, 1, 2]
+    first = json.loads(lines[1])
+    assert set(first) == {"request", "token", "phase", "layer", "experts", "weights"}
+    assert first["phase"] == "prefill"
+
+    trace = traces.read(path)
+    assert len(trace) == len(lines) - 1
+    sim = run_json("sim", str(path), "--policy", "lru8", "--cache-budget", "50%", "--json")
+    live = run_json("run", "-m", str(sliced), "-p", PROMPT, "-n", "16", "--json", "--ignore-eos",
+                    "--policy", "lru8", "--cache-budget", str(sim["budget_bytes"]), "--warmup", "none")["cache"]
+    for name in ("hits", "misses", "flash_bytes", "loads", "evictions"):
+        assert sim[name] == live[name], name
+
+
+def _single_layer_trace(sequence: list[int], n_experts: int = 4) -> traces.Trace:
+    header = {"format": "slicemoe-trace", "version": 1, "n_layers": 1, "n_experts": n_experts, "top_k": 1,
+              "moe_layers": [0], "slice_bytes": {"msb": 1, "lsb": 1}}
+    return traces.from_records(header, [(1, 0, 1, [e], [1.0]) for e in sequence])
+
+
+@pytest.mark.parametrize("sequence,policy,misses", [
+    # two whole-expert slots (budget 4 bytes, 1 byte per slice); worked out by hand
+    ([0, 1, 2, 0, 3, 0, 1], "lru8", 6),
+    ([0, 1, 2, 0, 3, 0, 1], "belady", 5),   # at 2 evict 1 (next use farthest), at 3 evict 2 (never again)
+    ([0, 0, 1, 2, 0, 1], "lru8", 5),
+    ([0, 0, 1, 2, 0, 1], "lfu8", 4),        # at 2 evict 1 (used once) rather than 0 (twice)
+    ([0, 0, 1, 2, 0, 1], "belady", 4),
+])
+def test_hand_made_traces_give_the_worked_out_misses(sequence, policy, misses):
+    stats = traces.replay(_single_layer_trace(sequence), policy=policy, budget=4)
+    assert stats["msb_misses"] == misses and stats["lsb_misses"] == misses
+    assert stats["msb_hits"] == len(sequence) - misses
+    assert stats["pool_bytes"] == 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(sequence=st.lists(st.integers(0, 7), min_size=1, max_size=200), slots=st.integers(1, 7))
+def test_belady_never_misses_more_than_an_online_policy(sequence, slots):
+    trace = _single_layer_trace(sequence, n_experts=8)
+    budget = 2 * slots
+    belady = traces.replay(trace, policy="belady", budget=budget)
+    for policy in ("lru8", "lfu8"):
+        online = traces.replay(trace, policy=policy, budget=budget)
+        assert belady["misses"] <= online["misses"], policy
+        assert online["pool_bytes"] <= budget
+
+
+def test_belady_on_a_recorded_trace_beats_lru_and_lfu(sliced):
+    with Model(sliced, record_trace=True) as model:
+        model.generate(PROMPT, 48, stop_at_eog=False)
+        trace = model.routing_trace()
+    for fraction in (0.3, 0.5, 0.7):
+        budget = int(slice_total(sliced) * fraction)
+        belady = traces.replay(trace, policy="belady", budget=budget)
+        for policy in ("lru8", "lfu8"):
+            assert belady["misses"] <= traces.replay(trace, policy=policy, budget=budget)["misses"]
+
+
+def test_a_stock_model_can_be_traced(stock_gguf, tmp_path):
+    path = tmp_path / "stock.jsonl"
+    run_cli("trace", "-m", str(stock_gguf("olmoe")), "-p", PROMPT, "-n", "8", "-o", str(path))
+    trace = traces.read(path)
+    assert trace.header["slice_bytes"]["lsb"] == 0
+    assert (trace.phase == 1).sum() > 0
+    # a 4-bit-only policy can replay it (no LSB slices needed)
+    stats = traces.replay(trace, policy="lru4", budget=10**6)
+    assert stats["misses"] > 0
+
+
+def test_belady_is_refused_live(sliced):
+    with pytest.raises(Exception, match="only in trace replay"):
+        Model(sliced, cache_budget=10**6, policy="belady")
+
+
+def test_bad_trace_files_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"format": "something-else"}\n')
+    proc = run_cli("sim", str(bad), "--cache-budget", "1MB", check=False)
+    assert proc.returncode == 1 and "not a slicemoe-trace" in proc.stderr
+    bad.write_text(json.dumps({"format": "slicemoe-trace", "version": 1, "n_layers": 1, "n_experts": 4, "top_k": 1,
+                               "slice_bytes": {"msb": 1, "lsb": 1}}) + "\n" + '{"request": 1, "layer": 3}\n')
+    proc = run_cli("sim", str(bad), "--cache-budget", "1MB", check=False)
+    assert proc.returncode == 1 and "line 2" in proc.stderr and "Traceback" not in proc.stderr
