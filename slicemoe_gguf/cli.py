@@ -103,7 +103,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
                n_threads=args.threads, precision=args.precision, cache_budget=budget, warmup=args.warmup,
                high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
-               policy=args.policy) as model:
+               policy=args.policy, msb_share=args.msb_share) as model:
         if args.json or args.logits_out:
             result = model.generate(prompt, args.n_predict, sampling, keep_logits=bool(args.logits_out),
                                     stop_at_eog=not args.ignore_eos)
@@ -218,6 +218,39 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from . import trace as traces
+
+    try:
+        trace = traces.read(args.trace)
+    except traces.TraceError as exc:
+        raise SliceMoEError(str(exc), 3) from exc
+    total = traces.total_slice_bytes(trace)
+    budget = None
+    if args.cache_budget is not None:
+        try:
+            budget = parse_size(args.cache_budget, total)
+        except ValueError as exc:
+            raise SliceMoEError(f"--cache-budget: {exc}", 1) from exc
+    result = traces.plan(trace, max_miss_rate=args.max_miss_rate, budget=budget,
+                         high_threshold=args.high_threshold, warmup=args.warmup)
+    if not result:
+        raise SliceMoEError(f"no budget up to all slices ({format_size(total)}) meets a miss rate of "
+                            f"{args.max_miss_rate} on this trace" if budget is None else
+                            "the budget is below the minimum that can run", 1)
+    stats = result["stats"]
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items()}))
+        return 0
+    decode_tokens = max(stats["decode_tokens"], 1)
+    print(f"budget {format_size(result['budget_bytes'])} ({100 * result['budget_fraction']:.1f}% of slice bytes), "
+          f"MSB share {result['msb_share']:.2f}: slice miss rate {100 * result['miss_rate']:.2f}%, "
+          f"flash {format_size(stats['flash_bytes'] / decode_tokens)}/token")
+    print(f"run it with: slicemoe run --policy dbsc --cache-budget {result['budget_bytes']}B "
+          f"--msb-share {result['msb_share']:.4f} --high-threshold {args.high_threshold}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slicemoe",
@@ -274,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--high-threshold", type=float, default=0.25, metavar="W",
                        help="auto precision: a use runs at 8 bits if its routing weight is >= W; the "
                             "top-ranked expert always does (default 0.25)")
+    cache.add_argument("--msb-share", type=float, default=0.0, metavar="F",
+                       help="dbsc: share of each layer's budget for MSB slots (slicemoe plan chooses it); "
+                            "default 0 = two thirds")
     cache.add_argument("--max-miss-rate", type=float, default=0.0, metavar="R",
                        help="auto precision: adapt the threshold at run time to keep the slice miss rate "
                             "near R (e.g. 0.05); default 0 = fixed threshold")
@@ -313,10 +349,26 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true",
                      help="one JSON object, with the counter names of slicemoe run --json's cache object")
     sim.set_defaults(func=_cmd_sim)
+
+    plan = sub.add_parser("plan", help="smallest budget and MSB/LSB split meeting a miss-rate target",
+                          description="Miss-rate-constrained deployment on a trace: with --max-miss-rate, the "
+                                      "smallest dbsc budget (and the MSB share of it) whose slice miss rate meets "
+                                      "the target; with --cache-budget, the MSB share with the lowest miss rate at "
+                                      "that budget (ties: least flash traffic).")
+    plan.add_argument("trace", help="a slicemoe-trace .jsonl file")
+    goal = plan.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--max-miss-rate", type=float, metavar="R", help="target slice miss rate, e.g. 0.05")
+    goal.add_argument("--cache-budget", metavar="SIZE", help="a fixed budget (bytes with a unit, or %% of slices)")
+    plan.add_argument("--high-threshold", type=float, default=0.25, metavar="W")
+    plan.add_argument("--warmup", choices=["pcw", "none"], default="none")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=_cmd_plan)
     return parser
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.command == "plan" and args.max_miss_rate is not None and not 0.0 <= args.max_miss_rate < 1.0:
+        parser.error("--max-miss-rate must be in [0, 1)")
     if args.command == "trace" and args.n_predict < 1:
         parser.error("-n/--n-predict must be >= 1")
     if args.command == "run":

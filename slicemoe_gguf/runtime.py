@@ -67,7 +67,8 @@ class Model:
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
                  n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0, precision: str = "auto",
                  cache_budget: int = 0, warmup: str = "none", high_threshold: float = 0.25,
-                 max_miss_rate: float = 0.0, policy: str = "dbsc", record_trace: bool = False):
+                 max_miss_rate: float = 0.0, policy: str = "dbsc", record_trace: bool = False,
+                 msb_share: float = 0.0):
         self.path = Path(path)
         self._lib = lib()
         if precision not in PRECISIONS:
@@ -88,6 +89,7 @@ class Model:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
         params.policy = POLICIES[policy]
         params.record_trace = record_trace
+        params.msb_share = msb_share
         out = ffi.new("slicemoe_model **")
         check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
         self._model = out[0]

@@ -130,7 +130,7 @@ def _slice_bytes(header: dict) -> tuple[int, int]:
 
 
 def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", warmup: str = "none",
-           high_threshold: float = 0.25, max_miss_rate: float = 0.0) -> dict:
+           high_threshold: float = 0.25, max_miss_rate: float = 0.0, msb_share: float = 0.0) -> dict:
     """Drive the native cache manager with the trace (no compute) and return its counters, with the
     same names as `slicemoe run --json`'s `cache` object."""
     from .runtime import PRECISIONS, WARMUPS, _CACHE_FIELDS, _LAYER_FIELDS
@@ -151,6 +151,7 @@ def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", w
     params.warmup = WARMUPS[warmup]
     params.high_threshold = high_threshold
     params.max_miss_rate = max_miss_rate
+    params.msb_share = msb_share
     out = ffi.new("slicemoe_sim **")
     check(native.slicemoe_sim_create(ffi.new("struct slicemoe_sim_params *", params), out))
     sim = ffi.gc(out[0], native.slicemoe_sim_free)
@@ -169,3 +170,58 @@ def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", w
         rows.append({name: getattr(row, name) for name in _LAYER_FIELDS})
     stats["layers"] = {name: [r[name] for r in rows] for name in _LAYER_FIELDS}
     return stats
+
+
+def total_slice_bytes(trace: Trace) -> int:
+    msb, lsb = _slice_bytes(trace.header)
+    return int(trace.header["n_layers"]) * int(trace.header["n_experts"]) * (msb + lsb)
+
+
+def miss_rate(stats: dict) -> float:
+    return stats["misses"] / max(stats["hits"] + stats["misses"], 1)
+
+
+SHARES = (0.4, 0.5, 0.6, 2 / 3, 0.75, 0.85, 1.0)
+
+
+def plan(trace: Trace, *, max_miss_rate: float | None = None, budget: int | None = None,
+         high_threshold: float = 0.25, warmup: str = "none") -> dict:
+    """Miss-rate-constrained deployment for dbsc on this trace.
+
+    With max_miss_rate: for each MSB share of the budget, the smallest budget (binary search to
+    1% of the slice bytes) whose slice miss rate meets the target; the answer is the smallest such
+    budget (ties: fewer flash bytes). With budget: the share with the lowest miss rate at that
+    budget (ties: fewer flash bytes). Returns the chosen budget, share and the replay's counters."""
+    total = total_slice_bytes(trace)
+    kw = {"policy": "dbsc", "warmup": warmup, "high_threshold": high_threshold}
+
+    def run(b: int, share: float) -> dict | None:
+        try:
+            return replay(trace, budget=b, msb_share=share, **kw)
+        except Exception:   # below the minimum that can run
+            return None
+
+    candidates = []
+    for share in SHARES:
+        if budget is not None:
+            stats = run(budget, share)
+            if stats:
+                candidates.append((miss_rate(stats), stats["flash_bytes"], budget, share, stats))
+            continue
+        lo, hi = 1, total
+        best = run(hi, share)
+        if best is None or miss_rate(best) > max_miss_rate:
+            continue
+        while hi - lo > max(total // 100, 1):
+            mid = (lo + hi) // 2
+            stats = run(mid, share)
+            if stats is not None and miss_rate(stats) <= max_miss_rate:
+                hi, best = mid, stats
+            else:
+                lo = mid
+        candidates.append((hi, best["flash_bytes"], hi, share, best))
+    if not candidates:
+        return {}
+    _, _, chosen_budget, share, stats = min(candidates, key=lambda c: (c[0], c[1]))
+    return {"budget_bytes": chosen_budget, "msb_share": share, "budget_fraction": chosen_budget / total,
+            "miss_rate": miss_rate(stats), "stats": stats}

@@ -138,3 +138,38 @@ def test_bad_trace_files_are_clear_errors(tmp_path):
                                "slice_bytes": {"msb": 1, "lsb": 1}}) + "\n" + '{"request": 1, "layer": 3}\n')
     proc = run_cli("sim", str(bad), "--cache-budget", "1MB", check=False)
     assert proc.returncode == 1 and "line 2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plan_finds_the_smallest_budget_that_meets_the_miss_rate(sliced, tmp_path):
+    path = tmp_path / "t.jsonl"
+    run_cli("trace", "-m", str(sliced), "-f", str(_prompts(tmp_path)), "-n", "24", "-o", str(path))
+    trace = traces.read(path)
+    target = 0.25
+    result = run_json("plan", str(path), "--max-miss-rate", str(target), "--json")
+    assert result["miss_rate"] <= target
+    total = traces.total_slice_bytes(trace)
+    smaller = result["budget_bytes"] - total // 50
+    try:
+        below = traces.replay(trace, policy="dbsc", budget=smaller, msb_share=result["msb_share"])
+        assert traces.miss_rate(below) > target
+    except Exception as exc:        # or it is below the minimum that can run
+        assert "below the minimum" in str(exc)
+    # the chosen split is what `run --msb-share` and `sim` use: replaying it reproduces the plan
+    again = traces.replay(trace, policy="dbsc", budget=result["budget_bytes"], msb_share=result["msb_share"])
+    assert again["misses"] == result["stats"]["misses"]
+
+
+def test_plan_at_a_fixed_budget_is_no_worse_than_the_default_split(sliced, tmp_path):
+    path = tmp_path / "t.jsonl"
+    run_cli("trace", "-m", str(sliced), "-f", str(_prompts(tmp_path)), "-n", "24", "-o", str(path))
+    trace = traces.read(path)
+    budget = traces.total_slice_bytes(trace) * 35 // 100
+    result = traces.plan(trace, budget=budget)
+    default = traces.replay(trace, policy="dbsc", budget=budget)
+    assert result["miss_rate"] <= traces.miss_rate(default)
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"{PROMPT}\nthe fish and the sea and the stars\n\nA journey of a thousand miles\n")
+    return path

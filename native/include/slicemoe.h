@@ -83,6 +83,7 @@ struct slicemoe_model_params {
     int32_t policy;            // enum slicemoe_policy (precision follows it except for dbsc)
     bool    record_trace;      // keep the routing of every MoE layer (see slicemoe_trace_*); works
                                // for stock MoE models too
+    float   msb_share;         // dbsc: share of each layer's budget for MSB slots; 0 = 2/3
 };
 
 // Trace replay with no model: the same cache manager with no pools and no reads.
@@ -98,6 +99,7 @@ struct slicemoe_sim_params {
     int32_t warmup;
     float   high_threshold;
     float   max_miss_rate;
+    float   msb_share;         // as in slicemoe_model_params
 };
 
 // Counters of the slice cache, summed over layers (or of one layer). "Hits" and "misses" count

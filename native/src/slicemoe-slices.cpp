@@ -147,7 +147,7 @@ std::string format_bytes(int64_t n) {
 
 // Slot counts of one layer from its share of the budget (see the README for the rule).
 void split_budget(int64_t budget, int precision, int n_expert, int top_k, size_t msb_b, size_t lsb_b,
-                  int * n_msb, int * n_lsb) {
+                  float msb_share, int * n_msb, int * n_lsb) {
     const int64_t whole = int64_t(n_expert) * int64_t(msb_b + lsb_b);
     if (precision == SLICEMOE_PRECISION_LOW) {
         *n_msb = (int) std::min<int64_t>(n_expert, budget / int64_t(msb_b));
@@ -155,9 +155,10 @@ void split_budget(int64_t budget, int precision, int n_expert, int top_k, size_t
     } else if (precision == SLICEMOE_PRECISION_HIGH || budget >= whole) {
         *n_msb = *n_lsb = (int) std::min<int64_t>(n_expert, budget / int64_t(msb_b + lsb_b));
     } else {
-        // DBSC: two thirds of the layer's bytes for MSB slots (every use needs one), the rest for
-        // the LSB slices of the experts that run at high precision.
-        const int64_t for_msb = std::max<int64_t>(int64_t(top_k) * int64_t(msb_b), budget * 2 / 3);
+        // DBSC: a share of the layer's bytes (two thirds unless asked otherwise) for MSB slots
+        // (every use needs one), the rest for the LSB slices of the uses that run at 8 bits.
+        const double share = msb_share > 0.0f ? double(msb_share) : 2.0 / 3.0;
+        const int64_t for_msb = std::max<int64_t>(int64_t(top_k) * int64_t(msb_b), int64_t(double(budget) * share));
         *n_msb = (int) std::min<int64_t>(n_expert, for_msb / int64_t(msb_b));
         *n_lsb = (int) std::min<int64_t>(n_expert, (budget - int64_t(*n_msb) * int64_t(msb_b)) / int64_t(lsb_b));
     }
@@ -539,7 +540,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         return nullptr;
     }
     int n_msb = 0, n_lsb = 0;
-    split_budget(per_layer, c->precision, c->n_expert, c->top_k, msb_b, lsb_b, &n_msb, &n_lsb);
+    split_budget(per_layer, c->precision, c->n_expert, c->top_k, msb_b, lsb_b, params.msb_share, &n_msb, &n_lsb);
 
     const size_t n_tensors = size_t(n_layers) * (2 * N_PROJ + 3);
     ggml_init_params ip = { ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc*/ true };
@@ -838,7 +839,8 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
         return nullptr;
     }
     int n_msb = 0, n_lsb = 0;
-    split_budget(c->budget / p.n_layers, c->precision, c->n_expert, c->top_k, msb_b, lsb_b == 0 ? 1 : lsb_b, &n_msb, &n_lsb);
+    split_budget(c->budget / p.n_layers, c->precision, c->n_expert, c->top_k, msb_b, lsb_b == 0 ? 1 : lsb_b,
+                 p.msb_share, &n_msb, &n_lsb);
     c->layers.resize(size_t(p.n_layers));
     for (int i = 0; i < p.n_layers; ++i) {
         layer & L = c->layers[size_t(i)];
