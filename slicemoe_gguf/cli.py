@@ -297,10 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RAM for routed-expert slices: bytes with a unit (512KB, 300MB, 2GiB) or a "
                             "percentage of all expert slice bytes (50%%). Decode then reads missing slices "
                             "from the file. Default: no cache, every expert mapped from the file")
-    cache.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4"], default="dbsc",
+    cache.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit"], default="dbsc",
                        help="cache policy: dbsc (SliceMoE: bit slices, precision per use; default), lru8 / "
                             "lfu8 (whole experts at 8 bits, least recently / frequently used out), lru4 "
-                            "(MSB slices only: the 4-bit model)")
+                            "(MSB slices only: the 4-bit model), hobbit (misses of unimportant experts load "
+                            "and run at 4 bits)")
     cache.add_argument("--warmup", choices=["pcw", "none"], default="pcw",
                        help="pcw: load the slices the prompt used most before the first decode token "
                             "(default pcw)")
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Drive the native slice cache with a recorded trace: the same policies as "
                                      "slicemoe run, plus belady (the offline optimum).")
     sim.add_argument("trace", help="a slicemoe-trace .jsonl file")
-    sim.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "belady"], default="dbsc")
+    sim.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "belady"], default="dbsc")
     sim.add_argument("--cache-budget", required=True, metavar="SIZE",
                      help="bytes with a unit (300MB, 2GiB) or a percentage of all slice bytes (50%%)")
     sim.add_argument("--precision", choices=["auto", "high", "low"], default="auto",

@@ -33,7 +33,7 @@ def slice_total(path) -> int:
 
 @pytest.mark.parametrize("policy,warmup,fraction", [("dbsc", "pcw", 0.5), ("dbsc", "none", 0.3),
                                                     ("lru8", "none", 0.5), ("lfu8", "pcw", 0.4),
-                                                    ("lru4", "none", 0.25)])
+                                                    ("lru4", "none", 0.25), ("hobbit", "pcw", 0.5)])
 def test_a_live_run_replayed_gives_the_same_counters(sliced, policy, warmup, fraction):
     budget = int(slice_total(sliced) * fraction)
     with Model(sliced, cache_budget=budget, policy=policy, warmup=warmup, record_trace=True) as model:
@@ -173,3 +173,16 @@ def _prompts(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text(f"{PROMPT}\nthe fish and the sea and the stars\n\nA journey of a thousand miles\n")
     return path
+
+
+def test_hobbit_loads_unimportant_misses_at_4_bits_and_runs_hits_as_cached():
+    header = {"format": "slicemoe-trace", "version": 1, "n_layers": 1, "n_experts": 4, "top_k": 2,
+              "moe_layers": [0], "slice_bytes": {"msb": 1, "lsb": 1}}
+    trace = traces.from_records(header, [
+        (1, 0, 1, [0, 1], [0.9, 0.05]),   # both miss: 0 is important (8 bits), 1 is not (MSB only)
+        (1, 0, 1, [1, 0], [0.9, 0.05]),   # both hit: 1 runs as cached (4 bits), 0 as cached (8 bits)
+    ])
+    stats = traces.replay(trace, policy="hobbit", budget=16, high_threshold=0.5)
+    assert (stats["msb_misses"], stats["msb_hits"]) == (2, 2)
+    assert (stats["lsb_misses"], stats["lsb_hits"]) == (1, 1)
+    assert (stats["high_uses"], stats["low_uses"]) == (2, 2)

@@ -60,6 +60,8 @@ enum slicemoe_policy {
     SLICEMOE_POLICY_LFU8   = 2,  // whole experts at 8 bits, least frequently used out
     SLICEMOE_POLICY_LRU4   = 3,  // MSB slices only (the 4-bit model), LRU
     SLICEMOE_POLICY_BELADY = 4,  // whole experts at 8 bits, farthest next use out (replay only)
+    SLICEMOE_POLICY_HOBBIT = 5,  // HOBBIT-style: a miss of an unimportant expert loads and runs it at
+                                 // 4 bits, of an important one at 8 bits; hits run as cached
 };
 
 enum slicemoe_warmup {

@@ -363,9 +363,13 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
         L.stats.ram_bytes += int64_t(L.msb.slice_bytes);
         c.totals.ram_bytes += int64_t(L.msb.slice_bytes);
 
-        const float p = weights[r];
-        bool high = c.precision == SLICEMOE_PRECISION_HIGH ||
-                    (c.precision == SLICEMOE_PRECISION_AUTO && (r == 0 || p >= c.high_threshold));
+        const bool msb_hit = hit;
+        const bool important = r == 0 || weights[r] >= c.high_threshold;
+        bool high = c.precision == SLICEMOE_PRECISION_HIGH || (c.precision == SLICEMOE_PRECISION_AUTO && important);
+        if (c.policy == SLICEMOE_POLICY_HOBBIT) {
+            // hits run at the precision cached; a miss loads what the use's importance asks for
+            high = msb_hit ? L.lsb.n_slots > 0 && L.lsb.expert_slot[e] >= 0 : important;
+        }
         if (high && L.lsb.n_slots > 0) {
             if (ensure(c, L, L.lsb, e, &hit)) {
                 (hit ? L.stats.lsb_hits : L.stats.lsb_misses) += 1;
@@ -477,6 +481,7 @@ int effective_precision(int policy, int precision) {
         case SLICEMOE_POLICY_LFU8:
         case SLICEMOE_POLICY_BELADY: return SLICEMOE_PRECISION_HIGH;
         case SLICEMOE_POLICY_LRU4:   return SLICEMOE_PRECISION_LOW;
+        case SLICEMOE_POLICY_HOBBIT: return SLICEMOE_PRECISION_AUTO;
         default:                     return precision;
     }
 }
