@@ -103,7 +103,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
                n_threads=args.threads, precision=args.precision, cache_budget=budget, warmup=args.warmup,
                high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
-               policy=args.policy, msb_share=args.msb_share) as model:
+               policy=args.policy, msb_share=args.msb_share, high_ratio=args.high_ratio) as model:
         if args.json or args.logits_out:
             result = model.generate(prompt, args.n_predict, sampling, keep_logits=bool(args.logits_out),
                                     stop_at_eog=not args.ignore_eos)
@@ -188,7 +188,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SliceMoEError(f"--cache-budget: {exc}", 1) from exc
     stats = traces.replay(trace, policy=args.policy, budget=budget, precision=args.precision, warmup=args.warmup,
-                          high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate)
+                          high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
+                          high_ratio=args.high_ratio)
     decode_tokens = max(stats["decode_tokens"], 1)
     msb_uses = stats["msb_hits"] + stats["msb_misses"]
     lsb_uses = stats["lsb_hits"] + stats["lsb_misses"]
@@ -297,11 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RAM for routed-expert slices: bytes with a unit (512KB, 300MB, 2GiB) or a "
                             "percentage of all expert slice bytes (50%%). Decode then reads missing slices "
                             "from the file. Default: no cache, every expert mapped from the file")
-    cache.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit"], default="dbsc",
+    cache.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe"], default="dbsc",
                        help="cache policy: dbsc (SliceMoE: bit slices, precision per use; default), lru8 / "
                             "lfu8 (whole experts at 8 bits, least recently / frequently used out), lru4 "
                             "(MSB slices only: the 4-bit model), hobbit (misses of unimportant experts load "
-                            "and run at 4 bits)")
+                            "and run at 4 bits), dymoe (8-bit share falling with depth, --high-ratio)")
+    cache.add_argument("--high-ratio", type=float, default=0.0, metavar="F",
+                       help="dymoe: share of a token's uses at 8 bits in the first MoE layer, falling by a half "
+                            "cosine to 0 at the last (default 0 = 0.5)")
     cache.add_argument("--warmup", choices=["pcw", "none"], default="pcw",
                        help="pcw: load the slices the prompt used most before the first decode token "
                             "(default pcw)")
@@ -339,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Drive the native slice cache with a recorded trace: the same policies as "
                                      "slicemoe run, plus belady (the offline optimum).")
     sim.add_argument("trace", help="a slicemoe-trace .jsonl file")
-    sim.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "belady"], default="dbsc")
+    sim.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "belady"], default="dbsc")
+    sim.add_argument("--high-ratio", type=float, default=0.0, metavar="F", help="dymoe (default 0 = 0.5)")
     sim.add_argument("--cache-budget", required=True, metavar="SIZE",
                      help="bytes with a unit (300MB, 2GiB) or a percentage of all slice bytes (50%%)")
     sim.add_argument("--precision", choices=["auto", "high", "low"], default="auto",
@@ -381,8 +386,9 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
             parser.error("--top-p must be in (0, 1]")
         if not 0 <= args.seed < 2**32:
             parser.error("--seed must be in [0, 2^32)")
-        if not 0.0 <= args.high_threshold <= 1.0 or not 0.0 <= args.max_miss_rate < 1.0:
-            parser.error("--high-threshold must be in [0, 1] and --max-miss-rate in [0, 1)")
+        if not 0.0 <= args.high_threshold <= 1.0 or not 0.0 <= args.max_miss_rate < 1.0 or \
+                not 0.0 <= args.high_ratio <= 1.0 or not 0.0 <= args.msb_share <= 1.0:
+            parser.error("--high-threshold, --high-ratio and --msb-share must be in [0, 1], --max-miss-rate in [0, 1)")
 
 
 def main(argv: list[str] | None = None) -> int:

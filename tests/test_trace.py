@@ -33,7 +33,8 @@ def slice_total(path) -> int:
 
 @pytest.mark.parametrize("policy,warmup,fraction", [("dbsc", "pcw", 0.5), ("dbsc", "none", 0.3),
                                                     ("lru8", "none", 0.5), ("lfu8", "pcw", 0.4),
-                                                    ("lru4", "none", 0.25), ("hobbit", "pcw", 0.5)])
+                                                    ("lru4", "none", 0.25), ("hobbit", "pcw", 0.5),
+                                                    ("dymoe", "none", 0.5)])
 def test_a_live_run_replayed_gives_the_same_counters(sliced, policy, warmup, fraction):
     budget = int(slice_total(sliced) * fraction)
     with Model(sliced, cache_budget=budget, policy=policy, warmup=warmup, record_trace=True) as model:
@@ -186,3 +187,15 @@ def test_hobbit_loads_unimportant_misses_at_4_bits_and_runs_hits_as_cached():
     assert (stats["msb_misses"], stats["msb_hits"]) == (2, 2)
     assert (stats["lsb_misses"], stats["lsb_hits"]) == (1, 1)
     assert (stats["high_uses"], stats["low_uses"]) == (2, 2)
+
+
+def test_dymoe_runs_fewer_8bit_uses_in_deeper_layers():
+    layers, tokens = 5, 10
+    header = {"format": "slicemoe-trace", "version": 1, "n_layers": layers, "n_experts": 8, "top_k": 4,
+              "moe_layers": list(range(layers)), "slice_bytes": {"msb": 1, "lsb": 1}}
+    records = [(1, layer, 1, [0, 1, 2, 3], [0.4, 0.3, 0.2, 0.1]) for _ in range(tokens) for layer in range(layers)]
+    stats = traces.replay(traces.from_records(header, records), policy="dymoe", budget=10**6, high_ratio=1.0)
+    # k * (1 + cos(pi * i / 4)) / 2 for i = 0..4, rounded: 4, 3, 2, 1, 0 per token; the LSB uses show it
+    lsb_uses = [h + m for h, m in zip(stats["layers"]["lsb_hits"], stats["layers"]["lsb_misses"])]
+    assert lsb_uses == [tokens * n for n in (4, 3, 2, 1, 0)]
+    assert stats["high_uses"] == tokens * 10

@@ -62,6 +62,8 @@ enum slicemoe_policy {
     SLICEMOE_POLICY_BELADY = 4,  // whole experts at 8 bits, farthest next use out (replay only)
     SLICEMOE_POLICY_HOBBIT = 5,  // HOBBIT-style: a miss of an unimportant expert loads and runs it at
                                  // 4 bits, of an important one at 8 bits; hits run as cached
+    SLICEMOE_POLICY_DYMOE  = 6,  // DyMoE-style: the share of 8-bit uses falls with depth (cosine
+                                 // schedule scaled by high_ratio), the best-ranked uses first
 };
 
 enum slicemoe_warmup {
@@ -86,6 +88,7 @@ struct slicemoe_model_params {
     bool    record_trace;      // keep the routing of every MoE layer (see slicemoe_trace_*); works
                                // for stock MoE models too
     float   msb_share;         // dbsc: share of each layer's budget for MSB slots; 0 = 2/3
+    float   high_ratio;        // dymoe: share of 8-bit uses in the first MoE layer (0 = 0.5)
 };
 
 // Trace replay with no model: the same cache manager with no pools and no reads.
@@ -102,6 +105,7 @@ struct slicemoe_sim_params {
     float   high_threshold;
     float   max_miss_rate;
     float   msb_share;         // as in slicemoe_model_params
+    float   high_ratio;        // as in slicemoe_model_params
 };
 
 // Counters of the slice cache, summed over layers (or of one layer). "Hits" and "misses" count

@@ -98,6 +98,7 @@ struct cache {
     std::vector<route>   trace;
     float                high_threshold = 0.25f;
     float                max_miss_rate = 0.0f;
+    float                high_ratio = 0.5f;     // dymoe
     double               miss_rate_ema = 0.0;   // slice miss rate, smoothed over decode tokens
     int64_t              token_uses = 0, token_misses = 0;
     int64_t              budget = 0;
@@ -332,7 +333,17 @@ void release_mapped(cache & c) {
 
 // The policy for one decode token of one layer: ids are the token's experts, best first, and
 // weights their routing probabilities (0 where not observed).
+// DyMoE's depth schedule: how many of a token's top-k uses run at 8 bits in MoE layer `index`,
+// ratio * k at the first MoE layer falling by a half cosine to 0 at the last.
+int dymoe_high_uses(const cache & c, int index) {
+    const int n = int(c.layers.size());
+    const double depth = n > 1 ? double(index) / double(n - 1) : 0.0;
+    const double share = c.high_ratio * 0.5 * (1.0 + std::cos(M_PI * depth));
+    return int(std::lround(share * c.top_k));
+}
+
 bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weights) {
+    const int dymoe_high = c.policy == SLICEMOE_POLICY_DYMOE ? dymoe_high_uses(c, int(&L - c.layers.data())) : 0;
     c.clock += 1;
     if (L.warm_pending) {
         warm_up(c, L);
@@ -366,6 +377,9 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
         const bool msb_hit = hit;
         const bool important = r == 0 || weights[r] >= c.high_threshold;
         bool high = c.precision == SLICEMOE_PRECISION_HIGH || (c.precision == SLICEMOE_PRECISION_AUTO && important);
+        if (c.policy == SLICEMOE_POLICY_DYMOE) {
+            high = r < dymoe_high;   // importance by routing rank (the ids come best first)
+        }
         if (c.policy == SLICEMOE_POLICY_HOBBIT) {
             // hits run at the precision cached; a miss loads what the use's importance asks for
             high = msb_hit ? L.lsb.n_slots > 0 && L.lsb.expert_slot[e] >= 0 : important;
@@ -481,7 +495,8 @@ int effective_precision(int policy, int precision) {
         case SLICEMOE_POLICY_LFU8:
         case SLICEMOE_POLICY_BELADY: return SLICEMOE_PRECISION_HIGH;
         case SLICEMOE_POLICY_LRU4:   return SLICEMOE_PRECISION_LOW;
-        case SLICEMOE_POLICY_HOBBIT: return SLICEMOE_PRECISION_AUTO;
+        case SLICEMOE_POLICY_HOBBIT:
+        case SLICEMOE_POLICY_DYMOE:  return SLICEMOE_PRECISION_AUTO;
         default:                     return precision;
     }
 }
@@ -517,6 +532,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->warmup = params.warmup;
     c->high_threshold = params.high_threshold;
     c->max_miss_rate = params.max_miss_rate;
+    c->high_ratio = params.high_ratio > 0.0f ? params.high_ratio : 0.5f;
     c->budget = params.cache_budget_bytes;
 
     gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ nullptr };
@@ -832,6 +848,7 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
     c->warmup = p.warmup;
     c->high_threshold = p.high_threshold;
     c->max_miss_rate = p.max_miss_rate;
+    c->high_ratio = p.high_ratio > 0.0f ? p.high_ratio : 0.5f;
     c->budget = p.budget_bytes;
     const size_t msb_b = size_t(p.msb_bytes), lsb_b = size_t(p.lsb_bytes);
     if (c->precision != SLICEMOE_PRECISION_LOW && lsb_b == 0) {
