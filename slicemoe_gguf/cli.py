@@ -103,7 +103,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
                n_threads=args.threads, precision=args.precision, cache_budget=budget, warmup=args.warmup,
                high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
-               policy=args.policy, msb_share=args.msb_share, high_ratio=args.high_ratio) as model:
+               policy=args.policy, msb_share=args.msb_share, high_ratio=args.high_ratio,
+               prior_lambda=args.prior_lambda) as model:
         if args.json or args.logits_out:
             result = model.generate(prompt, args.n_predict, sampling, keep_logits=bool(args.logits_out),
                                     stop_at_eog=not args.ignore_eos)
@@ -298,11 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RAM for routed-expert slices: bytes with a unit (512KB, 300MB, 2GiB) or a "
                             "percentage of all expert slice bytes (50%%). Decode then reads missing slices "
                             "from the file. Default: no cache, every expert mapped from the file")
-    cache.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe"], default="dbsc",
+    cache.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "cache_prior"],
+                       default="dbsc",
                        help="cache policy: dbsc (SliceMoE: bit slices, precision per use; default), lru8 / "
                             "lfu8 (whole experts at 8 bits, least recently / frequently used out), lru4 "
                             "(MSB slices only: the 4-bit model), hobbit (misses of unimportant experts load "
-                            "and run at 4 bits), dymoe (8-bit share falling with depth, --high-ratio)")
+                            "and run at 4 bits), dymoe (8-bit share falling with depth, --high-ratio), "
+                            "cache_prior (dbsc plus cache-aware routing, --prior-lambda; changes outputs)")
+    cache.add_argument("--prior-lambda", type=float, default=0.5, metavar="L",
+                       help="cache_prior: bias of a cached expert's router logit, in mean logit ranges "
+                            "(default 0.5; 0 = the model's own routing)")
     cache.add_argument("--high-ratio", type=float, default=0.0, metavar="F",
                        help="dymoe: share of a token's uses at 8 bits in the first MoE layer, falling by a half "
                             "cosine to 0 at the last (default 0 = 0.5)")
@@ -387,8 +393,9 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         if not 0 <= args.seed < 2**32:
             parser.error("--seed must be in [0, 2^32)")
         if not 0.0 <= args.high_threshold <= 1.0 or not 0.0 <= args.max_miss_rate < 1.0 or \
-                not 0.0 <= args.high_ratio <= 1.0 or not 0.0 <= args.msb_share <= 1.0:
-            parser.error("--high-threshold, --high-ratio and --msb-share must be in [0, 1], --max-miss-rate in [0, 1)")
+                not 0.0 <= args.high_ratio <= 1.0 or not 0.0 <= args.msb_share <= 1.0 or args.prior_lambda < 0:
+            parser.error("--high-threshold, --high-ratio and --msb-share must be in [0, 1], --max-miss-rate in "
+                         "[0, 1), --prior-lambda >= 0")
 
 
 def main(argv: list[str] | None = None) -> int:

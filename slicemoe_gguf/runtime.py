@@ -68,7 +68,7 @@ class Model:
                  n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0, precision: str = "auto",
                  cache_budget: int = 0, warmup: str = "none", high_threshold: float = 0.25,
                  max_miss_rate: float = 0.0, policy: str = "dbsc", record_trace: bool = False,
-                 msb_share: float = 0.0, high_ratio: float = 0.0):
+                 msb_share: float = 0.0, high_ratio: float = 0.0, prior_lambda: float = 0.0):
         self.path = Path(path)
         self._lib = lib()
         if precision not in PRECISIONS:
@@ -91,6 +91,7 @@ class Model:
         params.record_trace = record_trace
         params.msb_share = msb_share
         params.high_ratio = high_ratio
+        params.prior_lambda = prior_lambda
         out = ffi.new("slicemoe_model **")
         check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
         self._model = out[0]

@@ -24,7 +24,7 @@ from ._native import check, ffi, lib
 
 FORMAT = "slicemoe-trace"
 VERSION = 1
-POLICIES = {"dbsc": 0, "lru8": 1, "lfu8": 2, "lru4": 3, "belady": 4, "hobbit": 5, "dymoe": 6}
+POLICIES = {"dbsc": 0, "lru8": 1, "lfu8": 2, "lru4": 3, "belady": 4, "hobbit": 5, "dymoe": 6, "cache_prior": 7}
 PHASES = ("prefill", "decode")
 
 

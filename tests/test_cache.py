@@ -164,3 +164,34 @@ def test_run_json_reports_the_cache(sliced):
     assert len(cache["layers"]["msb_hits"]) == 3
     assert sum(cache["layers"]["flash_bytes"]) == cache["flash_bytes"]
     assert sum(cache["layers"]["io_ms"]) == pytest.approx(cache["io_ms"])
+
+
+def _log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def test_cache_prior_lambda_zero_is_the_models_routing_and_positive_lambda_saves_misses(sliced):
+    path = sliced("qwen2_moe")
+    budget = budgets(path, "auto")["100%"] // 3
+    runs = {}
+    for policy, lam in (("dbsc", 0.0), ("cache_prior", 0.0), ("cache_prior", 1.0)):
+        runs[(policy, lam)] = decode(path, "auto", budget, policy=policy, prior_lambda=lam, warmup="none")
+    base, base_stats = runs[("dbsc", 0.0)]
+    zero, _ = runs[("cache_prior", 0.0)]
+    np.testing.assert_array_equal(zero.logits, base.logits)
+    biased, biased_stats = runs[("cache_prior", 1.0)]
+    assert biased_stats["misses"] < base_stats["misses"]
+    # it changes outputs: the KL to the model's own next-token distributions is what it costs
+    kl = (np.exp(_log_softmax(base.logits)) * (_log_softmax(base.logits) - _log_softmax(biased.logits))).sum(-1)
+    assert kl.mean() > 0
+
+
+def test_cache_prior_cannot_be_replayed_without_logits(tmp_path):
+    from slicemoe_gguf import trace as traces
+
+    header = {"format": "slicemoe-trace", "version": 1, "n_layers": 1, "n_experts": 4, "top_k": 1,
+              "slice_bytes": {"msb": 1, "lsb": 1}}
+    trace = traces.from_records(header, [(1, 0, 1, [0], [1.0])])
+    with pytest.raises(SliceMoEError, match="router logits"):
+        traces.replay(trace, policy="cache_prior", budget=16)

@@ -64,6 +64,8 @@ enum slicemoe_policy {
                                  // 4 bits, of an important one at 8 bits; hits run as cached
     SLICEMOE_POLICY_DYMOE  = 6,  // DyMoE-style: the share of 8-bit uses falls with depth (cosine
                                  // schedule scaled by high_ratio), the best-ranked uses first
+    SLICEMOE_POLICY_CACHE_PRIOR = 7,  // cache-aware routing: dbsc, and during decode the router logit
+                                 // of every cached expert gets + prior_lambda * (mean logit range)
 };
 
 enum slicemoe_warmup {
@@ -89,6 +91,7 @@ struct slicemoe_model_params {
                                // for stock MoE models too
     float   msb_share;         // dbsc: share of each layer's budget for MSB slots; 0 = 2/3
     float   high_ratio;        // dymoe: share of 8-bit uses in the first MoE layer (0 = 0.5)
+    float   prior_lambda;      // cache_prior: 0 = the model's own routing
 };
 
 // Trace replay with no model: the same cache manager with no pools and no reads.

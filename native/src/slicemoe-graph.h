@@ -21,3 +21,7 @@ struct slicemoe_moe_weights {
 // Called by build_moe_ffn with the model's own tensors in *w; leaves *w unchanged for layers the
 // engine does not know (stock models).
 void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, int il, int64_t n_tokens, slicemoe_moe_weights * w);
+
+// Cache-aware routing: a bias [n_expert] added to the router logits for selecting the top-k (the
+// mixing weights keep the unbiased probabilities), or nullptr to select as the model does.
+ggml_tensor * slicemoe_moe_selection_bias(ggml_context * ctx, int il, int64_t n_tokens, const ggml_tensor * up_exps);

@@ -73,6 +73,9 @@ struct layer {
     ggml_tensor *        msb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> MSB slot
     ggml_tensor *        lsb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> LSB slot
     ggml_tensor *        lsb_mask = nullptr;  // F32 [1, n_expert, 1]: 1 = run the LSB product
+    ggml_tensor *        sel_bias = nullptr;  // F32 [n_expert]: cache_prior's bias on the router logits
+    double               logit_range_sum = 0.0;  // cache_prior: sum and count of (max - min) logit
+    int64_t              logit_range_n = 0;
     std::vector<float>   probs;               // router probabilities of the current decode token
     std::vector<double>  prompt_score;        // recency-weighted prompt routing, for PCW
     bool                 warm_pending = false;
@@ -99,6 +102,7 @@ struct cache {
     float                high_threshold = 0.25f;
     float                max_miss_rate = 0.0f;
     float                high_ratio = 0.5f;     // dymoe
+    float                prior_lambda = 0.0f;   // cache_prior
     double               miss_rate_ema = 0.0;   // slice miss rate, smoothed over decode tokens
     int64_t              token_uses = 0, token_misses = 0;
     int64_t              budget = 0;
@@ -440,6 +444,22 @@ void record_prompt_token(cache & c, layer & L, const int32_t * ids) {
     L.warm_pending = c.warmup == SLICEMOE_WARMUP_PCW;
 }
 
+// cache_prior: before the layer's top-k of a decode token, bias every cached expert's logit by
+// lambda times the layer's mean logit range (max - min over experts, averaged over decode tokens
+// so far, this one included).
+void set_selection_bias(cache & c, layer & L, const ggml_tensor * logits) {
+    std::vector<float> v(size_t(c.n_expert));
+    ggml_backend_tensor_get(logits, v.data(), 0, v.size() * sizeof(float));
+    const auto mm = std::minmax_element(v.begin(), v.end());
+    L.logit_range_sum += double(*mm.second - *mm.first);
+    L.logit_range_n += 1;
+    const float shift = float(double(c.prior_lambda) * L.logit_range_sum / double(L.logit_range_n));
+    for (int e = 0; e < c.n_expert; ++e) {
+        v[size_t(e)] = L.msb.expert_slot[size_t(e)] >= 0 ? shift : 0.0f;
+    }
+    ggml_backend_tensor_set(L.sel_bias, v.data(), 0, v.size() * sizeof(float));
+}
+
 // One routing event, live or replayed: the single place that drives the policy.
 bool access(cache & c, int index, int phase, const int32_t * ids, const float * weights) {
     layer & L = c.layers[size_t(index)];
@@ -496,7 +516,8 @@ int effective_precision(int policy, int precision) {
         case SLICEMOE_POLICY_BELADY: return SLICEMOE_PRECISION_HIGH;
         case SLICEMOE_POLICY_LRU4:   return SLICEMOE_PRECISION_LOW;
         case SLICEMOE_POLICY_HOBBIT:
-        case SLICEMOE_POLICY_DYMOE:  return SLICEMOE_PRECISION_AUTO;
+        case SLICEMOE_POLICY_DYMOE:
+        case SLICEMOE_POLICY_CACHE_PRIOR: return SLICEMOE_PRECISION_AUTO;
         default:                     return precision;
     }
 }
@@ -533,6 +554,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->high_threshold = params.high_threshold;
     c->max_miss_rate = params.max_miss_rate;
     c->high_ratio = params.high_ratio > 0.0f ? params.high_ratio : 0.5f;
+    c->prior_lambda = params.policy == SLICEMOE_POLICY_CACHE_PRIOR ? params.prior_lambda : 0.0f;
     c->budget = params.cache_budget_bytes;
 
     gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ nullptr };
@@ -563,7 +585,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     int n_msb = 0, n_lsb = 0;
     split_budget(per_layer, c->precision, c->n_expert, c->top_k, msb_b, lsb_b, params.msb_share, &n_msb, &n_lsb);
 
-    const size_t n_tensors = size_t(n_layers) * (2 * N_PROJ + 3);
+    const size_t n_tensors = size_t(n_layers) * (2 * N_PROJ + 4);
     ggml_init_params ip = { ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc*/ true };
     c->ctx = ggml_init(ip);
     c->layers.resize(size_t(n_layers));
@@ -595,6 +617,9 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
             }
         }
         L.msb_map = ggml_new_tensor_3d(c->ctx, GGML_TYPE_I32, 1, c->n_expert, 1);
+        if (c->prior_lambda > 0.0f) {
+            L.sel_bias = ggml_new_tensor_1d(c->ctx, GGML_TYPE_F32, c->n_expert);
+        }
         if (n_lsb > 0) {
             L.lsb_map  = ggml_new_tensor_3d(c->ctx, GGML_TYPE_I32, 1, c->n_expert, 1);
             L.lsb_mask = ggml_new_tensor_3d(c->ctx, GGML_TYPE_F32, 1, c->n_expert, 1);
@@ -721,7 +746,8 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     const bool want_probs = c.record || (c.precision == SLICEMOE_PRECISION_AUTO && !c.observe_only);
     const bool is_probs = want_probs && parse_node(name, "ffn_moe_probs", &il);
     const bool is_topk = !is_probs && parse_node(name, "ffn_moe_topk", &il);
-    const auto it = (is_probs || is_topk) ? c.layer_of_il.find(il) : c.layer_of_il.end();
+    const bool is_logits = !is_probs && !is_topk && c.prior_lambda > 0.0f && parse_node(name, "ffn_moe_logits", &il);
+    const auto it = (is_probs || is_topk || is_logits) ? c.layer_of_il.find(il) : c.layer_of_il.end();
     if (it == c.layer_of_il.end()) {
         return !ask;   // not ours: never requested (and keep computing if asked to report)
     }
@@ -733,6 +759,12 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     }
     layer & L = c.layers[it->second];
     const int64_t n_tokens = t->ne[1];
+    if (is_logits) {
+        if (n_tokens == 1) {
+            set_selection_bias(c, L, t);
+        }
+        return true;
+    }
     if (is_probs) {
         L.probs.resize(size_t(c.n_expert * n_tokens));
         ggml_backend_tensor_get(t, L.probs.data(), 0, L.probs.size() * sizeof(float));
@@ -839,6 +871,11 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
         *error = "simulation needs n_layers, n_expert, top_k <= n_expert, slice sizes and a budget above 0";
         return nullptr;
     }
+    if (p.policy == SLICEMOE_POLICY_CACHE_PRIOR) {
+        *error = "cache_prior changes which experts the router picks, so replaying it needs the full router "
+                 "logits, which traces do not carry yet: measure it live";
+        return nullptr;
+    }
     auto c = std::make_unique<cache>();
     c->simulated = true;
     c->n_expert = p.n_expert;
@@ -925,6 +962,16 @@ int sim_run(cache * c, int64_t n, const int32_t * requests, const int32_t * laye
 }
 
 } // namespace slicemoe
+
+ggml_tensor * slicemoe_moe_selection_bias(ggml_context * /*ctx*/, int /*il*/, int64_t n_tokens, const ggml_tensor * up_exps) {
+    using namespace slicemoe;
+    std::lock_guard<std::mutex> lock(g_mutex);
+    const auto it = g_layers.find(up_exps);
+    if (it == g_layers.end() || !it->second.c || n_tokens != 1) {
+        return nullptr;
+    }
+    return it->second.c->layers[size_t(it->second.index)].sel_bias;   // nullptr unless cache_prior
+}
 
 void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * /*gf*/, int /*il*/, int64_t n_tokens, slicemoe_moe_weights * w) {
     using namespace slicemoe;
