@@ -85,10 +85,7 @@ def _cache_budget(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise SliceMoEError(f"cannot read '{args.model}': {exc}", 3) from exc
         total = info["expert_msb_bytes"] + info["expert_lsb_bytes"]
-    try:
-        budget = parse_size(args.cache_budget, total)
-    except ValueError as exc:
-        raise SliceMoEError(f"--cache-budget: {exc}", 1) from exc
+    budget = _parse_budget(args.cache_budget, total)
     if budget <= 0:
         raise SliceMoEError("--cache-budget must be more than 0 bytes", 1)
     return budget
@@ -175,19 +172,27 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sim(args: argparse.Namespace) -> int:
+def _read_trace(path: str):
     from . import trace as traces
 
     try:
-        trace = traces.read(args.trace)
+        return traces.read(path)
     except traces.TraceError as exc:
         raise SliceMoEError(str(exc), 3) from exc
-    msb, lsb = traces._slice_bytes(trace.header)
-    total = int(trace.header["n_layers"]) * int(trace.header["n_experts"]) * (msb + lsb)
+
+
+def _parse_budget(text: str, total: int) -> int:
     try:
-        budget = parse_size(args.cache_budget, total)
+        return parse_size(text, total)
     except ValueError as exc:
         raise SliceMoEError(f"--cache-budget: {exc}", 1) from exc
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from . import trace as traces
+
+    trace = _read_trace(args.trace)
+    budget = _parse_budget(args.cache_budget, traces.total_slice_bytes(trace))
     stats = traces.replay(trace, policy=args.policy, budget=budget, precision=args.precision, warmup=args.warmup,
                           high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
                           high_ratio=args.high_ratio)
@@ -223,17 +228,9 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from . import trace as traces
 
-    try:
-        trace = traces.read(args.trace)
-    except traces.TraceError as exc:
-        raise SliceMoEError(str(exc), 3) from exc
+    trace = _read_trace(args.trace)
     total = traces.total_slice_bytes(trace)
-    budget = None
-    if args.cache_budget is not None:
-        try:
-            budget = parse_size(args.cache_budget, total)
-        except ValueError as exc:
-            raise SliceMoEError(f"--cache-budget: {exc}", 1) from exc
+    budget = None if args.cache_budget is None else _parse_budget(args.cache_budget, total)
     result = traces.plan(trace, max_miss_rate=args.max_miss_rate, budget=budget,
                          high_threshold=args.high_threshold, warmup=args.warmup)
     if not result:

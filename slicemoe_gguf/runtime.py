@@ -155,18 +155,10 @@ class Model:
         LSB slices, and per-layer arrays."""
         if not self.has_cache:
             return None
-        t = ffi.new("slicemoe_cache_stats_t *")
-        check(self._lib.slicemoe_cache_get_stats(self._model, t))
-        stats = {name: getattr(t, name) for name in _CACHE_FIELDS}
-        stats["hits"] = stats["msb_hits"] + stats["lsb_hits"]
-        stats["misses"] = stats["msb_misses"] + stats["lsb_misses"]
-        layers = []
-        row = ffi.new("slicemoe_layer_stats_t *")
-        for i in range(self._lib.slicemoe_cache_n_layers(self._model)):
-            check(self._lib.slicemoe_cache_get_layer_stats(self._model, i, row))
-            layers.append({name: getattr(row, name) for name in _LAYER_FIELDS})
-        stats["layers"] = {name: [layer[name] for layer in layers] for name in _LAYER_FIELDS}
-        return stats
+        native, handle = self._lib, self._model
+        return read_cache_stats(lambda t: native.slicemoe_cache_get_stats(handle, t),
+                                lambda i, row: native.slicemoe_cache_get_layer_stats(handle, i, row),
+                                native.slicemoe_cache_n_layers(handle))
 
     def routing_trace(self):
         """The routing recorded so far (record_trace=True) as a slicemoe-trace Trace."""
@@ -291,6 +283,23 @@ class Model:
         logits = np.stack(rows) if rows else (np.zeros((0, self.n_vocab), np.float32) if keep_logits else None)
         return GenerationResult(text=self.detokenize(tokens), prompt_tokens=prompt_tokens, tokens=tokens,
                                 prefill_ms=prefill_ms, decode_ms=decode_ms, logits=logits)
+
+
+def read_cache_stats(get_totals, get_layer, n_layers: int) -> dict:
+    """The counters of a live cache or a replay as one dict: totals (plus hits and misses over both
+    slices) and per-layer arrays under "layers"."""
+    t = ffi.new("slicemoe_cache_stats_t *")
+    check(get_totals(t))
+    stats = {name: getattr(t, name) for name in _CACHE_FIELDS}
+    stats["hits"] = stats["msb_hits"] + stats["lsb_hits"]
+    stats["misses"] = stats["msb_misses"] + stats["lsb_misses"]
+    rows = []
+    row = ffi.new("slicemoe_layer_stats_t *")
+    for i in range(n_layers):
+        check(get_layer(i, row))
+        rows.append({name: getattr(row, name) for name in _LAYER_FIELDS})
+    stats["layers"] = {name: [r[name] for r in rows] for name in _LAYER_FIELDS}
+    return stats
 
 
 def library_info() -> dict:

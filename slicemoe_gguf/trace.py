@@ -134,7 +134,7 @@ def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", w
            high_ratio: float = 0.0) -> dict:
     """Drive the native cache manager with the trace (no compute) and return its counters, with the
     same names as `slicemoe run --json`'s `cache` object."""
-    from .runtime import PRECISIONS, WARMUPS, _CACHE_FIELDS, _LAYER_FIELDS
+    from .runtime import PRECISIONS, WARMUPS, read_cache_stats
 
     native = lib()
     if policy not in POLICIES:
@@ -160,18 +160,8 @@ def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", w
     arrays = [np.ascontiguousarray(a) for a in (trace.request, trace.layer, trace.phase, trace.experts, trace.weights)]
     ptrs = [ffi.from_buffer("int32_t[]", a) for a in arrays[:4]] + [ffi.from_buffer("float[]", arrays[4])]
     check(native.slicemoe_sim_run(sim, len(trace), *ptrs))
-    t = ffi.new("slicemoe_cache_stats_t *")
-    check(native.slicemoe_sim_get_stats(sim, t))
-    stats = {name: getattr(t, name) for name in _CACHE_FIELDS}
-    stats["hits"] = stats["msb_hits"] + stats["lsb_hits"]
-    stats["misses"] = stats["msb_misses"] + stats["lsb_misses"]
-    rows = []
-    row = ffi.new("slicemoe_layer_stats_t *")
-    for i in range(params.n_layers):
-        check(native.slicemoe_sim_get_layer_stats(sim, i, row))
-        rows.append({name: getattr(row, name) for name in _LAYER_FIELDS})
-    stats["layers"] = {name: [r[name] for r in rows] for name in _LAYER_FIELDS}
-    return stats
+    return read_cache_stats(lambda t: native.slicemoe_sim_get_stats(sim, t),
+                            lambda i, row: native.slicemoe_sim_get_layer_stats(sim, i, row), params.n_layers)
 
 
 def total_slice_bytes(trace: Trace) -> int:
