@@ -101,7 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                n_threads=args.threads, precision=args.precision, cache_budget=budget, warmup=args.warmup,
                high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
                policy=args.policy, msb_share=args.msb_share, high_ratio=args.high_ratio,
-               prior_lambda=args.prior_lambda) as model:
+               prior_lambda=args.prior_lambda, gating_t=args.gating_t) as model:
         if args.json or args.logits_out:
             result = model.generate(prompt, args.n_predict, sampling, keep_logits=bool(args.logits_out),
                                     stop_at_eog=not args.ignore_eos)
@@ -195,7 +195,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     budget = _parse_budget(args.cache_budget, traces.total_slice_bytes(trace))
     stats = traces.replay(trace, policy=args.policy, budget=budget, precision=args.precision, warmup=args.warmup,
                           high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
-                          high_ratio=args.high_ratio)
+                          high_ratio=args.high_ratio, gating_t=args.gating_t)
     decode_tokens = max(stats["decode_tokens"], 1)
     msb_uses = stats["msb_hits"] + stats["msb_misses"]
     lsb_uses = stats["lsb_hits"] + stats["lsb_misses"]
@@ -296,13 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RAM for routed-expert slices: bytes with a unit (512KB, 300MB, 2GiB) or a "
                             "percentage of all expert slice bytes (50%%). Decode then reads missing slices "
                             "from the file. Default: no cache, every expert mapped from the file")
-    cache.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "cache_prior"],
+    cache.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "cache_prior", "adapmoe"],
                        default="dbsc",
                        help="cache policy: dbsc (SliceMoE: bit slices, precision per use; default), lru8 / "
                             "lfu8 (whole experts at 8 bits, least recently / frequently used out), lru4 "
                             "(MSB slices only: the 4-bit model), hobbit (misses of unimportant experts load "
                             "and run at 4 bits), dymoe (8-bit share falling with depth, --high-ratio), "
-                            "cache_prior (dbsc plus cache-aware routing, --prior-lambda; changes outputs)")
+                            "cache_prior (dbsc plus cache-aware routing, --prior-lambda; changes outputs), "
+                            "adapmoe (8-bit LRU with adaptive gating, --gating-t; changes outputs)")
+    cache.add_argument("--gating-t", type=float, default=0.0, metavar="T",
+                       help="adapmoe: drop a use after the first when its routing weight < sqrt(T) "
+                            "(default 0: never)")
     cache.add_argument("--prior-lambda", type=float, default=0.5, metavar="L",
                        help="cache_prior: bias of a cached expert's router logit, in mean logit ranges "
                             "(default 0.5; 0 = the model's own routing)")
@@ -346,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Drive the native slice cache with a recorded trace: the same policies as "
                                      "slicemoe run, plus belady (the offline optimum).")
     sim.add_argument("trace", help="a slicemoe-trace .jsonl file")
-    sim.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "belady"], default="dbsc")
+    sim.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "adapmoe", "belady"],
+                     default="dbsc")
+    sim.add_argument("--gating-t", type=float, default=0.0, metavar="T", help="adapmoe (default 0)")
     sim.add_argument("--high-ratio", type=float, default=0.0, metavar="F", help="dymoe (default 0 = 0.5)")
     sim.add_argument("--cache-budget", required=True, metavar="SIZE",
                      help="bytes with a unit (300MB, 2GiB) or a percentage of all slice bytes (50%%)")
@@ -390,9 +396,10 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         if not 0 <= args.seed < 2**32:
             parser.error("--seed must be in [0, 2^32)")
         if not 0.0 <= args.high_threshold <= 1.0 or not 0.0 <= args.max_miss_rate < 1.0 or \
-                not 0.0 <= args.high_ratio <= 1.0 or not 0.0 <= args.msb_share <= 1.0 or args.prior_lambda < 0:
+                not 0.0 <= args.high_ratio <= 1.0 or not 0.0 <= args.msb_share <= 1.0 or args.prior_lambda < 0 or \
+                args.gating_t < 0:
             parser.error("--high-threshold, --high-ratio and --msb-share must be in [0, 1], --max-miss-rate in "
-                         "[0, 1), --prior-lambda >= 0")
+                         "[0, 1), --prior-lambda and --gating-t >= 0")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from ._native import check, ffi, lib
 
 FORMAT = "slicemoe-trace"
 VERSION = 1
-POLICIES = {"dbsc": 0, "lru8": 1, "lfu8": 2, "lru4": 3, "belady": 4, "hobbit": 5, "dymoe": 6, "cache_prior": 7}
+POLICIES = {"dbsc": 0, "lru8": 1, "lfu8": 2, "lru4": 3, "belady": 4, "hobbit": 5, "dymoe": 6, "cache_prior": 7, "adapmoe": 8}
 PHASES = ("prefill", "decode")
 
 
@@ -131,7 +131,7 @@ def _slice_bytes(header: dict) -> tuple[int, int]:
 
 def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", warmup: str = "none",
            high_threshold: float = 0.25, max_miss_rate: float = 0.0, msb_share: float = 0.0,
-           high_ratio: float = 0.0) -> dict:
+           high_ratio: float = 0.0, gating_t: float = 0.0) -> dict:
     """Drive the native cache manager with the trace (no compute) and return its counters, with the
     same names as `slicemoe run --json`'s `cache` object."""
     from .runtime import PRECISIONS, WARMUPS, read_cache_stats
@@ -154,6 +154,7 @@ def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", w
     params.max_miss_rate = max_miss_rate
     params.msb_share = msb_share
     params.high_ratio = high_ratio
+    params.gating_t = gating_t
     out = ffi.new("slicemoe_sim **")
     check(native.slicemoe_sim_create(ffi.new("struct slicemoe_sim_params *", params), out))
     sim = ffi.gc(out[0], native.slicemoe_sim_free)

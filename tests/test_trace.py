@@ -199,3 +199,19 @@ def test_dymoe_runs_fewer_8bit_uses_in_deeper_layers():
     lsb_uses = [h + m for h, m in zip(stats["layers"]["lsb_hits"], stats["layers"]["lsb_misses"])]
     assert lsb_uses == [tokens * n for n in (4, 3, 2, 1, 0)]
     assert stats["high_uses"] == tokens * 10
+
+
+def test_adapmoe_gating_t_zero_is_lru8_and_positive_t_drops_uses_live_and_in_replay(sliced):
+    budget = int(slice_total(sliced) * 0.5)
+    runs = {}
+    for policy, t in (("lru8", 0.0), ("adapmoe", 0.0), ("adapmoe", 0.05)):
+        with Model(sliced, cache_budget=budget, policy=policy, gating_t=t, record_trace=True) as model:
+            result = model.generate(PROMPT, 24, keep_logits=True, stop_at_eog=False)
+            runs[(policy, t)] = (result.logits, model.cache_stats(), model.routing_trace())
+    np.testing.assert_array_equal(runs[("adapmoe", 0.0)][0], runs[("lru8", 0.0)][0])
+    logits, live, trace = runs[("adapmoe", 0.05)]
+    assert live["dropped_uses"] > 0 and live["misses"] < runs[("lru8", 0.0)][1]["misses"]
+    assert not np.array_equal(logits, runs[("lru8", 0.0)][0])   # it changes outputs
+    replayed = traces.replay(trace, policy="adapmoe", budget=budget, gating_t=0.05)
+    for name in COUNTERS + ("dropped_uses",):
+        assert replayed[name] == live[name], name

@@ -66,6 +66,8 @@ enum slicemoe_policy {
                                  // schedule scaled by high_ratio), the best-ranked uses first
     SLICEMOE_POLICY_CACHE_PRIOR = 7,  // cache-aware routing: dbsc, and during decode the router logit
                                  // of every cached expert gets + prior_lambda * (mean logit range)
+    SLICEMOE_POLICY_ADAPMOE = 8, // AdapMoE-style adaptive gating: whole 8-bit experts (LRU); a use
+                                 // ranked below the first is dropped when its weight < sqrt(T / S_l)
 };
 
 enum slicemoe_warmup {
@@ -92,6 +94,7 @@ struct slicemoe_model_params {
     float   msb_share;         // dbsc: share of each layer's budget for MSB slots; 0 = 2/3
     float   high_ratio;        // dymoe: share of 8-bit uses in the first MoE layer (0 = 0.5)
     float   prior_lambda;      // cache_prior: 0 = the model's own routing
+    float   gating_t;          // adapmoe: T of the gating rule; 0 = never drop (the model's routing)
 };
 
 // Trace replay with no model: the same cache manager with no pools and no reads.
@@ -109,6 +112,7 @@ struct slicemoe_sim_params {
     float   max_miss_rate;
     float   msb_share;         // as in slicemoe_model_params
     float   high_ratio;        // as in slicemoe_model_params
+    float   gating_t;          // as in slicemoe_model_params
 };
 
 // Counters of the slice cache, summed over layers (or of one layer). "Hits" and "misses" count
@@ -125,6 +129,7 @@ typedef struct slicemoe_cache_stats {
     int64_t decode_tokens;
     double  io_ms;             // time blocked on reads
     float   high_threshold;    // current value (moves when max_miss_rate is set)
+    int64_t dropped_uses;      // adapmoe: uses removed from the mixture by its gating
 } slicemoe_cache_stats_t;
 
 typedef struct slicemoe_layer_stats {

@@ -176,6 +176,7 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     p.msb_share      = 0.0f;
     p.high_ratio     = 0.0f;
     p.prior_lambda   = 0.0f;
+    p.gating_t       = 0.0f;
     return p;
 }
 
@@ -210,8 +211,8 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
     }
     if (p.cache_budget_bytes < 0 || p.warmup < SLICEMOE_WARMUP_NONE || p.warmup > SLICEMOE_WARMUP_PCW ||
         !(p.high_threshold >= 0.0f && p.high_threshold <= 1.0f) || !(p.max_miss_rate >= 0.0f && p.max_miss_rate < 1.0f) ||
-        p.policy < SLICEMOE_POLICY_DBSC || p.policy > SLICEMOE_POLICY_CACHE_PRIOR || !(p.msb_share >= 0.0f && p.msb_share <= 1.0f) ||
-        !(p.high_ratio >= 0.0f && p.high_ratio <= 1.0f) || !(p.prior_lambda >= 0.0f)) {
+        p.policy < SLICEMOE_POLICY_DBSC || p.policy > SLICEMOE_POLICY_ADAPMOE || !(p.msb_share >= 0.0f && p.msb_share <= 1.0f) ||
+        !(p.high_ratio >= 0.0f && p.high_ratio <= 1.0f) || !(p.prior_lambda >= 0.0f) || !(p.gating_t >= 0.0f)) {
         return fail(SLICEMOE_ERR_INVALID_ARG, "cache budget must be >= 0, warmup none (0) or pcw (1), "
                                               "high_threshold in [0, 1], max_miss_rate in [0, 1), a known policy, "
                                               "msb_share and high_ratio in [0, 1], prior_lambda >= 0");
@@ -349,7 +350,7 @@ int slicemoe_sim_create(const slicemoe_sim_params * params, slicemoe_sim ** out)
         return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sim_create: NULL argument");
     }
     *out = nullptr;
-    if (params->policy < SLICEMOE_POLICY_DBSC || params->policy > SLICEMOE_POLICY_CACHE_PRIOR ||
+    if (params->policy < SLICEMOE_POLICY_DBSC || params->policy > SLICEMOE_POLICY_ADAPMOE ||
         params->precision < SLICEMOE_PRECISION_AUTO || params->precision > SLICEMOE_PRECISION_LOW) {
         return fail(SLICEMOE_ERR_INVALID_ARG, "unknown policy or precision");
     }

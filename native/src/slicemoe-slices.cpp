@@ -74,6 +74,7 @@ struct layer {
     ggml_tensor *        lsb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> LSB slot
     ggml_tensor *        lsb_mask = nullptr;  // F32 [1, n_expert, 1]: 1 = run the LSB product
     ggml_tensor *        sel_bias = nullptr;  // F32 [n_expert]: cache_prior's bias on the router logits
+    ggml_tensor *        keep = nullptr;      // F32 [1, n_expert, 1]: adapmoe, 0 = dropped from the mixture
     double               logit_range_sum = 0.0;  // cache_prior: sum and count of (max - min) logit
     int64_t              logit_range_n = 0;
     std::vector<float>   probs;               // router probabilities of the current decode token
@@ -103,6 +104,7 @@ struct cache {
     float                max_miss_rate = 0.0f;
     float                high_ratio = 0.5f;     // dymoe
     float                prior_lambda = 0.0f;   // cache_prior
+    float                gating_t = 0.0f;       // adapmoe
     double               miss_rate_ema = 0.0;   // slice miss rate, smoothed over decode tokens
     int64_t              token_uses = 0, token_misses = 0;
     int64_t              budget = 0;
@@ -354,13 +356,20 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
         if (c.failed) return false;
     }
     std::vector<int32_t> msb_map(c.n_expert, 0), lsb_map(c.n_expert, 0);
-    std::vector<float> mask(c.n_expert, 0.0f);
+    std::vector<float> mask(c.n_expert, 0.0f), keep(c.n_expert, 1.0f);
     for (int r = 0; r < c.top_k; ++r) {
         const int e = ids[r];
         if (e < 0 || e >= c.n_expert) {
             c.failed = true;
             c.error = "router selected expert " + std::to_string(e) + " outside [0, " + std::to_string(c.n_expert) + ")";
             return false;
+        }
+        // AdapMoE's gating with a uniform sensitivity S_l = 1 (no calibration data): a use after the
+        // first is dropped when its routing weight is below sqrt(T); it is neither loaded nor run
+        if (c.gating_t > 0.0f && r > 0 && weights[r] < std::sqrt(c.gating_t)) {
+            keep[e] = 0.0f;
+            c.totals.dropped_uses += 1;
+            continue;
         }
         bool hit = false;
         if (!ensure(c, L, L.msb, e, &hit)) {
@@ -412,6 +421,9 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
         return true;
     }
     ggml_backend_tensor_set(L.msb_map, msb_map.data(), 0, msb_map.size() * sizeof(int32_t));
+    if (L.keep) {
+        ggml_backend_tensor_set(L.keep, keep.data(), 0, keep.size() * sizeof(float));
+    }
     if (L.lsb_map) {
         ggml_backend_tensor_set(L.lsb_map, lsb_map.data(), 0, lsb_map.size() * sizeof(int32_t));
         ggml_backend_tensor_set(L.lsb_mask, mask.data(), 0, mask.size() * sizeof(float));
@@ -513,7 +525,8 @@ int effective_precision(int policy, int precision) {
     switch (policy) {
         case SLICEMOE_POLICY_LRU8:
         case SLICEMOE_POLICY_LFU8:
-        case SLICEMOE_POLICY_BELADY: return SLICEMOE_PRECISION_HIGH;
+        case SLICEMOE_POLICY_BELADY:
+        case SLICEMOE_POLICY_ADAPMOE: return SLICEMOE_PRECISION_HIGH;
         case SLICEMOE_POLICY_LRU4:   return SLICEMOE_PRECISION_LOW;
         case SLICEMOE_POLICY_HOBBIT:
         case SLICEMOE_POLICY_DYMOE:
@@ -555,6 +568,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->max_miss_rate = params.max_miss_rate;
     c->high_ratio = params.high_ratio > 0.0f ? params.high_ratio : 0.5f;
     c->prior_lambda = params.policy == SLICEMOE_POLICY_CACHE_PRIOR ? params.prior_lambda : 0.0f;
+    c->gating_t = params.policy == SLICEMOE_POLICY_ADAPMOE ? params.gating_t : 0.0f;
     c->budget = params.cache_budget_bytes;
 
     gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ nullptr };
@@ -585,7 +599,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     int n_msb = 0, n_lsb = 0;
     split_budget(per_layer, c->precision, c->n_expert, c->top_k, msb_b, lsb_b, params.msb_share, &n_msb, &n_lsb);
 
-    const size_t n_tensors = size_t(n_layers) * (2 * N_PROJ + 4);
+    const size_t n_tensors = size_t(n_layers) * (2 * N_PROJ + 5);
     ggml_init_params ip = { ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc*/ true };
     c->ctx = ggml_init(ip);
     c->layers.resize(size_t(n_layers));
@@ -619,6 +633,9 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         L.msb_map = ggml_new_tensor_3d(c->ctx, GGML_TYPE_I32, 1, c->n_expert, 1);
         if (c->prior_lambda > 0.0f) {
             L.sel_bias = ggml_new_tensor_1d(c->ctx, GGML_TYPE_F32, c->n_expert);
+        }
+        if (c->gating_t > 0.0f) {
+            L.keep = ggml_new_tensor_3d(c->ctx, GGML_TYPE_F32, 1, c->n_expert, 1);
         }
         if (n_lsb > 0) {
             L.lsb_map  = ggml_new_tensor_3d(c->ctx, GGML_TYPE_I32, 1, c->n_expert, 1);
@@ -743,7 +760,7 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     int il = -1;
     const char * name = ggml_get_name(t);
     // router probabilities matter only to auto precision; every observed node costs a graph split
-    const bool want_probs = c.record || (c.precision == SLICEMOE_PRECISION_AUTO && !c.observe_only);
+    const bool want_probs = c.record || c.gating_t > 0.0f || (c.precision == SLICEMOE_PRECISION_AUTO && !c.observe_only);
     const bool is_probs = want_probs && parse_node(name, "ffn_moe_probs", &il);
     const bool is_topk = !is_probs && parse_node(name, "ffn_moe_topk", &il);
     const bool is_logits = !is_probs && !is_topk && c.prior_lambda > 0.0f && parse_node(name, "ffn_moe_logits", &il);
@@ -886,6 +903,7 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
     c->high_threshold = p.high_threshold;
     c->max_miss_rate = p.max_miss_rate;
     c->high_ratio = p.high_ratio > 0.0f ? p.high_ratio : 0.5f;
+    c->gating_t = p.policy == SLICEMOE_POLICY_ADAPMOE ? p.gating_t : 0.0f;
     c->budget = p.budget_bytes;
     const size_t msb_b = size_t(p.msb_bytes), lsb_b = size_t(p.lsb_bytes);
     if (c->precision != SLICEMOE_PRECISION_LOW && lsb_b == 0) {
@@ -992,6 +1010,9 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * /*gf*/, int /*il*/, in
         w->gate = L.msb.t[1];
         w->down = L.msb.t[2];
         w->ids  = gather(L.msb_map);
+        if (L.keep) {
+            w->weight_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.keep, selected), 1, k, n_tokens);
+        }
         if (L.lsb.n_slots > 0) {
             w->up_lsb   = L.lsb.t[0];
             w->gate_lsb = L.lsb.t[1];
