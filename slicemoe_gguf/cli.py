@@ -304,9 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "and run at 4 bits), dymoe (8-bit share falling with depth, --high-ratio), "
                             "cache_prior (dbsc plus cache-aware routing, --prior-lambda; changes outputs), "
                             "adapmoe (8-bit LRU with adaptive gating, --gating-t; changes outputs)")
-    cache.add_argument("--gating-t", type=float, default=0.0, metavar="T",
+    cache.add_argument("--gating-t", type=float, default=0.04, metavar="T",
                        help="adapmoe: drop a use after the first when its routing weight < sqrt(T) "
-                            "(default 0: never)")
+                            "(default 0.04, i.e. weights below 0.2; 0 = never, exactly lru8)")
     cache.add_argument("--prior-lambda", type=float, default=0.5, metavar="L",
                        help="cache_prior: bias of a cached expert's router logit, in mean logit ranges "
                             "(default 0.5; 0 = the model's own routing)")
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("trace", help="a slicemoe-trace .jsonl file")
     sim.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "adapmoe", "belady"],
                      default="dbsc")
-    sim.add_argument("--gating-t", type=float, default=0.0, metavar="T", help="adapmoe (default 0)")
+    sim.add_argument("--gating-t", type=float, default=0.04, metavar="T", help="adapmoe (default 0.04)")
     sim.add_argument("--high-ratio", type=float, default=0.0, metavar="F", help="dymoe (default 0 = 0.5)")
     sim.add_argument("--cache-budget", required=True, metavar="SIZE",
                      help="bytes with a unit (300MB, 2GiB) or a percentage of all slice bytes (50%%)")
