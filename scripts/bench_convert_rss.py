@@ -45,29 +45,31 @@ def write_bf16_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], rng: 
             f.write((w.view(np.uint32) >> 16).astype(np.uint16).tobytes())
 
 
-def make_checkpoint(out: Path, layers: int) -> Path:
+def make_checkpoint(out: Path, layers: int, hidden: int = HIDDEN, n_expert: int = N_EXPERT, n_ff: int = N_FF,
+                    n_head: int = N_HEAD) -> Path:
+    """An OLMoE-layout checkpoint with random bf16 weights (OLMoE-1B-7B's shapes by default)."""
     out.mkdir(parents=True, exist_ok=True)
     vocab = train_tokenizer(out)
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     config = {"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "vocab_size": vocab,
-              "hidden_size": HIDDEN, "intermediate_size": N_FF, "num_hidden_layers": layers,
-              "num_attention_heads": N_HEAD, "num_key_value_heads": N_HEAD, "num_experts": N_EXPERT,
+              "hidden_size": hidden, "intermediate_size": n_ff, "num_hidden_layers": layers,
+              "num_attention_heads": n_head, "num_key_value_heads": n_head, "num_experts": n_expert,
               "num_experts_per_tok": 8, "norm_topk_prob": False, "max_position_embeddings": 4096,
               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
     (out / "config.json").write_text(json.dumps(config))
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, HIDDEN),
-                                          "model.norm.weight": (HIDDEN,), "lm_head.weight": (vocab, HIDDEN)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden),
+                                          "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}"
-        shapes.update({f"{p}.input_layernorm.weight": (HIDDEN,), f"{p}.post_attention_layernorm.weight": (HIDDEN,),
-                       f"{p}.self_attn.q_norm.weight": (HIDDEN,), f"{p}.self_attn.k_norm.weight": (HIDDEN,),
-                       f"{p}.mlp.gate.weight": (N_EXPERT, HIDDEN)})
+        shapes.update({f"{p}.input_layernorm.weight": (hidden,), f"{p}.post_attention_layernorm.weight": (hidden,),
+                       f"{p}.self_attn.q_norm.weight": (hidden,), f"{p}.self_attn.k_norm.weight": (hidden,),
+                       f"{p}.mlp.gate.weight": (n_expert, hidden)})
         for proj in ("q", "k", "v", "o"):
-            shapes[f"{p}.self_attn.{proj}_proj.weight"] = (HIDDEN, HIDDEN)
-        for e in range(N_EXPERT):
-            shapes[f"{p}.mlp.experts.{e}.gate_proj.weight"] = (N_FF, HIDDEN)
-            shapes[f"{p}.mlp.experts.{e}.up_proj.weight"] = (N_FF, HIDDEN)
-            shapes[f"{p}.mlp.experts.{e}.down_proj.weight"] = (HIDDEN, N_FF)
+            shapes[f"{p}.self_attn.{proj}_proj.weight"] = (hidden, hidden)
+        for e in range(n_expert):
+            shapes[f"{p}.mlp.experts.{e}.gate_proj.weight"] = (n_ff, hidden)
+            shapes[f"{p}.mlp.experts.{e}.up_proj.weight"] = (n_ff, hidden)
+            shapes[f"{p}.mlp.experts.{e}.down_proj.weight"] = (hidden, n_ff)
     write_bf16_safetensors(out / "model.safetensors", shapes, np.random.default_rng(0))
     return out
 

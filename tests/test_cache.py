@@ -195,3 +195,37 @@ def test_cache_prior_cannot_be_replayed_without_logits(tmp_path):
     trace = traces.from_records(header, [(1, 0, 1, [0], [1.0])])
     with pytest.raises(SliceMoEError, match="router logits"):
         traces.replay(trace, policy="cache_prior", budget=16)
+
+
+def test_resident_memory_is_the_pools_not_the_mapped_experts(tmp_path):
+    """llama.cpp maps and prefetches the whole file; with a cache the engine hands the expert pages
+    back, so the process's file-backed memory grows by far less than the slice bytes."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, _load_script
+
+    make_checkpoint = _load_script("bench_convert_rss").make_checkpoint
+    hf = make_checkpoint(tmp_path / "hf", layers=2, hidden=512, n_expert=64, n_ff=512, n_head=8)
+    out = tmp_path / "m.gguf"
+    assert convert(hf, out).returncode == 0
+    slices = describe(out)["expert_msb_bytes"] + describe(out)["expert_lsb_bytes"]
+    code = f"""
+import re
+from slicemoe_gguf import Model
+def rss():
+    status = open('/proc/self/status').read()
+    return {{k: int(v) * 1024 for k, v in re.findall(r'(RssAnon|RssFile):\\s+(\\d+)', status)}}
+before = rss()
+with Model({str(out)!r}, cache_budget={slices // 10}, n_threads=2) as model:
+    model.generate('the fish and the sea', 8, stop_at_eog=False)
+    after = rss()
+    pool = model.cache_stats()['pool_bytes']
+print(after['RssFile'] - before['RssFile'], after['RssAnon'] - before['RssAnon'], pool)
+"""
+    file_delta, anon_delta, pool = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                            text=True, check=True, cwd=tmp_path).stdout.split())
+    assert slices > 100 * 2**20
+    assert file_delta < 0.2 * slices                 # the mapped experts were handed back
+    assert pool <= slices // 10 < anon_delta + 2**20  # the pools are really allocated ...
+    assert anon_delta < pool + 96 * 2**20            # ... and little else (KV cache, compute buffers)
