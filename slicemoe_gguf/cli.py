@@ -101,7 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                n_threads=args.threads, precision=args.precision, cache_budget=budget, warmup=args.warmup,
                high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
                policy=args.policy, msb_share=args.msb_share, high_ratio=args.high_ratio,
-               prior_lambda=args.prior_lambda, gating_t=args.gating_t) as model:
+               prior_lambda=args.prior_lambda, gating_t=args.gating_t, prefetch=args.prefetch) as model:
         if args.json or args.logits_out:
             result = model.generate(prompt, args.n_predict, sampling, keep_logits=bool(args.logits_out),
                                     stop_at_eog=not args.ignore_eos)
@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--high-ratio", type=float, default=0.0, metavar="F",
                        help="dymoe: share of a token's uses at 8 bits in the first MoE layer, falling by a half "
                             "cosine to 0 at the last (default 0 = 0.5)")
+    cache.add_argument("--prefetch", action="store_true",
+                       help="look-ahead prefetch: apply the next MoE layer's router to this layer's input and "
+                            "load its predicted MSB slices on an I/O thread while this layer computes")
     cache.add_argument("--warmup", choices=["pcw", "none"], default="pcw",
                        help="pcw: load the slices the prompt used most before the first decode token "
                             "(default pcw)")

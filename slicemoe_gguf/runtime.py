@@ -23,7 +23,8 @@ PRECISIONS = {"auto": 0, "high": 1, "low": 2}
 WARMUPS = {"none": 0, "pcw": 1}
 _CACHE_FIELDS = ("budget_bytes", "pool_bytes", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads",
                  "evictions", "flash_bytes", "ram_bytes", "high_uses", "low_uses", "warmup_loads",
-                 "decode_tokens", "io_ms", "high_threshold", "dropped_uses")
+                 "decode_tokens", "io_ms", "high_threshold", "dropped_uses", "prefetch_loads",
+                 "prefetch_useful_bytes", "prefetch_wasted_bytes")
 _LAYER_FIELDS = ("layer", "msb_slots", "lsb_slots", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses",
                  "loads", "evictions", "flash_bytes", "ram_bytes", "io_ms")
 
@@ -69,7 +70,7 @@ class Model:
                  cache_budget: int = 0, warmup: str = "none", high_threshold: float = 0.25,
                  max_miss_rate: float = 0.0, policy: str = "dbsc", record_trace: bool = False,
                  msb_share: float = 0.0, high_ratio: float = 0.0, prior_lambda: float = 0.0,
-                 gating_t: float = 0.0):
+                 gating_t: float = 0.0, prefetch: bool = False):
         self.path = Path(path)
         self._lib = lib()
         if precision not in PRECISIONS:
@@ -94,6 +95,7 @@ class Model:
         params.high_ratio = high_ratio
         params.prior_lambda = prior_lambda
         params.gating_t = gating_t
+        params.prefetch = prefetch
         out = ffi.new("slicemoe_model **")
         check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
         self._model = out[0]

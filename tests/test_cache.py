@@ -229,3 +229,18 @@ print(after['RssFile'] - before['RssFile'], after['RssAnon'] - before['RssAnon']
     assert file_delta < 0.2 * slices                 # the mapped experts were handed back
     assert pool <= slices // 10 < anon_delta + 2**20  # the pools are really allocated ...
     assert anon_delta < pool + 96 * 2**20            # ... and little else (KV cache, compute buffers)
+
+
+def test_lookahead_prefetch_changes_no_result_and_accounts_its_bytes(sliced):
+    path = sliced("qwen2_moe")
+    budget = budgets(path, "high")["50%"]
+    plain, plain_stats = decode(path, "high", budget, warmup="none")
+    ahead, stats = decode(path, "high", budget, warmup="none", prefetch=True)
+    np.testing.assert_array_equal(ahead.logits, plain.logits)
+    assert plain_stats["prefetch_loads"] == 0
+    assert stats["prefetch_loads"] > 0
+    assert 0 < stats["pool_bytes"] <= budget
+    slice_bytes = describe(path)["layers"][0]["msb_bytes_per_expert"]
+    # every load is a miss, or a prefetch; a prefetched slice is used, wasted, or still waiting
+    assert stats["loads"] == stats["misses"] + stats["prefetch_loads"]
+    assert stats["prefetch_useful_bytes"] + stats["prefetch_wasted_bytes"] <= stats["prefetch_loads"] * slice_bytes

@@ -95,6 +95,8 @@ struct slicemoe_model_params {
     float   high_ratio;        // dymoe: share of 8-bit uses in the first MoE layer (0 = 0.5)
     float   prior_lambda;      // cache_prior: 0 = the model's own routing
     float   gating_t;          // adapmoe: T of the gating rule; 0 = never drop (the model's routing)
+    bool    prefetch;          // look-ahead: apply the next MoE layer's router to this layer's input
+                               // and load the predicted MSB slices on an I/O thread meanwhile
 };
 
 // Trace replay with no model: the same cache manager with no pools and no reads.
@@ -130,6 +132,9 @@ typedef struct slicemoe_cache_stats {
     double  io_ms;             // time blocked on reads
     float   high_threshold;    // current value (moves when max_miss_rate is set)
     int64_t dropped_uses;      // adapmoe: uses removed from the mixture by its gating
+    int64_t prefetch_loads;    // slices loaded ahead by look-ahead prefetch (also in loads, flash_bytes)
+    int64_t prefetch_useful_bytes;  // ... of which the next token's layer used
+    int64_t prefetch_wasted_bytes;  // ... and did not
 } slicemoe_cache_stats_t;
 
 typedef struct slicemoe_layer_stats {

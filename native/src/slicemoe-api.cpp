@@ -177,6 +177,7 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     p.high_ratio     = 0.0f;
     p.prior_lambda   = 0.0f;
     p.gating_t       = 0.0f;
+    p.prefetch       = false;
     return p;
 }
 

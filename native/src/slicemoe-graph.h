@@ -17,6 +17,7 @@ struct slicemoe_moe_weights {
     ggml_tensor * ids_lsb;   // ids of the LSB products
     ggml_tensor * lsb_mask;  // optional [1, n_expert_used, n_tokens] F32 of 1 (use the LSB) or 0
     ggml_tensor * weight_mask;  // optional, same shape: 0 drops the use from the mixture (AdapMoE)
+    ggml_tensor * input;     // the layer's FFN input [n_embd, 1, n_tokens] (for look-ahead prefetch)
 };
 
 // Called by build_moe_ffn with the model's own tensors in *w; leaves *w unchanged for layers the

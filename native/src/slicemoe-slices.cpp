@@ -31,6 +31,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
+#include <future>
 #include <memory>
 #include <sys/mman.h>
 #include <mutex>
@@ -75,6 +76,9 @@ struct layer {
     ggml_tensor *        lsb_mask = nullptr;  // F32 [1, n_expert, 1]: 1 = run the LSB product
     ggml_tensor *        sel_bias = nullptr;  // F32 [n_expert]: cache_prior's bias on the router logits
     ggml_tensor *        keep = nullptr;      // F32 [1, n_expert, 1]: adapmoe, 0 = dropped from the mixture
+    const ggml_tensor *  next_router = nullptr;  // prefetch: the next MoE layer's router weight
+    std::future<slicemoe_cache_stats_t> pending; // prefetch into this layer, running on a worker
+    std::vector<char>    prefetched;          // per expert: MSB slice loaded ahead, not used yet
     double               logit_range_sum = 0.0;  // cache_prior: sum and count of (max - min) logit
     int64_t              logit_range_n = 0;
     std::vector<float>   probs;               // router probabilities of the current decode token
@@ -105,6 +109,7 @@ struct cache {
     float                high_ratio = 0.5f;     // dymoe
     float                prior_lambda = 0.0f;   // cache_prior
     float                gating_t = 0.0f;       // adapmoe
+    bool                 prefetch = false;
     double               miss_rate_ema = 0.0;   // slice miss rate, smoothed over decode tokens
     int64_t              token_uses = 0, token_misses = 0;
     int64_t              budget = 0;
@@ -186,9 +191,10 @@ bool tensor_source(gguf_context * g, const ggml_tensor * t, int64_t * offset, st
 }
 
 // Read one expert's slice (all projections) into a slot. On failure the slot is left empty.
-bool load_slice(cache & c, layer & L, pool & p, int expert, int slot) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int j = 0; j < N_PROJ && !c.simulated; ++j) {
+// Read one expert's slice (all projections) from the file into a slot; no bookkeeping, so the
+// prefetch worker can call it too. inject: honour the test's failure injection.
+bool read_slice(cache & c, const layer & L, const pool & p, int expert, int slot, bool inject, std::string * error) {
+    for (int j = 0; j < N_PROJ; ++j) {
         const size_t  n   = p.expert_bytes[j];
         const int64_t off = p.file_offset[j] + int64_t(expert) * int64_t(n);
         std::vector<uint8_t> staging;
@@ -200,18 +206,16 @@ bool load_slice(cache & c, layer & L, pool & p, int expert, int slot) {
             dst = staging.data();
         }
         ssize_t got = -1;
-        if (c.reads_left == 0) {
+        if (inject && c.reads_left == 0) {
             errno = EIO;
         } else {
-            if (c.reads_left > 0) --c.reads_left;
+            if (inject && c.reads_left > 0) --c.reads_left;
             got = pread(c.fd, dst, n, off);
         }
         if (got != ssize_t(n)) {
             const int err = got < 0 ? errno : EIO;
-            p.slot_expert[slot] = -1;
-            c.failed = true;
-            c.error = "reading expert " + std::to_string(expert) + " of layer " + std::to_string(L.il) +
-                      " from the model file failed: " + (got < 0 ? strerror(err) : "short read");
+            *error = "reading expert " + std::to_string(expert) + " of layer " + std::to_string(L.il) +
+                     " from the model file failed: " + (got < 0 ? strerror(err) : "short read");
             return false;
         }
         // drop the range from the page cache: the next miss of this slice is a real read
@@ -219,6 +223,16 @@ bool load_slice(cache & c, layer & L, pool & p, int expert, int slot) {
         if (!staging.empty()) {
             ggml_backend_tensor_set(p.t[j], staging.data(), size_t(slot) * p.t[j]->nb[2], n);
         }
+    }
+    return true;
+}
+
+bool load_slice(cache & c, layer & L, pool & p, int expert, int slot) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (!c.simulated && !read_slice(c, L, p, expert, slot, true, &c.error)) {
+        p.slot_expert[slot] = -1;
+        c.failed = true;
+        return false;
     }
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     p.slot_expert[slot] = expert;
@@ -339,6 +353,72 @@ void release_mapped(cache & c) {
 
 // The policy for one decode token of one layer: ids are the token's experts, best first, and
 // weights their routing probabilities (0 where not observed).
+// Look-ahead prefetch worker: load the predicted experts' MSB slices into layer L's pool while the
+// previous layer computes. It touches only L, which the main thread does not serve before joining
+// it (join_prefetch), and returns its counters for the main thread to add.
+slicemoe_cache_stats_t prefetch_into(cache & c, layer & L, std::vector<int> predicted, uint64_t stamp) {
+    slicemoe_cache_stats_t got = {};
+    pool & p = L.msb;
+    std::vector<char> keep(size_t(p.n_slots), 0);
+    for (int e : predicted) {
+        if (p.expert_slot[size_t(e)] >= 0) keep[size_t(p.expert_slot[size_t(e)])] = 1;
+    }
+    for (int e : predicted) {
+        if (p.expert_slot[size_t(e)] >= 0) continue;
+        int slot = -1;
+        for (int s = 0; s < p.n_slots; ++s) {
+            if (keep[size_t(s)]) continue;
+            if (p.slot_expert[size_t(s)] < 0) { slot = s; break; }
+            if (slot < 0 || p.last_use[size_t(s)] < p.last_use[size_t(slot)]) slot = s;
+        }
+        if (slot < 0) break;
+        const int old = p.slot_expert[size_t(slot)];
+        if (old >= 0) {
+            p.expert_slot[size_t(old)] = -1;
+            p.slot_expert[size_t(slot)] = -1;
+            got.evictions += 1;
+            if (L.lsb.n_slots > 0 && L.lsb.expert_slot[size_t(old)] >= 0) {
+                L.lsb.slot_expert[size_t(L.lsb.expert_slot[size_t(old)])] = -1;
+                L.lsb.expert_slot[size_t(old)] = -1;
+                got.evictions += 1;
+            }
+            if (L.prefetched[size_t(old)]) {
+                L.prefetched[size_t(old)] = 0;
+                got.prefetch_wasted_bytes += int64_t(p.slice_bytes);
+            }
+        }
+        std::string error;
+        if (!read_slice(c, L, p, e, slot, /*inject*/ false, &error)) {
+            break;   // a failed prefetch is a missed chance; the miss path reads (and reports) again
+        }
+        p.slot_expert[size_t(slot)] = e;
+        p.expert_slot[size_t(e)] = slot;
+        p.uses[size_t(slot)] = 0;
+        p.last_use[size_t(slot)] = stamp;
+        keep[size_t(slot)] = 1;
+        L.prefetched[size_t(e)] = 1;
+        got.loads += 1;
+        got.flash_bytes += int64_t(p.slice_bytes);
+        got.prefetch_loads += 1;
+    }
+    return got;
+}
+
+void join_prefetch(cache & c, layer & L) {
+    if (!L.pending.valid()) return;
+    const slicemoe_cache_stats_t got = L.pending.get();
+    for (slicemoe_cache_stats_t * t : { &c.totals }) {
+        t->loads += got.loads;
+        t->flash_bytes += got.flash_bytes;
+        t->evictions += got.evictions;
+        t->prefetch_loads += got.prefetch_loads;
+        t->prefetch_wasted_bytes += got.prefetch_wasted_bytes;
+    }
+    L.stats.loads += got.loads;
+    L.stats.flash_bytes += got.flash_bytes;
+    L.stats.evictions += got.evictions;
+}
+
 // DyMoE's depth schedule: how many of a token's top-k uses run at 8 bits in MoE layer `index`,
 // ratio * k at the first MoE layer falling by a half cosine to 0 at the last.
 int dymoe_high_uses(const cache & c, int index) {
@@ -388,6 +468,10 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
         c.totals.ram_bytes += int64_t(L.msb.slice_bytes);
 
         const bool msb_hit = hit;
+        if (!L.prefetched.empty() && L.prefetched[size_t(e)]) {
+            L.prefetched[size_t(e)] = 0;
+            c.totals.prefetch_useful_bytes += int64_t(L.msb.slice_bytes);
+        }
         const bool important = r == 0 || weights[r] >= c.high_threshold;
         bool high = c.precision == SLICEMOE_PRECISION_HIGH || (c.precision == SLICEMOE_PRECISION_AUTO && important);
         if (c.policy == SLICEMOE_POLICY_DYMOE) {
@@ -416,6 +500,12 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
             high = false;
         }
         (high ? c.totals.high_uses : c.totals.low_uses) += 1;
+    }
+    for (char & f : L.prefetched) {
+        if (f) {
+            f = 0;
+            c.totals.prefetch_wasted_bytes += int64_t(L.msb.slice_bytes);
+        }
     }
     if (c.simulated) {
         return true;
@@ -569,6 +659,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->high_ratio = params.high_ratio > 0.0f ? params.high_ratio : 0.5f;
     c->prior_lambda = params.policy == SLICEMOE_POLICY_CACHE_PRIOR ? params.prior_lambda : 0.0f;
     c->gating_t = params.policy == SLICEMOE_POLICY_ADAPMOE ? params.gating_t : 0.0f;
+    c->prefetch = params.prefetch;
     c->budget = params.cache_budget_bytes;
 
     gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ nullptr };
@@ -643,6 +734,10 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         }
         L.stats.msb_slots = n_msb;
         L.stats.lsb_slots = n_lsb;
+        if (c->prefetch && i + 1 < n_layers) {
+            L.next_router = moe[size_t(i + 1)]->ffn_gate_inp;
+        }
+        L.prefetched.assign(size_t(c->n_expert), 0);
         c->layer_of_il[L.il] = int(i);
     }
     gguf_free(g);
@@ -764,7 +859,8 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     const bool is_probs = want_probs && parse_node(name, "ffn_moe_probs", &il);
     const bool is_topk = !is_probs && parse_node(name, "ffn_moe_topk", &il);
     const bool is_logits = !is_probs && !is_topk && c.prior_lambda > 0.0f && parse_node(name, "ffn_moe_logits", &il);
-    const auto it = (is_probs || is_topk || is_logits) ? c.layer_of_il.find(il) : c.layer_of_il.end();
+    const bool is_ahead = !is_probs && !is_topk && !is_logits && c.prefetch && parse_node(name, "slicemoe_lookahead", &il);
+    const auto it = (is_probs || is_topk || is_logits || is_ahead) ? c.layer_of_il.find(il) : c.layer_of_il.end();
     if (it == c.layer_of_il.end()) {
         return !ask;   // not ours: never requested (and keep computing if asked to report)
     }
@@ -776,6 +872,22 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     }
     layer & L = c.layers[it->second];
     const int64_t n_tokens = t->ne[1];
+    join_prefetch(c, L);
+    if (is_ahead) {
+        if (n_tokens == 1 && size_t(it->second + 1) < c.layers.size()) {
+            std::vector<float> v(size_t(c.n_expert));
+            ggml_backend_tensor_get(t, v.data(), 0, v.size() * sizeof(float));
+            std::vector<int> order(size_t(c.n_expert));
+            for (int e = 0; e < c.n_expert; ++e) order[size_t(e)] = e;
+            std::partial_sort(order.begin(), order.begin() + c.top_k, order.end(),
+                              [&](int a, int b) { return v[size_t(a)] > v[size_t(b)]; });
+            order.resize(size_t(c.top_k));
+            layer & next = c.layers[size_t(it->second + 1)];
+            join_prefetch(c, next);
+            next.pending = std::async(std::launch::async, prefetch_into, std::ref(c), std::ref(next), order, c.clock);
+        }
+        return true;
+    }
     if (is_logits) {
         if (n_tokens == 1) {
             set_selection_bias(c, L, t);
@@ -819,6 +931,7 @@ void begin_sequence(cache * c) {
     if (!c) return;
     c->request += 1;
     for (layer & L : c->layers) {
+        join_prefetch(*c, L);
         std::fill(L.prompt_score.begin(), L.prompt_score.end(), 0.0);
         L.warm_pending = false;
     }
@@ -991,7 +1104,7 @@ ggml_tensor * slicemoe_moe_selection_bias(ggml_context * /*ctx*/, int /*il*/, in
     return it->second.c->layers[size_t(it->second.index)].sel_bias;   // nullptr unless cache_prior
 }
 
-void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * /*gf*/, int /*il*/, int64_t n_tokens, slicemoe_moe_weights * w) {
+void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, int /*il*/, int64_t n_tokens, slicemoe_moe_weights * w) {
     using namespace slicemoe;
     std::lock_guard<std::mutex> lock(g_mutex);
     const auto it = g_layers.find(w->up);
@@ -1012,6 +1125,13 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * /*gf*/, int /*il*/, in
         w->ids  = gather(L.msb_map);
         if (L.keep) {
             w->weight_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.keep, selected), 1, k, n_tokens);
+        }
+        if (L.next_router && w->input) {
+            // look-ahead: the next MoE layer's router on this layer's input predicts its experts
+            ggml_tensor * x = ggml_reshape_2d(ctx, w->input, w->input->ne[0], n_tokens);
+            ggml_tensor * ahead = ggml_mul_mat(ctx, const_cast<ggml_tensor *>(L.next_router), x);
+            ggml_format_name(ahead, "slicemoe_lookahead-%d", L.il);
+            ggml_build_forward_expand(gf, ahead);
         }
         if (L.lsb.n_slots > 0) {
             w->up_lsb   = L.lsb.t[0];
