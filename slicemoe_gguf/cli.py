@@ -195,7 +195,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     budget = _parse_budget(args.cache_budget, traces.total_slice_bytes(trace))
     stats = traces.replay(trace, policy=args.policy, budget=budget, precision=args.precision, warmup=args.warmup,
                           high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
-                          high_ratio=args.high_ratio, gating_t=args.gating_t)
+                          high_ratio=args.high_ratio, gating_t=args.gating_t, prior_lambda=args.prior_lambda)
     decode_tokens = max(stats["decode_tokens"], 1)
     msb_uses = stats["msb_hits"] + stats["msb_misses"]
     lsb_uses = stats["lsb_hits"] + stats["lsb_misses"]
@@ -353,8 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Drive the native slice cache with a recorded trace: the same policies as "
                                      "slicemoe run, plus belady (the offline optimum).")
     sim.add_argument("trace", help="a slicemoe-trace .jsonl file")
-    sim.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "adapmoe", "belady"],
-                     default="dbsc")
+    sim.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "adapmoe",
+                                          "cache_prior", "belady"], default="dbsc")
+    sim.add_argument("--prior-lambda", type=float, default=0.5, metavar="L",
+                     help="cache_prior: re-picks the experts from the trace's router logits (record the "
+                          "trace from a cache_prior run so it has them); default 0.5")
     sim.add_argument("--gating-t", type=float, default=0.04, metavar="T", help="adapmoe (default 0.04)")
     sim.add_argument("--high-ratio", type=float, default=0.0, metavar="F", help="dymoe (default 0 = 0.5)")
     sim.add_argument("--cache-budget", required=True, metavar="SIZE",

@@ -180,11 +180,14 @@ class Model:
                   "model": str(self.path.name)}
         request, layer, phase = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
         experts, weights = ffi.new("int32_t[]", k), ffi.new("float[]", k)
-        records = []
+        row, has = ffi.new("float[]", int(info["n_experts"])), ffi.new("bool *")
+        records, logits = [], []
         for i in range(int(self._lib.slicemoe_trace_size(self._model))):
             check(self._lib.slicemoe_trace_get(self._model, i, request, layer, phase, experts, weights))
+            check(self._lib.slicemoe_trace_get_logits(self._model, i, row, has))
             records.append((request[0], layer[0], phase[0], list(experts), list(weights)))
-        return from_records(header, records)
+            logits.append(list(row) if has[0] else None)
+        return from_records(header, records, logits)
 
     def reset_cache_stats(self) -> None:
         self._lib.slicemoe_cache_reset_stats(self._model)

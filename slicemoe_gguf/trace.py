@@ -41,6 +41,7 @@ class Trace:
     experts: np.ndarray          # int32 [n, top_k]
     weights: np.ndarray          # float32 [n, top_k]
     tokens: np.ndarray = field(default=None)  # int32 [n]
+    logits: np.ndarray | None = None  # float32 [n, n_experts], NaN rows where not recorded
 
     @property
     def top_k(self) -> int:
@@ -55,12 +56,15 @@ class Trace:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(self.header) + "\n")
             for i in range(len(self)):
-                f.write(json.dumps({
+                record = {
                     "request": int(self.request[i]), "token": int(self.tokens[i]),
                     "phase": PHASES[int(self.phase[i])], "layer": int(self.layer[i]),
                     "experts": self.experts[i].tolist(),
-                    "weights": [round(float(w), 7) for w in self.weights[i]],
-                }) + "\n")
+                    "weights": [float(w) for w in self.weights[i]],
+                }
+                if self.logits is not None and not np.isnan(self.logits[i, 0]):
+                    record["logits"] = [float(x) for x in self.logits[i]]
+                f.write(json.dumps(record) + "\n")
         tmp.replace(path)
 
 
@@ -73,8 +77,10 @@ def _token_indices(request: np.ndarray, layer: np.ndarray) -> np.ndarray:
     return tokens
 
 
-def from_records(header: dict, records: list[tuple[int, int, int, list[int], list[float]]]) -> Trace:
-    """A Trace from (request, layer, phase, experts, weights) tuples."""
+def from_records(header: dict, records: list[tuple[int, int, int, list[int], list[float]]],
+                 logits: list[list[float] | None] | None = None) -> Trace:
+    """A Trace from (request, layer, phase, experts, weights) tuples, and optionally each record's
+    router logits (None where absent)."""
     k = int(header["top_k"])
     n = len(records)
     request = np.array([r[0] for r in records], dtype=np.int32).reshape(n)
@@ -82,7 +88,13 @@ def from_records(header: dict, records: list[tuple[int, int, int, list[int], lis
     phase = np.array([r[2] for r in records], dtype=np.int32).reshape(n)
     experts = np.array([r[3] for r in records], dtype=np.int32).reshape(n, k)
     weights = np.array([r[4] for r in records], dtype=np.float32).reshape(n, k)
-    return Trace(header, request, layer, phase, experts, weights, _token_indices(request, layer))
+    rows = None
+    if logits is not None and any(row is not None for row in logits):
+        rows = np.full((n, int(header["n_experts"])), np.nan, dtype=np.float32)
+        for i, row in enumerate(logits):
+            if row is not None:
+                rows[i] = row
+    return Trace(header, request, layer, phase, experts, weights, _token_indices(request, layer), rows)
 
 
 def read(path: str | Path) -> Trace:
@@ -101,7 +113,7 @@ def read(path: str | Path) -> Trace:
     for key in ("n_layers", "n_experts", "top_k", "slice_bytes"):
         if key not in header:
             raise TraceError(f"'{path}': header lacks {key!r}")
-    records = []
+    records, logits = [], []
     n_layers, n_experts, k = header["n_layers"], header["n_experts"], header["top_k"]
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -112,14 +124,18 @@ def read(path: str | Path) -> Trace:
             experts = [int(e) for e in r["experts"]]
             weights = [float(w) for w in r.get("weights", [0.0] * len(experts))]
             record = (int(r["request"]), int(r["layer"]), phase, experts, weights)
+            row = [float(x) for x in r["logits"]] if "logits" in r else None
         except (json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
             raise TraceError(f"'{path}' line {number}: not a routing record ({exc})") from exc
         if len(experts) != k or len(weights) != k or not 0 <= record[1] < n_layers or \
                 not all(0 <= e < n_experts for e in experts):
             raise TraceError(f"'{path}' line {number}: needs {k} experts in [0, {n_experts}) "
                              f"and a layer in [0, {n_layers})")
+        if row is not None and len(row) != n_experts:
+            raise TraceError(f"'{path}' line {number}: logits need {n_experts} values")
         records.append(record)
-    return from_records(header, records)
+        logits.append(row)
+    return from_records(header, records, logits)
 
 
 def _slice_bytes(header: dict) -> tuple[int, int]:
@@ -131,7 +147,7 @@ def _slice_bytes(header: dict) -> tuple[int, int]:
 
 def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", warmup: str = "none",
            high_threshold: float = 0.25, max_miss_rate: float = 0.0, msb_share: float = 0.0,
-           high_ratio: float = 0.0, gating_t: float = 0.0) -> dict:
+           high_ratio: float = 0.0, gating_t: float = 0.0, prior_lambda: float = 0.5) -> dict:
     """Drive the native cache manager with the trace (no compute) and return its counters, with the
     same names as `slicemoe run --json`'s `cache` object."""
     from .runtime import PRECISIONS, WARMUPS, read_cache_stats
@@ -155,12 +171,17 @@ def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", w
     params.msb_share = msb_share
     params.high_ratio = high_ratio
     params.gating_t = gating_t
+    params.prior_lambda = prior_lambda
     out = ffi.new("slicemoe_sim **")
     check(native.slicemoe_sim_create(ffi.new("struct slicemoe_sim_params *", params), out))
     sim = ffi.gc(out[0], native.slicemoe_sim_free)
     arrays = [np.ascontiguousarray(a) for a in (trace.request, trace.layer, trace.phase, trace.experts, trace.weights)]
     ptrs = [ffi.from_buffer("int32_t[]", a) for a in arrays[:4]] + [ffi.from_buffer("float[]", arrays[4])]
-    check(native.slicemoe_sim_run(sim, len(trace), *ptrs))
+    logits = ffi.NULL
+    if trace.logits is not None:
+        rows = np.ascontiguousarray(trace.logits, dtype=np.float32)
+        logits = ffi.from_buffer("float[]", rows)
+    check(native.slicemoe_sim_run(sim, len(trace), *ptrs, logits))
     return read_cache_stats(lambda t: native.slicemoe_sim_get_stats(sim, t),
                             lambda i, row: native.slicemoe_sim_get_layer_stats(sim, i, row), params.n_layers)
 

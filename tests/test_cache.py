@@ -187,14 +187,25 @@ def test_cache_prior_lambda_zero_is_the_models_routing_and_positive_lambda_saves
     assert kl.mean() > 0
 
 
-def test_cache_prior_cannot_be_replayed_without_logits(tmp_path):
+def test_cache_prior_replays_from_the_recorded_router_logits(sliced, tmp_path):
     from slicemoe_gguf import trace as traces
 
-    header = {"format": "slicemoe-trace", "version": 1, "n_layers": 1, "n_experts": 4, "top_k": 1,
-              "slice_bytes": {"msb": 1, "lsb": 1}}
-    trace = traces.from_records(header, [(1, 0, 1, [0], [1.0])])
-    with pytest.raises(SliceMoEError, match="router logits"):
-        traces.replay(trace, policy="cache_prior", budget=16)
+    path = sliced("qwen2_moe")
+    budget = budgets(path, "auto")["100%"] // 3
+    with Model(path, cache_budget=budget, policy="cache_prior", prior_lambda=1.0, warmup="none",
+               record_trace=True) as model:
+        model.generate(PROMPT, 24, stop_at_eog=False)
+        live = model.cache_stats()
+        trace = model.routing_trace()
+    assert trace.logits is not None and not np.isnan(trace.logits[trace.phase == 1]).any()
+    trace.write(tmp_path / "t.jsonl")
+    trace = traces.read(tmp_path / "t.jsonl")            # the logits survive the file
+    same = traces.replay(trace, policy="cache_prior", budget=budget, prior_lambda=1.0)
+    for name in ("msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads", "evictions", "flash_bytes"):
+        assert same[name] == live[name], name
+    # counterfactual: a stronger prior re-picks experts from the logits and misses less
+    stronger = traces.replay(trace, policy="cache_prior", budget=budget, prior_lambda=4.0)
+    assert stronger["misses"] <= same["misses"]
 
 
 def test_resident_memory_is_the_pools_not_the_mapped_experts(tmp_path):

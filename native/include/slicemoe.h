@@ -115,6 +115,7 @@ struct slicemoe_sim_params {
     float   msb_share;         // as in slicemoe_model_params
     float   high_ratio;        // as in slicemoe_model_params
     float   gating_t;          // as in slicemoe_model_params
+    float   prior_lambda;      // as in slicemoe_model_params
 };
 
 // Counters of the slice cache, summed over layers (or of one layer). "Hits" and "misses" count
@@ -208,14 +209,20 @@ SLICEMOE_API int64_t slicemoe_trace_size(const slicemoe_model * model);
 SLICEMOE_API int     slicemoe_trace_get(const slicemoe_model * model, int64_t i, int32_t * request, int32_t * layer,
                                         int32_t * phase, int32_t * experts, float * weights);
 SLICEMOE_API void    slicemoe_trace_clear(slicemoe_model * model);
+// The n_expert router logits stored with record i (recorded under cache_prior); *has is false
+// when the record has none.
+SLICEMOE_API int     slicemoe_trace_get_logits(const slicemoe_model * model, int64_t i, float * logits, bool * has);
 
 typedef struct slicemoe_sim slicemoe_sim;
 SLICEMOE_API struct slicemoe_sim_params slicemoe_sim_default_params(void);
 SLICEMOE_API int     slicemoe_sim_create(const struct slicemoe_sim_params * params, slicemoe_sim ** out);
 SLICEMOE_API void    slicemoe_sim_free(slicemoe_sim * sim);
 // Replay n records (arrays as in slicemoe_trace_get; experts and weights n * top_k, row-major).
+// logits: NULL, or n * n_expert router logits (a row starting with NaN: none). With them, cache_prior
+// re-picks the experts under the replayed cache state (a counterfactual budget or lambda).
 SLICEMOE_API int     slicemoe_sim_run(slicemoe_sim * sim, int64_t n, const int32_t * request, const int32_t * layer,
-                                      const int32_t * phase, const int32_t * experts, const float * weights);
+                                      const int32_t * phase, const int32_t * experts, const float * weights,
+                                      const float * logits);
 SLICEMOE_API int     slicemoe_sim_get_stats(const slicemoe_sim * sim, slicemoe_cache_stats_t * out);
 SLICEMOE_API int     slicemoe_sim_get_layer_stats(const slicemoe_sim * sim, int32_t i, slicemoe_layer_stats_t * out);
 // Short description ("qwen2moe ?B F32") written into buf, NUL-terminated.

@@ -327,6 +327,15 @@ int slicemoe_trace_get(const slicemoe_model * model, int64_t i, int32_t * reques
     return ok();
 }
 
+int slicemoe_trace_get_logits(const slicemoe_model * model, int64_t i, float * logits, bool * has) {
+    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+    if (!c || !logits || !has || !slicemoe::trace_at(c, i)) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "no trace record " + std::to_string(i));
+    }
+    *has = slicemoe::route_logits(c, i, logits);
+    return ok();
+}
+
 void slicemoe_trace_clear(slicemoe_model * model) {
     if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
         slicemoe::trace_clear(c);
@@ -372,12 +381,12 @@ void slicemoe_sim_free(slicemoe_sim * sim) {
 }
 
 int slicemoe_sim_run(slicemoe_sim * sim, int64_t n, const int32_t * request, const int32_t * layer,
-                     const int32_t * phase, const int32_t * experts, const float * weights) {
+                     const int32_t * phase, const int32_t * experts, const float * weights, const float * logits) {
     if (!sim || n < 0 || (n > 0 && (!request || !layer || !phase || !experts || !weights))) {
         return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sim_run: bad arguments");
     }
     std::string error;
-    const int status = slicemoe::sim_run(sim->cache, n, request, layer, phase, experts, weights, &error);
+    const int status = slicemoe::sim_run(sim->cache, n, request, layer, phase, experts, weights, logits, &error);
     return status == SLICEMOE_OK ? ok() : fail(status, error);
 }
 

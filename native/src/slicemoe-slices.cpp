@@ -63,6 +63,7 @@ struct route {
     int32_t request, layer, phase;   // phase: 0 prefill, 1 decode
     std::vector<int32_t> experts;
     std::vector<float>   weights;
+    std::vector<float>   logits;     // all router logits (cache_prior runs), else empty
 };
 
 namespace {
@@ -79,6 +80,7 @@ struct layer {
     const ggml_tensor *  next_router = nullptr;  // prefetch: the next MoE layer's router weight
     std::future<slicemoe_cache_stats_t> pending; // prefetch into this layer, running on a worker
     std::vector<char>    prefetched;          // per expert: MSB slice loaded ahead, not used yet
+    std::vector<float>   last_logits;         // cache_prior + trace: this token's router logits
     double               logit_range_sum = 0.0;  // cache_prior: sum and count of (max - min) logit
     int64_t              logit_range_n = 0;
     std::vector<float>   probs;               // router probabilities of the current decode token
@@ -549,17 +551,45 @@ void record_prompt_token(cache & c, layer & L, const int32_t * ids) {
 // cache_prior: before the layer's top-k of a decode token, bias every cached expert's logit by
 // lambda times the layer's mean logit range (max - min over experts, averaged over decode tokens
 // so far, this one included).
-void set_selection_bias(cache & c, layer & L, const ggml_tensor * logits) {
-    std::vector<float> v(size_t(c.n_expert));
-    ggml_backend_tensor_get(logits, v.data(), 0, v.size() * sizeof(float));
-    const auto mm = std::minmax_element(v.begin(), v.end());
+std::vector<float> selection_bias(const cache & c, layer & L, const std::vector<float> & logits) {
+    const auto mm = std::minmax_element(logits.begin(), logits.end());
     L.logit_range_sum += double(*mm.second - *mm.first);
     L.logit_range_n += 1;
     const float shift = float(double(c.prior_lambda) * L.logit_range_sum / double(L.logit_range_n));
+    std::vector<float> bias(size_t(c.n_expert));
     for (int e = 0; e < c.n_expert; ++e) {
-        v[size_t(e)] = L.msb.expert_slot[size_t(e)] >= 0 ? shift : 0.0f;
+        bias[size_t(e)] = L.msb.expert_slot[size_t(e)] >= 0 ? shift : 0.0f;
     }
-    ggml_backend_tensor_set(L.sel_bias, v.data(), 0, v.size() * sizeof(float));
+    return bias;
+}
+
+void set_selection_bias(cache & c, layer & L, const ggml_tensor * logits) {
+    std::vector<float> v(size_t(c.n_expert));
+    ggml_backend_tensor_get(logits, v.data(), 0, v.size() * sizeof(float));
+    const std::vector<float> bias = selection_bias(c, L, v);
+    ggml_backend_tensor_set(L.sel_bias, bias.data(), 0, bias.size() * sizeof(float));
+    if (c.record) {
+        L.last_logits = std::move(v);
+    }
+}
+
+// Replay of cache_prior: the experts the biased router picks in the replayed cache state (best
+// first), with the unbiased probabilities as weights.
+void replay_selection(const cache & c, layer & L, const float * logits, int32_t * ids, float * weights) {
+    const std::vector<float> v(logits, logits + c.n_expert);
+    const std::vector<float> bias = selection_bias(c, L, v);
+    std::vector<int> order(size_t(c.n_expert));
+    for (int e = 0; e < c.n_expert; ++e) order[size_t(e)] = e;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+        return v[size_t(a)] + bias[size_t(a)] > v[size_t(b)] + bias[size_t(b)];
+    });
+    const float top = *std::max_element(v.begin(), v.end());
+    double sum = 0.0;
+    for (float x : v) sum += std::exp(double(x - top));
+    for (int r = 0; r < c.top_k; ++r) {
+        ids[r] = order[size_t(r)];
+        weights[r] = float(std::exp(double(v[size_t(ids[r])] - top)) / sum);
+    }
 }
 
 // One routing event, live or replayed: the single place that drives the policy.
@@ -567,7 +597,8 @@ bool access(cache & c, int index, int phase, const int32_t * ids, const float * 
     layer & L = c.layers[size_t(index)];
     if (c.record) {
         c.trace.push_back({ c.request, index, phase, std::vector<int32_t>(ids, ids + c.top_k),
-                            std::vector<float>(weights, weights + c.top_k) });
+                            std::vector<float>(weights, weights + c.top_k), std::move(L.last_logits) });
+        L.last_logits.clear();
     }
     if (c.observe_only) {
         return true;
@@ -995,15 +1026,17 @@ int32_t top_k(const cache * c) {
     return c->top_k;
 }
 
+bool route_logits(const cache * c, int64_t i, float * out) {
+    const route * r = trace_at(c, i);
+    if (!r || r->logits.empty()) return false;
+    std::copy(r->logits.begin(), r->logits.end(), out);
+    return true;
+}
+
 cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
     if (p.n_layers <= 0 || p.n_expert <= 0 || p.top_k <= 0 || p.top_k > p.n_expert || p.msb_bytes <= 0 ||
         p.lsb_bytes < 0 || p.budget_bytes <= 0) {
         *error = "simulation needs n_layers, n_expert, top_k <= n_expert, slice sizes and a budget above 0";
-        return nullptr;
-    }
-    if (p.policy == SLICEMOE_POLICY_CACHE_PRIOR) {
-        *error = "cache_prior changes which experts the router picks, so replaying it needs the full router "
-                 "logits, which traces do not carry yet: measure it live";
         return nullptr;
     }
     auto c = std::make_unique<cache>();
@@ -1017,6 +1050,7 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
     c->max_miss_rate = p.max_miss_rate;
     c->high_ratio = p.high_ratio > 0.0f ? p.high_ratio : 0.5f;
     c->gating_t = p.policy == SLICEMOE_POLICY_ADAPMOE ? p.gating_t : 0.0f;
+    c->prior_lambda = p.policy == SLICEMOE_POLICY_CACHE_PRIOR ? p.prior_lambda : 0.0f;
     c->budget = p.budget_bytes;
     const size_t msb_b = size_t(p.msb_bytes), lsb_b = size_t(p.lsb_bytes);
     if (c->precision != SLICEMOE_PRECISION_LOW && lsb_b == 0) {
@@ -1054,7 +1088,7 @@ void sim_free(cache * c) {
 }
 
 int sim_run(cache * c, int64_t n, const int32_t * requests, const int32_t * layers, const int32_t * phases,
-            const int32_t * experts, const float * weights, std::string * error) {
+            const int32_t * experts, const float * weights, const float * logits, std::string * error) {
     const int n_layers = int(c->layers.size());
     for (int64_t i = 0; i < n; ++i) {
         if (layers[i] < 0 || layers[i] >= n_layers || (phases[i] != 0 && phases[i] != 1)) {
@@ -1083,7 +1117,20 @@ int sim_run(cache * c, int64_t n, const int32_t * requests, const int32_t * laye
             begin_sequence(c);
             c->request = requests[i];
         }
-        if (!access(*c, layers[i], phases[i], experts + i * c->top_k, weights + i * c->top_k)) {
+        const int32_t * ids = experts + i * c->top_k;
+        const float * w = weights + i * c->top_k;
+        std::vector<int32_t> chosen(size_t(c->top_k));
+        std::vector<float> chosen_w(size_t(c->top_k));
+        const float * row = logits ? logits + i * c->n_expert : nullptr;
+        if (c->prior_lambda > 0.0f && phases[i] == 1 && row && !std::isnan(row[0])) {
+            replay_selection(*c, c->layers[size_t(layers[i])], row, chosen.data(), chosen_w.data());
+            // where the replayed state picks what the run picked, keep the run's own weights
+            if (!std::equal(chosen.begin(), chosen.end(), ids)) {
+                ids = chosen.data();
+                w = chosen_w.data();
+            }
+        }
+        if (!access(*c, layers[i], phases[i], ids, w)) {
             *error = "trace record " + std::to_string(i) + ": " + c->error;
             c->failed = false;
             return SLICEMOE_ERR_INVALID_ARG;

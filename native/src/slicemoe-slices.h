@@ -49,11 +49,14 @@ void          trace_clear(cache * c);
 void          route_fields(const route * r, int32_t * request, int32_t * layer, int32_t * phase,
                            int32_t * experts, float * weights, int32_t top_k);
 int32_t       top_k(const cache * c);
+// The router logits stored with record i (cache_prior runs): copies n_expert values, or returns
+// false when the record has none.
+bool          route_logits(const cache * c, int64_t i, float * out);
 
 // Trace replay: the same cache and policy with no pools and no reads.
 cache * sim_create(const slicemoe_sim_params & p, std::string * error);
 void    sim_free(cache * c);
 int     sim_run(cache * c, int64_t n, const int32_t * request, const int32_t * layer, const int32_t * phase,
-                const int32_t * experts, const float * weights, std::string * error);
+                const int32_t * experts, const float * weights, const float * logits, std::string * error);
 
 } // namespace slicemoe
