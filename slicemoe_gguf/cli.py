@@ -101,7 +101,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                n_threads=args.threads, precision=args.precision, cache_budget=budget, warmup=args.warmup,
                high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
                policy=args.policy, msb_share=args.msb_share, high_ratio=args.high_ratio,
-               prior_lambda=args.prior_lambda, gating_t=args.gating_t, prefetch=args.prefetch) as model:
+               prior_lambda=args.prior_lambda, gating_t=args.gating_t, prefetch=args.prefetch,
+               layer_slots=args.layer_slots) as model:
         if args.json or args.logits_out:
             result = model.generate(prompt, args.n_predict, sampling, keep_logits=bool(args.logits_out),
                                     stop_at_eog=not args.ignore_eos)
@@ -172,6 +173,13 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _read_trace(path: str):
     from . import trace as traces
 
@@ -231,6 +239,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     trace = _read_trace(args.trace)
     total = traces.total_slice_bytes(trace)
     budget = None if args.cache_budget is None else _parse_budget(args.cache_budget, total)
+    if args.per_layer:
+        if budget is None:
+            raise SliceMoEError("--per-layer needs --cache-budget", 1)
+        try:
+            result = traces.plan_layers(trace, budget, policy=args.policy, gating_t=args.gating_t)
+        except ValueError as exc:
+            raise SliceMoEError(str(exc), 1) from exc
+        equal = traces.replay(trace, policy=args.policy, budget=budget, gating_t=args.gating_t)
+        if args.json:
+            print(json.dumps({"layer_slots": result["layer_slots"], "misses": result["misses"],
+                              "equal_split_misses": equal["misses"], "budget_bytes": budget}))
+            return 0
+        slots = ",".join(map(str, result["layer_slots"]))
+        print(f"per-layer slots {slots}: {result['misses']} misses (equal split: {equal['misses']}) "
+              f"with {format_size(budget)}")
+        print(f"run it with: slicemoe run --policy {args.policy} --cache-budget {budget}B --layer-slots {slots}")
+        return 0
     result = traces.plan(trace, max_miss_rate=args.max_miss_rate, budget=budget,
                          high_threshold=args.high_threshold, warmup=args.warmup)
     if not result:
@@ -313,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--high-ratio", type=float, default=0.0, metavar="F",
                        help="dymoe: share of a token's uses at 8 bits in the first MoE layer, falling by a half "
                             "cosine to 0 at the last (default 0 = 0.5)")
+    cache.add_argument("--layer-slots", type=_int_list, metavar="N,N,...",
+                       help="whole-expert policies: slots per MoE layer (slicemoe plan --per-layer finds them); "
+                            "default: an equal share of the budget")
     cache.add_argument("--prefetch", action="store_true",
                        help="look-ahead prefetch: apply the next MoE layer's router to this layer's input and "
                             "load its predicted MSB slices on an I/O thread while this layer computes")
@@ -381,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--max-miss-rate", type=float, metavar="R", help="target slice miss rate, e.g. 0.05")
     goal.add_argument("--cache-budget", metavar="SIZE", help="a fixed budget (bytes with a unit, or %% of slices)")
     plan.add_argument("--high-threshold", type=float, default=0.25, metavar="W")
+    plan.add_argument("--per-layer", action="store_true",
+                      help="with --cache-budget: AdapMoE's DP allocation of whole-expert slots across layers "
+                           "(policy lru8 or adapmoe) instead of an MSB share")
+    plan.add_argument("--policy", choices=["lru8", "adapmoe"], default="lru8", help="--per-layer only")
+    plan.add_argument("--gating-t", type=float, default=0.04, metavar="T", help="--per-layer with adapmoe")
     plan.add_argument("--warmup", choices=["pcw", "none"], default="none")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_cmd_plan)

@@ -70,7 +70,7 @@ class Model:
                  cache_budget: int = 0, warmup: str = "none", high_threshold: float = 0.25,
                  max_miss_rate: float = 0.0, policy: str = "dbsc", record_trace: bool = False,
                  msb_share: float = 0.0, high_ratio: float = 0.0, prior_lambda: float = 0.0,
-                 gating_t: float = 0.0, prefetch: bool = False):
+                 gating_t: float = 0.0, prefetch: bool = False, layer_slots: list[int] | None = None):
         self.path = Path(path)
         self._lib = lib()
         if precision not in PRECISIONS:
@@ -96,6 +96,9 @@ class Model:
         params.prior_lambda = prior_lambda
         params.gating_t = gating_t
         params.prefetch = prefetch
+        slots = ffi.new("int32_t[]", list(layer_slots)) if layer_slots else ffi.NULL
+        params.layer_slots = slots
+        params.n_layer_slots = len(layer_slots) if layer_slots else 0
         out = ffi.new("slicemoe_model **")
         check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
         self._model = out[0]

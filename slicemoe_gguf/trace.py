@@ -147,7 +147,8 @@ def _slice_bytes(header: dict) -> tuple[int, int]:
 
 def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", warmup: str = "none",
            high_threshold: float = 0.25, max_miss_rate: float = 0.0, msb_share: float = 0.0,
-           high_ratio: float = 0.0, gating_t: float = 0.0, prior_lambda: float = 0.5) -> dict:
+           high_ratio: float = 0.0, gating_t: float = 0.0, prior_lambda: float = 0.5,
+           layer_slots: list[int] | None = None) -> dict:
     """Drive the native cache manager with the trace (no compute) and return its counters, with the
     same names as `slicemoe run --json`'s `cache` object."""
     from .runtime import PRECISIONS, WARMUPS, read_cache_stats
@@ -172,6 +173,9 @@ def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", w
     params.high_ratio = high_ratio
     params.gating_t = gating_t
     params.prior_lambda = prior_lambda
+    slots = ffi.new("int32_t[]", list(layer_slots)) if layer_slots else ffi.NULL
+    params.layer_slots = slots
+    params.n_layer_slots = len(layer_slots) if layer_slots else 0
     out = ffi.new("slicemoe_sim **")
     check(native.slicemoe_sim_create(ffi.new("struct slicemoe_sim_params *", params), out))
     sim = ffi.gc(out[0], native.slicemoe_sim_free)
@@ -239,3 +243,52 @@ def plan(trace: Trace, *, max_miss_rate: float | None = None, budget: int | None
     _, _, chosen_budget, share, stats = min(candidates, key=lambda c: (c[0], c[1]))
     return {"budget_bytes": chosen_budget, "msb_share": share, "budget_fraction": chosen_budget / total,
             "miss_rate": miss_rate(stats), "stats": stats}
+
+
+def layer_trace(trace: Trace, layer: int) -> Trace:
+    """The records of one MoE layer, as a one-layer trace."""
+    keep = trace.layer == layer
+    header = dict(trace.header, n_layers=1, moe_layers=[trace.header.get("moe_layers", [layer])[layer]]
+                  if "moe_layers" in trace.header else [layer])
+    return Trace(header, trace.request[keep], np.zeros(int(keep.sum()), np.int32), trace.phase[keep],
+                 trace.experts[keep], trace.weights[keep], trace.tokens[keep] if trace.tokens is not None else None,
+                 trace.logits[keep] if trace.logits is not None else None)
+
+
+def plan_layers(trace: Trace, budget: int, *, policy: str = "lru8", gating_t: float = 0.0) -> dict:
+    """AdapMoE's allocation of whole-expert slots across layers: each layer's misses as a function
+    of its slot count (replaying that layer alone), then a dynamic program over layers that
+    minimizes the total misses with at most budget // (MSB + LSB bytes) slots in all."""
+    msb, lsb = _slice_bytes(trace.header)
+    per_slot = msb + lsb
+    n_layers, k, n_experts = int(trace.header["n_layers"]), trace.top_k, int(trace.header["n_experts"])
+    total_slots = int(budget) // per_slot
+    if total_slots < n_layers * k:
+        raise ValueError(f"the budget holds {total_slots} whole experts, below the minimum of {n_layers * k}")
+    curves = []
+    for layer in range(n_layers):
+        sub = layer_trace(trace, layer)
+        curves.append({s: replay(sub, policy=policy, budget=s * per_slot, gating_t=gating_t)["misses"]
+                       for s in range(k, n_experts + 1)})
+    # best[i][t]: fewest misses of layers < i using t slots; choice[i][t]: the slots of layer i - 1
+    inf = float("inf")
+    best = [[inf] * (total_slots + 1) for _ in range(n_layers + 1)]
+    choice = [[0] * (total_slots + 1) for _ in range(n_layers + 1)]
+    best[0][0] = 0
+    for i in range(n_layers):
+        for used in range(total_slots + 1):
+            if best[i][used] == inf:
+                continue
+            for s, misses in curves[i].items():
+                t = used + s
+                if t <= total_slots and best[i][used] + misses < best[i + 1][t]:
+                    best[i + 1][t] = best[i][used] + misses
+                    choice[i + 1][t] = s
+    t = min(range(total_slots + 1), key=lambda u: (best[n_layers][u], u))
+    slots = []
+    for i in range(n_layers, 0, -1):
+        slots.append(choice[i][t])
+        t -= choice[i][t]
+    slots.reverse()
+    stats = replay(trace, policy=policy, budget=budget, gating_t=gating_t, layer_slots=slots)
+    return {"layer_slots": slots, "misses": stats["misses"], "stats": stats}

@@ -215,3 +215,36 @@ def test_adapmoe_gating_t_zero_is_lru8_and_positive_t_drops_uses_live_and_in_rep
     replayed = traces.replay(trace, policy="adapmoe", budget=budget, gating_t=0.05)
     for name in COUNTERS + ("dropped_uses",):
         assert replayed[name] == live[name], name
+
+
+def test_per_layer_dp_allocation_never_misses_more_than_an_equal_split(sliced, tmp_path):
+    with Model(sliced, record_trace=True) as model:
+        for prompt in (PROMPT, "the fish and the sea and the stars", "A journey of a thousand miles"):
+            model.generate(prompt, 24, stop_at_eog=False)
+        trace = model.routing_trace()
+    for fraction in (0.35, 0.6):
+        budget = int(slice_total(sliced) * fraction)
+        for policy in ("lru8", "adapmoe"):
+            result = traces.plan_layers(trace, budget, policy=policy, gating_t=0.04)
+            equal = traces.replay(trace, policy=policy, budget=budget, gating_t=0.04)
+            assert result["misses"] <= equal["misses"]
+            assert result["stats"]["pool_bytes"] <= budget
+    # the allocation runs live as planned
+    slots = traces.plan_layers(trace, int(slice_total(sliced) * 0.6))["layer_slots"]
+    with Model(sliced, cache_budget=int(slice_total(sliced) * 0.6), policy="lru8", layer_slots=slots) as model:
+        model.generate(PROMPT, 8, stop_at_eog=False)
+        assert model.cache_stats()["layers"]["msb_slots"] == slots
+
+
+def test_bad_per_layer_slots_are_refused(sliced):
+    from slicemoe_gguf import SliceMoEError
+
+    budget = slice_total(sliced)
+    with pytest.raises(SliceMoEError, match="one count per MoE layer"):
+        Model(sliced, cache_budget=budget, policy="lru8", layer_slots=[4, 4])
+    with pytest.raises(SliceMoEError, match="slots, need 2 to 8"):
+        Model(sliced, cache_budget=budget, policy="lru8", layer_slots=[1, 4, 4])
+    with pytest.raises(SliceMoEError, match="more than the budget"):
+        Model(sliced, cache_budget=budget // 4, policy="lru8", layer_slots=[8, 8, 8])
+    with pytest.raises(SliceMoEError, match="whole-expert policy"):
+        Model(sliced, cache_budget=budget, policy="dbsc", layer_slots=[4, 4, 4])

@@ -97,6 +97,10 @@ struct slicemoe_model_params {
     float   gating_t;          // adapmoe: T of the gating rule; 0 = never drop (the model's routing)
     bool    prefetch;          // look-ahead: apply the next MoE layer's router to this layer's input
                                // and load the predicted MSB slices on an I/O thread meanwhile
+    // Whole-expert policies: slots per MoE layer (e.g. from slicemoe plan's DP allocation) instead
+    // of an equal share of the budget; NULL / 0 = equal shares.
+    const int32_t * layer_slots;
+    int32_t n_layer_slots;
 };
 
 // Trace replay with no model: the same cache manager with no pools and no reads.
@@ -116,6 +120,8 @@ struct slicemoe_sim_params {
     float   high_ratio;        // as in slicemoe_model_params
     float   gating_t;          // as in slicemoe_model_params
     float   prior_lambda;      // as in slicemoe_model_params
+    const int32_t * layer_slots;  // as in slicemoe_model_params
+    int32_t n_layer_slots;
 };
 
 // Counters of the slice cache, summed over layers (or of one layer). "Hits" and "misses" count

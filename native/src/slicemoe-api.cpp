@@ -178,6 +178,8 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     p.prior_lambda   = 0.0f;
     p.gating_t       = 0.0f;
     p.prefetch       = false;
+    p.layer_slots    = nullptr;
+    p.n_layer_slots  = 0;
     return p;
 }
 

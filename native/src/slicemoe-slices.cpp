@@ -656,6 +656,51 @@ int effective_precision(int policy, int precision) {
     }
 }
 
+// Slot counts per MoE layer: the budget shared equally (split_budget within each layer), or, for
+// whole-expert policies, explicit per-layer counts (the planner's DP allocation). Checks the
+// minimum and the budget; false with *error set otherwise.
+bool slot_counts(const cache & c, int n_layers, size_t msb_b, size_t lsb_b, float msb_share,
+                 const int32_t * layer_slots, int32_t n_layer_slots, std::vector<int> * msb,
+                 std::vector<int> * lsb, std::string * error) {
+    const int64_t minimum = int64_t(n_layers) * min_layer_budget(c.precision, c.top_k, msb_b, lsb_b);
+    if (c.budget < minimum) {
+        *error = "cache budget " + format_bytes(c.budget) + " is below the minimum that can run, " +
+                 format_bytes(minimum) + " (" + std::to_string(c.top_k) + " " +
+                 (c.precision == SLICEMOE_PRECISION_HIGH ? "MSB+LSB" : "MSB") + " expert slices in each of " +
+                 std::to_string(n_layers) + " MoE layers)";
+        return false;
+    }
+    msb->assign(size_t(n_layers), 0);
+    lsb->assign(size_t(n_layers), 0);
+    if (layer_slots == nullptr || n_layer_slots == 0) {
+        int m = 0, l = 0;
+        split_budget(c.budget / n_layers, c.precision, c.n_expert, c.top_k, msb_b, lsb_b == 0 ? 1 : lsb_b, msb_share, &m, &l);
+        std::fill(msb->begin(), msb->end(), m);
+        std::fill(lsb->begin(), lsb->end(), l);
+        return true;
+    }
+    if (n_layer_slots != n_layers || c.precision != SLICEMOE_PRECISION_HIGH) {
+        *error = "per-layer slots need one count per MoE layer (" + std::to_string(n_layers) +
+                 ") and a whole-expert policy (lru8, lfu8, adapmoe, belady)";
+        return false;
+    }
+    int64_t bytes = 0;
+    for (int i = 0; i < n_layers; ++i) {
+        if (layer_slots[i] < c.top_k || layer_slots[i] > c.n_expert) {
+            *error = "layer " + std::to_string(i) + ": " + std::to_string(layer_slots[i]) + " slots, need " +
+                     std::to_string(c.top_k) + " to " + std::to_string(c.n_expert);
+            return false;
+        }
+        (*msb)[size_t(i)] = (*lsb)[size_t(i)] = layer_slots[i];
+        bytes += int64_t(layer_slots[i]) * int64_t(msb_b + lsb_b);
+    }
+    if (bytes > c.budget) {
+        *error = "per-layer slots need " + format_bytes(bytes) + ", more than the budget " + format_bytes(c.budget);
+        return false;
+    }
+    return true;
+}
+
 // A cache with no pools that only records routing (tracing a model run without a budget).
 std::unique_ptr<cache> build_observer(const llama_model * model, const std::vector<int> & moe_il) {
     auto c = std::make_unique<cache>();
@@ -708,18 +753,12 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         lsb_b += lsb_t[j]->nb[2];
     }
     const int64_t n_layers = int64_t(moe.size());
-    const int64_t per_layer = c->budget / n_layers;
-    const int64_t minimum = n_layers * min_layer_budget(c->precision, c->top_k, msb_b, lsb_b);
-    if (c->budget < minimum) {
+    std::vector<int> msb_slots, lsb_slots;
+    if (!slot_counts(*c, int(n_layers), msb_b, lsb_b, params.msb_share, params.layer_slots, params.n_layer_slots,
+                     &msb_slots, &lsb_slots, error)) {
         gguf_free(g);
-        *error = "cache budget " + format_bytes(c->budget) + " is below the minimum that can run, " +
-                 format_bytes(minimum) + " (" + std::to_string(c->top_k) + " " +
-                 (c->precision == SLICEMOE_PRECISION_HIGH ? "MSB+LSB" : "MSB") + " expert slices in each of " +
-                 std::to_string(n_layers) + " MoE layers)";
         return nullptr;
     }
-    int n_msb = 0, n_lsb = 0;
-    split_budget(per_layer, c->precision, c->n_expert, c->top_k, msb_b, lsb_b, params.msb_share, &n_msb, &n_lsb);
 
     const size_t n_tensors = size_t(n_layers) * (2 * N_PROJ + 5);
     ggml_init_params ip = { ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc*/ true };
@@ -734,6 +773,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         L.prompt_score.assign(c->n_expert, 0.0);
         const ggml_tensor * msb[N_PROJ] = { ml.ffn_up_exps, ml.ffn_gate_exps, ml.ffn_down_exps };
         const ggml_tensor * lsb[N_PROJ] = { ml.ffn_up_exps_lsb, ml.ffn_gate_exps_lsb, ml.ffn_down_exps_lsb };
+        const int n_msb = msb_slots[size_t(i)], n_lsb = lsb_slots[size_t(i)];
         init_pool(L.msb, n_msb, c->n_expert);
         init_pool(L.lsb, n_lsb, c->n_expert);
         for (int j = 0; j < N_PROJ; ++j) {
@@ -795,8 +835,9 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->totals.budget_bytes = c->budget;
     // A budget that holds every slice needs no policy: load them all now, in file order, as the
     // stock path would, so decode starts with no compulsory misses.
-    const bool everything = n_msb == c->n_expert && (n_lsb == c->n_expert || c->precision == SLICEMOE_PRECISION_LOW);
     for (layer & L : c->layers) {
+        const bool everything = L.msb.n_slots == c->n_expert &&
+                                (L.lsb.n_slots == c->n_expert || c->precision == SLICEMOE_PRECISION_LOW);
         for (int e = 0; everything && e < c->n_expert; ++e) {
             ok = load_slice(*c, L, L.msb, e, e) && (L.lsb.n_slots == 0 || load_slice(*c, L, L.lsb, e, e));
             if (!ok) {
@@ -1057,20 +1098,18 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
         *error = "this policy and precision need LSB slices (lsb_bytes > 0)";
         return nullptr;
     }
-    const int64_t minimum = int64_t(p.n_layers) * min_layer_budget(c->precision, c->top_k, msb_b, lsb_b);
-    if (c->budget < minimum) {
-        *error = "cache budget " + format_bytes(c->budget) + " is below the minimum that can run, " + format_bytes(minimum);
+    std::vector<int> msb_slots, lsb_slots;
+    if (!slot_counts(*c, p.n_layers, msb_b, lsb_b, p.msb_share, p.layer_slots, p.n_layer_slots, &msb_slots,
+                     &lsb_slots, error)) {
         return nullptr;
     }
-    int n_msb = 0, n_lsb = 0;
-    split_budget(c->budget / p.n_layers, c->precision, c->n_expert, c->top_k, msb_b, lsb_b == 0 ? 1 : lsb_b,
-                 p.msb_share, &n_msb, &n_lsb);
     c->layers.resize(size_t(p.n_layers));
     for (int i = 0; i < p.n_layers; ++i) {
         layer & L = c->layers[size_t(i)];
         L.il = i;
         L.stats.layer = i;
         L.prompt_score.assign(size_t(c->n_expert), 0.0);
+        const int n_msb = msb_slots[size_t(i)], n_lsb = lsb_slots[size_t(i)];
         init_pool(L.msb, n_msb, c->n_expert);
         init_pool(L.lsb, n_lsb, c->n_expert);
         L.msb.slice_bytes = msb_b;
