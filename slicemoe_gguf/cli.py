@@ -91,10 +91,18 @@ def _cache_budget(args: argparse.Namespace) -> int:
     return budget
 
 
+def _msb_slice_bytes(model_path: str) -> int:
+    from .model_info import describe
+
+    layers = describe(model_path)["layers"]
+    return max((layer["msb_bytes_per_expert"] for layer in layers), default=0)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import Model, Sampling
 
     prompt = _read_prompt(args)
+    profiles = _profiles(args)
     sampling = Sampling(temperature=args.temp, top_p=args.top_p, seed=args.seed)
     budget = _cache_budget(args)
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
@@ -130,6 +138,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                       f"({100 * cache['misses'] / max(uses, 1):.1f}% of slice uses), "
                       f"{format_size(cache['flash_bytes'] / max(cache['decode_tokens'], 1))}/token from flash, "
                       f"{cache['io_ms']:.1f} ms blocked on reads", file=sys.stderr)
+                compute_ms = max(decode_ms - cache["io_ms"], 0.0) / steps
+                _print_modelled(_modelled(cache, profiles, _msb_slice_bytes(args.model), compute_ms), profiles,
+                                "(expert traffic and MACs; the latency adds this machine's compute)")
             return 0
         cache = model.cache_stats()
     if args.logits_out:
@@ -144,6 +155,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "prefill_ms": round(result.prefill_ms, 3),
             "decode_ms_per_token": round(result.decode_ms_per_token, 3),
             **({"cache": cache} if cache else {}),
+            **({"modelled": _modelled(cache, profiles, _msb_slice_bytes(args.model),
+                                      max(result.decode_ms_per_token - cache["io_ms"] / max(cache["decode_tokens"], 1), 0.0))}
+               if cache else {}),
         }))
     else:
         print(result.text)
@@ -196,9 +210,32 @@ def _parse_budget(text: str, total: int) -> int:
         raise SliceMoEError(f"--cache-budget: {exc}", 1) from exc
 
 
+def _profiles(args: argparse.Namespace) -> list:
+    from .energy import builtin_profiles, load_profile
+
+    try:
+        return [load_profile(p) for p in (args.profile or builtin_profiles())]
+    except ValueError as exc:
+        raise SliceMoEError(str(exc), 1) from exc
+
+
+def _modelled(stats: dict, profiles: list, msb_slice_bytes: int, compute_ms: float = 0.0) -> dict:
+    from .energy import per_token
+
+    return {p.name: per_token(stats, p, msb_slice_bytes, compute_ms) for p in profiles}
+
+
+def _print_modelled(modelled: dict, profiles: list, what: str) -> None:
+    for p in profiles:
+        m = modelled[p.name]
+        print(f"modelled on {p.name} ({p.description}): {m['energy_mj_per_token']:.4g} mJ/token, "
+              f"{m['latency_ms_per_token']:.4g} ms/token {what}", file=sys.stderr)
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     from . import trace as traces
 
+    profiles = _profiles(args)
     trace = _read_trace(args.trace)
     budget = _parse_budget(args.cache_budget, traces.total_slice_bytes(trace))
     stats = traces.replay(trace, policy=args.policy, budget=budget, precision=args.precision, warmup=args.warmup,
@@ -219,6 +256,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
             [a + b for a, b in zip(stats["layers"]["msb_hits"], stats["layers"]["lsb_hits"])],
             [a + b for a, b in zip(stats["layers"]["msb_misses"], stats["layers"]["lsb_misses"])])],
     }
+    summary["modelled"] = _modelled(stats, profiles, traces.msb_slice_bytes(trace))
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -230,6 +268,10 @@ def _cmd_sim(args: argparse.Namespace) -> int:
           f"{format_size(summary['ram_bytes_per_token'])}/token, 8-bit/4-bit uses "
           f"{stats['high_uses']}/{stats['low_uses']}")
     print("layer hit rates: " + " ".join(f"{100 * r:.0f}%" for r in summary["layer_hit_rates"]))
+    for p in profiles:
+        m = summary["modelled"][p.name]
+        print(f"modelled on {p.name} ({p.description}): {m['energy_mj_per_token']:.4g} mJ/token of expert "
+              f"traffic and MACs, {m['latency_ms_per_token']:.4g} ms/token of expert memory traffic")
     return 0
 
 
@@ -357,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto precision: adapt the threshold at run time to keep the slice miss rate "
                             "near R (e.g. 0.05); default 0 = fixed threshold")
     run.add_argument("--ignore-eos", action="store_true", help="keep decoding past end-of-generation tokens")
+    run.add_argument("--profile", action="append", metavar="NAME|FILE.json",
+                     help="device profile for the modelled energy and latency (repeatable; default: the built-in "
+                          "phone and laptop profiles)")
     run.add_argument("--json", action="store_true",
                      help="print one JSON object: text, prompt_tokens, tokens, n_prompt, n_decode, "
                           "prefill_ms, decode_ms_per_token")
@@ -395,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--warmup", choices=["pcw", "none"], default="none", help="default none")
     sim.add_argument("--high-threshold", type=float, default=0.25, metavar="W")
     sim.add_argument("--max-miss-rate", type=float, default=0.0, metavar="R")
+    sim.add_argument("--profile", action="append", metavar="NAME|FILE.json",
+                     help="device profile for the modelled energy and latency (repeatable; default: the built-in "
+                          "phone and laptop profiles)")
     sim.add_argument("--json", action="store_true",
                      help="one JSON object, with the counter names of slicemoe run --json's cache object")
     sim.set_defaults(func=_cmd_sim)

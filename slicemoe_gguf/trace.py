@@ -190,6 +190,10 @@ def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", w
                             lambda i, row: native.slicemoe_sim_get_layer_stats(sim, i, row), params.n_layers)
 
 
+def msb_slice_bytes(trace: Trace) -> int:
+    return _slice_bytes(trace.header)[0]
+
+
 def total_slice_bytes(trace: Trace) -> int:
     msb, lsb = _slice_bytes(trace.header)
     return int(trace.header["n_layers"]) * int(trace.header["n_experts"]) * (msb + lsb)
