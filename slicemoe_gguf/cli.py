@@ -317,6 +317,55 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_PROMPT = "ROMEO.\nBut soft, what light"
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .embedded import embedded_gguf
+    from .model_info import describe
+    from .runtime import Model, Sampling
+
+    from convert.checkpoint import CheckpointError
+
+    try:
+        path = embedded_gguf(progress=not args.model_path)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise SliceMoEError(str(exc), 2) from exc
+    if args.model_path:
+        print(path)
+        return 0
+    info = describe(path)
+    total = info["expert_msb_bytes"] + info["expert_lsb_bytes"]
+    budget = _parse_budget(args.cache_budget, total)
+    msb_slice = max(layer["msb_bytes_per_expert"] for layer in info["layers"])
+    profiles = _profiles(args)
+    rows = []
+    for label, policy, warmup in (("SliceMoE: dbsc + pcw", "dbsc", "pcw"), ("lru8 (whole 8-bit experts)", "lru8", "none")):
+        with Model(path, n_threads=args.threads, cache_budget=budget, policy=policy, warmup=warmup) as model:
+            result = model.generate(args.prompt, args.n_predict, Sampling(), stop_at_eog=False)
+            stats = model.cache_stats()
+        rows.append((label, result, stats, _modelled(stats, profiles, msb_slice)))
+    print(f"{info['name'] or 'embedded model'}: {len(info['layers'])} MoE layers x {info['n_experts']} experts "
+          f"(top-{info['top_k']}), {format_size(total)} of expert slices; budget {format_size(budget)} "
+          f"({100 * budget / total:.0f}%)\n")
+    print(args.prompt + rows[0][1].text + "\n")
+    energy_cols = " | ".join(f"{p.name} mJ/token" for p in profiles)
+    print(f"| policy | hits | misses | flash MB/token | {energy_cols} | ms/token (this machine) |")
+    print("|---|---|---|---|" + "---|" * len(profiles) + "---|")
+    for label, result, stats, modelled in rows:
+        tokens = max(stats["decode_tokens"], 1)
+        energies = " | ".join(f"{modelled[p.name]['energy_mj_per_token']:.4f}" for p in profiles)
+        print(f"| {label} | {stats['hits']} | {stats['misses']} | {stats['flash_bytes'] / tokens / 1e6:.3f} | "
+              f"{energies} | {result.decode_ms_per_token:.2f} |")
+    (_, fast, mine, mine_m), (_, slow, base, base_m) = rows
+    first = profiles[0].name
+    print(f"\nSliceMoE against lru8 at the same budget: {base['flash_bytes'] / max(mine['flash_bytes'], 1):.2f}x less "
+          f"flash traffic, {base_m[first]['energy_mj_per_token'] / mine_m[first]['energy_mj_per_token']:.2f}x less "
+          f"modelled energy ({first}), {slow.decode_ms_per_token / fast.decode_ms_per_token:.2f}x decode speed here. "
+          f"Energy is modelled from the counters with the device profiles (see README); ms/token is measured.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slicemoe",
@@ -409,6 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="save the float32 logits [n_decode, n_vocab] each decoded token was chosen from")
     run.set_defaults(func=_cmd_run)
 
+    demo = sub.add_parser("demo", help="the embedded Shakespeare MoE under a tight RAM budget: SliceMoE vs lru8",
+                          description="Convert the embedded model once (cached), decode a prompt with a tight "
+                                      "budget under SliceMoE (dbsc + pcw) and under whole-expert lru8, and print "
+                                      "the text with a table of hits, misses, flash traffic, modelled energy and "
+                                      "measured ms/token.")
+    demo.add_argument("--model-path", action="store_true",
+                      help="print the converted GGUF's path (converting it if needed) and exit")
+    demo.add_argument("-p", "--prompt", default=DEMO_PROMPT, help="prompt text (default: a line of Romeo)")
+    demo.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to decode (default 64)")
+    demo.add_argument("--cache-budget", default="25%", metavar="SIZE",
+                      help="bytes with a unit or a percentage of all expert slice bytes (default 25%%)")
+    demo.add_argument("-t", "--threads", type=int, default=0, help="compute threads (default: all cores)")
+    demo.add_argument("--profile", action="append", metavar="NAME|FILE.json",
+                      help="device profile for the modelled energy (repeatable; default: phone and laptop)")
+    demo.set_defaults(func=_cmd_demo)
+
     trace = sub.add_parser("trace", help="record expert routing to a slicemoe-trace JSONL file",
                            description="Run greedy decoding and record, for every MoE layer of every token, "
                                        "the chosen experts and their router probabilities (format in the README).")
@@ -471,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.command == "plan" and args.max_miss_rate is not None and not 0.0 <= args.max_miss_rate < 1.0:
         parser.error("--max-miss-rate must be in [0, 1)")
-    if args.command == "trace" and args.n_predict < 1:
+    if args.command in ("trace", "demo") and args.n_predict < 1:
         parser.error("-n/--n-predict must be >= 1")
     if args.command == "run":
         if args.n_predict < 0:

@@ -1,0 +1,153 @@
+"""What the evaluation benchmarks share: held-out token windows of the embedded model, the fp32
+transformers reference, teacher-forced runs of the engine, and the page-cache drop.
+
+Every configuration sees the same token windows. A window's first `n_prompt` tokens are one prefill
+batch; each later token is evaluated alone, as decode does, so the cache decides per token. The
+engine's next-token distribution at each decode position is compared with transformers' fp32
+distribution at the same position (teacher forcing: both see the same tokens, whatever they would
+have sampled), which makes KL, top-1 agreement and perplexity comparable across configurations.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slicemoe_gguf import Model
+from slicemoe_gguf.embedded import EMBEDDED_CHECKPOINT
+from slicemoe_gguf.energy import load_profile, per_token
+
+PROFILES = ("phone", "laptop")
+
+
+def heldout_windows(n_windows: int, length: int, checkpoint: Path = EMBEDDED_CHECKPOINT) -> list[list[int]]:
+    """n_windows runs of `length` tokens, evenly spaced through the held-out plays (never trained on)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    ids = tokenizer.encode((checkpoint / "heldout.txt").read_text(encoding="utf-8")).ids
+    step = (len(ids) - length) // n_windows
+    return [ids[i * step:i * step + length] for i in range(n_windows)]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def hf_reference(windows: list[list[int]], n_prompt: int, checkpoint: Path = EMBEDDED_CHECKPOINT,
+                 replace_experts=None) -> list[np.ndarray]:
+    """transformers' fp32 log-probabilities at each decode position of each window
+    [len - n_prompt, vocab]. `replace_experts(name, weight) -> weight` swaps expert weights (for the
+    numpy AMAT reconstructions)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    if replace_experts is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".experts." in name and p.dim() >= 2:
+                    p.copy_(torch.from_numpy(replace_experts(name, p.detach().numpy())))
+    out = []
+    with torch.no_grad():
+        for w in windows:
+            logits = model(input_ids=torch.tensor([w])).logits[0].numpy()
+            out.append(log_softmax(logits[n_prompt - 1:-1]))
+    return out
+
+
+@dataclass
+class EngineRun:
+    logprobs: list[np.ndarray]
+    decode_ms: float
+    decode_tokens: int
+    stats: dict | None
+    wall_s: float = 0.0
+    modelled: dict = field(default_factory=dict)
+
+    @property
+    def ms_per_token(self) -> float:
+        return self.decode_ms / max(self.decode_tokens, 1)
+
+
+def drop_page_cache() -> bool:
+    """Drop clean page-cache pages (root only) so that the first reads of a run go to the device."""
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def engine_run(path: Path, windows: list[list[int]], n_prompt: int, *, threads: int = 2, **model_kwargs) -> EngineRun:
+    """Teacher-forced decode of every window through one Model (the cache persists across windows,
+    as it does across the requests of a session)."""
+    drop_page_cache()
+    start = time.perf_counter()
+    logprobs, decode_ms, decode_tokens = [], 0.0, 0
+    with Model(path, n_threads=threads, n_ctx=max(len(w) for w in windows) + 8, **model_kwargs) as model:
+        for w in windows:
+            model.reset()
+            model.eval(w[:n_prompt])
+            rows = [model.logits()]
+            for token in w[n_prompt:-1]:
+                model.eval([token])
+                rows.append(model.logits())
+            logprobs.append(log_softmax(np.stack(rows)))
+            decode_ms += model.timings()[1]
+            decode_tokens += len(w) - 1 - n_prompt
+        stats = model.cache_stats()
+    run = EngineRun(logprobs, decode_ms, decode_tokens, stats, time.perf_counter() - start)
+    if stats:
+        from slicemoe_gguf.model_info import describe
+
+        msb_slice = max(layer["msb_bytes_per_expert"] for layer in describe(path)["layers"])
+        compute_ms = max(decode_ms - stats["io_ms"], 0.0) / max(decode_tokens, 1)
+        run.modelled = {name: per_token(stats, load_profile(name), msb_slice, compute_ms) for name in PROFILES}
+    return run
+
+
+def agreement(reference: list[np.ndarray], logprobs: list[np.ndarray], windows: list[list[int]], n_prompt: int) -> dict:
+    """Mean KL(reference || engine) in nats, top-1 agreement, and the engine's perplexity on the windows."""
+    kl, top1, nll, n = 0.0, 0, 0.0, 0
+    for ref, got, w in zip(reference, logprobs, windows):
+        targets = np.asarray(w[n_prompt:])
+        kl += float((np.exp(ref) * (ref - got)).sum())
+        top1 += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        nll -= float(got[np.arange(len(targets)), targets].sum())
+        n += len(targets)
+    return {"kl": kl / n, "top1": top1 / n, "ppl": float(np.exp(nll / n))}
+
+
+def perplexity(logprobs: list[np.ndarray], windows: list[list[int]], n_prompt: int) -> float:
+    nll = sum(-float(lp[np.arange(len(w) - n_prompt), np.asarray(w[n_prompt:])].sum()) for lp, w in zip(logprobs, windows))
+    return float(np.exp(nll / sum(len(w) - n_prompt for w in windows)))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line() -> str:
+    import datetime
+    import os
+    import platform
+
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+            f"{datetime.date.today().isoformat()}")
