@@ -142,6 +142,7 @@ typedef struct slicemoe_cache_stats {
     int64_t prefetch_loads;    // slices loaded ahead by look-ahead prefetch (also in loads, flash_bytes)
     int64_t prefetch_useful_bytes;  // ... of which the next token's layer used
     int64_t prefetch_wasted_bytes;  // ... and did not
+    int64_t device_pool_bytes;  // of pool_bytes, the part in device memory (offloaded layers' pools)
 } slicemoe_cache_stats_t;
 
 typedef struct slicemoe_layer_stats {

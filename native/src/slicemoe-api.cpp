@@ -224,6 +224,16 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = p.n_gpu_layers;
     mp.load_mode    = p.use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    // With a cache, the routed experts (MSB and LSB tensors) stay in the mapped file on the host
+    // even for offloaded layers: the device holds only the cache's pools, filled slice by slice.
+    const llama_model_tensor_buft_override experts_on_host[] = {
+        { "\\.ffn_(up|gate|down)_exps\\.(weight|lsb)$",
+          ggml_backend_dev_buffer_type(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)) },
+        { nullptr, nullptr },
+    };
+    if (p.cache_budget_bytes > 0 && p.n_gpu_layers != 0) {
+        mp.tensor_buft_overrides = experts_on_host;
+    }
 
     clear_llama_errors();
     llama_model * model = llama_model_load_from_file(path, mp);
@@ -518,6 +528,9 @@ int slicemoe_context_create(slicemoe_model * model, const slicemoe_context_param
     if (slicemoe::cache * c = slicemoe::cache_of(model->model)) {
         cp.cb_eval           = slicemoe::eval_callback;
         cp.cb_eval_user_data = c;
+        // Prompt batches read the experts from the mapped file; operation offload would copy whole
+        // expert tensors to the device for every large batch, which is what the cache avoids.
+        cp.op_offload = false;
     }
 
     clear_llama_errors();

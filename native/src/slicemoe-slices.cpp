@@ -37,6 +37,7 @@
 #include <mutex>
 #include <unistd.h>
 #include <unordered_map>
+#include <map>
 #include <vector>
 
 namespace slicemoe {
@@ -115,8 +116,8 @@ struct cache {
     double               miss_rate_ema = 0.0;   // slice miss rate, smoothed over decode tokens
     int64_t              token_uses = 0, token_misses = 0;
     int64_t              budget = 0;
-    ggml_context *       ctx = nullptr;
-    ggml_backend_buffer_t buf = nullptr;
+    std::vector<ggml_context *>          ctxs;   // one per buffer type the pools live in
+    std::vector<ggml_backend_buffer_t>   bufs;
     std::vector<layer>   layers;
     std::unordered_map<int, int> layer_of_il;
     uint64_t             clock = 0;
@@ -129,8 +130,8 @@ struct cache {
     std::vector<int32_t> scratch_ids;
 
     ~cache() {
-        if (buf) ggml_backend_buffer_free(buf);
-        if (ctx) ggml_free(ctx);
+        for (ggml_backend_buffer_t b : bufs) ggml_backend_buffer_free(b);
+        for (ggml_context * ctx : ctxs) ggml_free(ctx);
         if (fd >= 0) close(fd);
     }
 };
@@ -201,7 +202,7 @@ bool read_slice(cache & c, const layer & L, const pool & p, int expert, int slot
         const int64_t off = p.file_offset[j] + int64_t(expert) * int64_t(n);
         std::vector<uint8_t> staging;
         uint8_t * dst = nullptr;
-        if (ggml_backend_buffer_is_host(c.buf)) {
+        if (ggml_backend_buffer_is_host(p.t[j]->buffer)) {
             dst = (uint8_t *) p.t[j]->data + size_t(slot) * p.t[j]->nb[2];
         } else {
             staging.resize(n);
@@ -761,8 +762,20 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     }
 
     const size_t n_tensors = size_t(n_layers) * (2 * N_PROJ + 5);
-    ggml_init_params ip = { ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc*/ true };
-    c->ctx = ggml_init(ip);
+    // The pools of a layer live where llama.cpp runs that layer (CPU, or the Vulkan/Metal device of
+    // an offloaded layer), one buffer per buffer type; misses reach a device by tensor_set.
+    // The small remap tables get buffers of their own, so a pool buffer's size is slices only.
+    std::map<std::pair<ggml_backend_buffer_type_t, bool>, ggml_context *> ctx_of;
+    auto ctx_for = [&](int il, bool tables) {
+        const auto key = std::make_pair(ggml_backend_dev_buffer_type(model->dev_layer(il)), tables);
+        auto it = ctx_of.find(key);
+        if (it != ctx_of.end()) return it->second;
+        ggml_init_params ip = { ggml_tensor_overhead() * n_tensors, nullptr, /*no_alloc*/ true };
+        ggml_context * ctx = ggml_init(ip);
+        c->ctxs.push_back(ctx);
+        ctx_of[key] = ctx;
+        return ctx;
+    };
     c->layers.resize(size_t(n_layers));
     bool ok = true;
     for (int64_t i = 0; i < n_layers && ok; ++i) {
@@ -774,6 +787,8 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         const ggml_tensor * msb[N_PROJ] = { ml.ffn_up_exps, ml.ffn_gate_exps, ml.ffn_down_exps };
         const ggml_tensor * lsb[N_PROJ] = { ml.ffn_up_exps_lsb, ml.ffn_gate_exps_lsb, ml.ffn_down_exps_lsb };
         const int n_msb = msb_slots[size_t(i)], n_lsb = lsb_slots[size_t(i)];
+        ggml_context * ctx = ctx_for(L.il, false);
+        ggml_context * tables = ctx_for(L.il, true);
         init_pool(L.msb, n_msb, c->n_expert);
         init_pool(L.lsb, n_lsb, c->n_expert);
         for (int j = 0; j < N_PROJ; ++j) {
@@ -781,27 +796,27 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
             L.mapped[N_PROJ + j] = lsb[j];
         }
         for (int j = 0; j < N_PROJ && ok; ++j) {
-            L.msb.t[j] = ggml_new_tensor_3d(c->ctx, msb[j]->type, msb[j]->ne[0], msb[j]->ne[1], n_msb);
+            L.msb.t[j] = ggml_new_tensor_3d(ctx, msb[j]->type, msb[j]->ne[0], msb[j]->ne[1], n_msb);
             L.msb.expert_bytes[j] = msb[j]->nb[2];
             L.msb.slice_bytes += msb[j]->nb[2];
             ok = tensor_source(g, msb[j], &L.msb.file_offset[j], error);
             if (n_lsb > 0 && ok) {
-                L.lsb.t[j] = ggml_new_tensor_3d(c->ctx, lsb[j]->type, lsb[j]->ne[0], lsb[j]->ne[1], n_lsb);
+                L.lsb.t[j] = ggml_new_tensor_3d(ctx, lsb[j]->type, lsb[j]->ne[0], lsb[j]->ne[1], n_lsb);
                 L.lsb.expert_bytes[j] = lsb[j]->nb[2];
                 L.lsb.slice_bytes += lsb[j]->nb[2];
                 ok = tensor_source(g, lsb[j], &L.lsb.file_offset[j], error);
             }
         }
-        L.msb_map = ggml_new_tensor_3d(c->ctx, GGML_TYPE_I32, 1, c->n_expert, 1);
+        L.msb_map = ggml_new_tensor_3d(tables, GGML_TYPE_I32, 1, c->n_expert, 1);
         if (c->prior_lambda > 0.0f) {
-            L.sel_bias = ggml_new_tensor_1d(c->ctx, GGML_TYPE_F32, c->n_expert);
+            L.sel_bias = ggml_new_tensor_1d(tables, GGML_TYPE_F32, c->n_expert);
         }
         if (c->gating_t > 0.0f) {
-            L.keep = ggml_new_tensor_3d(c->ctx, GGML_TYPE_F32, 1, c->n_expert, 1);
+            L.keep = ggml_new_tensor_3d(tables, GGML_TYPE_F32, 1, c->n_expert, 1);
         }
         if (n_lsb > 0) {
-            L.lsb_map  = ggml_new_tensor_3d(c->ctx, GGML_TYPE_I32, 1, c->n_expert, 1);
-            L.lsb_mask = ggml_new_tensor_3d(c->ctx, GGML_TYPE_F32, 1, c->n_expert, 1);
+            L.lsb_map  = ggml_new_tensor_3d(tables, GGML_TYPE_I32, 1, c->n_expert, 1);
+            L.lsb_mask = ggml_new_tensor_3d(tables, GGML_TYPE_F32, 1, c->n_expert, 1);
         }
         L.stats.msb_slots = n_msb;
         L.stats.lsb_slots = n_lsb;
@@ -814,13 +829,19 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     gguf_free(g);
     if (!ok) return nullptr;
 
-    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    c->buf = ggml_backend_alloc_ctx_tensors_from_buft(c->ctx, ggml_backend_dev_buffer_type(cpu));
-    if (!c->buf) {
-        *error = "cannot allocate the slice pools (" + format_bytes(c->budget) + ")";
-        return nullptr;
+    for (const auto & [key, ctx] : ctx_of) {
+        const auto [buft, tables] = key;
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+        if (!buf) {
+            *error = "cannot allocate the slice pools (" + format_bytes(c->budget) + ") in " + ggml_backend_buft_name(buft);
+            return nullptr;
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        c->bufs.push_back(buf);
+        if (!tables && !ggml_backend_buffer_is_host(buf)) {
+            c->totals.device_pool_bytes += int64_t(ggml_backend_buffer_get_size(buf));
+        }
     }
-    ggml_backend_buffer_clear(c->buf, 0);
     c->fd = open(path, O_RDONLY);
     if (c->fd < 0) {
         *error = std::string("cannot open '") + path + "' for expert reads: " + strerror(errno);
@@ -875,10 +896,6 @@ int attach(const llama_model * model, const char * path, const slicemoe_model_pa
     }
     std::unique_ptr<cache> c;
     if (params.cache_budget_bytes > 0) {
-        if (params.n_gpu_layers != 0) {
-            *error = "the slice cache runs on the CPU backend only in this version (use n_gpu_layers 0)";
-            return SLICEMOE_ERR_INVALID_ARG;
-        }
         c = build_cache(model, path, params, moe, moe_il, error);
         if (!c) {
             return SLICEMOE_ERR_INVALID_ARG;
@@ -1025,10 +1042,11 @@ int read_layer_stats(const cache * c, int32_t i, slicemoe_layer_stats_t * out) {
 }
 
 void clear_stats(cache * c) {
-    const int64_t budget = c->totals.budget_bytes, pool_bytes = c->totals.pool_bytes;
+    const slicemoe_cache_stats_t kept = c->totals;
     c->totals = {};
-    c->totals.budget_bytes = budget;
-    c->totals.pool_bytes = pool_bytes;
+    c->totals.budget_bytes = kept.budget_bytes;
+    c->totals.pool_bytes = kept.pool_bytes;
+    c->totals.device_pool_bytes = kept.device_pool_bytes;
     for (layer & L : c->layers) {
         const slicemoe_layer_stats_t keep = L.stats;
         L.stats = {};
