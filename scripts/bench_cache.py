@@ -8,15 +8,15 @@ experts (the stock llama.cpp path, our baseline). Rows:
   stock q8_0           stock llama.cpp path, every expert mapped from the file (warm page cache)
   amat low/high, no cache  4-bit (MSB products) / 8-bit AMAT (MSB + LSB products), every expert mapped
   amat low/high, 100%  the slice cache holding (and preloading) every slice: the cache's own overhead
-  amat high, 50%       whole-expert 8-bit caching (LRU), half the slice bytes
-  amat auto, 50%       DBSC: precision per use, half the slice bytes
-  amat auto, 50%, pcw  DBSC with prefill warm-up
+  amat high, B%        whole-expert 8-bit caching (LRU) with B% of the slice bytes (--budgets)
+  amat auto, B%        DBSC: precision per use
+  amat auto, B%, pcw   DBSC with prefill warm-up
 
 Misses are real reads of the GGUF (pread, then POSIX_FADV_DONTNEED on the range, so the next miss
 of that slice reads the device again). Random weights route less predictably than trained ones, so
 hit rates here are not a model's; the ratios between rows are the point.
 
-    python scripts/bench_cache.py [--layers 2] [--tokens 32] [--repeat 3] [--keep DIR]
+    python scripts/bench_cache.py [--layers 2] [--tokens 32] [--repeat 3] [--budgets 25,50,75] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; ms/token is their median")
     parser.add_argument("--keep", help="directory for the checkpoint and GGUFs (reused when present)")
+    parser.add_argument("--budgets", type=lambda t: [int(x) for x in t.split(",")], default=[25, 50, 75],
+                        help="cache budgets, percent of the slice bytes (default 25,50,75)")
     args = parser.parse_args()
 
     from slicemoe_gguf.model_info import describe
@@ -95,31 +97,34 @@ def main() -> None:
             ("amat low, 100%", amat, {"precision": "low", "cache_budget": total}),
             ("amat high, no cache", amat, {"precision": "high"}),
             ("amat high, 100%", amat, {"precision": "high", "cache_budget": total}),
-            ("amat high, 50% (LRU 8-bit)", amat, {"precision": "high", "cache_budget": total // 2}),
-            ("amat auto, 50% (DBSC)", amat, {"precision": "auto", "cache_budget": total // 2}),
-            ("amat auto, 50% (DBSC + PCW)", amat, {"precision": "auto", "cache_budget": total // 2, "warmup": "pcw"}),
         ]
+        for b in args.budgets:
+            rows += [(f"amat high, {b}% (LRU 8-bit)", amat, {"precision": "high", "cache_budget": total * b // 100}),
+                     (f"amat auto, {b}% (DBSC)", amat, {"precision": "auto", "cache_budget": total * b // 100}),
+                     (f"amat auto, {b}% (DBSC + PCW)", amat,
+                      {"precision": "auto", "cache_budget": total * b // 100, "warmup": "pcw"})]
         results = {name: run(path, args.tokens, args.threads, args.repeat, **kw) for name, path, kw in rows}
 
     base = results["stock q8_0, no cache"]["ms_per_token"]
-    lru = results["amat high, 50% (LRU 8-bit)"]
     print(f"OLMoE-1B-7B shapes, {args.layers} MoE layers, {args.tokens} decode tokens x {args.repeat} runs "
-          f"(median ms/token), {args.threads} threads; "
-          f"slice bytes {total / 2**20:.0f} MiB")
-    print("| configuration | ms/token | vs stock q8_0 | flash MiB/token | vs LRU 8-bit 50% | slice miss rate | 8-bit/4-bit uses |")
+          f"(median ms/token), {args.threads} threads; slice bytes {total / 2**20:.0f} MiB")
+    print("| configuration | ms/token | vs stock q8_0 | flash MiB/token | vs LRU 8-bit, same budget | slice miss rate | 8-bit/4-bit uses |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        flash_ratio = f"{r['flash_per_token'] / lru['flash_per_token']:.2f}x" if lru["flash_per_token"] and r["pool"] else "-"
+        budget = name.split(", ")[1].split("%")[0] if "% (" in name else None
+        lru = results.get(f"amat high, {budget}% (LRU 8-bit)") if budget else None
+        flash_ratio = f"{lru['flash_per_token'] / r['flash_per_token']:.2f}x" if lru and r["flash_per_token"] else "-"
         print(f"| {name} | {r['ms_per_token']:.2f} | {r['ms_per_token'] / base:.2f}x | "
               f"{r['flash_per_token'] / 2**20:.2f} | {flash_ratio} | {100 * r['miss_rate']:.1f}% | "
               f"{r['high']}/{r['low']} |")
-    dbsc = results["amat auto, 50% (DBSC)"]
-    print(f"\nDBSC vs LRU 8-bit at 50%: {lru['ms_per_token'] / dbsc['ms_per_token']:.2f}x decode speed, "
-          f"{lru['flash_per_token'] / max(dbsc['flash_per_token'], 1):.2f}x less flash traffic")
+    print()
+    for b in args.budgets:
+        lru, dbsc = results[f"amat high, {b}% (LRU 8-bit)"], results[f"amat auto, {b}% (DBSC)"]
+        print(f"DBSC vs LRU 8-bit at {b}%: {lru['ms_per_token'] / dbsc['ms_per_token']:.2f}x decode speed, "
+              f"{lru['flash_per_token'] / max(dbsc['flash_per_token'], 1):.2f}x less flash traffic")
     for p in ("low", "high"):
         print(f"cache overhead at 100% (amat {p}, cache vs no cache): "
               f"{results[f'amat {p}, 100%']['ms_per_token'] / results[f'amat {p}, no cache']['ms_per_token']:.2f}x")
-
 
 if __name__ == "__main__":
     main()

@@ -305,13 +305,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                             f"{args.max_miss_rate} on this trace" if budget is None else
                             "the budget is below the minimum that can run", 1)
     stats = result["stats"]
+    profiles = _profiles(args)
+    result["modelled"] = _modelled(stats, profiles, traces.msb_slice_bytes(trace))
     if args.json:
-        print(json.dumps({k: v for k, v in result.items()}))
+        print(json.dumps(result))
         return 0
     decode_tokens = max(stats["decode_tokens"], 1)
+    energy = ", ".join(f"{p.name} {result['modelled'][p.name]['energy_mj_per_token']:.4g} mJ/token" for p in profiles)
     print(f"budget {format_size(result['budget_bytes'])} ({100 * result['budget_fraction']:.1f}% of slice bytes), "
           f"MSB share {result['msb_share']:.2f}: slice miss rate {100 * result['miss_rate']:.2f}%, "
-          f"flash {format_size(stats['flash_bytes'] / decode_tokens)}/token")
+          f"flash {format_size(stats['flash_bytes'] / decode_tokens)}/token; modelled {energy}")
     print(f"run it with: slicemoe run --policy dbsc --cache-budget {result['budget_bytes']}B "
           f"--msb-share {result['msb_share']:.4f} --high-threshold {args.high_threshold}")
     return 0
@@ -528,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--policy", choices=["lru8", "adapmoe"], default="lru8", help="--per-layer only")
     plan.add_argument("--gating-t", type=float, default=0.04, metavar="T", help="--per-layer with adapmoe")
     plan.add_argument("--warmup", choices=["pcw", "none"], default="none")
+    plan.add_argument("--profile", action="append", metavar="NAME|FILE.json",
+                      help="device profile for the modelled energy (repeatable; default: phone and laptop)")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_cmd_plan)
     return parser

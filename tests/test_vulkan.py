@@ -4,8 +4,9 @@ With layers offloaded, the experts stay mapped on the host and the pools live in
 miss is a flash read then a host-to-device copy. The cache's decisions run on the host from the
 router output, so they must be the same as on the CPU; only the arithmetic of the products differs.
 
-These tests need a build with the Vulkan backend (`slicemoe info` lists a Vulkan device). Without
-one they are skipped, unless SLICEMOE_REQUIRE_VULKAN is set (CI sets it), where that is a failure.
+These tests need a build with the Vulkan backend and a device (`slicemoe info` lists one; lavapipe
+is a CPU-type device, which ggml-vulkan lists only with GGML_VK_VISIBLE_DEVICES=0). Without one
+they are skipped, unless SLICEMOE_REQUIRE_VULKAN is set (CI sets it), where that is a failure.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from slicemoe_gguf.runtime import library_info
 PROMPT = "Once upon a time there was a small village by the sea"
 COUNTERS = ("msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads", "evictions", "flash_bytes",
             "ram_bytes", "high_uses", "low_uses", "decode_tokens", "pool_bytes")
-# Measured on lavapipe against the CPU backend: max |logit difference| 2e-3 .. 6e-3 over 16 decode
-# steps (tiny models, logits of order 10). Vulkan's quantized products round activations and
-# accumulate in another order than the CPU's, so bit equality is not expected; 5e-2 leaves margin
-# while still failing on a wrong slot (a wrong expert moves logits by whole units).
-LOGIT_TOLERANCE = 5e-2
+# Backends differ in arithmetic (lavapipe's shaders accumulate in another order and partly in
+# f16), so offloaded logits are compared with the CPU's relative to what the stock llama.cpp path
+# (no cache, experts offloaded wholesale) shows between the same two backends on the same model.
+# Measured on lavapipe: stock-path max |logit difference| 0.078 (olmoe) and 0.023 (qwen2_moe) on
+# logits of magnitude ~3; with the cache 0.079 and 0.023. A wrong slot would move them by units.
+STOCK_DIFFERENCE_FACTOR = 1.5
+LOGIT_CEILING = 0.2
 
 
 def vulkan_devices() -> list[str]:
@@ -38,7 +41,8 @@ def vulkan_devices() -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def needs_vulkan():
     if not vulkan_devices():
-        message = "no Vulkan device in this build (install libvulkan-dev, glslc, spirv-headers and a driver, then rebuild)"
+        message = ("no Vulkan device (install libvulkan-dev, glslc, spirv-headers and a driver, rebuild; "
+                   "for lavapipe set GGML_VK_VISIBLE_DEVICES=0)")
         if os.environ.get("SLICEMOE_REQUIRE_VULKAN"):
             pytest.fail(message)
         pytest.skip(message)
@@ -69,16 +73,34 @@ def test_info_lists_the_vulkan_device():
     assert "Vulkan" in proc.stdout
 
 
+@pytest.fixture(scope="module")
+def stock_difference(sliced):
+    """arch -> max |logit difference| between Vulkan and the CPU on llama.cpp's own path (no cache)."""
+    measured = {}
+
+    def get(arch: str) -> float:
+        if arch not in measured:
+            cpu, _ = decode(sliced(arch), 0, n_gpu_layers=0)
+            gpu, _ = decode(sliced(arch), 0, n_gpu_layers=99)
+            assert gpu.tokens == cpu.tokens
+            measured[arch] = float(np.abs(gpu.logits - cpu.logits).max())
+        return measured[arch]
+
+    return get
+
+
 @pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_vulkan_decode_matches_the_cpu_with_the_same_counters(sliced, arch, fraction):
+def test_vulkan_decode_matches_the_cpu_with_the_same_counters(sliced, stock_difference, arch, fraction):
     path = sliced(arch)
     info = describe(path)
     budget = int((info["expert_msb_bytes"] + info["expert_lsb_bytes"]) * fraction)
     cpu, cpu_stats = decode(path, budget, n_gpu_layers=0)
     gpu, gpu_stats = decode(path, budget, n_gpu_layers=99)
     assert gpu.tokens == cpu.tokens
-    assert np.abs(gpu.logits - cpu.logits).max() < LOGIT_TOLERANCE
+    difference = float(np.abs(gpu.logits - cpu.logits).max())
+    assert difference <= STOCK_DIFFERENCE_FACTOR * stock_difference(arch) + 1e-3
+    assert difference < LOGIT_CEILING
     for name in COUNTERS:
         assert gpu_stats[name] == cpu_stats[name], name
     assert gpu_stats["layers"]["msb_misses"] == cpu_stats["layers"]["msb_misses"]
