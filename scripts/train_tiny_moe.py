@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--expert-ff", type=int, default=80, help="intermediate size of each expert")
+    parser.add_argument("--expert-ff", type=int, default=64,
+                        help="intermediate size of each expert (a multiple of 32, as AMAT groups need)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
