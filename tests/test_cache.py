@@ -224,6 +224,8 @@ def test_resident_memory_is_the_pools_not_the_mapped_experts(tmp_path):
     code = f"""
 import re
 from slicemoe_gguf import Model
+from slicemoe_gguf.runtime import library_info
+library_info()   # load the library and its backends (Vulkan drivers are large) before measuring
 def rss():
     status = open('/proc/self/status').read()
     return {{k: int(v) * 1024 for k, v in re.findall(r'(RssAnon|RssFile):\\s+(\\d+)', status)}}
