@@ -211,10 +211,10 @@ def _parse_budget(text: str, total: int) -> int:
 
 
 def _profiles(args: argparse.Namespace) -> list:
-    from .energy import builtin_profiles, load_profile
+    from .energy import DEFAULT_PROFILES, load_profile
 
     try:
-        return [load_profile(p) for p in (args.profile or builtin_profiles())]
+        return [load_profile(p) for p in (args.profile or DEFAULT_PROFILES)]
     except ValueError as exc:
         raise SliceMoEError(str(exc), 1) from exc
 

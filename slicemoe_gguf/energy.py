@@ -43,6 +43,9 @@ class DeviceProfile:
     sources: dict[str, str]
 
 
+DEFAULT_PROFILES = ("phone", "laptop")
+
+
 def builtin_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
