@@ -14,7 +14,7 @@ saw), teacher-forced:
 
     python scripts/bench_accuracy.py [--quick] [--out results/]
 
-Writes accuracy.md.
+Writes accuracy.md and accuracy.png (KL of each row, log scale).
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ def main() -> int:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "accuracy.md").write_text(text + "\n")
-    print(f"\nwrote {args.out / 'accuracy.md'}", file=sys.stderr)
+    benchlib.save_plot(args.out / "accuracy.png", {"KL vs fp32": ([r[0] for r in rows[1:]], [float(r[2]) for r in rows[1:]])},
+                       "", "KL(fp32 || row), nats", bars=True, log_y=True)
+    print(f"\nwrote {args.out / 'accuracy.md'} and {args.out / 'accuracy.png'}", file=sys.stderr)
     return 0
 
 

@@ -37,7 +37,9 @@ PROMPT = ("Once upon a time there was a small village by the sea, where the fish
 
 def convert(hf: Path, out: Path, experts: str) -> Path:
     if not out.exists():
-        subprocess.run(["slicemoe-convert", str(hf), "-o", str(out), "-q", "--experts", experts], check=True)
+        # the converter's summary goes to stderr: stdout is this script's tables
+        subprocess.run(["slicemoe-convert", str(hf), "-o", str(out), "-q", "--experts", experts], check=True,
+                       stdout=sys.stderr)
     return out
 
 
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; ms/token is their median")
     parser.add_argument("--keep", help="directory for the checkpoint and GGUFs (reused when present)")
+    parser.add_argument("--plot", type=Path, help="write ms/token against budget (LRU 8-bit, DBSC, DBSC + PCW) to this PNG")
     parser.add_argument("--budgets", type=lambda t: [int(x) for x in t.split(",")], default=[25, 50, 75],
                         help="cache budgets, percent of the slice bytes (default 25,50,75)")
     args = parser.parse_args()
@@ -106,8 +109,11 @@ def main() -> None:
         results = {name: run(path, args.tokens, args.threads, args.repeat, **kw) for name, path, kw in rows}
 
     base = results["stock q8_0, no cache"]["ms_per_token"]
+    import benchlib
+
     print(f"OLMoE-1B-7B shapes, {args.layers} MoE layers, {args.tokens} decode tokens x {args.repeat} runs "
-          f"(median ms/token), {args.threads} threads; slice bytes {total / 2**20:.0f} MiB")
+          f"(median ms/token), {args.threads} threads; slice bytes {total / 2**20:.0f} MiB; {benchlib.machine_line()}.")
+    print()
     print("| configuration | ms/token | vs stock q8_0 | flash MiB/token | vs LRU 8-bit, same budget | slice miss rate | 8-bit/4-bit uses |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
@@ -122,6 +128,11 @@ def main() -> None:
         lru, dbsc = results[f"amat high, {b}% (LRU 8-bit)"], results[f"amat auto, {b}% (DBSC)"]
         print(f"DBSC vs LRU 8-bit at {b}%: {lru['ms_per_token'] / dbsc['ms_per_token']:.2f}x decode speed, "
               f"{lru['flash_per_token'] / max(dbsc['flash_per_token'], 1):.2f}x less flash traffic")
+    if args.plot:
+        benchlib.save_plot(args.plot, {label: (args.budgets, [results[f"amat {prec}, {b}% ({label})"]["ms_per_token"]
+                                                               for b in args.budgets])
+                                       for prec, label in (("high", "LRU 8-bit"), ("auto", "DBSC"), ("auto", "DBSC + PCW"))},
+                           "cache budget (% of slice bytes)", "decode ms/token (this machine)")
     for p in ("low", "high"):
         print(f"cache overhead at 100% (amat {p}, cache vs no cache): "
               f"{results[f'amat {p}, 100%']['ms_per_token'] / results[f'amat {p}, no cache']['ms_per_token']:.2f}x")

@@ -8,7 +8,7 @@ cache a request starts from is what the previous request left, as in a session.
 
     python scripts/bench_pcw.py [--quick] [--out results/]
 
-Writes pcw.md.
+Writes pcw.md and pcw.png.
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ def main() -> int:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pcw.md").write_text(text + "\n")
+    budgets = [r[0] for r in rows[::2]]
+    benchlib.save_plot(args.out / "pcw.png", {"no warm-up": (budgets, [float(r[2]) for r in rows[::2]]),
+                                              "pcw": (budgets, [float(r[2]) for r in rows[1::2]])},
+                       "cache budget (% of 8-bit expert bytes)", "slice misses per decode token (first 16)", bars=True)
+    print(f"\nwrote {args.out / 'pcw.md'} and {args.out / 'pcw.png'}", file=sys.stderr)
     return 0
 
 

@@ -39,6 +39,7 @@ def main() -> int:
     run("bench_accuracy.py", *quick, *out)
     run("bench_pcw.py", *quick, *out)
     cache_args = ["--layers", "1", "--tokens", "16", "--repeat", "1"] if args.quick else ["--layers", "2", "--tokens", "32", "--repeat", "3"]
+    cache_args += ["--plot", str(args.out / "realistic.png")]
     (args.out / "realistic.md").write_text(run("bench_cache.py", *cache_args))
 
     rel = args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out
@@ -48,9 +49,11 @@ def main() -> int:
         "", "#### Decode under a RAM budget (embedded model, every policy)", "",
         (args.out / "decode.md").read_text().strip(), "", f"![decode ms/token and modelled energy]({rel}/decode.png)",
         "", "#### Accuracy (held-out perplexity)", "", (args.out / "accuracy.md").read_text().strip(),
+        "", f"![KL against fp32]({rel}/accuracy.png)",
         "", "#### Predictive cache warm-up", "", (args.out / "pcw.md").read_text().strip(),
+        "", f"![misses per token with and without PCW]({rel}/pcw.png)",
         "", "#### Realistic sizes (OLMoE-1B-7B layer shapes, random weights)", "",
-        (args.out / "realistic.md").read_text().strip(), END])
+        (args.out / "realistic.md").read_text().strip(), "", f"![decode ms/token against budget]({rel}/realistic.png)", END])
     readme = ROOT / "README.md"
     text = readme.read_text()
     if BEGIN not in text or END not in text:

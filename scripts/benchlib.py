@@ -151,3 +151,36 @@ def machine_line() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
             f"{datetime.date.today().isoformat()}")
+
+
+def save_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, *, bars: bool = False,
+              log_y: bool = False) -> None:
+    """One axes: a line per series ({name: (xs, ys)}), or with bars=True grouped bars over the
+    categorical xs of the series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if bars:
+        names = list(series)
+        xs = series[names[0]][0]
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            ax.bar([j + i * width for j in range(len(xs))], series[name][1], width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))], [str(x) for x in xs],
+                      rotation=30 if max(len(str(x)) for x in xs) > 8 else 0, ha="right" if max(len(str(x)) for x in xs) > 8 else "center",
+                      fontsize=8)
+    else:
+        for name, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o", label=name)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
