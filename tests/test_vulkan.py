@@ -117,3 +117,13 @@ def test_device_pools_never_exceed_the_budget(sliced, fraction):
     # device_pool_bytes is the size of the backend buffers that hold the pools
     assert 0 < offloaded["device_pool_bytes"] <= budget
     assert offloaded["device_pool_bytes"] >= offloaded["pool_bytes"]
+
+
+def test_prefetch_with_offloaded_pools_is_refused_with_a_reason(sliced):
+    from slicemoe_gguf import SliceMoEError
+
+    path = sliced("qwen2_moe")
+    info = describe(path)
+    budget = (info["expert_msb_bytes"] + info["expert_lsb_bytes"]) // 2
+    with pytest.raises(SliceMoEError, match="prefetch needs the pools on the host"):
+        Model(path, cache_budget=budget, prefetch=True, n_gpu_layers=99)

@@ -842,6 +842,12 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
             c->totals.device_pool_bytes += int64_t(ggml_backend_buffer_get_size(buf));
         }
     }
+    if (c->prefetch && c->totals.device_pool_bytes > 0) {
+        // the prefetch worker copies into pools from its own thread; device backends are not
+        // known here to take uploads concurrently with a running graph
+        *error = "look-ahead prefetch needs the pools on the host in this version: use it without -ngl";
+        return nullptr;
+    }
     c->fd = open(path, O_RDONLY);
     if (c->fd < 0) {
         *error = std::string("cannot open '") + path + "' for expert reads: " + strerror(errno);
