@@ -107,7 +107,7 @@ def engine_run(path: Path, windows: list[list[int]], n_prompt: int, *, threads: 
     if stats:
         from slicemoe_gguf.model_info import describe
 
-        msb_slice = max(layer["msb_bytes_per_expert"] for layer in describe(path)["layers"])
+        msb_slice = describe(path)["msb_slice_bytes"]
         compute_ms = max(decode_ms - stats["io_ms"], 0.0) / max(decode_tokens, 1)
         run.modelled = {name: per_token(stats, load_profile(name), msb_slice, compute_ms) for name in PROFILES}
     return run

@@ -94,8 +94,7 @@ def _cache_budget(args: argparse.Namespace) -> int:
 def _msb_slice_bytes(model_path: str) -> int:
     from .model_info import describe
 
-    layers = describe(model_path)["layers"]
-    return max((layer["msb_bytes_per_expert"] for layer in layers), default=0)
+    return describe(model_path)["msb_slice_bytes"]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -340,7 +339,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     info = describe(path)
     total = info["expert_msb_bytes"] + info["expert_lsb_bytes"]
     budget = _parse_budget(args.cache_budget, total)
-    msb_slice = max(layer["msb_bytes_per_expert"] for layer in info["layers"])
+    msb_slice = info["msb_slice_bytes"]
     profiles = _profiles(args)
     rows = []
     for label, policy, warmup in (("SliceMoE: dbsc + pcw", "dbsc", "pcw"), ("lru8 (whole 8-bit experts)", "lru8", "none")):
@@ -367,6 +366,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"modelled energy ({first}), {slow.decode_ms_per_token / fast.decode_ms_per_token:.2f}x decode speed here. "
           f"Energy is modelled from the counters with the device profiles (see README); ms/token is measured.")
     return 0
+
+
+def _add_profile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", action="append", metavar="NAME|FILE.json",
+                        help="device profile for the modelled energy and latency (repeatable; default: the "
+                             "built-in phone and laptop profiles)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,9 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto precision: adapt the threshold at run time to keep the slice miss rate "
                             "near R (e.g. 0.05); default 0 = fixed threshold")
     run.add_argument("--ignore-eos", action="store_true", help="keep decoding past end-of-generation tokens")
-    run.add_argument("--profile", action="append", metavar="NAME|FILE.json",
-                     help="device profile for the modelled energy and latency (repeatable; default: the built-in "
-                          "phone and laptop profiles)")
+    _add_profile_argument(run)
     run.add_argument("--json", action="store_true",
                      help="print one JSON object: text, prompt_tokens, tokens, n_prompt, n_decode, "
                           "prefill_ms, decode_ms_per_token")
@@ -473,8 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-budget", default="25%", metavar="SIZE",
                       help="bytes with a unit or a percentage of all expert slice bytes (default 25%%)")
     demo.add_argument("-t", "--threads", type=int, default=0, help="compute threads (default: all cores)")
-    demo.add_argument("--profile", action="append", metavar="NAME|FILE.json",
-                      help="device profile for the modelled energy (repeatable; default: phone and laptop)")
+    _add_profile_argument(demo)
     demo.set_defaults(func=_cmd_demo)
 
     trace = sub.add_parser("trace", help="record expert routing to a slicemoe-trace JSONL file",
@@ -508,9 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--warmup", choices=["pcw", "none"], default="none", help="default none")
     sim.add_argument("--high-threshold", type=float, default=0.25, metavar="W")
     sim.add_argument("--max-miss-rate", type=float, default=0.0, metavar="R")
-    sim.add_argument("--profile", action="append", metavar="NAME|FILE.json",
-                     help="device profile for the modelled energy and latency (repeatable; default: the built-in "
-                          "phone and laptop profiles)")
+    _add_profile_argument(sim)
     sim.add_argument("--json", action="store_true",
                      help="one JSON object, with the counter names of slicemoe run --json's cache object")
     sim.set_defaults(func=_cmd_sim)
@@ -531,8 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--policy", choices=["lru8", "adapmoe"], default="lru8", help="--per-layer only")
     plan.add_argument("--gating-t", type=float, default=0.04, metavar="T", help="--per-layer with adapmoe")
     plan.add_argument("--warmup", choices=["pcw", "none"], default="none")
-    plan.add_argument("--profile", action="append", metavar="NAME|FILE.json",
-                      help="device profile for the modelled energy (repeatable; default: phone and laptop)")
+    _add_profile_argument(plan)
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_cmd_plan)
     return parser

@@ -48,6 +48,8 @@ def describe(path: str | Path) -> dict:
         "sliced": sliced,
         "expert_msb_bytes": sum(p["msb_bytes"] for p in per_layer),
         "expert_lsb_bytes": sum(p["lsb_bytes"] for p in per_layer),
+        # the engine sizes every layer's slots by the largest slice (the energy model's MAC count)
+        "msb_slice_bytes": max((p["msb_bytes_per_expert"] for p in per_layer), default=0),
         "other_bytes": other_bytes,
         "file_bytes": Path(path).stat().st_size,
         "layers": per_layer,

@@ -73,32 +73,16 @@ class Model:
                  gating_t: float = 0.0, prefetch: bool = False, layer_slots: list[int] | None = None):
         self.path = Path(path)
         self._lib = lib()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         params = self._lib.slicemoe_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
-        params.precision = PRECISIONS[precision]
-        if warmup not in WARMUPS:
-            raise ValueError(f"warmup must be one of {', '.join(WARMUPS)}")
         params.cache_budget_bytes = int(cache_budget)
-        params.warmup = WARMUPS[warmup]
-        params.high_threshold = high_threshold
-        params.max_miss_rate = max_miss_rate
-        from .trace import POLICIES
-
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
-        params.policy = POLICIES[policy]
         params.record_trace = record_trace
-        params.msb_share = msb_share
-        params.high_ratio = high_ratio
-        params.prior_lambda = prior_lambda
-        params.gating_t = gating_t
         params.prefetch = prefetch
-        slots = ffi.new("int32_t[]", list(layer_slots)) if layer_slots else ffi.NULL
-        params.layer_slots = slots
-        params.n_layer_slots = len(layer_slots) if layer_slots else 0
+        slots = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,
+                                 high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
+                                 high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
+                                 layer_slots=layer_slots)
         out = ffi.new("slicemoe_model **")
         check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
         self._model = out[0]
@@ -293,6 +277,32 @@ class Model:
         logits = np.stack(rows) if rows else (np.zeros((0, self.n_vocab), np.float32) if keep_logits else None)
         return GenerationResult(text=self.detokenize(tokens), prompt_tokens=prompt_tokens, tokens=tokens,
                                 prefill_ms=prefill_ms, decode_ms=decode_ms, logits=logits)
+
+
+def set_cache_params(params, *, policy: str, precision: str, warmup: str, high_threshold: float,
+                     max_miss_rate: float, msb_share: float, high_ratio: float, prior_lambda: float,
+                     gating_t: float, layer_slots: list[int] | None):
+    """Fill the policy fields shared by the live cache's and the replay's parameter structs; returns
+    the layer-slot array, which must stay alive until the native call has read it."""
+    from .trace import POLICIES
+
+    for value, table, name in ((policy, POLICIES, "policy"), (precision, PRECISIONS, "precision"),
+                               (warmup, WARMUPS, "warmup")):
+        if value not in table:
+            raise ValueError(f"{name} must be one of {', '.join(table)}")
+    params.policy = POLICIES[policy]
+    params.precision = PRECISIONS[precision]
+    params.warmup = WARMUPS[warmup]
+    params.high_threshold = high_threshold
+    params.max_miss_rate = max_miss_rate
+    params.msb_share = msb_share
+    params.high_ratio = high_ratio
+    params.prior_lambda = prior_lambda
+    params.gating_t = gating_t
+    slots = ffi.new("int32_t[]", list(layer_slots)) if layer_slots else ffi.NULL
+    params.layer_slots = slots
+    params.n_layer_slots = len(layer_slots) if layer_slots else 0
+    return slots
 
 
 def read_cache_stats(get_totals, get_layer, n_layers: int) -> dict:

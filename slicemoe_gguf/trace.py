@@ -151,11 +151,9 @@ def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", w
            layer_slots: list[int] | None = None) -> dict:
     """Drive the native cache manager with the trace (no compute) and return its counters, with the
     same names as `slicemoe run --json`'s `cache` object."""
-    from .runtime import PRECISIONS, WARMUPS, read_cache_stats
+    from .runtime import read_cache_stats, set_cache_params
 
     native = lib()
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
     msb, lsb = _slice_bytes(trace.header)
     params = native.slicemoe_sim_default_params()
     params.n_layers = int(trace.header["n_layers"])
@@ -164,18 +162,10 @@ def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", w
     params.msb_bytes = msb
     params.lsb_bytes = lsb
     params.budget_bytes = int(budget)
-    params.policy = POLICIES[policy]
-    params.precision = PRECISIONS[precision]
-    params.warmup = WARMUPS[warmup]
-    params.high_threshold = high_threshold
-    params.max_miss_rate = max_miss_rate
-    params.msb_share = msb_share
-    params.high_ratio = high_ratio
-    params.gating_t = gating_t
-    params.prior_lambda = prior_lambda
-    slots = ffi.new("int32_t[]", list(layer_slots)) if layer_slots else ffi.NULL
-    params.layer_slots = slots
-    params.n_layer_slots = len(layer_slots) if layer_slots else 0
+    slots = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,  # noqa: F841 (kept alive)
+                             high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
+                             high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
+                             layer_slots=layer_slots)
     out = ffi.new("slicemoe_sim **")
     check(native.slicemoe_sim_create(ffi.new("struct slicemoe_sim_params *", params), out))
     sim = ffi.gc(out[0], native.slicemoe_sim_free)

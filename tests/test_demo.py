@@ -9,10 +9,12 @@ import os
 import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import _load_script, run_cli
 
 from slicemoe_gguf import Model
 from slicemoe_gguf.embedded import EMBEDDED_CHECKPOINT
+
+benchlib = _load_script("benchlib")   # the benchmarks' held-out windows and log-softmax
 
 
 @pytest.fixture(scope="module")
@@ -34,40 +36,26 @@ def test_model_path_converts_once_and_prints_the_cached_gguf(model_path, cache_e
     assert os.stat(model_path).st_mtime_ns == before
 
 
-def heldout_windows(n: int, length: int) -> list[list[int]]:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(EMBEDDED_CHECKPOINT / "tokenizer.json"))
-    ids = tokenizer.encode((EMBEDDED_CHECKPOINT / "heldout.txt").read_text(encoding="utf-8")).ids
-    step = (len(ids) - length) // n
-    return [ids[i * step:i * step + length] for i in range(n)]
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def test_the_embedded_model_is_trained_and_the_engine_keeps_its_perplexity(model_path):
     """On held-out text the engine's 8-bit perplexity is transformers' fp32 perplexity within 3%,
     and far below the vocabulary size (where an untrained model sits)."""
     import torch
     import transformers
 
-    windows = heldout_windows(6, 97)
+    windows = benchlib.heldout_windows(6, 97)
     reference = transformers.AutoModelForCausalLM.from_pretrained(EMBEDDED_CHECKPOINT, dtype=torch.float32).eval()
     nll_ref, nll, n = 0.0, 0.0, 0
     with Model(model_path, precision="high", n_threads=2) as model:
         for window in windows:
             targets = np.asarray(window[1:])
             with torch.no_grad():
-                ref = log_softmax(reference(input_ids=torch.tensor([window[:-1]])).logits[0].numpy())
+                ref = benchlib.log_softmax(reference(input_ids=torch.tensor([window[:-1]])).logits[0].numpy())
             model.reset()
             rows = []
             for token in window[:-1]:
                 model.eval([token])
                 rows.append(model.logits())
-            got = log_softmax(np.stack(rows))
+            got = benchlib.log_softmax(np.stack(rows))
             nll_ref -= ref[np.arange(len(targets)), targets].sum()
             nll -= got[np.arange(len(targets)), targets].sum()
             n += len(targets)
