@@ -18,7 +18,7 @@ from .checkpoint import CheckpointError
 class Architecture:
     model_type: str                    # config.json "model_type"
     gguf_arch: str                     # general.architecture
-    moe_block: str                     # module holding router and experts ("mlp" / "block_sparse_moe")
+    moe_blocks: tuple[str, ...]        # modules that may hold router and experts, published name first
     router: str                        # router weight name inside moe_block
     expert_proj: dict[str, str]        # gguf projection (gate/up/down) -> HF per-expert name
     norm_topk: bool | None             # what llama.cpp does with the top-k weights for this arch
@@ -47,16 +47,18 @@ _GATE_UP_DOWN = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a for a in [
-        Architecture("qwen2_moe", "qwen2moe", "mlp", "gate", _GATE_UP_DOWN,
+        Architecture("qwen2_moe", "qwen2moe", ("mlp",), "gate", _GATE_UP_DOWN,
                      norm_topk=None, shared_expert=True,
                      extra={"mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
                             "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
                             "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
                             "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}),
-        Architecture("olmoe", "olmoe", "mlp", "gate", _GATE_UP_DOWN, norm_topk=False),
-        Architecture("mixtral", "llama", "block_sparse_moe", "gate", {"gate": "w1", "up": "w3", "down": "w2"},
+        Architecture("olmoe", "olmoe", ("mlp",), "gate", _GATE_UP_DOWN, norm_topk=False),
+        # Mixtral is published as block_sparse_moe.experts.N.w1/w2/w3; transformers 5 holds it in
+        # memory as mlp.gate and fused mlp.experts (what a state dict written directly keeps).
+        Architecture("mixtral", "llama", ("block_sparse_moe", "mlp"), "gate", {"gate": "w1", "up": "w3", "down": "w2"},
                      norm_topk=True, permute_qk=True),
-        Architecture("qwen3_moe", "qwen3moe", "mlp", "gate", _GATE_UP_DOWN, norm_topk=True),
+        Architecture("qwen3_moe", "qwen3moe", ("mlp",), "gate", _GATE_UP_DOWN, norm_topk=True),
     ]
 }
 
@@ -68,7 +70,7 @@ DENSE_FFN_TENSORS = {
 }
 
 ARCHITECTURES["deepseek_v2"] = Architecture(
-    "deepseek_v2", "deepseek2", "mlp", "gate", _GATE_UP_DOWN, norm_topk=None, dense_ffn=True, mla=True,
+    "deepseek_v2", "deepseek2", ("mlp",), "gate", _GATE_UP_DOWN, norm_topk=None, dense_ffn=True, mla=True,
     extra={"self_attn.q_a_proj.weight": "attn_q_a.weight",
            "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
            "self_attn.q_b_proj.weight": "attn_q_b.weight",

@@ -88,6 +88,19 @@ def _encode_plain(t: OutTensor, data: np.ndarray) -> np.ndarray:
     return gguf.quants.quantize(data, t.qtype)
 
 
+def _check_loads(path: Path) -> None:
+    """Refuse a file the pinned llama.cpp would not load (its own checks of hyperparameters,
+    vocabulary and every tensor's name and shape, without reading tensor data): a conversion that
+    succeeds gives a file that runs."""
+    from slicemoe_gguf._native import SliceMoEError
+    from slicemoe_gguf.runtime import check_model
+
+    try:
+        check_model(path)
+    except SliceMoEError as exc:
+        raise CheckpointError(f"the converted file would not load in llama.cpp, so it was not written: {exc}") from None
+
+
 class Converter:
     def __init__(self, hf_dir: str | os.PathLike, experts: str = "amat", dense_type: str = "q8_0",
                  tokenizer_pre: str | None = None):
@@ -102,6 +115,11 @@ class Converter:
         self.dense_type = dense_type
         self.tokenizer_pre = tokenizer_pre
         self.plan = self._make_plan()
+        # embedding rows: config.json's vocab_size, often padded beyond the tokenizer
+        self.n_rows = self.ckpt.ref("model.embed_tokens.weight").shape[0]
+        if self.config.get("vocab_size") not in (None, self.n_rows):
+            raise CheckpointError(f"config.json vocab_size {self.config['vocab_size']} != "
+                                  f"{self.n_rows} rows of model.embed_tokens.weight")
 
     # -- plan --------------------------------------------------------------------------------
 
@@ -132,11 +150,19 @@ class Converter:
             t.qtype = _dense_type(t.shape, self.dense_type, t.name)
         return PlanItem(outs, lambda: self.ckpt.read(name), ref.nbytes, split)
 
+    def _moe_block(self, layer: int) -> str:
+        """The module of layer `layer` that holds the router (the published name, else the one
+        transformers uses in memory)."""
+        for block in self.arch.moe_blocks:
+            if f"model.layers.{layer}.{block}.{self.arch.router}.weight" in self.ckpt:
+                return block
+        return self.arch.moe_blocks[0]   # not found: the error then names the published tensor
+
     def _expert_source(self, layer: int, proj: str) -> tuple[str, tuple[int, int, int], int, Callable[[], np.ndarray]]:
         """(name for messages, [n_expert, n_out, n_in] shape, source bytes, loader) of one projection,
         from per-expert tensors or from the fused 3-D ones (gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
         a, c = self.arch, self.config
-        prefix = f"model.layers.{layer}.{a.moe_block}.experts"
+        prefix = f"model.layers.{layer}.{self._moe_block(layer)}.experts"
         per_expert = [f"{prefix}.{e}.{a.expert_proj[proj]}.weight" for e in range(n_expert(c))]
         if per_expert[0] in self.ckpt:
             refs = [self.ckpt.ref(n) for n in per_expert]   # names the first missing expert
@@ -197,7 +223,7 @@ class Converter:
                 plan.append(self._mla_kv_b(i))
             if i not in moe:
                 continue
-            plan.append(self._dense(f"model.layers.{i}.{a.moe_block}.{a.router}.weight", f"blk.{i}.ffn_gate_inp.weight"))
+            plan.append(self._dense(f"model.layers.{i}.{self._moe_block(i)}.{a.router}.weight", f"blk.{i}.ffn_gate_inp.weight"))
             for proj in ("gate", "up", "down"):
                 plan.append(self._experts(i, proj))
         plan.append(self._dense("model.norm.weight", "output_norm.weight"))
@@ -243,7 +269,7 @@ class Converter:
                      "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[self.experts]
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_tokenizer(w, self.ckpt.path, self.tokenizer_pre)
+        write_tokenizer(w, self.ckpt.path, self.n_rows, self.tokenizer_pre)
         if self.experts == "amat":
             w.add_uint32("slicemoe.format_version", FORMAT_VERSION)
             w.add_uint32("slicemoe.bits_high", 8)
@@ -292,6 +318,7 @@ class Converter:
                         w.write_tensor_data(data)
                     bar.update(item.source_bytes)
             w.close()
+            _check_loads(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -14,7 +15,11 @@ from .checkpoint import CheckpointError
 # tokenizer.ggml.pre. A ByteLevel pre-tokenizer with use_regex is GPT-2's own regex.
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_KNOWN_SPLITS = {_QWEN2_SPLIT: "qwen2"}
+# Pre-tokenizers with several Split regexes (long Unicode classes) are known by the sha256 of their
+# regexes joined by newlines: DeepSeek LLM's (DeepSeek-V2 and -V2-Lite ship it) is llama.cpp's
+# "deepseek-llm".
+_KNOWN_SPLITS = {hashlib.sha256(_QWEN2_SPLIT.encode()).hexdigest(): "qwen2",
+                 "aa393e0646ca4ca62f78c04e1b3cfcfd273d8629295c4d8049cf395b8ba8a90f": "deepseek-llm"}
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -22,14 +27,14 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
     if pre is None:
         raise CheckpointError("tokenizer.json has no pre_tokenizer; only byte-level BPE tokenizers are supported")
     parts = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
-    splits = [p for p in parts if p.get("type") == "Split"]
+    splits = [p.get("pattern", {}).get("Regex") or "" for p in parts if p.get("type") == "Split"]
     if splits:
-        pattern = splits[0].get("pattern", {}).get("Regex")
-        if pattern in _KNOWN_SPLITS:
-            return _KNOWN_SPLITS[pattern]
-        raise CheckpointError(f"tokenizer.json pre-tokenizer regex {pattern!r} is not one this converter "
-                              "recognizes (GPT-2 byte-level, Qwen2); name llama.cpp's pre-tokenizer with "
-                              "--tokenizer-pre (e.g. deepseek-llm for DeepSeek-V2)")
+        name = _KNOWN_SPLITS.get(hashlib.sha256("\n".join(splits).encode()).hexdigest())
+        if name:
+            return name
+        raise CheckpointError(f"tokenizer.json pre-tokenizer regex {splits[0]!r} is not one this converter "
+                              "recognizes (GPT-2 byte-level, Qwen2, DeepSeek LLM); name llama.cpp's "
+                              "pre-tokenizer with --tokenizer-pre")
     if any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in parts):
         return "gpt-2"
     raise CheckpointError(f"unsupported pre-tokenizer {pre.get('type')!r} in tokenizer.json")
@@ -48,6 +53,8 @@ def _write_spm_style(w: gguf.GGUFWriter, tokens: list[str], types: list, merges:
         if idx is not None and scores[idx] == 0.0:
             scores[idx] = -float(rank + 1)
     for i, text in enumerate(tokens):
+        if types[i] == gguf.TokenType.UNUSED:
+            scores[i] = -1000.0   # padding never wins a merge (llama.cpp's converter's value)
         if _BYTE_PIECE.fullmatch(text):
             types[i] = gguf.TokenType.BYTE
     w.add_tokenizer_model("llama")
@@ -57,9 +64,14 @@ def _write_spm_style(w: gguf.GGUFWriter, tokens: list[str], types: list, merges:
     w.add_token_types(types)
 
 
-def write_tokenizer(w: gguf.GGUFWriter, hf_dir: Path, pre: str | None = None) -> int:
-    """Write the vocabulary, merges, token types and special tokens; returns the vocabulary size.
-    ``pre`` names llama.cpp's pre-tokenizer (tokenizer.ggml.pre) instead of detecting it."""
+def write_tokenizer(w: gguf.GGUFWriter, hf_dir: Path, n_rows: int, pre: str | None = None) -> int:
+    """Write the vocabulary, merges, token types and special tokens; returns the tokenizer's size.
+
+    ``n_rows`` is the number of embedding rows. Published checkpoints pad them beyond the tokenizer
+    (OLMoE 50304 for 50280 tokens, Qwen 151936 for 151646, DeepSeek-V2 102400 for 100015) and
+    llama.cpp requires one token per row, so the list is padded with unused ``[PADi]`` tokens, as
+    llama.cpp's own converter does. ``pre`` names llama.cpp's pre-tokenizer (tokenizer.ggml.pre)
+    instead of detecting it."""
     try:
         tok = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -81,8 +93,11 @@ def write_tokenizer(w: gguf.GGUFWriter, hf_dir: Path, pre: str | None = None) ->
         if added.get("special"):
             special.add(added["content"])
     n_vocab = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
-    types = [gguf.TokenType.UNUSED] * n_vocab
+    if n_vocab > n_rows:
+        raise CheckpointError(f"the tokenizer has {n_vocab} tokens but the embedding only {n_rows} rows "
+                              "(config.json vocab_size); tokenizer.json does not belong to these weights")
+    tokens = [f"[PAD{i}]" for i in range(n_rows)]   # ids the tokenizer leaves unused, and the padding
+    types = [gguf.TokenType.UNUSED] * n_rows
     for text, idx in vocab.items():
         tokens[idx] = text
         types[idx] = gguf.TokenType.CONTROL if text in special else gguf.TokenType.NORMAL

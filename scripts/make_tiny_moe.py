@@ -2,10 +2,11 @@
 """Create a tiny random-weight MoE checkpoint of a supported architecture with transformers.
 
 The checkpoint is a real Hugging Face directory (config.json, model.safetensors, tokenizer.json,
-tokenizer_config.json): the same layout and config fields as the published models, only small.
-Its tokenizer is a byte-level BPE trained with `tokenizers` on a few English sentences.
+tokenizer_config.json) written by transformers: the published model's config field for field
+(published_configs.py) with only sizes shrunk, padded vocabulary included, and the most real
+tokenizer a registry package ships (fixture_tokenizers.py).
 
-    python scripts/make_tiny_moe.py qwen2_moe out/tiny-qwen2moe
+    python scripts/make_tiny_moe.py qwen2_moe out/tiny-qwen2moe [--layout state_dict]
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # the fixture modules beside this script
+import fixture_tokenizers  # noqa: E402
+from published_configs import HUB_NAMES, PUBLISHED, shrink  # noqa: E402
 
 # A few hundred words of plain English: enough for a 512-token byte-level BPE whose merges cover
 # ordinary words, so prompts tokenize to word-sized pieces.
@@ -88,55 +93,44 @@ def train_spm_style_tokenizer(out_dir: Path, vocab_size: int = 512) -> int:
     return tokenizer.get_vocab_size()
 
 
-def tiny_config(arch: str, vocab_size: int):
-    """A transformers config of `arch` with every dimension small but every feature present."""
-    import transformers as tf
+ARCHITECTURES = tuple(PUBLISHED)
+LAYOUTS = ("save_pretrained", "state_dict")
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
-                  tie_word_embeddings=False, eos_token_id=0, bos_token_id=None, pad_token_id=0)
+
+def write_tokenizer(arch: str, out_dir: Path) -> int:
+    """The fixture's tokenizer files (see fixture_tokenizers.py for where each comes from)."""
     if arch == "qwen2_moe":
-        return tf.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32,
-                                 shared_expert_intermediate_size=48, num_experts=8,
-                                 num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=False)
-    if arch == "olmoe":
-        # OLMoE-1B-7B has no GQA and llama.cpp sizes its q/k norms by n_embd accordingly.
-        common["num_key_value_heads"] = common["num_attention_heads"]
-        return tf.OlmoeConfig(**common, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-                              norm_topk_prob=False)
-    if arch == "mixtral":
-        return tf.MixtralConfig(**common, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
+        return fixture_tokenizers.write_qwen(out_dir, fixture_tokenizers.QWEN15_SPECIALS, "<|endoftext|>")
     if arch == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**common, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
-                                 num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
-                                 norm_topk_prob=True)
+        return fixture_tokenizers.write_qwen(out_dir, fixture_tokenizers.QWEN3_SPECIALS, "<|im_end|>")
     if arch == "deepseek_v2":
-        # DeepSeek-V2-Lite's structure: MLA without a q LoRA, the first layer dense, shared
-        # experts, softmax routing scaled by routed_scaling_factor.
-        common["num_key_value_heads"] = common["num_attention_heads"]
-        return tf.DeepseekV2Config(**common, intermediate_size=96, moe_intermediate_size=32,
-                                   n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-                                   first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
-                                   qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, head_dim=16,
-                                   routed_scaling_factor=1.5, topk_method="greedy", norm_topk_prob=False,
-                                   n_group=1, topk_group=1)
-    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+        return fixture_tokenizers.write_deepseek(out_dir)
+    if arch == "olmoe":
+        return fixture_tokenizers.write_olmoe(out_dir)
+    return train_spm_style_tokenizer(out_dir)
 
 
-ARCHITECTURES = ("qwen2_moe", "olmoe", "mixtral", "qwen3_moe", "deepseek_v2")
+def make_tiny_moe(arch: str, out_dir: str | Path, seed: int = 0, layout: str = "save_pretrained") -> Path:
+    """Write a tiny random MoE checkpoint of `arch`, shaped as the published one (published_configs.py)
+    with only its sizes shrunk, and return the directory.
 
-
-def make_tiny_moe(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random MoE checkpoint of `arch` to out_dir and return the directory."""
+    layout "save_pretrained": transformers' save_pretrained (the published per-expert tensor names);
+    "state_dict": the model's own in-memory state dict written with safetensors (transformers 5 keeps
+    experts fused there), as training and merging tools write it. Weights are bf16, as published."""
     import torch
     import transformers as tf
+    from safetensors.torch import save_file
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab_size = train_spm_style_tokenizer(out_dir) if arch == "mixtral" else train_tokenizer(out_dir)
-    config = tiny_config(arch, vocab_size)
-    if arch == "mixtral":
-        config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    n_tokens = write_tokenizer(arch, out_dir)
+    fields = shrink(arch)
+    if n_tokens > fields["vocab_size"]:
+        raise ValueError(f"{arch}: tokenizer has {n_tokens} tokens, more than vocab_size {fields['vocab_size']}")
+    config = tf.CONFIG_MAPPING[fields.pop("model_type")](**fields)
+    config._name_or_path = HUB_NAMES[arch]
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init uses std 0.02: scale up so logits differ clearly between tokens and greedy
@@ -145,9 +139,15 @@ def make_tiny_moe(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
         for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(4.0)
-    model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model = model.to(torch.bfloat16).eval()
+    if layout == "save_pretrained":
+        model.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        model.config.save_pretrained(out_dir)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / "model.safetensors",
+                  metadata={"format": "pt"})
     return out_dir
+
 
 def llama_cpp_source() -> Path:
     from slicemoe_gguf._native import build_info
@@ -183,10 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("arch", choices=ARCHITECTURES)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=LAYOUTS, default="save_pretrained",
+                        help="save_pretrained: published per-expert tensor names; state_dict: the "
+                             "model's in-memory state dict (fused experts in transformers 5)")
     parser.add_argument("--gguf", metavar="OUT.gguf", help="also convert it to an F32 GGUF with the "
                         "pinned llama.cpp's convert_hf_to_gguf.py (needs the package installed)")
     args = parser.parse_args(argv)
-    path = make_tiny_moe(args.arch, args.out_dir, args.seed)
+    path = make_tiny_moe(args.arch, args.out_dir, args.seed, args.layout)
     print(f"wrote {path}")
     if args.gguf:
         print(f"wrote {convert_with_pinned_llama_cpp(path, Path(args.gguf))}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         raise SliceMoEError(f"cannot open '{args.model}': No such file or directory", 2) from None
     except ValueError as exc:
         raise SliceMoEError(str(exc), 3) from exc
+    from .memory import plan
+
+    budget = _cache_budget(args) if info["sliced"] else 0
+    memory = plan(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, cache_budget=budget)
+    info["memory"] = {**memory.as_dict(), "n_ctx": args.ctx_size, "cache_budget_bytes": budget}
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -60,6 +66,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(f"plain expert tensors {mib(info['expert_msb_bytes'])} (not sliced); "
               f"other tensors {mib(info['other_bytes'])}")
+    experts = f"slice pools (budget {format_size(budget)})" if budget else "mapped experts (no cache)"
+    print(f"resident memory at -c {args.ctx_size}: {memory.describe(experts)}")
     return 0
 
 
@@ -73,9 +81,17 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def _cache_budget(args: argparse.Namespace) -> int:
-    """--cache-budget in bytes; a percentage is of all routed-expert slice bytes of the file."""
+    """--cache-budget in bytes; a percentage is of all routed-expert slice bytes of the file, and
+    "auto" is what fits the memory available now (memory.auto_budget)."""
     if args.cache_budget is None:
         return 0
+    if args.cache_budget.strip().lower() == "auto":
+        from .memory import auto_budget
+
+        margin = None if args.ram_margin is None else _parse_size_arg("--ram-margin", args.ram_margin)
+        budget, how = auto_budget(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, margin=margin)
+        print(f"cache budget auto: {format_size(budget)} = {how}", file=sys.stderr)
+        return budget
     total = None
     if args.cache_budget.strip().endswith("%"):
         from .model_info import describe
@@ -91,6 +107,18 @@ def _cache_budget(args: argparse.Namespace) -> int:
     return budget
 
 
+def _process_memory() -> dict:
+    """This process's resident set now and at its peak (bytes), from /proc/self/status."""
+    import re
+
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return {}
+    found = {k: int(v) * 1024 for k, v in re.findall(r"(VmRSS|VmHWM):\s+(\d+) kB", status)}
+    return {"rss_bytes": found.get("VmRSS"), "peak_rss_bytes": found.get("VmHWM")}
+
+
 def _msb_slice_bytes(model_path: str) -> int:
     from .model_info import describe
 
@@ -104,12 +132,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     profiles = _profiles(args)
     sampling = Sampling(temperature=args.temp, top_p=args.top_p, seed=args.seed)
     budget = _cache_budget(args)
+    rss_before_load = _process_memory().get("rss_bytes")
+    load_start = time.perf_counter()
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
                n_threads=args.threads, precision=args.precision, cache_budget=budget, warmup=args.warmup,
                high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
                policy=args.policy, msb_share=args.msb_share, high_ratio=args.high_ratio,
                prior_lambda=args.prior_lambda, gating_t=args.gating_t, prefetch=args.prefetch,
                layer_slots=args.layer_slots) as model:
+        load_ms = 1000 * (time.perf_counter() - load_start)
+        from .memory import plan_of_running
+
+        memory = plan_of_running(model)
+        if not args.json:
+            print(f"memory: {memory.describe('slice pools' if model.has_cache else 'mapped experts')}",
+                  file=sys.stderr)
         if args.json or args.logits_out:
             result = model.generate(prompt, args.n_predict, sampling, keep_logits=bool(args.logits_out),
                                     stop_at_eog=not args.ignore_eos)
@@ -151,9 +188,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "tokens": result.tokens,
             "n_prompt": result.n_prompt,
             "n_decode": result.n_decode,
+            "load_ms": round(load_ms, 1),
             "prefill_ms": round(result.prefill_ms, 3),
             "decode_ms_per_token": round(result.decode_ms_per_token, 3),
             **({"cache": cache} if cache else {}),
+            "memory": {**memory.as_dict(), **_process_memory(), "rss_before_load_bytes": rss_before_load},
             **({"modelled": _modelled(cache, profiles, _msb_slice_bytes(args.model),
                                       max(result.decode_ms_per_token - cache["io_ms"] / max(cache["decode_tokens"], 1), 0.0))}
                if cache else {}),
@@ -203,10 +242,14 @@ def _read_trace(path: str):
 
 
 def _parse_budget(text: str, total: int) -> int:
+    return _parse_size_arg("--cache-budget", text, total)
+
+
+def _parse_size_arg(flag: str, text: str, total: int | None = None) -> int:
     try:
         return parse_size(text, total)
     except ValueError as exc:
-        raise SliceMoEError(f"--cache-budget: {exc}", 1) from exc
+        raise SliceMoEError(f"{flag}: {exc}", 1) from exc
 
 
 def _profiles(args: argparse.Namespace) -> list:
@@ -327,7 +370,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .model_info import describe
     from .runtime import Model, Sampling
 
-    from convert.checkpoint import CheckpointError
+    from slicemoe_convert.checkpoint import CheckpointError
 
     try:
         path = embedded_gguf(progress=not args.model_path)
@@ -391,8 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="architecture, experts and slice sizes of a GGUF",
                              description="Describe a GGUF: architecture, layers, experts, top-k, AMAT slice "
                                          "bytes per expert and per layer, totals, slicemoe.* metadata. For a "
-                                         "stock file the whole expert tensors are reported as msb bytes.")
+                                         "stock file the whole expert tensors are reported as msb bytes. Also "
+                                         "the resident memory a run implies: dense weights + slice pools (or "
+                                         "all experts without a cache) + KV cache + compute buffers, as "
+                                         "llama.cpp sizes them.")
     inspect.add_argument("model", help="path to a .gguf file")
+    inspect.add_argument("--cache-budget", metavar="SIZE",
+                         help="the budget to state memory for (as slicemoe run: size, %%, or auto)")
+    inspect.add_argument("--ram-margin", metavar="SIZE", help="with --cache-budget auto (as slicemoe run)")
+    inspect.add_argument("-c", "--ctx-size", type=int, default=2048, help="context length (default 2048)")
+    inspect.add_argument("-b", "--batch-size", type=int, default=512, help="prompt batch (default 512)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(func=_cmd_inspect)
 
@@ -417,9 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "without a cache (default auto); ignored for stock models")
     cache = run.add_argument_group("slice cache (sliced models)")
     cache.add_argument("--cache-budget", metavar="SIZE",
-                       help="RAM for routed-expert slices: bytes with a unit (512KB, 300MB, 2GiB) or a "
-                            "percentage of all expert slice bytes (50%%). Decode then reads missing slices "
-                            "from the file. Default: no cache, every expert mapped from the file")
+                       help="RAM for routed-expert slices: bytes with a unit (512KB, 300MB, 2GiB), a "
+                            "percentage of all expert slice bytes (50%%), or auto: the memory available now "
+                            "(MemAvailable, or the memory cgroup's free room) less --ram-margin, less the dense "
+                            "weights, KV cache and compute buffers. Decode then reads missing slices from the "
+                            "file. Default: no cache, every expert mapped from the file")
+    cache.add_argument("--ram-margin", metavar="SIZE",
+                       help="--cache-budget auto: memory left free for everything else (default: 1 GiB or "
+                            "10%% of the available memory, whichever is more)")
     cache.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "cache_prior", "adapmoe"],
                        default="dbsc",
                        help="cache policy: dbsc (SliceMoE: bit slices, precision per use; default), lru8 / "

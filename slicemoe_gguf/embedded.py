@@ -36,7 +36,7 @@ def _checkpoint_digest(checkpoint: Path) -> str:
 
 def embedded_gguf(*, experts: str = "amat", progress: bool = True) -> Path:
     """Path of the embedded model converted with `--experts experts`, converting it if needed."""
-    from convert.converter import Converter
+    from slicemoe_convert.converter import Converter
 
     missing = [name for name in _CHECKPOINT_FILES if not (EMBEDDED_CHECKPOINT / name).exists()]
     if missing:

@@ -62,6 +62,12 @@ class GenerationResult:
         return self.decode_ms / steps if steps else 0.0
 
 
+def check_model(path: str | os.PathLike) -> None:
+    """Raise SliceMoEError with llama.cpp's reason unless the pinned llama.cpp would load `path`
+    (hyperparameters, vocabulary, tensor names, counts and shapes; no tensor data is read)."""
+    check(lib().slicemoe_model_check(os.fsencode(Path(path))))
+
+
 class Model:
     """A GGUF model loaded by the native library. Use as a context manager or call close()."""
 

@@ -24,14 +24,15 @@ from helpers import convert_with_pinned_llama_cpp, make_tiny_moe
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """arch -> directory of a tiny random HF checkpoint (created on first use)."""
+    """(arch, layout) -> directory of a tiny random checkpoint shaped as the published one, written
+    by transformers (layout "save_pretrained", the default, or "state_dict"); made on first use."""
     root = tmp_path_factory.mktemp("hf")
-    made: dict[str, Path] = {}
+    made: dict[tuple[str, str], Path] = {}
 
-    def get(arch: str) -> Path:
-        if arch not in made:
-            made[arch] = make_tiny_moe(arch, root / arch)
-        return made[arch]
+    def get(arch: str, layout: str = "save_pretrained") -> Path:
+        if (arch, layout) not in made:
+            made[arch, layout] = make_tiny_moe(arch, root / f"{arch}-{layout}", layout=layout)
+        return made[arch, layout]
 
     return get
 

@@ -53,35 +53,18 @@ def run_json(*args: str) -> dict:
     return json.loads(run_cli(*args).stdout)
 
 
-def rewrite_checkpoint(src: Path, dst: Path, *, fused: bool = False, bf16: bool = False, shards: int = 1) -> Path:
-    """Copy a per-expert checkpoint to another layout: fused 3-D experts (as transformers 5 keeps
-    them: gate_up_proj [E, 2I, H], down_proj [E, H, I]), bf16 storage, or several shards with a
-    model.safetensors.index.json."""
-    import re
+def rewrite_checkpoint(src: Path, dst: Path, *, shards: int = 1) -> Path:
+    """Copy a checkpoint (to edit it), optionally re-sharded into `shards` files with a
+    model.safetensors.index.json as published checkpoints are. Tensors keep their names."""
     import shutil
 
     import numpy as np
-    import torch
     from safetensors.torch import load_file, save_file
 
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, dst / name)
     tensors = load_file(src / "model.safetensors")
-    if fused:
-        experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-        for name in list(tensors):
-            m = re.match(r"(.*\.experts)\.(\d+)\.(\w+)\.weight$", name)
-            if m:
-                experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = tensors.pop(name)
-        for prefix, by_expert in experts.items():
-            order = sorted(by_expert)
-            gate_key, up_key, down_key = (("w1", "w3", "w2") if "w1" in by_expert[0] else ("gate_proj", "up_proj", "down_proj"))
-            tensors[f"{prefix}.gate_up_proj"] = torch.stack(
-                [torch.cat([by_expert[e][gate_key], by_expert[e][up_key]], dim=0) for e in order])
-            tensors[f"{prefix}.down_proj"] = torch.stack([by_expert[e][down_key] for e in order])
-    if bf16:
-        tensors = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
     names = sorted(tensors)
     if shards == 1:
         save_file(tensors, dst / "model.safetensors")

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from helpers import convert, hf_greedy, rewrite_checkpoint, run_cli, run_json
+from helpers import convert, rewrite_checkpoint, run_cli, run_json
 
 from slicemoe_gguf import amat
 
@@ -32,11 +32,11 @@ def _expert_stack(hf_dir: Path, layer: int, proj: str) -> np.ndarray:
     return np.stack([rows[e] for e in sorted(rows)]).astype(np.float32)
 
 
-@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+@pytest.mark.parametrize("layout", ["save_pretrained", "state_dict"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_amat_slices_reproduce_the_original_experts(arch, layout, tiny_checkpoints, tmp_path):
     src = tiny_checkpoints(arch)
-    hf_dir = src if layout == "per_expert" else rewrite_checkpoint(src, tmp_path / "fused", fused=True)
+    hf_dir = tiny_checkpoints(arch, layout)
     out = tmp_path / "amat.gguf"
     proc = convert(hf_dir, out)
     assert proc.returncode == 0, proc.stderr
@@ -71,24 +71,9 @@ def test_amat_slices_reproduce_the_original_experts(arch, layout, tiny_checkpoin
             assert per_expert_bytes == w.shape[1] * w.shape[2] // 32 * 20
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_f32_conversion_runs_and_matches_transformers(arch, tiny_checkpoints, tmp_path):
-    out = tmp_path / "f32.gguf"
-    proc = convert(tiny_checkpoints(arch), out, "--experts", "f32", "--dense-type", "f32")
-    assert proc.returncode == 0, proc.stderr
-    n = 12
-    logits_path = tmp_path / "logits.npy"
-    result = run_json("run", "-m", str(out), "-p", PROMPT, "-n", str(n), "--ignore-eos", "--json",
-                      "--logits-out", str(logits_path))
-    hf_tokens, hf_logits = hf_greedy(tiny_checkpoints(arch), result["prompt_tokens"], n)
-    assert result["tokens"] == hf_tokens
-    np.testing.assert_allclose(np.load(logits_path), hf_logits, atol=1e-2, rtol=0)
-
-
-def test_bf16_sharded_fused_input_gives_the_same_gguf_as_bf16_single_file(tiny_checkpoints, tmp_path):
-    src = tiny_checkpoints("qwen2_moe")
-    a = rewrite_checkpoint(src, tmp_path / "a", bf16=True)
-    b = rewrite_checkpoint(src, tmp_path / "b", bf16=True, fused=True, shards=3)
+def test_sharded_state_dict_gives_the_same_gguf_as_single_file_save_pretrained(tiny_checkpoints, tmp_path):
+    a = tiny_checkpoints("qwen2_moe")
+    b = rewrite_checkpoint(tiny_checkpoints("qwen2_moe", "state_dict"), tmp_path / "b", shards=3)
     assert convert(a, tmp_path / "a.gguf").returncode == 0
     assert convert(b, tmp_path / "b.gguf").returncode == 0
     ta = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors}
@@ -205,7 +190,7 @@ def test_amat_gguf_loads_and_runs_through_our_library(tiny_checkpoints, tmp_path
     out = tmp_path / "amat.gguf"
     assert convert(tiny_checkpoints("olmoe"), out).returncode == 0
     result = run_json("run", "-m", str(out), "-p", PROMPT, "-n", "6", "--json", "--ignore-eos")
-    assert result["n_decode"] == 6 and all(0 <= t < 512 for t in result["tokens"])
+    assert result["n_decode"] == 6 and all(0 <= t < 50304 for t in result["tokens"])
 
 
 def test_unknown_pre_tokenizer_regex_is_refused_unless_named(tiny_checkpoints, tmp_path):
@@ -221,18 +206,3 @@ def test_unknown_pre_tokenizer_regex_is_refused_unless_named(tiny_checkpoints, t
     assert convert(hf, out, "--tokenizer-pre", "gpt-2").returncode == 0
     fields = {f.name: f.contents() for f in gguf.GGUFReader(out).fields.values() if f.name == "tokenizer.ggml.pre"}
     assert fields["tokenizer.ggml.pre"] == "gpt-2"
-
-
-@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])  # byte-level BPE; Llama-style BPE with byte fallback
-def test_converted_tokenizer_matches_transformers(arch, tiny_checkpoints, tmp_path):
-    import transformers
-
-    from slicemoe_gguf import Model
-
-    out = tmp_path / "m.gguf"
-    assert convert(tiny_checkpoints(arch), out).returncode == 0
-    hf = transformers.AutoTokenizer.from_pretrained(tiny_checkpoints(arch))
-    texts = [PROMPT, "Hello wörld 123!", " two  spaces", "fish, sea and stars!\nnew line", "naïve café — ok?"]
-    with Model(out) as model:
-        for text in texts:
-            assert model.tokenize(text) == hf.encode(text), text

@@ -193,6 +193,10 @@ SLICEMOE_API struct slicemoe_model_params slicemoe_model_default_params(void);
 SLICEMOE_API int  slicemoe_model_load(const char * path, const struct slicemoe_model_params * params,
                                       slicemoe_model ** out);
 SLICEMOE_API void slicemoe_model_free(slicemoe_model * model);
+// Whether llama.cpp would load the file: its hyperparameters, vocabulary, tensor names, counts and
+// shapes are checked exactly as a load checks them, but no tensor data is read or allocated
+// (llama.cpp's no_alloc load). SLICEMOE_OK, or an error whose message is llama.cpp's reason.
+SLICEMOE_API int  slicemoe_model_check(const char * path);
 
 SLICEMOE_API int32_t slicemoe_model_n_vocab(const slicemoe_model * model);
 SLICEMOE_API int32_t slicemoe_model_n_layer(const slicemoe_model * model);
@@ -248,7 +252,21 @@ SLICEMOE_API int slicemoe_detokenize(const slicemoe_model * model, const int32_t
 
 // --- context -------------------------------------------------------------------------------
 
+// What llama.cpp's buffers of a context take, summed over devices (bytes). weights_bytes counts
+// every tensor of the model, mapped or allocated (routed experts included: with a slice cache they
+// stay in the file and only the pools, counted by the cache, are resident).
+struct slicemoe_memory {
+    int64_t weights_bytes;
+    int64_t kv_bytes;       // the KV cache of n_ctx tokens
+    int64_t compute_bytes;  // compute buffers (the largest graph: an n_batch prompt batch)
+};
+
 SLICEMOE_API struct slicemoe_context_params slicemoe_context_default_params(void);
+SLICEMOE_API int  slicemoe_context_memory(const slicemoe_context * ctx, struct slicemoe_memory * out);
+// The same figures for `path` and `params` before anything is loaded: llama.cpp sizes the model
+// and the context without reading or allocating them (its no_alloc mode).
+SLICEMOE_API int  slicemoe_memory_estimate(const char * path, const struct slicemoe_context_params * params,
+                                           struct slicemoe_memory * out);
 SLICEMOE_API int  slicemoe_context_create(slicemoe_model * model, const struct slicemoe_context_params * params,
                                           slicemoe_context ** out);
 SLICEMOE_API void slicemoe_context_free(slicemoe_context * ctx);

@@ -8,6 +8,7 @@
 #include "slicemoe-slices.h"
 
 #include "llama.h"
+#include "llama-ext.h"   // llama_get_memory_breakdown (the pinned source's internal C++ API)
 #include "ggml-backend.h"
 
 #include <algorithm>
@@ -268,6 +269,29 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
     return ok();
 }
 
+int slicemoe_model_check(const char * path) {
+    init_once();
+    if (!path) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_check: path must not be NULL");
+    }
+    const int status = check_gguf_file(path);
+    if (status != SLICEMOE_OK) {
+        return status;
+    }
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers    = 0;
+    mp.load_mode       = LLAMA_LOAD_MODE_NONE;
+    mp.no_alloc        = true;    // create every tensor (names, counts, shapes checked), read none
+    mp.use_extra_bufts = false;
+    clear_llama_errors();
+    llama_model * model = llama_model_load_from_file(path, mp);
+    if (!model) {
+        return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp would not load '") + path + "'");
+    }
+    llama_model_free(model);
+    return ok();
+}
+
 void slicemoe_model_free(slicemoe_model * model) {
     if (model) {
         slicemoe::detach(model->model);
@@ -506,6 +530,68 @@ static int32_t default_threads() {
     return n > 0 ? (int32_t) n : 4;
 }
 
+static llama_context_params to_llama_context_params(const slicemoe_context_params & p) {
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx           = p.n_ctx;
+    cp.n_batch         = p.n_batch;
+    cp.n_ubatch        = p.n_batch;
+    cp.n_seq_max       = 1;
+    cp.n_threads       = p.n_threads > 0 ? p.n_threads : default_threads();
+    cp.n_threads_batch = cp.n_threads;
+    return cp;
+}
+
+// llama.cpp's own account of a context's buffers, summed over devices.
+static void memory_of(const llama_context * lctx, slicemoe_memory * out) {
+    *out = {};
+    for (const auto & entry : llama_get_memory_breakdown(lctx)) {
+        out->weights_bytes += (int64_t) entry.second.model;
+        out->kv_bytes      += (int64_t) entry.second.context;
+        out->compute_bytes += (int64_t) entry.second.compute;
+    }
+}
+
+int slicemoe_context_memory(const slicemoe_context * ctx, slicemoe_memory * out) {
+    if (!ctx || !out) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_context_memory: NULL argument");
+    }
+    memory_of(ctx->lctx, out);
+    return ok();
+}
+
+int slicemoe_memory_estimate(const char * path, const slicemoe_context_params * params, slicemoe_memory * out) {
+    init_once();
+    if (!path || !out) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_memory_estimate: path and out must not be NULL");
+    }
+    const slicemoe_context_params p = params ? *params : slicemoe_context_default_params();
+    if (p.n_batch == 0) {
+        return fail(SLICEMOE_ERR_INVALID_ARG, "n_batch must be at least 1");
+    }
+    int status = check_gguf_file(path);
+    if (status != SLICEMOE_OK) {
+        return status;
+    }
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    mp.load_mode    = LLAMA_LOAD_MODE_NONE;
+    mp.no_alloc     = true;   // sizes only: nothing is read or allocated
+    clear_llama_errors();
+    llama_model * model = llama_model_load_from_file(path, mp);
+    if (!model) {
+        return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp could not load '") + path + "'");
+    }
+    llama_context * lctx = llama_init_from_model(model, to_llama_context_params(p));
+    if (!lctx) {
+        llama_model_free(model);
+        return fail_llama(SLICEMOE_ERR_NO_MEMORY, "llama.cpp could not size a context");
+    }
+    memory_of(lctx, out);
+    llama_free(lctx);
+    llama_model_free(model);
+    return ok();
+}
+
 int slicemoe_context_create(slicemoe_model * model, const slicemoe_context_params * params, slicemoe_context ** out) {
     init_once();
     if (!model || !out) {
@@ -517,13 +603,7 @@ int slicemoe_context_create(slicemoe_model * model, const slicemoe_context_param
         return fail(SLICEMOE_ERR_INVALID_ARG, "n_batch must be at least 1");
     }
 
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx           = p.n_ctx;
-    cp.n_batch         = p.n_batch;
-    cp.n_ubatch        = p.n_batch;
-    cp.n_seq_max       = 1;
-    cp.n_threads       = p.n_threads > 0 ? p.n_threads : default_threads();
-    cp.n_threads_batch = cp.n_threads;
+    llama_context_params cp = to_llama_context_params(p);
 
     if (slicemoe::cache * c = slicemoe::cache_of(model->model)) {
         cp.cb_eval           = slicemoe::eval_callback;
