@@ -74,6 +74,7 @@ def run_config(model: Path, budget: str | None, threads: int) -> dict:
             "prefill_ms": result["prefill_ms"], "decode_ms": result["decode_ms_per_token"],
             "stated": result["memory"]["total_bytes"], "peak_rss": result["memory"]["peak_rss_bytes"],
             "rss_before_load": result["memory"]["rss_before_load_bytes"],
+            "anon": result["memory"]["rss_anon_bytes"], "file": result["memory"]["rss_file_bytes"],
             "pool_bytes": cache.get("pool_bytes", 0),
             "flash_mb_per_token": cache.get("flash_bytes", 0) / tokens / 1e6}
 
@@ -103,19 +104,19 @@ def bench(arch: str, work: Path, threads: int, keep: bool) -> list[str]:
     for out, (seconds, peak) in conv.items():
         lines.append(f"| {out.name} | {du(out) / 1e9:.2f} GB | {seconds:.0f} s | {peak / 2**30:.2f} GiB |")
     lines.append("")
-    lines.append("| configuration | load | stated resident | measured peak RSS (growth from start) | pools | "
+    lines.append("| configuration | load | stated resident | RSS after decode: anon + file | peak RSS | pools | "
                  "prefill (64-token prompt) | decode | flash |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     configs = [(stock, None, "stock q8_0, mmap, no cache")] + \
         [(sliced, None, "AMAT, no cache (mapped)")] + [(sliced, b, f"AMAT dbsc + pcw @ {b}") for b in BUDGETS]
     for model, budget, label in configs:
         r = run_config(model, budget, threads)
         if "error" in r:
-            lines.append(f"| {label} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {label} | error: {r['error']} | | | | | | | |")
             continue
-        growth = r["peak_rss"] - r["rss_before_load"]
-        lines.append(f"| {label} | {r['load_ms'] / 1000:.1f} s | {r['stated'] / 2**30:.2f} GiB | "
-                     f"{r['peak_rss'] / 2**30:.2f} GiB ({growth / 2**30:.2f} GiB) | {r['pool_bytes'] / 2**30:.2f} GiB | "
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        lines.append(f"| {label} | {r['load_ms'] / 1000:.1f} s | {gib(r['stated'])} | "
+                     f"{gib(r['anon'])} + {gib(r['file'])} | {gib(r['peak_rss'])} | {gib(r['pool_bytes'])} | "
                      f"{r['prefill_ms']:.0f} ms ({r['n_prompt']} tokens) | {r['decode_ms']:.1f} ms/token | "
                      f"{r['flash_mb_per_token']:.1f} MB/token |")
     if not keep:

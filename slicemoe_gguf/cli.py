@@ -111,15 +111,19 @@ def _cache_budget(args: argparse.Namespace) -> int:
 
 
 def _process_memory() -> dict:
-    """This process's resident set now and at its peak (bytes), from /proc/self/status."""
+    """This process's resident set now (anonymous and file-backed) and at its peak, in bytes,
+    from /proc/self/status."""
     import re
 
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return {}
-    found = {k: int(v) * 1024 for k, v in re.findall(r"(VmRSS|VmHWM):\s+(\d+) kB", status)}
-    return {"rss_bytes": found.get("VmRSS"), "peak_rss_bytes": found.get("VmHWM")}
+    found = {k: int(v) * 1024 for k, v in re.findall(r"(VmRSS|VmHWM|RssAnon|RssFile):\s+(\d+) kB", status)}
+    # anonymous memory (pools, KV cache, buffers) is what the run holds; file-backed pages are the
+    # mapped model, which the kernel can drop and read again
+    return {"rss_bytes": found.get("VmRSS"), "peak_rss_bytes": found.get("VmHWM"),
+            "rss_anon_bytes": found.get("RssAnon"), "rss_file_bytes": found.get("RssFile")}
 
 
 def _msb_slice_bytes(model_path: str) -> int:

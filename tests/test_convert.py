@@ -21,9 +21,9 @@ PROMPT = "Once upon a time there was a small village"
 
 def _expert_stack(hf_dir: Path, layer: int, proj: str) -> np.ndarray:
     """[E, n_out, n_in] float32 of one projection, read with safetensors from a per-expert checkpoint."""
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file
 
-    tensors = load_file(hf_dir / "model.safetensors")
+    tensors = {k: v.float().numpy() for k, v in load_file(hf_dir / "model.safetensors").items()}
     hf_proj = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}[proj]
     rows = {}
     for name, value in tensors.items():
@@ -126,7 +126,7 @@ class TestBadInput:
         self._fails(convert(hf, out), "missing shard model-00002-of-00002.safetensors", out)
 
     def test_missing_tensor_is_named(self, tiny_checkpoints, tmp_path):
-        from safetensors.numpy import load_file, save_file
+        from safetensors.torch import load_file, save_file
 
         hf = rewrite_checkpoint(tiny_checkpoints("olmoe"), tmp_path / "hf")
         tensors = load_file(hf / "model.safetensors")
@@ -136,11 +136,11 @@ class TestBadInput:
         self._fails(convert(hf, out), "model.layers.1.mlp.experts.3.up_proj.weight not found", out)
 
     def test_nan_weights_are_named(self, tiny_checkpoints, tmp_path):
-        from safetensors.numpy import load_file, save_file
+        from safetensors.torch import load_file, save_file
 
         hf = rewrite_checkpoint(tiny_checkpoints("olmoe"), tmp_path / "hf")
         tensors = load_file(hf / "model.safetensors")
-        tensors["model.layers.2.mlp.experts.5.down_proj.weight"][3, 7] = np.nan
+        tensors["model.layers.2.mlp.experts.5.down_proj.weight"][3, 7] = float("nan")
         save_file(tensors, hf / "model.safetensors")
         out = tmp_path / "o.gguf"
         self._fails(convert(hf, out), "blk.2.ffn_down_exps.weight: contains NaN or Inf", out)
@@ -176,11 +176,15 @@ def test_inspect_reports_slice_sizes(tiny_checkpoints, tmp_path):
     assert convert(tiny_checkpoints("qwen2_moe"), out).returncode == 0
     info = run_json("inspect", str(out), "--json")
     assert info["architecture"] == "qwen2moe" and info["sliced"]
-    assert (info["n_layers"], info["n_experts"], info["top_k"]) == (3, 8, 2)
+    config = json.loads((tiny_checkpoints("qwen2_moe") / "config.json").read_text())
+    n_expert, hidden, ffn = config["num_experts"], config["hidden_size"], config["moe_intermediate_size"]
+    assert (info["n_layers"], info["n_experts"], info["top_k"]) == (3, n_expert, config["num_experts_per_tok"])
     assert info["moe_layers"] == [0, 1, 2]
-    # per expert: gate + up (32 x 64) and down (64 x 32), 20 bytes per 32 weights, in each slice
-    assert info["layers"][0]["msb_bytes_per_expert"] == info["layers"][0]["lsb_bytes_per_expert"] == 3 * 2048 // 32 * 20
-    assert info["expert_msb_bytes"] == 3 * 8 * 3 * 2048 // 32 * 20
+    # per expert: gate + up (ffn x hidden) and down (hidden x ffn), 20 bytes per 32 weights, in each slice
+    per_expert = 3 * hidden * ffn // 32 * 20
+    assert info["layers"][0]["msb_bytes_per_expert"] == info["layers"][0]["lsb_bytes_per_expert"] == per_expert
+    assert info["expert_msb_bytes"] == 3 * n_expert * per_expert
+    assert info["memory"]["expert_bytes"] == 2 * info["expert_msb_bytes"]   # no cache: all of them
     assert info["slicemoe"]["slicemoe.group_size"] == 32
     assert "AMAT slices" in run_cli("inspect", str(out)).stdout
 

@@ -71,7 +71,7 @@ def test_run_json_reports_each_profile_from_its_own_counters(sliced):
 def test_sim_models_less_flash_energy_for_fewer_flash_bytes(sliced, tmp_path):
     trace = tmp_path / "t.jsonl"
     run_cli("trace", "-m", str(sliced), "-p", PROMPT, "-n", "24", "-o", str(trace))
-    small = run_json("sim", str(trace), "--policy", "lru8", "--cache-budget", "30%", "--profile", "phone", "--json")
+    small = run_json("sim", str(trace), "--policy", "lru8", "--cache-budget", "60%", "--profile", "phone", "--json")
     large = run_json("sim", str(trace), "--policy", "lru8", "--cache-budget", "100%", "--profile", "phone", "--json")
     assert set(small["modelled"]) == {"phone"}
     assert large["flash_bytes"] < small["flash_bytes"]

@@ -10,9 +10,11 @@ import pytest
 from helpers import convert, hf_logits_with_gguf_experts, run_json
 
 PROMPT = "Once upon a time there was a small village"
-# llama.cpp quantizes activations to 8 bits for Q4_1 products and keeps the KV cache in f16:
-# measured 5e-3 to 6e-3 max abs on these models, whose logits span about +-2.5.
-TOLERANCE = 2e-2
+# llama.cpp quantizes activations to 8 bits for Q4_1 products and keeps the KV cache in f16: on
+# the published-shape fixtures (logits span about +-3) measured up to 0.08 max abs for OLMoE, whose
+# 8 experts per token (16 Q4_1 products at 8 bits) add up the most activation rounding; the
+# closeness check below is what tells a wrong product from rounding.
+TOLERANCE = 0.1
 
 
 @pytest.fixture(scope="module")
