@@ -19,7 +19,7 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-from helpers import convert_with_pinned_llama_cpp, make_tiny_moe
+from helpers import convert, convert_with_pinned_llama_cpp, make_tiny_moe
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +33,23 @@ def tiny_checkpoints(tmp_path_factory):
         if (arch, layout) not in made:
             made[arch, layout] = make_tiny_moe(arch, root / f"{arch}-{layout}", layout=layout)
         return made[arch, layout]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sliced_gguf(tiny_checkpoints, tmp_path_factory):
+    """arch -> AMAT GGUF of the arch's fixture with slicemoe-convert's defaults (made once)."""
+    root = tmp_path_factory.mktemp("sliced")
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            out = root / f"{arch}.gguf"
+            proc = convert(tiny_checkpoints(arch), out)
+            assert proc.returncode == 0, proc.stderr
+            made[arch] = out
+        return made[arch]
 
     return get
 

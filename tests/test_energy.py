@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers import convert, run_cli, run_json
+from helpers import run_cli, run_json
 
 from slicemoe_gguf import energy
 from slicemoe_gguf.model_info import describe
@@ -15,10 +15,8 @@ PROMPT = "Once upon a time there was a small village by the sea"
 
 
 @pytest.fixture(scope="module")
-def sliced(tiny_checkpoints, tmp_path_factory):
-    out = tmp_path_factory.mktemp("energy") / "olmoe.gguf"
-    assert convert(tiny_checkpoints("olmoe"), out).returncode == 0
-    return out
+def sliced(sliced_gguf):
+    return sliced_gguf("olmoe")
 
 
 @pytest.mark.parametrize("name", ["phone", "laptop"])

@@ -7,25 +7,22 @@ import json
 
 import pytest
 
-from helpers import convert, run_cli, run_json
+from helpers import run_cli, run_json
 
 from slicemoe_gguf import SliceMoEError
-from slicemoe_gguf.memory import auto_budget, plan
+from slicemoe_gguf.memory import auto_budget, plan, routed_expert_bytes
 from slicemoe_gguf.model_info import describe
 
 PROMPT = "Once upon a time there was a small village"
 
 
 @pytest.fixture(scope="module")
-def sliced_olmoe(tiny_checkpoints, tmp_path_factory):
-    out = tmp_path_factory.mktemp("memory") / "olmoe.gguf"
-    assert convert(tiny_checkpoints("olmoe"), out).returncode == 0
-    return out
+def sliced_olmoe(sliced_gguf):
+    return sliced_gguf("olmoe")
 
 
 def _slice_bytes(path) -> int:
-    info = describe(path)
-    return info["expert_msb_bytes"] + info["expert_lsb_bytes"]
+    return routed_expert_bytes(describe(path))
 
 
 def test_the_stated_memory_is_what_llama_cpp_allocates(sliced_olmoe):

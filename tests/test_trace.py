@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import convert, run_cli, run_json
+from helpers import run_cli, run_json
 
 from slicemoe_gguf import Model, trace as traces
+from slicemoe_gguf.memory import routed_expert_bytes
 from slicemoe_gguf.model_info import describe
 
 PROMPT = "Once upon a time there was a small village by the sea"
@@ -20,15 +21,12 @@ COUNTERS = ("msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads", "evicti
 
 
 @pytest.fixture(scope="module")
-def sliced(tiny_checkpoints, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trace") / "qwen2_moe.gguf"
-    assert convert(tiny_checkpoints("qwen2_moe"), out).returncode == 0
-    return out
+def sliced(sliced_gguf):
+    return sliced_gguf("qwen2_moe")
 
 
 def slice_total(path) -> int:
-    info = describe(path)
-    return info["expert_msb_bytes"] + info["expert_lsb_bytes"]
+    return routed_expert_bytes(describe(path))
 
 
 @pytest.mark.parametrize("policy,warmup,fraction", [("dbsc", "pcw", 0.5), ("dbsc", "none", 0.3),
