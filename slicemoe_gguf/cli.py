@@ -189,6 +189,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                 "(expert traffic and MACs; the latency adds this machine's compute)")
             return 0
         cache = model.cache_stats()
+        measured = _process_memory()   # while the model is loaded
     if args.logits_out:
         np.save(args.logits_out, result.logits.astype(np.float32))
     if args.json:
@@ -202,7 +203,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "prefill_ms": round(result.prefill_ms, 3),
             "decode_ms_per_token": round(result.decode_ms_per_token, 3),
             **({"cache": cache} if cache else {}),
-            "memory": {**memory.as_dict(), **_process_memory(), "rss_before_load_bytes": rss_before_load},
+            "memory": {**memory.as_dict(), **measured, "rss_before_load_bytes": rss_before_load},
             **({"modelled": _modelled(cache, profiles, _msb_slice_bytes(args.model),
                                       max(result.decode_ms_per_token - cache["io_ms"] / max(cache["decode_tokens"], 1), 0.0))}
                if cache else {}),

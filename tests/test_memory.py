@@ -37,6 +37,8 @@ def test_the_stated_memory_is_what_llama_cpp_allocates(sliced_olmoe):
         assert stated[key] == live[key] > 0, key
     assert live["expert_bytes"] == ran["cache"]["pool_bytes"] <= stated["expert_bytes"] == budget
     assert live["total_bytes"] == live["dense_bytes"] + live["expert_bytes"] + live["kv_bytes"] + live["compute_bytes"]
+    # measured while the model is loaded: the pools and KV cache are anonymous memory of the process
+    assert live["rss_anon_bytes"] + live["rss_file_bytes"] == live["rss_bytes"] > live["rss_before_load_bytes"]
 
 
 def test_the_kv_cache_grows_with_the_context(sliced_olmoe):
