@@ -51,13 +51,13 @@ def _context_params(n_ctx: int, n_batch: int):
     return params
 
 
-def _llama_figures(path: str | os.PathLike, n_ctx: int, n_batch: int) -> tuple[int, int, int]:
+def _llama_figures(path: str | os.PathLike, n_ctx: int, n_batch: int, with_cache: bool) -> tuple[int, int, int]:
     """(all weights, KV cache, compute buffers) in bytes, as llama.cpp sizes them for this file."""
     native = lib()   # declares the C types before ffi.new uses them
     out = ffi.new("struct slicemoe_memory *")
     check(native.slicemoe_memory_estimate(os.fsencode(Path(path)),
                                          ffi.new("struct slicemoe_context_params *", _context_params(n_ctx, n_batch)),
-                                         out))
+                                         with_cache, out))
     return int(out.weights_bytes), int(out.kv_bytes), int(out.compute_bytes)
 
 
@@ -71,7 +71,7 @@ def plan(path: str | os.PathLike, *, n_ctx: int, n_batch: int, cache_budget: int
     from .model_info import describe
 
     experts = routed_expert_bytes(describe(path))
-    weights, kv, compute = _llama_figures(path, n_ctx, n_batch)
+    weights, kv, compute = _llama_figures(path, n_ctx, n_batch, with_cache=cache_budget > 0)
     resident_experts = min(cache_budget, experts) if cache_budget > 0 else experts
     return MemoryPlan(weights - experts, resident_experts, kv, compute)
 
@@ -126,7 +126,8 @@ def auto_budget(path: str | os.PathLike, *, n_ctx: int, n_batch: int, margin: in
         available, source = available_memory()
     if margin is None:
         margin = max(AUTO_MARGIN_MIN, int(AUTO_MARGIN_FRACTION * available))
-    fixed = _without_experts(plan(path, n_ctx=n_ctx, n_batch=n_batch, cache_budget=0))
+    # sized as a cached run (any budget > 0), then the pools taken out: they are what is left
+    fixed = _without_experts(plan(path, n_ctx=n_ctx, n_batch=n_batch, cache_budget=1))
     budget = available - margin - fixed.total_bytes
     if budget <= 0:
         raise SliceMoEError(

@@ -264,9 +264,11 @@ struct slicemoe_memory {
 SLICEMOE_API struct slicemoe_context_params slicemoe_context_default_params(void);
 SLICEMOE_API int  slicemoe_context_memory(const slicemoe_context * ctx, struct slicemoe_memory * out);
 // The same figures for `path` and `params` before anything is loaded: llama.cpp sizes the model
-// and the context without reading or allocating them (its no_alloc mode).
+// and the context without reading or allocating them (its no_alloc mode). with_cache: size the
+// context a slice cache would run (prompt batches stay on the CPU, as slicemoe_context_create
+// arranges), else a plain one.
 SLICEMOE_API int  slicemoe_memory_estimate(const char * path, const struct slicemoe_context_params * params,
-                                           struct slicemoe_memory * out);
+                                           bool with_cache, struct slicemoe_memory * out);
 SLICEMOE_API int  slicemoe_context_create(slicemoe_model * model, const struct slicemoe_context_params * params,
                                           slicemoe_context ** out);
 SLICEMOE_API void slicemoe_context_free(slicemoe_context * ctx);

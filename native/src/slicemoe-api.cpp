@@ -559,7 +559,8 @@ int slicemoe_context_memory(const slicemoe_context * ctx, slicemoe_memory * out)
     return ok();
 }
 
-int slicemoe_memory_estimate(const char * path, const slicemoe_context_params * params, slicemoe_memory * out) {
+int slicemoe_memory_estimate(const char * path, const slicemoe_context_params * params, bool with_cache,
+                             slicemoe_memory * out) {
     init_once();
     if (!path || !out) {
         return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_memory_estimate: path and out must not be NULL");
@@ -581,7 +582,9 @@ int slicemoe_memory_estimate(const char * path, const slicemoe_context_params * 
     if (!model) {
         return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp could not load '") + path + "'");
     }
-    llama_context * lctx = llama_init_from_model(model, to_llama_context_params(p));
+    llama_context_params cp = to_llama_context_params(p);
+    cp.op_offload = !with_cache;   // as slicemoe_context_create sets it: the graphs, and so the buffers, differ
+    llama_context * lctx = llama_init_from_model(model, cp);
     if (!lctx) {
         llama_model_free(model);
         return fail_llama(SLICEMOE_ERR_NO_MEMORY, "llama.cpp could not size a context");
