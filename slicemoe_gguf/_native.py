@@ -39,6 +39,7 @@ STATUS_NAMES = {
     5: "buffer too small",
     6: "context full",
     7: "compute error",
+    8: "internal error",
 }
 
 

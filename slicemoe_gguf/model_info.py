@@ -58,6 +58,8 @@ class _Cursor:
             self.pos += struct.calcsize(_SCALAR[vtype])
         else:
             raise ValueError(f"unknown GGUF value type {vtype}")
+        if self.pos > len(self.data):
+            raise ValueError("a metadata value runs past the end of the file")
 
 
 def read_header(path: str | Path) -> tuple[dict, list[TensorInfo]]:
@@ -103,13 +105,15 @@ def read_header(path: str | Path) -> tuple[dict, list[TensorInfo]]:
                 n_elements *= d
             infos.append((name, shape, n_elements // block * type_size, offset))
         alignment = fields.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment {alignment!r} is not a power of 2")
         data_start = -(-cur.pos // alignment) * alignment
         tensors = [TensorInfo(name, shape, n_bytes, data_start + offset) for name, shape, n_bytes, offset in infos]
         for t in tensors:
             if t.offset + t.n_bytes > len(data):
                 raise ValueError(f"tensor {t.name} ends past the end of the file")
         return fields, tensors
-    except struct.error:
+    except (struct.error, OverflowError):
         raise ValueError("the header runs past the end of the file") from None
     finally:
         data.close()
@@ -132,6 +136,9 @@ def describe(path: str | Path) -> dict:
             other_bytes += int(t.n_bytes)
             continue
         layer, kind = int(m.group(1)), m.group(3)
+        if len(t.shape) != 3:
+            raise ValueError(f"'{path}' is not a readable MoE GGUF: expert tensor {t.name} has shape {t.shape}, "
+                             "expected [n_in, n_out, n_expert]")
         n_expert_tensor = int(t.shape[2])
         slot = "msb" if kind == "weight" else "lsb"
         layers.setdefault(layer, {"msb": 0, "lsb": 0})[slot] += int(t.n_bytes)

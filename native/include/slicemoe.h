@@ -3,7 +3,9 @@
 // Conventions
 //   - Handles are opaque. Every function that can fail returns an int status (SLICEMOE_OK == 0)
 //     and, on failure, leaves a message in slicemoe_last_error() (per thread). Nothing aborts on
-//     bad input.
+//     bad input: every file is validated before llama.cpp reads it, and no C++ exception leaves
+//     an exported function or the engine's callbacks (an allocation failure is
+//     SLICEMOE_ERR_NO_MEMORY, anything else unexpected SLICEMOE_ERR_INTERNAL).
 //   - Outputs go through pointer arguments; the caller owns every buffer it passes.
 //   - Parameter structs are obtained from *_default_params() and then edited, so fields can be
 //     added at the end without breaking callers that start from the defaults.
@@ -40,6 +42,7 @@ enum slicemoe_status {
     SLICEMOE_ERR_BUFFER_TOO_SMALL = 5,  // the required size is returned through the n_out argument
     SLICEMOE_ERR_CONTEXT_FULL   = 6,  // the prompt plus generated tokens exceed n_ctx
     SLICEMOE_ERR_COMPUTE        = 7,  // llama_decode failed
+    SLICEMOE_ERR_INTERNAL       = 8,  // an unexpected exception inside the engine (a bug; the message names it)
 };
 
 typedef struct slicemoe_model   slicemoe_model;

@@ -6,6 +6,7 @@
 
 #include "slicemoe.h"
 #include "slicemoe-slices.h"
+#include "slicemoe-validate.h"
 
 #include "llama.h"
 #include "llama-ext.h"   // llama_get_memory_breakdown (the pinned source's internal C++ API)
@@ -105,6 +106,37 @@ static int ok() {
     return SLICEMOE_OK;
 }
 
+// Nothing crosses the C boundary: every exported function runs its body through guard (status
+// functions) or guard_value (the others), which turn an exception into a status and a message.
+static int fail_nothrow(int status, const char * what, const char * detail) noexcept {
+    try {
+        g_last_error = std::string(what) + ": " + detail;
+    } catch (...) {
+        g_last_error.clear();   // out of memory even for the message: the status still says it
+    }
+    return status;
+}
+
+template <typename F>
+static int guard(F && body) noexcept {
+    try {
+        return body();
+    } catch (const std::bad_alloc &) {
+        return fail_nothrow(SLICEMOE_ERR_NO_MEMORY, "out of memory", "an allocation failed");
+    } catch (const std::exception & e) {
+        return fail_nothrow(SLICEMOE_ERR_INTERNAL, "internal error", e.what());
+    } catch (...) {
+        return fail_nothrow(SLICEMOE_ERR_INTERNAL, "internal error", "unknown exception");
+    }
+}
+
+template <typename T, typename F>
+static T guard_value(T on_error, F && body) noexcept {
+    T value = on_error;
+    guard([&]() -> int { value = body(); return SLICEMOE_OK; });
+    return value;
+}
+
 static void init_once() {
     static std::once_flag once;
     std::call_once(once, [] {
@@ -125,8 +157,10 @@ const char * slicemoe_llama_cpp_version(void) {
 }
 
 const char * slicemoe_system_info(void) {
-    init_once();
-    return llama_print_system_info();
+    return guard_value<const char *>("", [&]() -> const char * {
+        init_once();
+        return llama_print_system_info();
+    });
 }
 
 const char * slicemoe_last_error(void) {
@@ -134,30 +168,39 @@ const char * slicemoe_last_error(void) {
 }
 
 void slicemoe_set_verbose(bool verbose) {
-    init_once();
-    std::lock_guard<std::mutex> lock(g_log_mutex);
-    g_verbose = verbose;
+    guard_value(0, [&]() -> int {
+        init_once();
+        std::lock_guard<std::mutex> lock(g_log_mutex);
+        g_verbose = verbose;
+        return 0;
+    });
 }
 
 int32_t slicemoe_device_count(void) {
-    init_once();
-    return (int32_t) ggml_backend_dev_count();
+    return guard_value<int32_t>(0, [&]() -> int32_t {
+        init_once();
+        return (int32_t) ggml_backend_dev_count();
+    });
 }
 
 const char * slicemoe_device_name(int32_t i) {
-    init_once();
-    if (i < 0 || (size_t) i >= ggml_backend_dev_count()) {
-        return "";
-    }
-    return ggml_backend_dev_name(ggml_backend_dev_get(i));
+    return guard_value<const char *>("", [&]() -> const char * {
+        init_once();
+        if (i < 0 || (size_t) i >= ggml_backend_dev_count()) {
+            return "";
+        }
+        return ggml_backend_dev_name(ggml_backend_dev_get(i));
+    });
 }
 
 const char * slicemoe_device_description(int32_t i) {
-    init_once();
-    if (i < 0 || (size_t) i >= ggml_backend_dev_count()) {
-        return "";
-    }
-    return ggml_backend_dev_description(ggml_backend_dev_get(i));
+    return guard_value<const char *>("", [&]() -> const char * {
+        init_once();
+        if (i < 0 || (size_t) i >= ggml_backend_dev_count()) {
+            return "";
+        }
+        return ggml_backend_dev_description(ggml_backend_dev_get(i));
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -184,7 +227,31 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     return p;
 }
 
-// Check what llama.cpp would only report as "failed to load": missing file, not a GGUF.
+// The cache-policy fields that slicemoe_model_params and slicemoe_sim_params share, checked the
+// same way for a live cache and a replay.
+template <typename P>
+static bool policy_params_valid(const P & p, std::string * error) {
+    const auto in = [](float v, float lo, float hi) { return v >= lo && v <= hi; };   // false for NaN
+    const char * problem = nullptr;
+    if (p.policy < SLICEMOE_POLICY_DBSC || p.policy > SLICEMOE_POLICY_ADAPMOE) problem = "policy: not a known policy";
+    else if (p.precision < SLICEMOE_PRECISION_AUTO || p.precision > SLICEMOE_PRECISION_LOW) problem = "precision: auto (0), high (1) or low (2)";
+    else if (p.warmup < SLICEMOE_WARMUP_NONE || p.warmup > SLICEMOE_WARMUP_PCW) problem = "warmup: none (0) or pcw (1)";
+    else if (!in(p.high_threshold, 0.0f, 1.0f)) problem = "high_threshold must be in [0, 1]";
+    else if (!in(p.max_miss_rate, 0.0f, 1.0f) || p.max_miss_rate >= 1.0f) problem = "max_miss_rate must be in [0, 1)";
+    else if (!in(p.msb_share, 0.0f, 1.0f)) problem = "msb_share must be in [0, 1]";
+    else if (!in(p.high_ratio, 0.0f, 1.0f)) problem = "high_ratio must be in [0, 1]";
+    else if (!in(p.prior_lambda, 0.0f, 1e6f)) problem = "prior_lambda must be in [0, 1e6]";
+    else if (!in(p.gating_t, 0.0f, 1.0f)) problem = "gating_t must be in [0, 1] (a squared routing weight)";
+    else if (p.n_layer_slots < 0 || (p.n_layer_slots > 0 && !p.layer_slots)) problem = "layer_slots: NULL with a count above 0";
+    if (problem) {
+        *error = problem;
+        return false;
+    }
+    return true;
+}
+
+// Every file passes here before llama.cpp's loader sees it: what llama.cpp would only report as
+// "failed to load" (missing file, not a GGUF), then the validator (what it would abort on).
 static int check_gguf_file(const char * path) {
     FILE * f = fopen(path, "rb");
     if (!f) {
@@ -196,186 +263,219 @@ static int check_gguf_file(const char * path) {
     if (n != sizeof(magic) || memcmp(magic, "GGUF", 4) != 0) {
         return fail(SLICEMOE_ERR_FORMAT, std::string("'") + path + "' is not a GGUF file (no GGUF magic at its start)");
     }
-    return SLICEMOE_OK;
+    std::string error;
+    clear_llama_errors();
+    const int status = slicemoe::validate_file(path, &error);
+    return status == SLICEMOE_OK ? SLICEMOE_OK : fail_llama(status, error);
 }
 
 int slicemoe_model_load(const char * path, const slicemoe_model_params * params, slicemoe_model ** out) {
-    init_once();
-    if (!path || !out) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_load: path and out must not be NULL");
-    }
-    *out = nullptr;
-    const int status = check_gguf_file(path);
-    if (status != SLICEMOE_OK) {
-        return status;
-    }
-    const slicemoe_model_params p = params ? *params : slicemoe_model_default_params();
-    if (p.precision < SLICEMOE_PRECISION_AUTO || p.precision > SLICEMOE_PRECISION_LOW) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "precision must be auto (0), high (1) or low (2)");
-    }
-    if (p.cache_budget_bytes < 0 || p.warmup < SLICEMOE_WARMUP_NONE || p.warmup > SLICEMOE_WARMUP_PCW ||
-        !(p.high_threshold >= 0.0f && p.high_threshold <= 1.0f) || !(p.max_miss_rate >= 0.0f && p.max_miss_rate < 1.0f) ||
-        p.policy < SLICEMOE_POLICY_DBSC || p.policy > SLICEMOE_POLICY_ADAPMOE || !(p.msb_share >= 0.0f && p.msb_share <= 1.0f) ||
-        !(p.high_ratio >= 0.0f && p.high_ratio <= 1.0f) || !(p.prior_lambda >= 0.0f) || !(p.gating_t >= 0.0f)) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "cache budget must be >= 0, warmup none (0) or pcw (1), "
-                                              "high_threshold in [0, 1], max_miss_rate in [0, 1), a known policy, "
-                                              "msb_share and high_ratio in [0, 1], prior_lambda >= 0");
-    }
-
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = p.n_gpu_layers;
-    mp.load_mode    = p.use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
-    // With a cache, the routed experts (MSB and LSB tensors) stay in the mapped file on the host
-    // even for offloaded layers: the device holds only the cache's pools, filled slice by slice.
-    const llama_model_tensor_buft_override experts_on_host[] = {
-        { "\\.ffn_(up|gate|down)_exps\\.(weight|lsb)$",
-          ggml_backend_dev_buffer_type(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)) },
-        { nullptr, nullptr },
-    };
-    if (p.cache_budget_bytes > 0 && p.n_gpu_layers != 0) {
-        mp.tensor_buft_overrides = experts_on_host;
-    }
-
-    clear_llama_errors();
-    llama_model * model = llama_model_load_from_file(path, mp);
-    if (!model) {
-        return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp could not load '") + path + "'");
-    }
-    slicemoe_model * m = new (std::nothrow) slicemoe_model{model, llama_model_get_vocab(model)};
-    if (!m) {
-        llama_model_free(model);
-        return fail(SLICEMOE_ERR_NO_MEMORY, "out of memory");
-    }
-    // Only files that declare the slicemoe format get the slice treatment; .lsb tensors alone
-    // (patch 0001 loads them) change nothing.
-    char version[16];
-    const bool sliced = llama_model_meta_val_str(model, "slicemoe.format_version", version, sizeof(version)) >= 0;
-    if (sliced || p.record_trace) {
-        std::string error;
-        const int status = slicemoe::attach(model, path, p, sliced, &error);
+    return guard([&]() -> int {
+        init_once();
+        if (!path || !out) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_load: path and out must not be NULL");
+        }
+        *out = nullptr;
+        const int status = check_gguf_file(path);
         if (status != SLICEMOE_OK) {
+            return status;
+        }
+        const slicemoe_model_params p = params ? *params : slicemoe_model_default_params();
+        if (p.cache_budget_bytes < 0) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "the cache budget must be >= 0 bytes");
+        }
+        std::string invalid;
+        if (!policy_params_valid(p, &invalid)) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, invalid);
+        }
+
+        llama_model_params mp = llama_model_default_params();
+        mp.n_gpu_layers = p.n_gpu_layers;
+        mp.load_mode    = p.use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+        // With a cache, the routed experts (MSB and LSB tensors) stay in the mapped file on the host
+        // even for offloaded layers: the device holds only the cache's pools, filled slice by slice.
+        const llama_model_tensor_buft_override experts_on_host[] = {
+            { "\\.ffn_(up|gate|down)_exps\\.(weight|lsb)$",
+              ggml_backend_dev_buffer_type(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)) },
+            { nullptr, nullptr },
+        };
+        if (p.cache_budget_bytes > 0 && p.n_gpu_layers != 0) {
+            mp.tensor_buft_overrides = experts_on_host;
+        }
+
+        clear_llama_errors();
+        llama_model * model = llama_model_load_from_file(path, mp);
+        if (!model) {
+            return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp could not load '") + path + "'");
+        }
+        slicemoe_model * m = new (std::nothrow) slicemoe_model{model, llama_model_get_vocab(model)};
+        if (!m) {
+            llama_model_free(model);
+            return fail(SLICEMOE_ERR_NO_MEMORY, "out of memory");
+        }
+        // Only files that declare the slicemoe format get the slice treatment; .lsb tensors alone
+        // (patch 0001 loads them) change nothing.
+        char version[16];
+        const bool sliced = llama_model_meta_val_str(model, "slicemoe.format_version", version, sizeof(version)) >= 0;
+        if (sliced || p.record_trace) {
+            std::string error;
+            const int status = slicemoe::attach(model, path, p, sliced, &error);
+            if (status != SLICEMOE_OK) {
+                delete m;
+                llama_model_free(model);
+                return fail(status, error);
+            }
+        }
+        if (!sliced && p.cache_budget_bytes > 0) {
             delete m;
             llama_model_free(model);
-            return fail(status, error);
+            return fail(SLICEMOE_ERR_INVALID_ARG, std::string("'") + path + "' is not a sliced (AMAT) model: "
+                        "a slice cache needs a file written by slicemoe-convert --experts amat");
         }
-    }
-    if (!sliced && p.cache_budget_bytes > 0) {
-        delete m;
-        llama_model_free(model);
-        return fail(SLICEMOE_ERR_INVALID_ARG, std::string("'") + path + "' is not a sliced (AMAT) model: "
-                    "a slice cache needs a file written by slicemoe-convert --experts amat");
-    }
-    *out = m;
-    return ok();
+        *out = m;
+        return ok();
+    });
 }
 
 int slicemoe_model_check(const char * path) {
-    init_once();
-    if (!path) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_check: path must not be NULL");
-    }
-    const int status = check_gguf_file(path);
-    if (status != SLICEMOE_OK) {
-        return status;
-    }
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers    = 0;
-    mp.load_mode       = LLAMA_LOAD_MODE_NONE;
-    mp.no_alloc        = true;    // create every tensor (names, counts, shapes checked), read none
-    mp.use_extra_bufts = false;
-    clear_llama_errors();
-    llama_model * model = llama_model_load_from_file(path, mp);
-    if (!model) {
-        return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp would not load '") + path + "'");
-    }
-    llama_model_free(model);
-    return ok();
+    return guard([&]() -> int {
+        init_once();
+        if (!path) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_check: path must not be NULL");
+        }
+        const int status = check_gguf_file(path);
+        if (status != SLICEMOE_OK) {
+            return status;
+        }
+        llama_model_params mp = llama_model_default_params();
+        mp.n_gpu_layers    = 0;
+        mp.load_mode       = LLAMA_LOAD_MODE_NONE;
+        mp.no_alloc        = true;    // create every tensor (names, counts, shapes checked), read none
+        mp.use_extra_bufts = false;
+        clear_llama_errors();
+        llama_model * model = llama_model_load_from_file(path, mp);
+        if (!model) {
+            return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp would not load '") + path + "'");
+        }
+        llama_model_free(model);
+        return ok();
+    });
 }
 
 void slicemoe_model_free(slicemoe_model * model) {
-    if (model) {
-        slicemoe::detach(model->model);
-        llama_model_free(model->model);
-        delete model;
-    }
+    guard_value(0, [&]() -> int {
+        if (model) {
+            slicemoe::detach(model->model);
+            llama_model_free(model->model);
+            delete model;
+        }
+        return 0;
+    });
 }
 
 int32_t slicemoe_model_n_vocab(const slicemoe_model * model) {
-    return model ? llama_vocab_n_tokens(model->vocab) : 0;
+    return guard_value<int32_t>(0, [&]() -> int32_t {
+        return model ? llama_vocab_n_tokens(model->vocab) : 0;
+    });
 }
 
 int32_t slicemoe_model_n_sliced_layers(const slicemoe_model * model) {
-    return model ? slicemoe::n_sliced_layers(model->model) : 0;
+    return guard_value<int32_t>(0, [&]() -> int32_t {
+        return model ? slicemoe::n_sliced_layers(model->model) : 0;
+    });
 }
 
 int slicemoe_cache_get_stats(const slicemoe_model * model, slicemoe_cache_stats_t * out) {
-    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
-    if (!c || !out) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "the model runs without a slice cache");
-    }
-    slicemoe::read_stats(c, out);
-    return ok();
+    return guard([&]() -> int {
+        slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        if (!c || !out) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "the model runs without a slice cache");
+        }
+        slicemoe::read_stats(c, out);
+        return ok();
+    });
 }
 
 int32_t slicemoe_cache_n_layers(const slicemoe_model * model) {
-    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
-    return c ? slicemoe::n_layers(c) : 0;
+    return guard_value<int32_t>(0, [&]() -> int32_t {
+        slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        return c ? slicemoe::n_layers(c) : 0;
+    });
 }
 
 int slicemoe_cache_get_layer_stats(const slicemoe_model * model, int32_t i, slicemoe_layer_stats_t * out) {
-    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
-    if (!c || !out || slicemoe::read_layer_stats(c, i, out) != SLICEMOE_OK) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "no slice cache, or layer index out of range");
-    }
-    return ok();
+    return guard([&]() -> int {
+        slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        if (!c || !out || slicemoe::read_layer_stats(c, i, out) != SLICEMOE_OK) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "no slice cache, or layer index out of range");
+        }
+        return ok();
+    });
 }
 
 void slicemoe_cache_reset_stats(slicemoe_model * model) {
-    if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
-        slicemoe::clear_stats(c);
-    }
+    guard_value(0, [&]() -> int {
+        if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
+            slicemoe::clear_stats(c);
+        }
+        return 0;
+    });
 }
 
 void slicemoe_cache_fail_reads_after(slicemoe_model * model, int64_t n_reads) {
-    if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
-        slicemoe::fail_reads_after(c, n_reads);
-    }
+    guard_value(0, [&]() -> int {
+        if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
+            slicemoe::fail_reads_after(c, n_reads);
+        }
+        return 0;
+    });
 }
 
 int32_t slicemoe_trace_top_k(const slicemoe_model * model) {
-    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
-    return c ? slicemoe::top_k(c) : 0;
+    return guard_value<int32_t>(0, [&]() -> int32_t {
+        slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        return c ? slicemoe::top_k(c) : 0;
+    });
 }
 
 int64_t slicemoe_trace_size(const slicemoe_model * model) {
-    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
-    return c ? slicemoe::trace_size(c) : 0;
+    return guard_value<int64_t>(0, [&]() -> int64_t {
+        slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        return c ? slicemoe::trace_size(c) : 0;
+    });
 }
 
 int slicemoe_trace_get(const slicemoe_model * model, int64_t i, int32_t * request, int32_t * layer,
                        int32_t * phase, int32_t * experts, float * weights) {
-    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
-    const slicemoe::route * r = c ? slicemoe::trace_at(c, i) : nullptr;
-    if (!r || !request || !layer || !phase || !experts || !weights) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "no trace record " + std::to_string(i) + " (was record_trace set?)");
-    }
-    slicemoe::route_fields(r, request, layer, phase, experts, weights, slicemoe::top_k(c));
-    return ok();
+    return guard([&]() -> int {
+        slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        const slicemoe::route * r = c ? slicemoe::trace_at(c, i) : nullptr;
+        if (!r || !request || !layer || !phase || !experts || !weights) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "no trace record " + std::to_string(i) + " (was record_trace set?)");
+        }
+        slicemoe::route_fields(r, request, layer, phase, experts, weights, slicemoe::top_k(c));
+        return ok();
+    });
 }
 
 int slicemoe_trace_get_logits(const slicemoe_model * model, int64_t i, float * logits, bool * has) {
-    slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
-    if (!c || !logits || !has || !slicemoe::trace_at(c, i)) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "no trace record " + std::to_string(i));
-    }
-    *has = slicemoe::route_logits(c, i, logits);
-    return ok();
+    return guard([&]() -> int {
+        slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        if (!c || !logits || !has || !slicemoe::trace_at(c, i)) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "no trace record " + std::to_string(i));
+        }
+        *has = slicemoe::route_logits(c, i, logits);
+        return ok();
+    });
 }
 
 void slicemoe_trace_clear(slicemoe_model * model) {
-    if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
-        slicemoe::trace_clear(c);
-    }
+    guard_value(0, [&]() -> int {
+        if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
+            slicemoe::trace_clear(c);
+        }
+        return 0;
+    });
 }
 
 struct slicemoe_sim {
@@ -392,126 +492,150 @@ slicemoe_sim_params slicemoe_sim_default_params(void) {
 }
 
 int slicemoe_sim_create(const slicemoe_sim_params * params, slicemoe_sim ** out) {
-    if (!params || !out) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sim_create: NULL argument");
-    }
-    *out = nullptr;
-    if (params->policy < SLICEMOE_POLICY_DBSC || params->policy > SLICEMOE_POLICY_ADAPMOE ||
-        params->precision < SLICEMOE_PRECISION_AUTO || params->precision > SLICEMOE_PRECISION_LOW) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "unknown policy or precision");
-    }
-    std::string error;
-    slicemoe::cache * c = slicemoe::sim_create(*params, &error);
-    if (!c) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, error);
-    }
-    *out = new slicemoe_sim{c};
-    return ok();
+    return guard([&]() -> int {
+        if (!params || !out) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sim_create: NULL argument");
+        }
+        *out = nullptr;
+        std::string error;
+        if (!policy_params_valid(*params, &error)) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, error);
+        }
+        slicemoe::cache * c = slicemoe::sim_create(*params, &error);
+        if (!c) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, error);
+        }
+        *out = new slicemoe_sim{c};
+        return ok();
+    });
 }
 
 void slicemoe_sim_free(slicemoe_sim * sim) {
-    if (sim) {
-        slicemoe::sim_free(sim->cache);
-        delete sim;
-    }
+    guard_value(0, [&]() -> int {
+        if (sim) {
+            slicemoe::sim_free(sim->cache);
+            delete sim;
+        }
+        return 0;
+    });
 }
 
 int slicemoe_sim_run(slicemoe_sim * sim, int64_t n, const int32_t * request, const int32_t * layer,
                      const int32_t * phase, const int32_t * experts, const float * weights, const float * logits) {
-    if (!sim || n < 0 || (n > 0 && (!request || !layer || !phase || !experts || !weights))) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sim_run: bad arguments");
-    }
-    std::string error;
-    const int status = slicemoe::sim_run(sim->cache, n, request, layer, phase, experts, weights, logits, &error);
-    return status == SLICEMOE_OK ? ok() : fail(status, error);
+    return guard([&]() -> int {
+        if (!sim || n < 0 || (n > 0 && (!request || !layer || !phase || !experts || !weights))) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sim_run: bad arguments");
+        }
+        std::string error;
+        const int status = slicemoe::sim_run(sim->cache, n, request, layer, phase, experts, weights, logits, &error);
+        return status == SLICEMOE_OK ? ok() : fail(status, error);
+    });
 }
 
 int slicemoe_sim_get_stats(const slicemoe_sim * sim, slicemoe_cache_stats_t * out) {
-    if (!sim || !out) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sim_get_stats: NULL argument");
-    }
-    slicemoe::read_stats(sim->cache, out);
-    return ok();
+    return guard([&]() -> int {
+        if (!sim || !out) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sim_get_stats: NULL argument");
+        }
+        slicemoe::read_stats(sim->cache, out);
+        return ok();
+    });
 }
 
 int slicemoe_sim_get_layer_stats(const slicemoe_sim * sim, int32_t i, slicemoe_layer_stats_t * out) {
-    if (!sim || !out || slicemoe::read_layer_stats(sim->cache, i, out) != SLICEMOE_OK) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "layer index out of range");
-    }
-    return ok();
+    return guard([&]() -> int {
+        if (!sim || !out || slicemoe::read_layer_stats(sim->cache, i, out) != SLICEMOE_OK) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "layer index out of range");
+        }
+        return ok();
+    });
 }
 
 int32_t slicemoe_model_n_layer(const slicemoe_model * model) {
-    return model ? llama_model_n_layer(model->model) : 0;
+    return guard_value<int32_t>(0, [&]() -> int32_t {
+        return model ? llama_model_n_layer(model->model) : 0;
+    });
 }
 
 int32_t slicemoe_model_n_ctx_train(const slicemoe_model * model) {
-    return model ? llama_model_n_ctx_train(model->model) : 0;
+    return guard_value<int32_t>(0, [&]() -> int32_t {
+        return model ? llama_model_n_ctx_train(model->model) : 0;
+    });
 }
 
 bool slicemoe_model_is_eog(const slicemoe_model * model, int32_t token) {
-    return model && llama_vocab_is_eog(model->vocab, token);
+    return guard_value<bool>(false, [&]() -> bool {
+        return model && llama_vocab_is_eog(model->vocab, token);
+    });
 }
 
 int slicemoe_model_desc(const slicemoe_model * model, char * buf, size_t size) {
-    if (!model || !buf || size == 0) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_desc: NULL model or empty buffer");
-    }
-    llama_model_desc(model->model, buf, size);
-    return ok();
+    return guard([&]() -> int {
+        if (!model || !buf || size == 0) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_desc: NULL model or empty buffer");
+        }
+        llama_model_desc(model->model, buf, size);
+        return ok();
+    });
 }
 
 int slicemoe_model_meta(const slicemoe_model * model, const char * key, char * buf, size_t size) {
-    if (!model || !key || !buf || size == 0) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_meta: NULL argument or empty buffer");
-    }
-    const int32_t n = llama_model_meta_val_str(model->model, key, buf, size);
-    if (n < 0) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, std::string("no metadata key '") + key + "'");
-    }
-    if ((size_t) n >= size) {
-        return fail(SLICEMOE_ERR_BUFFER_TOO_SMALL, std::string("metadata value of '") + key + "' is truncated");
-    }
-    return ok();
+    return guard([&]() -> int {
+        if (!model || !key || !buf || size == 0) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_meta: NULL argument or empty buffer");
+        }
+        const int32_t n = llama_model_meta_val_str(model->model, key, buf, size);
+        if (n < 0) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, std::string("no metadata key '") + key + "'");
+        }
+        if ((size_t) n >= size) {
+            return fail(SLICEMOE_ERR_BUFFER_TOO_SMALL, std::string("metadata value of '") + key + "' is truncated");
+        }
+        return ok();
+    });
 }
 
 int slicemoe_tokenize(const slicemoe_model * model, const char * text, int32_t text_len,
                       bool add_special, bool parse_special,
                       int32_t * tokens, int32_t n_tokens_max, int32_t * n_out) {
-    if (!model || !text || text_len < 0 || !n_out || n_tokens_max < 0 || (!tokens && n_tokens_max > 0)) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_tokenize: bad arguments");
-    }
-    const int32_t n = llama_tokenize(model->vocab, text, text_len, tokens, n_tokens_max, add_special, parse_special);
-    if (n == INT32_MIN) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_tokenize: the text yields more than 2^31 tokens");
-    }
-    if (n < 0) {
-        *n_out = -n;
-        return fail(SLICEMOE_ERR_BUFFER_TOO_SMALL, "token buffer too small");
-    }
-    *n_out = n;
-    return ok();
+    return guard([&]() -> int {
+        if (!model || !text || text_len < 0 || !n_out || n_tokens_max < 0 || (!tokens && n_tokens_max > 0)) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_tokenize: bad arguments");
+        }
+        const int32_t n = llama_tokenize(model->vocab, text, text_len, tokens, n_tokens_max, add_special, parse_special);
+        if (n == INT32_MIN) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_tokenize: the text yields more than 2^31 tokens");
+        }
+        if (n < 0) {
+            *n_out = -n;
+            return fail(SLICEMOE_ERR_BUFFER_TOO_SMALL, "token buffer too small");
+        }
+        *n_out = n;
+        return ok();
+    });
 }
 
 int slicemoe_detokenize(const slicemoe_model * model, const int32_t * tokens, int32_t n_tokens,
                         char * text, int32_t text_len_max, int32_t * n_out) {
-    if (!model || (!tokens && n_tokens > 0) || n_tokens < 0 || !n_out || text_len_max < 0 || (!text && text_len_max > 0)) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_detokenize: bad arguments");
-    }
-    const int32_t n_vocab = llama_vocab_n_tokens(model->vocab);
-    for (int32_t i = 0; i < n_tokens; ++i) {
-        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
-            return fail(SLICEMOE_ERR_INVALID_ARG, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
+    return guard([&]() -> int {
+        if (!model || (!tokens && n_tokens > 0) || n_tokens < 0 || !n_out || text_len_max < 0 || (!text && text_len_max > 0)) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_detokenize: bad arguments");
         }
-    }
-    const int32_t n = llama_detokenize(model->vocab, tokens, n_tokens, text, text_len_max,
-                                       /*remove_special*/ false, /*unparse_special*/ false);
-    if (n < 0) {
-        *n_out = -n;
-        return fail(SLICEMOE_ERR_BUFFER_TOO_SMALL, "text buffer too small");
-    }
-    *n_out = n;
-    return ok();
+        const int32_t n_vocab = llama_vocab_n_tokens(model->vocab);
+        for (int32_t i = 0; i < n_tokens; ++i) {
+            if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+                return fail(SLICEMOE_ERR_INVALID_ARG, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
+            }
+        }
+        const int32_t n = llama_detokenize(model->vocab, tokens, n_tokens, text, text_len_max,
+                                           /*remove_special*/ false, /*unparse_special*/ false);
+        if (n < 0) {
+            *n_out = -n;
+            return fail(SLICEMOE_ERR_BUFFER_TOO_SMALL, "text buffer too small");
+        }
+        *n_out = n;
+        return ok();
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -552,170 +676,193 @@ static void memory_of(const llama_context * lctx, slicemoe_memory * out) {
 }
 
 int slicemoe_context_memory(const slicemoe_context * ctx, slicemoe_memory * out) {
-    if (!ctx || !out) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_context_memory: NULL argument");
-    }
-    memory_of(ctx->lctx, out);
-    return ok();
+    return guard([&]() -> int {
+        if (!ctx || !out) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_context_memory: NULL argument");
+        }
+        memory_of(ctx->lctx, out);
+        return ok();
+    });
 }
 
 int slicemoe_memory_estimate(const char * path, const slicemoe_context_params * params, bool with_cache,
                              slicemoe_memory * out) {
-    init_once();
-    if (!path || !out) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_memory_estimate: path and out must not be NULL");
-    }
-    const slicemoe_context_params p = params ? *params : slicemoe_context_default_params();
-    if (p.n_batch == 0) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "n_batch must be at least 1");
-    }
-    int status = check_gguf_file(path);
-    if (status != SLICEMOE_OK) {
-        return status;
-    }
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
-    mp.load_mode    = LLAMA_LOAD_MODE_NONE;
-    mp.no_alloc     = true;   // sizes only: nothing is read or allocated
-    clear_llama_errors();
-    llama_model * model = llama_model_load_from_file(path, mp);
-    if (!model) {
-        return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp could not load '") + path + "'");
-    }
-    llama_context_params cp = to_llama_context_params(p);
-    cp.op_offload = !with_cache;   // as slicemoe_context_create sets it: the graphs, and so the buffers, differ
-    llama_context * lctx = llama_init_from_model(model, cp);
-    if (!lctx) {
+    return guard([&]() -> int {
+        init_once();
+        if (!path || !out) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_memory_estimate: path and out must not be NULL");
+        }
+        const slicemoe_context_params p = params ? *params : slicemoe_context_default_params();
+        if (p.n_batch == 0) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "n_batch must be at least 1");
+        }
+        int status = check_gguf_file(path);
+        if (status != SLICEMOE_OK) {
+            return status;
+        }
+        llama_model_params mp = llama_model_default_params();
+        mp.n_gpu_layers = 0;
+        mp.load_mode    = LLAMA_LOAD_MODE_NONE;
+        mp.no_alloc     = true;   // sizes only: nothing is read or allocated
+        clear_llama_errors();
+        llama_model * model = llama_model_load_from_file(path, mp);
+        if (!model) {
+            return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp could not load '") + path + "'");
+        }
+        llama_context_params cp = to_llama_context_params(p);
+        cp.op_offload = !with_cache;   // as slicemoe_context_create sets it: the graphs, and so the buffers, differ
+        llama_context * lctx = llama_init_from_model(model, cp);
+        if (!lctx) {
+            llama_model_free(model);
+            return fail_llama(SLICEMOE_ERR_NO_MEMORY, "llama.cpp could not size a context");
+        }
+        memory_of(lctx, out);
+        llama_free(lctx);
         llama_model_free(model);
-        return fail_llama(SLICEMOE_ERR_NO_MEMORY, "llama.cpp could not size a context");
-    }
-    memory_of(lctx, out);
-    llama_free(lctx);
-    llama_model_free(model);
-    return ok();
+        return ok();
+    });
 }
 
 int slicemoe_context_create(slicemoe_model * model, const slicemoe_context_params * params, slicemoe_context ** out) {
-    init_once();
-    if (!model || !out) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_context_create: model and out must not be NULL");
-    }
-    *out = nullptr;
-    const slicemoe_context_params p = params ? *params : slicemoe_context_default_params();
-    if (p.n_batch == 0) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "n_batch must be at least 1");
-    }
+    return guard([&]() -> int {
+        init_once();
+        if (!model || !out) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_context_create: model and out must not be NULL");
+        }
+        *out = nullptr;
+        const slicemoe_context_params p = params ? *params : slicemoe_context_default_params();
+        if (p.n_batch == 0) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "n_batch must be at least 1");
+        }
 
-    llama_context_params cp = to_llama_context_params(p);
+        llama_context_params cp = to_llama_context_params(p);
 
-    if (slicemoe::cache * c = slicemoe::cache_of(model->model)) {
-        cp.cb_eval           = slicemoe::eval_callback;
-        cp.cb_eval_user_data = c;
-        // Prompt batches read the experts from the mapped file; operation offload would copy whole
-        // expert tensors to the device for every large batch, which is what the cache avoids.
-        cp.op_offload = false;
-    }
+        if (slicemoe::cache * c = slicemoe::cache_of(model->model)) {
+            cp.cb_eval           = slicemoe::eval_callback;
+            cp.cb_eval_user_data = c;
+            // Prompt batches read the experts from the mapped file; operation offload would copy whole
+            // expert tensors to the device for every large batch, which is what the cache avoids.
+            cp.op_offload = false;
+        }
 
-    clear_llama_errors();
-    llama_context * lctx = llama_init_from_model(model->model, cp);
-    if (!lctx) {
-        return fail_llama(SLICEMOE_ERR_NO_MEMORY, "llama.cpp could not create a context");
-    }
-    slicemoe_context * c = new (std::nothrow) slicemoe_context{model, lctx, 0, false, {}};
-    if (!c) {
-        llama_free(lctx);
-        return fail(SLICEMOE_ERR_NO_MEMORY, "out of memory");
-    }
-    *out = c;
-    return ok();
+        clear_llama_errors();
+        llama_context * lctx = llama_init_from_model(model->model, cp);
+        if (!lctx) {
+            return fail_llama(SLICEMOE_ERR_NO_MEMORY, "llama.cpp could not create a context");
+        }
+        slicemoe_context * c = new (std::nothrow) slicemoe_context{model, lctx, 0, false, {}};
+        if (!c) {
+            llama_free(lctx);
+            return fail(SLICEMOE_ERR_NO_MEMORY, "out of memory");
+        }
+        *out = c;
+        return ok();
+    });
 }
 
 void slicemoe_context_free(slicemoe_context * ctx) {
-    if (ctx) {
-        llama_free(ctx->lctx);
-        delete ctx;
-    }
+    guard_value(0, [&]() -> int {
+        if (ctx) {
+            llama_free(ctx->lctx);
+            delete ctx;
+        }
+        return 0;
+    });
 }
 
 uint32_t slicemoe_context_n_ctx(const slicemoe_context * ctx) {
-    return ctx ? llama_n_ctx(ctx->lctx) : 0;
+    return guard_value<uint32_t>(0u, [&]() -> uint32_t {
+        return ctx ? llama_n_ctx(ctx->lctx) : 0;
+    });
 }
 
 int32_t slicemoe_context_n_past(const slicemoe_context * ctx) {
-    return ctx ? ctx->n_past : 0;
+    return guard_value<int32_t>(0, [&]() -> int32_t {
+        return ctx ? ctx->n_past : 0;
+    });
 }
 
 void slicemoe_context_reset(slicemoe_context * ctx) {
-    if (!ctx) {
-        return;
-    }
-    llama_memory_clear(llama_get_memory(ctx->lctx), true);
-    slicemoe::begin_sequence(slicemoe::cache_of(ctx->model->model));
-    ctx->n_past     = 0;
-    ctx->has_logits = false;
-    ctx->timings    = {};
+    guard_value(0, [&]() -> int {
+        if (!ctx) {
+            return 0;
+        }
+        llama_memory_clear(llama_get_memory(ctx->lctx), true);
+        slicemoe::begin_sequence(slicemoe::cache_of(ctx->model->model));
+        ctx->n_past     = 0;
+        ctx->has_logits = false;
+        ctx->timings    = {};
+        return 0;
+    });
 }
 
 int slicemoe_eval(slicemoe_context * ctx, const int32_t * tokens, int32_t n_tokens) {
-    if (!ctx || !tokens || n_tokens <= 0) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_eval: NULL context or no tokens");
-    }
-    const int32_t n_vocab = llama_vocab_n_tokens(ctx->model->vocab);
-    for (int32_t i = 0; i < n_tokens; ++i) {
-        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
-            return fail(SLICEMOE_ERR_INVALID_ARG, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " + std::to_string(n_vocab));
+    return guard([&]() -> int {
+        if (!ctx || !tokens || n_tokens <= 0) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_eval: NULL context or no tokens");
         }
-    }
-    const uint32_t n_ctx = llama_n_ctx(ctx->lctx);
-    if ((uint32_t) ctx->n_past + (uint32_t) n_tokens > n_ctx) {
-        return fail(SLICEMOE_ERR_CONTEXT_FULL, "context full: " + std::to_string(ctx->n_past) + " evaluated + " +
-                    std::to_string(n_tokens) + " new tokens > n_ctx " + std::to_string(n_ctx));
-    }
+        const int32_t n_vocab = llama_vocab_n_tokens(ctx->model->vocab);
+        for (int32_t i = 0; i < n_tokens; ++i) {
+            if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+                return fail(SLICEMOE_ERR_INVALID_ARG, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " + std::to_string(n_vocab));
+            }
+        }
+        const uint32_t n_ctx = llama_n_ctx(ctx->lctx);
+        if ((uint32_t) ctx->n_past + (uint32_t) n_tokens > n_ctx) {
+            return fail(SLICEMOE_ERR_CONTEXT_FULL, "context full: " + std::to_string(ctx->n_past) + " evaluated + " +
+                        std::to_string(n_tokens) + " new tokens > n_ctx " + std::to_string(n_ctx));
+        }
 
-    const int32_t n_batch = (int32_t) llama_n_batch(ctx->lctx);
-    const auto t0 = std::chrono::steady_clock::now();
-    clear_llama_errors();
-    for (int32_t i = 0; i < n_tokens; i += n_batch) {
-        const int32_t n = std::min(n_batch, n_tokens - i);
-        llama_batch batch = llama_batch_get_one(const_cast<int32_t *>(tokens) + i, n);
-        int32_t rc = llama_decode(ctx->lctx, batch);
-        std::string cache_error;
-        if (slicemoe::take_error(slicemoe::cache_of(ctx->model->model), &cache_error)) {
-            llama_memory_seq_rm(llama_get_memory(ctx->lctx), 0, ctx->n_past, -1);
-            ctx->has_logits = false;
-            return fail(SLICEMOE_ERR_IO, cache_error);
+        const int32_t n_batch = (int32_t) llama_n_batch(ctx->lctx);
+        const auto t0 = std::chrono::steady_clock::now();
+        clear_llama_errors();
+        for (int32_t i = 0; i < n_tokens; i += n_batch) {
+            const int32_t n = std::min(n_batch, n_tokens - i);
+            llama_batch batch = llama_batch_get_one(const_cast<int32_t *>(tokens) + i, n);
+            int32_t rc = llama_decode(ctx->lctx, batch);
+            std::string cache_error;
+            if (slicemoe::take_error(slicemoe::cache_of(ctx->model->model), &cache_error)) {
+                llama_memory_seq_rm(llama_get_memory(ctx->lctx), 0, ctx->n_past, -1);
+                ctx->has_logits = false;
+                return fail(SLICEMOE_ERR_IO, cache_error);
+            }
+            if (rc != 0) {
+                // roll the sequence back so the context stays usable
+                llama_memory_seq_rm(llama_get_memory(ctx->lctx), 0, ctx->n_past, -1);
+                ctx->has_logits = false;
+                return fail_llama(SLICEMOE_ERR_COMPUTE, "llama_decode failed with code " + std::to_string(rc));
+            }
         }
-        if (rc != 0) {
-            // roll the sequence back so the context stays usable
-            llama_memory_seq_rm(llama_get_memory(ctx->lctx), 0, ctx->n_past, -1);
-            ctx->has_logits = false;
-            return fail_llama(SLICEMOE_ERR_COMPUTE, "llama_decode failed with code " + std::to_string(rc));
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        if (n_tokens > 1) {
+            ctx->timings.prefill_ms += ms;
+            ctx->timings.n_prefill  += n_tokens;
+        } else {
+            ctx->timings.decode_ms += ms;
+            ctx->timings.n_decode  += 1;
         }
-    }
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    if (n_tokens > 1) {
-        ctx->timings.prefill_ms += ms;
-        ctx->timings.n_prefill  += n_tokens;
-    } else {
-        ctx->timings.decode_ms += ms;
-        ctx->timings.n_decode  += 1;
-    }
-    ctx->n_past    += n_tokens;
-    ctx->has_logits = true;
-    return ok();
+        ctx->n_past    += n_tokens;
+        ctx->has_logits = true;
+        return ok();
+    });
 }
 
 const float * slicemoe_logits(slicemoe_context * ctx) {
-    if (!ctx || !ctx->has_logits) {
-        return nullptr;
-    }
-    return llama_get_logits_ith(ctx->lctx, -1);
+    return guard_value<const float *>(nullptr, [&]() -> const float * {
+        if (!ctx || !ctx->has_logits) {
+            return nullptr;
+        }
+        return llama_get_logits_ith(ctx->lctx, -1);
+    });
 }
 
 void slicemoe_timings_get(const slicemoe_context * ctx, slicemoe_timings * out) {
-    if (ctx && out) {
-        *out = ctx->timings;
-    }
+    guard_value(0, [&]() -> int {
+        if (ctx && out) {
+            *out = ctx->timings;
+        }
+        return 0;
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -730,51 +877,60 @@ slicemoe_sampling_params slicemoe_sampling_default_params(void) {
 }
 
 int slicemoe_sampler_create(const slicemoe_sampling_params * params, slicemoe_sampler ** out) {
-    init_once();
-    if (!out) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sampler_create: out must not be NULL");
-    }
-    *out = nullptr;
-    const slicemoe_sampling_params p = params ? *params : slicemoe_sampling_default_params();
-    if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "top_p must be in (0, 1]");
-    }
-    llama_sampler * chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
-    if (p.temperature <= 0.0f) {
-        llama_sampler_chain_add(chain, llama_sampler_init_greedy());
-    } else {
-        if (p.top_p < 1.0f) {
-            llama_sampler_chain_add(chain, llama_sampler_init_top_p(p.top_p, 1));
+    return guard([&]() -> int {
+        init_once();
+        if (!out) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sampler_create: out must not be NULL");
         }
-        llama_sampler_chain_add(chain, llama_sampler_init_temp(p.temperature));
-        llama_sampler_chain_add(chain, llama_sampler_init_dist(p.seed));
-    }
-    *out = new slicemoe_sampler{chain};
-    return ok();
+        *out = nullptr;
+        const slicemoe_sampling_params p = params ? *params : slicemoe_sampling_default_params();
+        if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "top_p must be in (0, 1]");
+        }
+        llama_sampler * chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+        if (p.temperature <= 0.0f) {
+            llama_sampler_chain_add(chain, llama_sampler_init_greedy());
+        } else {
+            if (p.top_p < 1.0f) {
+                llama_sampler_chain_add(chain, llama_sampler_init_top_p(p.top_p, 1));
+            }
+            llama_sampler_chain_add(chain, llama_sampler_init_temp(p.temperature));
+            llama_sampler_chain_add(chain, llama_sampler_init_dist(p.seed));
+        }
+        *out = new slicemoe_sampler{chain};
+        return ok();
+    });
 }
 
 void slicemoe_sampler_free(slicemoe_sampler * sampler) {
-    if (sampler) {
-        llama_sampler_free(sampler->chain);
-        delete sampler;
-    }
+    guard_value(0, [&]() -> int {
+        if (sampler) {
+            llama_sampler_free(sampler->chain);
+            delete sampler;
+        }
+        return 0;
+    });
 }
 
 int slicemoe_sample(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token) {
-    if (!sampler || !ctx || !token) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sample: NULL argument");
-    }
-    if (!ctx->has_logits) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sample: no logits yet, evaluate a prompt first");
-    }
-    *token = llama_sampler_sample(sampler->chain, ctx->lctx, -1);
-    return ok();
+    return guard([&]() -> int {
+        if (!sampler || !ctx || !token) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sample: NULL argument");
+        }
+        if (!ctx->has_logits) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sample: no logits yet, evaluate a prompt first");
+        }
+        *token = llama_sampler_sample(sampler->chain, ctx->lctx, -1);
+        return ok();
+    });
 }
 
 int slicemoe_decode_next(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token) {
-    const int status = slicemoe_sample(sampler, ctx, token);
-    if (status != SLICEMOE_OK) {
-        return status;
-    }
-    return slicemoe_eval(ctx, token, 1);
+    return guard([&]() -> int {
+        const int status = slicemoe_sample(sampler, ctx, token);
+        if (status != SLICEMOE_OK) {
+            return status;
+        }
+        return slicemoe_eval(ctx, token, 1);
+    });
 }

@@ -130,6 +130,10 @@ struct cache {
     std::vector<int32_t> scratch_ids;
 
     ~cache() {
+        // a prefetch still running writes into the pools and reads the file: join it first
+        for (layer & L : layers) {
+            if (L.pending.valid()) L.pending.wait();
+        }
         for (ggml_backend_buffer_t b : bufs) ggml_backend_buffer_free(b);
         for (ggml_context * ctx : ctxs) ggml_free(ctx);
         if (fd >= 0) close(fd);
@@ -945,8 +949,9 @@ cache * cache_of(const llama_model * model) {
     return it == g_caches.end() ? nullptr : it->second.get();
 }
 
-bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
-    cache & c = *static_cast<cache *>(user_data);
+namespace {
+
+bool observe_node(cache & c, ggml_tensor * t, bool ask) {
     int il = -1;
     const char * name = ggml_get_name(t);
     // router probabilities matter only to auto precision; every observed node costs a graph split
@@ -962,12 +967,12 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     if (ask) {
         return true;
     }
+    layer & L = c.layers[it->second];
+    join_prefetch(c, L);   // before anything else, so that no prefetch outlives a failure
     if (c.failed) {
         return false;
     }
-    layer & L = c.layers[it->second];
     const int64_t n_tokens = t->ne[1];
-    join_prefetch(c, L);
     if (is_ahead) {
         if (n_tokens == 1 && size_t(it->second + 1) < c.layers.size()) {
             std::vector<float> v(size_t(c.n_expert));
@@ -1014,8 +1019,28 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     return true;
 }
 
+} // namespace
+
+bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept {
+    cache & c = *static_cast<cache *>(user_data);
+    try {
+        return observe_node(c, t, ask);
+    } catch (const std::exception & e) {
+        // an allocation or a thread that could not start: stop this graph, report through take_error
+        c.failed = true;
+        try {
+            c.error = std::string("slice cache: ") + e.what();
+        } catch (...) {
+        }
+        return false;
+    }
+}
+
 bool take_error(cache * c, std::string * message) {
     if (!c || !c->failed) return false;
+    for (layer & L : c->layers) {
+        if (L.pending.valid()) L.pending.wait();   // the decode stopped; so do its prefetches
+    }
     *message = c->error;
     c->failed = false;
     c->error.clear();
@@ -1099,9 +1124,13 @@ bool route_logits(const cache * c, int64_t i, float * out) {
 }
 
 cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
-    if (p.n_layers <= 0 || p.n_expert <= 0 || p.top_k <= 0 || p.top_k > p.n_expert || p.msb_bytes <= 0 ||
-        p.lsb_bytes < 0 || p.budget_bytes <= 0) {
-        *error = "simulation needs n_layers, n_expert, top_k <= n_expert, slice sizes and a budget above 0";
+    // the limits keep every product of counts and sizes far from int64 overflow
+    constexpr int64_t max_slice = int64_t(1) << 40;
+    if (p.n_layers <= 0 || p.n_layers > 512 || p.n_expert <= 0 || p.n_expert > 1024 || p.top_k <= 0 ||
+        p.top_k > p.n_expert || p.msb_bytes <= 0 || p.msb_bytes > max_slice || p.lsb_bytes < 0 ||
+        p.lsb_bytes > max_slice || p.budget_bytes <= 0) {
+        *error = "simulation needs 1 to 512 MoE layers, 1 to 1024 experts, 1 <= top_k <= n_expert, slice sizes in "
+                 "(0, 1 TiB] (lsb may be 0) and a budget above 0";
         return nullptr;
     }
     auto c = std::make_unique<cache>();

@@ -29,7 +29,8 @@ int  n_sliced_layers(const llama_model * model);
 cache * cache_of(const llama_model * model);
 // llama.cpp's eval callback (user data: the cache): observes routing nodes and runs the policy
 // before the expert products of the same layer run.
-bool eval_callback(ggml_tensor * t, bool ask, void * user_data);
+// Never throws: a failure stops the graph and is reported by take_error.
+bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept;
 // A failure inside the callback (a read error), taken once by the caller of llama_decode.
 bool take_error(cache * c, std::string * message);
 // A new sequence starts: forget the prompt routing recorded for warm-up.
