@@ -8,6 +8,8 @@ complete: an interrupted or failed conversion never leaves a partial OUT.gguf.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import tempfile
 import time
@@ -86,6 +88,32 @@ def _encode_plain(t: OutTensor, data: np.ndarray) -> np.ndarray:
     if t.qtype == Q.F16:
         return data.astype(np.float16)
     return gguf.quants.quantize(data, t.qtype)
+
+
+def _remove_abandoned_partials(out: Path) -> None:
+    """Remove `.NAME.*.partial` files of `out` that no converter holds (their writer was killed);
+    a partial file another converter is writing right now is locked and left alone."""
+    for leftover in out.parent.glob(f".{out.name}.*.partial"):
+        try:
+            fd = os.open(leftover, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue   # held by a running conversion
+        finally:
+            os.close(fd)
+        leftover.unlink(missing_ok=True)
+
+
+def _free_bytes(directory: Path) -> int:
+    import shutil
+
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 0
 
 
 def _check_loads(path: Path) -> None:
@@ -292,16 +320,19 @@ class Converter:
         if not out.parent.is_dir():
             raise CheckpointError(f"output directory {out.parent} does not exist")
         t0 = time.perf_counter()
+        _remove_abandoned_partials(out)
         try:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
         except OSError as exc:
             raise CheckpointError(f"cannot write to {out.parent}: {exc.strerror}") from exc
-        os.close(fd)
+        # held (and so locked) until this function returns: a partial file nobody holds is a
+        # leftover of a killed run, which the next run removes
+        fcntl.flock(fd, fcntl.LOCK_EX)
         tmp = Path(tmp_name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would hide the model from other users
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would hide the model from other users
             w = gguf.GGUFWriter(tmp, arch=self.arch.gguf_arch)
             self._metadata(w)
             for t in self.tensors():
@@ -325,8 +356,16 @@ class Converter:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, out)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC or _free_bytes(out.parent) < (1 << 20):
+                raise CheckpointError(f"cannot write {out}: no space left on the device of {out.parent}; "
+                                      "nothing was written") from exc
+            raise
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            os.close(fd)
         return ConversionSummary(out, self.arch.gguf_arch, out.stat().st_size, self.bytes_by_role(),
                                  time.perf_counter() - t0)

@@ -22,6 +22,9 @@
 #include <string>
 #include <thread>
 #include <vector>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #ifndef SLICEMOE_VERSION
 #define SLICEMOE_VERSION "dev"
@@ -36,6 +39,8 @@
 struct slicemoe_model {
     llama_model       * model;
     const llama_vocab * vocab;
+    int                 fd;        // the model file, held open to notice changes (see file_unchanged)
+    struct stat         at_load;   // its size and modification time when loaded
 };
 
 struct slicemoe_context {
@@ -308,10 +313,16 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
         if (!model) {
             return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp could not load '") + path + "'");
         }
-        slicemoe_model * m = new (std::nothrow) slicemoe_model{model, llama_model_get_vocab(model)};
+        slicemoe_model * m = new (std::nothrow) slicemoe_model{model, llama_model_get_vocab(model), -1, {}};
         if (!m) {
             llama_model_free(model);
             return fail(SLICEMOE_ERR_NO_MEMORY, "out of memory");
+        }
+        m->fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (m->fd < 0 || fstat(m->fd, &m->at_load) != 0) {
+            const std::string reason = strerror(errno);
+            slicemoe_model_free(m);
+            return fail(SLICEMOE_ERR_IO, std::string("cannot open '") + path + "' again after loading: " + reason);
         }
         // Only files that declare the slicemoe format get the slice treatment; .lsb tensors alone
         // (patch 0001 loads them) change nothing.
@@ -367,6 +378,7 @@ void slicemoe_model_free(slicemoe_model * model) {
         if (model) {
             slicemoe::detach(model->model);
             llama_model_free(model->model);
+            if (model->fd >= 0) close(model->fd);
             delete model;
         }
         return 0;
@@ -641,6 +653,32 @@ int slicemoe_detokenize(const slicemoe_model * model, const int32_t * tokens, in
 // ---------------------------------------------------------------------------------------------
 // context
 
+// llama.cpp maps the model file, so a file truncated or rewritten in place under a loaded model
+// would fault (SIGBUS) or compute with other weights. Every evaluation first compares the open
+// file with what was loaded. A file replaced by rename is not a change: the open inode and its
+// mapping keep the old contents, which stay consistent.
+static int64_t mtime_ns(const struct stat & st) {
+#ifdef __APPLE__
+    return int64_t(st.st_mtimespec.tv_sec) * 1000000000 + st.st_mtimespec.tv_nsec;
+#else
+    return int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+#endif
+}
+
+static bool file_unchanged(const slicemoe_model & m, std::string * error) {
+    struct stat now;
+    if (fstat(m.fd, &now) != 0) {
+        *error = std::string("cannot check the model file: ") + strerror(errno);
+        return false;
+    }
+    if (now.st_size != m.at_load.st_size || mtime_ns(now) != mtime_ns(m.at_load)) {
+        *error = "the model file was changed on disk while loaded (" + std::to_string(int64_t(m.at_load.st_size)) +
+                 " bytes when loaded, " + std::to_string(int64_t(now.st_size)) + " now): load it again";
+        return false;
+    }
+    return true;
+}
+
 slicemoe_context_params slicemoe_context_default_params(void) {
     slicemoe_context_params p;
     p.n_ctx     = 2048;
@@ -806,6 +844,10 @@ int slicemoe_eval(slicemoe_context * ctx, const int32_t * tokens, int32_t n_toke
             if (tokens[i] < 0 || tokens[i] >= n_vocab) {
                 return fail(SLICEMOE_ERR_INVALID_ARG, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " + std::to_string(n_vocab));
             }
+        }
+        std::string changed;
+        if (!file_unchanged(*ctx->model, &changed)) {
+            return fail(SLICEMOE_ERR_IO, changed);
         }
         const uint32_t n_ctx = llama_n_ctx(ctx->lctx);
         if ((uint32_t) ctx->n_past + (uint32_t) n_tokens > n_ctx) {
