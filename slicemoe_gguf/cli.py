@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, defaults
 from ._native import SliceMoEError
 from .units import format_size, parse_size
 
@@ -145,11 +145,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     rss_before_load = _process_memory().get("rss_bytes")
     load_start = time.perf_counter()
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
-               n_threads=args.threads, precision=args.precision, cache_budget=budget, warmup=args.warmup,
-               high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
-               policy=args.policy, msb_share=args.msb_share, high_ratio=args.high_ratio,
-               prior_lambda=args.prior_lambda, gating_t=args.gating_t, prefetch=args.prefetch,
-               layer_slots=args.layer_slots) as model:
+               n_threads=args.threads, cache_budget=budget, prefetch=args.prefetch,
+               **_cache_settings(args)) as model:
         load_ms = 1000 * (time.perf_counter() - load_start)
         from .memory import plan_of_running
 
@@ -225,9 +222,12 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         prompts = [args.prompt]
     if not prompts:
         raise SliceMoEError("no prompts: the prompt file has no non-empty line", 1)
-    with Model(args.model, n_ctx=args.ctx_size, n_threads=args.threads, record_trace=True) as model:
+    budget = _cache_budget(args)
+    # the run that `slicemoe run` with these flags would make (greedy), recorded
+    with Model(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, n_threads=args.threads,
+               record_trace=True, cache_budget=budget, prefetch=args.prefetch, **_cache_settings(args)) as model:
         for prompt in prompts:
-            model.generate(prompt, args.n_predict, Sampling(), stop_at_eog=False)
+            model.generate(prompt, args.n_predict, Sampling(), stop_at_eog=not args.ignore_eos)
         trace = model.routing_trace()
     trace.write(args.output)
     decode = int((trace.phase == 1).sum())
@@ -291,9 +291,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     profiles = _profiles(args)
     trace = _read_trace(args.trace)
     budget = _parse_budget(args.cache_budget, traces.total_slice_bytes(trace))
-    stats = traces.replay(trace, policy=args.policy, budget=budget, precision=args.precision, warmup=args.warmup,
-                          high_threshold=args.high_threshold, max_miss_rate=args.max_miss_rate,
-                          high_ratio=args.high_ratio, gating_t=args.gating_t, prior_lambda=args.prior_lambda)
+    stats = traces.replay(trace, budget=budget, **_cache_settings(args))
     decode_tokens = max(stats["decode_tokens"], 1)
     msb_uses = stats["msb_hits"] + stats["msb_misses"]
     lsb_uses = stats["lsb_hits"] + stats["lsb_misses"]
@@ -338,10 +336,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if budget is None:
             raise SliceMoEError("--per-layer needs --cache-budget", 1)
         try:
-            result = traces.plan_layers(trace, budget, policy=args.policy, gating_t=args.gating_t)
+            result = traces.plan_layers(trace, budget, policy=args.policy, gating_t=args.gating_t, warmup=args.warmup)
         except ValueError as exc:
             raise SliceMoEError(str(exc), 1) from exc
-        equal = traces.replay(trace, policy=args.policy, budget=budget, gating_t=args.gating_t)
+        equal = traces.replay(trace, policy=args.policy, budget=budget, gating_t=args.gating_t, warmup=args.warmup)
         if args.json:
             print(json.dumps({"layer_slots": result["layer_slots"], "misses": result["misses"],
                               "equal_split_misses": equal["misses"], "budget_bytes": budget}))
@@ -428,6 +426,82 @@ def _add_profile_argument(parser: argparse.ArgumentParser) -> None:
                              "built-in phone and laptop profiles)")
 
 
+LIVE_POLICIES = ("dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "cache_prior", "adapmoe")
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None:
+    """The slice-cache flags, one definition for run and trace (live: a model runs) and sim (replay,
+    which adds belady and needs a budget); every default comes from slicemoe_gguf.defaults."""
+    d = defaults
+    cache = parser.add_argument_group("slice cache (sliced models)")
+    cache.add_argument("--precision", choices=["auto", "high", "low"], default=d.PRECISION,
+                       help="routed experts of a sliced (AMAT) model: high = MSB+LSB slices (8-bit), "
+                            "low = MSB slices only (4-bit), auto = per use by the cache policy, high "
+                            f"without a cache (default {d.PRECISION}); ignored for stock models")
+    if live:
+        cache.add_argument("--cache-budget", metavar="SIZE",
+                           help="RAM for routed-expert slices: bytes with a unit (512KB, 300MB, 2GiB), a "
+                                "percentage of all expert slice bytes (50%%), or auto: the memory available now "
+                                "(MemAvailable, or the memory cgroup's free room) less --ram-margin, less the dense "
+                                "weights, KV cache and compute buffers. Decode then reads missing slices from the "
+                                "file. Default: no cache, every expert mapped from the file")
+        cache.add_argument("--ram-margin", metavar="SIZE",
+                           help="--cache-budget auto: memory left free for everything else (default: 1 GiB or "
+                                "10%% of the available memory, whichever is more)")
+    else:
+        cache.add_argument("--cache-budget", required=True, metavar="SIZE",
+                           help="bytes with a unit (300MB, 2GiB) or a percentage of all slice bytes (50%%)")
+    policies = LIVE_POLICIES if live else LIVE_POLICIES + ("belady",)
+    cache.add_argument("--policy", choices=policies, default=d.POLICY,
+                       help="cache policy: dbsc (SliceMoE: bit slices, precision per use), lru8 / "
+                            "lfu8 (whole experts at 8 bits, least recently / frequently used out), lru4 "
+                            "(MSB slices only: the 4-bit model), hobbit (misses of unimportant experts load "
+                            "and run at 4 bits), dymoe (8-bit share falling with depth, --high-ratio), "
+                            "cache_prior (dbsc plus cache-aware routing, --prior-lambda; changes outputs), "
+                            "adapmoe (8-bit LRU with adaptive gating, --gating-t; changes outputs)"
+                            + ("" if live else ", belady (whole experts, farthest next use out: the offline "
+                                                "optimum of whole-expert caching)")
+                            + f" (default {d.POLICY})")
+    cache.add_argument("--warmup", choices=["pcw", "none"], default=d.WARMUP,
+                       help="pcw: load the slices the prompt used most before the first decode token "
+                            f"(default {d.WARMUP})")
+    cache.add_argument("--high-threshold", type=float, default=d.HIGH_THRESHOLD, metavar="W",
+                       help="auto precision: a use runs at 8 bits if its routing weight is >= W; the "
+                            f"top-ranked expert always does (default {d.HIGH_THRESHOLD})")
+    cache.add_argument("--max-miss-rate", type=float, default=d.MAX_MISS_RATE, metavar="R",
+                       help="auto precision: adapt the threshold at run time to keep the slice miss rate "
+                            "near R (e.g. 0.05); default 0 = fixed threshold")
+    cache.add_argument("--msb-share", type=float, default=d.MSB_SHARE, metavar="F",
+                       help="dbsc: share of each layer's budget for MSB slots (slicemoe plan chooses it); "
+                            "default 0 = two thirds")
+    cache.add_argument("--high-ratio", type=float, default=d.HIGH_RATIO, metavar="F",
+                       help="dymoe: share of a token's uses at 8 bits in the first MoE layer, falling by a half "
+                            "cosine to 0 at the last (default 0 = 0.5)")
+    cache.add_argument("--prior-lambda", type=float, default=d.PRIOR_LAMBDA, metavar="L",
+                       help="cache_prior: bias of a cached expert's router logit, in mean logit ranges "
+                            f"(default {d.PRIOR_LAMBDA}; 0 = the model's own routing)"
+                            + ("" if live else "; replay re-picks the experts from the trace's router logits, "
+                                               "which a trace recorded under cache_prior has"))
+    cache.add_argument("--gating-t", type=float, default=d.GATING_T, metavar="T",
+                       help="adapmoe: drop a use after the first when its routing weight < sqrt(T) "
+                            f"(default {d.GATING_T}, i.e. weights below {d.GATING_T ** 0.5:g}; 0 = never, exactly lru8)")
+    cache.add_argument("--layer-slots", type=_int_list, metavar="N,N,...",
+                       help="whole-expert policies: slots per MoE layer (slicemoe plan --per-layer finds them); "
+                            "default: an equal share of the budget")
+    if live:
+        cache.add_argument("--prefetch", action="store_true", default=d.PREFETCH,
+                           help="look-ahead prefetch: apply the next MoE layer's router to this layer's input and "
+                                "load its predicted MSB slices on an I/O thread while this layer computes (off "
+                                "by default: see the README's measurement)")
+
+
+def _cache_settings(args: argparse.Namespace) -> dict:
+    """The policy settings of the shared cache flags, as keyword arguments of Model and replay."""
+    settings = {name: getattr(args, name) for name in defaults.CACHE_SETTINGS}
+    settings["layer_slots"] = args.layer_slots
+    return settings
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slicemoe",
@@ -453,8 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--cache-budget", metavar="SIZE",
                          help="the budget to state memory for (as slicemoe run: size, %%, or auto)")
     inspect.add_argument("--ram-margin", metavar="SIZE", help="with --cache-budget auto (as slicemoe run)")
-    inspect.add_argument("-c", "--ctx-size", type=int, default=2048, help="context length (default 2048)")
-    inspect.add_argument("-b", "--batch-size", type=int, default=512, help="prompt batch (default 512)")
+    inspect.add_argument("-c", "--ctx-size", type=int, default=defaults.N_CTX,
+                         help=f"context length (default {defaults.N_CTX})")
+    inspect.add_argument("-b", "--batch-size", type=int, default=defaults.N_BATCH,
+                         help=f"prompt batch (default {defaults.N_BATCH})")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(func=_cmd_inspect)
 
@@ -464,64 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("-p", "--prompt", help="prompt text")
     source.add_argument("-f", "--file", help="read the prompt from this file")
-    run.add_argument("-n", "--n-predict", type=int, default=32, help="tokens to decode (default 32)")
+    run.add_argument("-n", "--n-predict", type=int, default=defaults.N_PREDICT,
+                     help=f"tokens to decode (default {defaults.N_PREDICT})")
     run.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1 = off)")
     run.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    run.add_argument("-t", "--threads", type=int, default=0, help="compute threads (default: all cores)")
-    run.add_argument("-c", "--ctx-size", type=int, default=2048, help="context length in tokens (default 2048)")
-    run.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per batch (default 512)")
+    run.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS, help="compute threads (default: all cores)")
+    run.add_argument("-c", "--ctx-size", type=int, default=defaults.N_CTX,
+                     help=f"context length in tokens (default {defaults.N_CTX})")
+    run.add_argument("-b", "--batch-size", type=int, default=defaults.N_BATCH,
+                     help=f"prompt tokens per batch (default {defaults.N_BATCH})")
     run.add_argument("-ngl", "--gpu-layers", type=int, default=0,
                      help="layers to offload to a GPU backend (default 0; -1 = all)")
-    run.add_argument("--precision", choices=["auto", "high", "low"], default="auto",
-                     help="routed experts of a sliced (AMAT) model: high = MSB+LSB slices (8-bit), "
-                          "low = MSB slices only (4-bit), auto = per use by the cache policy, high "
-                          "without a cache (default auto); ignored for stock models")
-    cache = run.add_argument_group("slice cache (sliced models)")
-    cache.add_argument("--cache-budget", metavar="SIZE",
-                       help="RAM for routed-expert slices: bytes with a unit (512KB, 300MB, 2GiB), a "
-                            "percentage of all expert slice bytes (50%%), or auto: the memory available now "
-                            "(MemAvailable, or the memory cgroup's free room) less --ram-margin, less the dense "
-                            "weights, KV cache and compute buffers. Decode then reads missing slices from the "
-                            "file. Default: no cache, every expert mapped from the file")
-    cache.add_argument("--ram-margin", metavar="SIZE",
-                       help="--cache-budget auto: memory left free for everything else (default: 1 GiB or "
-                            "10%% of the available memory, whichever is more)")
-    cache.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "cache_prior", "adapmoe"],
-                       default="dbsc",
-                       help="cache policy: dbsc (SliceMoE: bit slices, precision per use; default), lru8 / "
-                            "lfu8 (whole experts at 8 bits, least recently / frequently used out), lru4 "
-                            "(MSB slices only: the 4-bit model), hobbit (misses of unimportant experts load "
-                            "and run at 4 bits), dymoe (8-bit share falling with depth, --high-ratio), "
-                            "cache_prior (dbsc plus cache-aware routing, --prior-lambda; changes outputs), "
-                            "adapmoe (8-bit LRU with adaptive gating, --gating-t; changes outputs)")
-    cache.add_argument("--gating-t", type=float, default=0.04, metavar="T",
-                       help="adapmoe: drop a use after the first when its routing weight < sqrt(T) "
-                            "(default 0.04, i.e. weights below 0.2; 0 = never, exactly lru8)")
-    cache.add_argument("--prior-lambda", type=float, default=0.5, metavar="L",
-                       help="cache_prior: bias of a cached expert's router logit, in mean logit ranges "
-                            "(default 0.5; 0 = the model's own routing)")
-    cache.add_argument("--high-ratio", type=float, default=0.0, metavar="F",
-                       help="dymoe: share of a token's uses at 8 bits in the first MoE layer, falling by a half "
-                            "cosine to 0 at the last (default 0 = 0.5)")
-    cache.add_argument("--layer-slots", type=_int_list, metavar="N,N,...",
-                       help="whole-expert policies: slots per MoE layer (slicemoe plan --per-layer finds them); "
-                            "default: an equal share of the budget")
-    cache.add_argument("--prefetch", action="store_true",
-                       help="look-ahead prefetch: apply the next MoE layer's router to this layer's input and "
-                            "load its predicted MSB slices on an I/O thread while this layer computes")
-    cache.add_argument("--warmup", choices=["pcw", "none"], default="pcw",
-                       help="pcw: load the slices the prompt used most before the first decode token "
-                            "(default pcw)")
-    cache.add_argument("--high-threshold", type=float, default=0.25, metavar="W",
-                       help="auto precision: a use runs at 8 bits if its routing weight is >= W; the "
-                            "top-ranked expert always does (default 0.25)")
-    cache.add_argument("--msb-share", type=float, default=0.0, metavar="F",
-                       help="dbsc: share of each layer's budget for MSB slots (slicemoe plan chooses it); "
-                            "default 0 = two thirds")
-    cache.add_argument("--max-miss-rate", type=float, default=0.0, metavar="R",
-                       help="auto precision: adapt the threshold at run time to keep the slice miss rate "
-                            "near R (e.g. 0.05); default 0 = fixed threshold")
+    _add_cache_arguments(run, live=True)
     run.add_argument("--ignore-eos", action="store_true", help="keep decoding past end-of-generation tokens")
     _add_profile_argument(run)
     run.add_argument("--json", action="store_true",
@@ -542,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to decode (default 64)")
     demo.add_argument("--cache-budget", default="25%", metavar="SIZE",
                       help="bytes with a unit or a percentage of all expert slice bytes (default 25%%)")
-    demo.add_argument("-t", "--threads", type=int, default=0, help="compute threads (default: all cores)")
+    demo.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS, help="compute threads (default: all cores)")
     _add_profile_argument(demo)
     demo.set_defaults(func=_cmd_demo)
 
@@ -553,30 +584,23 @@ def build_parser() -> argparse.ArgumentParser:
     source = trace.add_mutually_exclusive_group(required=True)
     source.add_argument("-p", "--prompt", help="prompt text (one request)")
     source.add_argument("-f", "--file", help="prompts, one request per non-empty line")
-    trace.add_argument("-n", "--n-predict", type=int, default=32, help="tokens to decode per request (default 32)")
+    trace.add_argument("-n", "--n-predict", type=int, default=defaults.N_PREDICT,
+                       help=f"tokens to decode per request (default {defaults.N_PREDICT})")
     trace.add_argument("-o", "--output", required=True, help="the .jsonl file to write")
-    trace.add_argument("-t", "--threads", type=int, default=0, help="compute threads (default: all cores)")
-    trace.add_argument("-c", "--ctx-size", type=int, default=2048, help="context length in tokens (default 2048)")
+    trace.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS, help="compute threads (default: all cores)")
+    trace.add_argument("-c", "--ctx-size", type=int, default=defaults.N_CTX,
+                       help=f"context length in tokens (default {defaults.N_CTX})")
+    trace.add_argument("-b", "--batch-size", type=int, default=defaults.N_BATCH,
+                       help=f"prompt tokens per batch (default {defaults.N_BATCH})")
+    trace.add_argument("--ignore-eos", action="store_true", help="keep decoding past end-of-generation tokens")
+    _add_cache_arguments(trace, live=True)
     trace.set_defaults(func=_cmd_trace)
 
     sim = sub.add_parser("sim", help="replay a routing trace through the cache manager (no compute)",
                          description="Drive the native slice cache with a recorded trace: the same policies as "
                                      "slicemoe run, plus belady (the offline optimum).")
     sim.add_argument("trace", help="a slicemoe-trace .jsonl file")
-    sim.add_argument("--policy", choices=["dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "adapmoe",
-                                          "cache_prior", "belady"], default="dbsc")
-    sim.add_argument("--prior-lambda", type=float, default=0.5, metavar="L",
-                     help="cache_prior: re-picks the experts from the trace's router logits (record the "
-                          "trace from a cache_prior run so it has them); default 0.5")
-    sim.add_argument("--gating-t", type=float, default=0.04, metavar="T", help="adapmoe (default 0.04)")
-    sim.add_argument("--high-ratio", type=float, default=0.0, metavar="F", help="dymoe (default 0 = 0.5)")
-    sim.add_argument("--cache-budget", required=True, metavar="SIZE",
-                     help="bytes with a unit (300MB, 2GiB) or a percentage of all slice bytes (50%%)")
-    sim.add_argument("--precision", choices=["auto", "high", "low"], default="auto",
-                     help="dbsc only: force a precision (default auto)")
-    sim.add_argument("--warmup", choices=["pcw", "none"], default="none", help="default none")
-    sim.add_argument("--high-threshold", type=float, default=0.25, metavar="W")
-    sim.add_argument("--max-miss-rate", type=float, default=0.0, metavar="R")
+    _add_cache_arguments(sim, live=False)
     _add_profile_argument(sim)
     sim.add_argument("--json", action="store_true",
                      help="one JSON object, with the counter names of slicemoe run --json's cache object")
@@ -591,13 +615,16 @@ def build_parser() -> argparse.ArgumentParser:
     goal = plan.add_mutually_exclusive_group(required=True)
     goal.add_argument("--max-miss-rate", type=float, metavar="R", help="target slice miss rate, e.g. 0.05")
     goal.add_argument("--cache-budget", metavar="SIZE", help="a fixed budget (bytes with a unit, or %% of slices)")
-    plan.add_argument("--high-threshold", type=float, default=0.25, metavar="W")
+    plan.add_argument("--high-threshold", type=float, default=defaults.HIGH_THRESHOLD, metavar="W",
+                      help=f"as slicemoe run (default {defaults.HIGH_THRESHOLD})")
     plan.add_argument("--per-layer", action="store_true",
                       help="with --cache-budget: AdapMoE's DP allocation of whole-expert slots across layers "
                            "(policy lru8 or adapmoe) instead of an MSB share")
     plan.add_argument("--policy", choices=["lru8", "adapmoe"], default="lru8", help="--per-layer only")
-    plan.add_argument("--gating-t", type=float, default=0.04, metavar="T", help="--per-layer with adapmoe")
-    plan.add_argument("--warmup", choices=["pcw", "none"], default="none")
+    plan.add_argument("--gating-t", type=float, default=defaults.GATING_T, metavar="T",
+                      help=f"--per-layer with adapmoe (default {defaults.GATING_T})")
+    plan.add_argument("--warmup", choices=["pcw", "none"], default=defaults.WARMUP,
+                      help=f"as slicemoe run (default {defaults.WARMUP})")
     _add_profile_argument(plan)
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_cmd_plan)
@@ -609,6 +636,12 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("--max-miss-rate must be in [0, 1)")
     if args.command in ("trace", "demo") and args.n_predict < 1:
         parser.error("-n/--n-predict must be >= 1")
+    if args.command in ("run", "trace", "sim"):
+        if not 0.0 <= args.high_threshold <= 1.0 or not 0.0 <= args.max_miss_rate < 1.0 or \
+                not 0.0 <= args.high_ratio <= 1.0 or not 0.0 <= args.msb_share <= 1.0 or \
+                not 0.0 <= args.prior_lambda <= 1e6 or not 0.0 <= args.gating_t <= 1.0:
+            parser.error("--high-threshold, --high-ratio, --msb-share and --gating-t must be in [0, 1], "
+                         "--max-miss-rate in [0, 1), --prior-lambda in [0, 1e6]")
     if args.command == "run":
         if args.n_predict < 0:
             parser.error("-n/--n-predict must be >= 0")
@@ -618,11 +651,6 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
             parser.error("--top-p must be in (0, 1]")
         if not 0 <= args.seed < 2**32:
             parser.error("--seed must be in [0, 2^32)")
-        if not 0.0 <= args.high_threshold <= 1.0 or not 0.0 <= args.max_miss_rate < 1.0 or \
-                not 0.0 <= args.high_ratio <= 1.0 or not 0.0 <= args.msb_share <= 1.0 or args.prior_lambda < 0 or \
-                args.gating_t < 0:
-            parser.error("--high-threshold, --high-ratio and --msb-share must be in [0, 1], --max-miss-rate in "
-                         "[0, 1), --prior-lambda and --gating-t >= 0")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import defaults
 from ._native import SliceMoEError, check, ffi, lib, string
 
 STATUS_BUFFER_TOO_SMALL = 5
@@ -72,11 +73,13 @@ class Model:
     """A GGUF model loaded by the native library. Use as a context manager or call close()."""
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0, precision: str = "auto",
-                 cache_budget: int = 0, warmup: str = "none", high_threshold: float = 0.25,
-                 max_miss_rate: float = 0.0, policy: str = "dbsc", record_trace: bool = False,
-                 msb_share: float = 0.0, high_ratio: float = 0.0, prior_lambda: float = 0.0,
-                 gating_t: float = 0.0, prefetch: bool = False, layer_slots: list[int] | None = None):
+                 n_ctx: int = defaults.N_CTX, n_batch: int = defaults.N_BATCH, n_threads: int = defaults.N_THREADS,
+                 precision: str = defaults.PRECISION, cache_budget: int = 0, warmup: str = defaults.WARMUP,
+                 high_threshold: float = defaults.HIGH_THRESHOLD, max_miss_rate: float = defaults.MAX_MISS_RATE,
+                 policy: str = defaults.POLICY, record_trace: bool = False, msb_share: float = defaults.MSB_SHARE,
+                 high_ratio: float = defaults.HIGH_RATIO, prior_lambda: float = defaults.PRIOR_LAMBDA,
+                 gating_t: float = defaults.GATING_T, prefetch: bool = defaults.PREFETCH,
+                 layer_slots: list[int] | None = None):
         self.path = Path(path)
         self._lib = lib()
         params = self._lib.slicemoe_model_default_params()

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._native import check, ffi, lib
+from . import defaults
+from ._native import SliceMoEError, check, ffi, lib
 
 FORMAT = "slicemoe-trace"
 VERSION = 1
@@ -53,6 +54,14 @@ class Trace:
     def write(self, path: str | Path) -> None:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.partial")
+        try:
+            self._write_lines(tmp)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)   # a failed write leaves neither a trace nor a partial file
+            raise
+
+    def _write_lines(self, tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(self.header) + "\n")
             for i in range(len(self)):
@@ -65,7 +74,6 @@ class Trace:
                 if self.logits is not None and not np.isnan(self.logits[i, 0]):
                     record["logits"] = [float(x) for x in self.logits[i]]
                 f.write(json.dumps(record) + "\n")
-        tmp.replace(path)
 
 
 def _token_indices(request: np.ndarray, layer: np.ndarray) -> np.ndarray:
@@ -106,13 +114,9 @@ def read(path: str | Path) -> Trace:
         raise TraceError(f"'{path}' is empty (expected a slicemoe-trace header line)")
     try:
         header = json.loads(lines[0])
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise TraceError(f"'{path}' line 1: not JSON") from exc
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise TraceError(f"'{path}' is not a {FORMAT} v{VERSION} trace (header {lines[0][:80]!r})")
-    for key in ("n_layers", "n_experts", "top_k", "slice_bytes"):
-        if key not in header:
-            raise TraceError(f"'{path}': header lacks {key!r}")
+    _check_header(header, path, lines[0])
     records, logits = [], []
     n_layers, n_experts, k = header["n_layers"], header["n_experts"], header["top_k"]
     for number, line in enumerate(lines[1:], start=2):
@@ -125,7 +129,7 @@ def read(path: str | Path) -> Trace:
             weights = [float(w) for w in r.get("weights", [0.0] * len(experts))]
             record = (int(r["request"]), int(r["layer"]), phase, experts, weights)
             row = [float(x) for x in r["logits"]] if "logits" in r else None
-        except (json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, ValueError, TypeError, RecursionError) as exc:
             raise TraceError(f"'{path}' line {number}: not a routing record ({exc})") from exc
         if len(experts) != k or len(weights) != k or not 0 <= record[1] < n_layers or \
                 not all(0 <= e < n_experts for e in experts):
@@ -138,6 +142,33 @@ def read(path: str | Path) -> Trace:
     return from_records(header, records, logits)
 
 
+def _positive_int(value, allow_zero: bool = False) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+
+
+def _check_header(header, path, line: str) -> None:
+    """TraceError unless the header is a slicemoe-trace v1 header whose sizes replay can use."""
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise TraceError(f"'{path}' is not a {FORMAT} v{VERSION} trace (header {line[:80]!r})")
+    for key in ("n_layers", "n_experts", "top_k", "slice_bytes"):
+        if key not in header:
+            raise TraceError(f"'{path}': header lacks {key!r}")
+    for key in ("n_layers", "n_experts", "top_k"):
+        if not _positive_int(header[key]):
+            raise TraceError(f"'{path}': header field {key!r} must be a positive integer, not {header[key]!r}")
+    if header["top_k"] > header["n_experts"]:
+        raise TraceError(f"'{path}': header top_k {header['top_k']} exceeds n_experts {header['n_experts']}")
+    sizes = header["slice_bytes"]
+    if not isinstance(sizes, dict) or "msb" not in sizes:
+        raise TraceError(f"'{path}': header field 'slice_bytes' must be an object with 'msb' (and 'lsb') byte counts")
+    for key, allow_zero in (("msb", False), ("lsb", True)):
+        value = sizes.get(key, 0)
+        values = value if isinstance(value, list) and value else [value]
+        if not all(_positive_int(v, allow_zero) for v in values):
+            raise TraceError(f"'{path}': slice_bytes.{key} must be a byte count (or a non-empty list of them), "
+                             f"not {value!r}")
+
+
 def _slice_bytes(header: dict) -> tuple[int, int]:
     sb = header["slice_bytes"]
     msb, lsb = sb["msb"], sb.get("lsb", 0)
@@ -145,10 +176,11 @@ def _slice_bytes(header: dict) -> tuple[int, int]:
     return (int(max(msb)) if isinstance(msb, list) else int(msb), int(max(lsb)) if isinstance(lsb, list) else int(lsb))
 
 
-def replay(trace: Trace, *, policy: str, budget: int, precision: str = "auto", warmup: str = "none",
-           high_threshold: float = 0.25, max_miss_rate: float = 0.0, msb_share: float = 0.0,
-           high_ratio: float = 0.0, gating_t: float = 0.0, prior_lambda: float = 0.5,
-           layer_slots: list[int] | None = None) -> dict:
+def replay(trace: Trace, *, budget: int, policy: str = defaults.POLICY, precision: str = defaults.PRECISION,
+           warmup: str = defaults.WARMUP, high_threshold: float = defaults.HIGH_THRESHOLD,
+           max_miss_rate: float = defaults.MAX_MISS_RATE, msb_share: float = defaults.MSB_SHARE,
+           high_ratio: float = defaults.HIGH_RATIO, gating_t: float = defaults.GATING_T,
+           prior_lambda: float = defaults.PRIOR_LAMBDA, layer_slots: list[int] | None = None) -> dict:
     """Drive the native cache manager with the trace (no compute) and return its counters, with the
     same names as `slicemoe run --json`'s `cache` object."""
     from .runtime import read_cache_stats, set_cache_params
@@ -197,7 +229,7 @@ SHARES = (0.4, 0.5, 0.6, 2 / 3, 0.75, 0.85, 1.0)
 
 
 def plan(trace: Trace, *, max_miss_rate: float | None = None, budget: int | None = None,
-         high_threshold: float = 0.25, warmup: str = "none") -> dict:
+         high_threshold: float = defaults.HIGH_THRESHOLD, warmup: str = defaults.WARMUP) -> dict:
     """Miss-rate-constrained deployment for dbsc on this trace.
 
     With max_miss_rate: for each MSB share of the budget, the smallest budget (binary search to
@@ -210,7 +242,7 @@ def plan(trace: Trace, *, max_miss_rate: float | None = None, budget: int | None
     def run(b: int, share: float) -> dict | None:
         try:
             return replay(trace, budget=b, msb_share=share, **kw)
-        except Exception:   # below the minimum that can run
+        except SliceMoEError:   # below the minimum that can run
             return None
 
     candidates = []
@@ -249,7 +281,8 @@ def layer_trace(trace: Trace, layer: int) -> Trace:
                  trace.logits[keep] if trace.logits is not None else None)
 
 
-def plan_layers(trace: Trace, budget: int, *, policy: str = "lru8", gating_t: float = 0.0) -> dict:
+def plan_layers(trace: Trace, budget: int, *, policy: str = "lru8", gating_t: float = defaults.GATING_T,
+                warmup: str = defaults.WARMUP) -> dict:
     """AdapMoE's allocation of whole-expert slots across layers: each layer's misses as a function
     of its slot count (replaying that layer alone), then a dynamic program over layers that
     minimizes the total misses with at most budget // (MSB + LSB bytes) slots in all."""
@@ -262,7 +295,7 @@ def plan_layers(trace: Trace, budget: int, *, policy: str = "lru8", gating_t: fl
     curves = []
     for layer in range(n_layers):
         sub = layer_trace(trace, layer)
-        curves.append({s: replay(sub, policy=policy, budget=s * per_slot, gating_t=gating_t)["misses"]
+        curves.append({s: replay(sub, policy=policy, budget=s * per_slot, gating_t=gating_t, warmup=warmup)["misses"]
                        for s in range(k, n_experts + 1)})
     # best[i][t]: fewest misses of layers < i using t slots; choice[i][t]: the slots of layer i - 1
     inf = float("inf")
@@ -284,5 +317,5 @@ def plan_layers(trace: Trace, budget: int, *, policy: str = "lru8", gating_t: fl
         slots.append(choice[i][t])
         t -= choice[i][t]
     slots.reverse()
-    stats = replay(trace, policy=policy, budget=budget, gating_t=gating_t, layer_slots=slots)
+    stats = replay(trace, policy=policy, budget=budget, gating_t=gating_t, warmup=warmup, layer_slots=slots)
     return {"layer_slots": slots, "misses": stats["misses"], "stats": stats}

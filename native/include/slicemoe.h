@@ -86,7 +86,7 @@ struct slicemoe_model_params {
     // expert stays mapped from the file). During decode the expert products then run on the pools
     // and a miss reads the slice from the file.
     int64_t cache_budget_bytes;
-    int32_t warmup;            // enum slicemoe_warmup
+    int32_t warmup;            // enum slicemoe_warmup (default pcw)
     float   high_threshold;    // auto precision: a use runs at 8 bits if its routing weight >= this
                                // (the top-ranked expert of a token always does)
     float   max_miss_rate;     // auto precision: > 0 adapts high_threshold at run time so that the
@@ -96,8 +96,9 @@ struct slicemoe_model_params {
                                // for stock MoE models too
     float   msb_share;         // dbsc: share of each layer's budget for MSB slots; 0 = 2/3
     float   high_ratio;        // dymoe: share of 8-bit uses in the first MoE layer (0 = 0.5)
-    float   prior_lambda;      // cache_prior: 0 = the model's own routing
-    float   gating_t;          // adapmoe: T of the gating rule; 0 = never drop (the model's routing)
+    float   prior_lambda;      // cache_prior (default 0.5): 0 = the model's own routing
+    float   gating_t;          // adapmoe: T of the gating rule (default 0.04); 0 = never drop (the
+                               // model's routing)
     bool    prefetch;          // look-ahead: apply the next MoE layer's router to this layer's input
                                // and load the predicted MSB slices on an I/O thread meanwhile
     // Whole-expert policies: slots per MoE layer (e.g. from slicemoe plan's DP allocation) instead

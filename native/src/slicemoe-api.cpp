@@ -217,15 +217,16 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     p.use_mmap     = true;
     p.precision    = SLICEMOE_PRECISION_AUTO;
     p.cache_budget_bytes = 0;
-    p.warmup         = SLICEMOE_WARMUP_NONE;
+    // the same defaults as slicemoe_gguf/defaults.py (a test holds them together)
+    p.warmup         = SLICEMOE_WARMUP_PCW;
     p.high_threshold = 0.25f;
     p.max_miss_rate  = 0.0f;
     p.policy         = SLICEMOE_POLICY_DBSC;
     p.record_trace   = false;
     p.msb_share      = 0.0f;
     p.high_ratio     = 0.0f;
-    p.prior_lambda   = 0.0f;
-    p.gating_t       = 0.0f;
+    p.prior_lambda   = 0.5f;
+    p.gating_t       = 0.04f;
     p.prefetch       = false;
     p.layer_slots    = nullptr;
     p.n_layer_slots  = 0;
@@ -496,10 +497,16 @@ struct slicemoe_sim {
 
 slicemoe_sim_params slicemoe_sim_default_params(void) {
     slicemoe_sim_params p = {};
-    p.policy         = SLICEMOE_POLICY_DBSC;
-    p.precision      = SLICEMOE_PRECISION_AUTO;
-    p.warmup         = SLICEMOE_WARMUP_NONE;
-    p.high_threshold = 0.25f;
+    const slicemoe_model_params m = slicemoe_model_default_params();   // one set of policy defaults
+    p.policy         = m.policy;
+    p.precision      = m.precision;
+    p.warmup         = m.warmup;
+    p.high_threshold = m.high_threshold;
+    p.max_miss_rate  = m.max_miss_rate;
+    p.msb_share      = m.msb_share;
+    p.high_ratio     = m.high_ratio;
+    p.prior_lambda   = m.prior_lambda;
+    p.gating_t       = m.gating_t;
     return p;
 }
 
