@@ -240,9 +240,35 @@ def mutate(data: bytes, lay: Layout, rng: random.Random, kind: str) -> tuple[byt
     raise ValueError(kind)
 
 
-def case_file(source: Path, seed: int, case: int, out: Path) -> str:
+def sweep_cases(data: bytes, lay: Layout) -> list[tuple[Span, int]]:
+    """Every integer hyperparameter of the model (not general.* or tokenizer.*) at each boundary:
+    the systematic complement of the random kinds (--sweep)."""
+    cases = []
+    for span in lay.ints:
+        if span.what.startswith(("general.", "tokenizer.")):
+            continue
+        old = struct.unpack_from(span.fmt, data, span.offset)[0]
+        bits = struct.calcsize(span.fmt) * 8
+        hi = (1 << (bits - 1)) - 1 if span.fmt[-1].islower() else (1 << bits) - 1
+        for value in sorted({0, 1, 2, old - 1, old + 1, 2 * old, 1000 * old, hi}):
+            if 0 <= value <= hi and value != old:
+                cases.append((span, value))
+    return cases
+
+
+def case_file(source: Path, seed: int, case: int, out: Path, sweep: bool = False) -> str:
     """Write case `case` of `source` under `seed` to `out`; returns its description."""
     data = source.read_bytes()
+    if sweep:
+        cases = sweep_cases(data, layout(data))
+        if case >= len(cases):
+            out.write_bytes(data)
+            return "sweep: past the last case (unchanged file)"
+        span, value = cases[case]
+        buf = bytearray(data)
+        what = _put(buf, span, value)
+        out.write_bytes(bytes(buf))
+        return f"sweep: {what}"
     rng = random.Random(f"{seed}:{source.name}:{case}")
     kind = KINDS[case % len(KINDS)]
     mutated, what = mutate(data, layout(data), rng, kind)
@@ -255,15 +281,15 @@ def case_file(source: Path, seed: int, case: int, out: Path) -> str:
 RUNS = {"plain": [], "cache": ["--cache-budget", "50%"]}
 
 
-def _worker(sources: list[Path], seed: int, cases: list[int], scratch: Path, report_fd: int) -> None:
+def _worker(sources: list[Path], seed: int, cases: list[int], scratch: Path, report_fd: int, sweep: bool) -> None:
     from slicemoe_gguf.cli import main
 
     report = os.fdopen(report_fd, "w", buffering=1)   # the protocol; stdout may carry llama.cpp's prints
 
     for case in cases:
-        source = sources[case % len(sources)]
+        source, index = _source_of(sources, case, sweep)
         path = scratch / f"case-{case}.gguf"
-        what = case_file(source, seed, case, path)
+        what = case_file(source, seed, index, path, sweep)
         for run, extra in RUNS.items():
             print(f"START {case} {run} {what}", file=report, flush=True)
             out, err = io.StringIO(), io.StringIO()
@@ -291,8 +317,25 @@ class Finding:
     problem: str
 
 
+def _source_of(sources: list[Path], case: int, sweep: bool) -> tuple[Path, int]:
+    """Random cases alternate between the sources; sweep cases run through each source's list in turn."""
+    if not sweep:
+        return sources[case % len(sources)], case
+    for source in sources:
+        data = source.read_bytes()
+        n = len(sweep_cases(data, layout(data)))
+        if case < n:
+            return source, case
+        case -= n
+    return sources[-1], 1 << 30
+
+
+def n_sweep_cases(sources: list[Path]) -> int:
+    return sum(len(sweep_cases(d, layout(d))) for d in (s.read_bytes() for s in sources))
+
+
 def fuzz(sources: list[Path], seed: int, cases: range, *, timeout: float = 60.0, keep: Path | None = None,
-         scratch: Path | None = None, progress: bool = False) -> tuple[dict[str, int], list[Finding]]:
+         scratch: Path | None = None, progress: bool = False, sweep: bool = False) -> tuple[dict[str, int], list[Finding]]:
     """Run the cases; returns (passing runs by outcome: "ok decoded" / "ok refused", findings)."""
     import tempfile
 
@@ -305,7 +348,7 @@ def fuzz(sources: list[Path], seed: int, cases: range, *, timeout: float = 60.0,
     while todo:
         read_end, write_end = os.pipe()
         cmd = [sys.executable, __file__, "--worker", "--seed", str(seed), "--scratch", str(scratch),
-               "--report-fd", str(write_end), "--cases-list", ",".join(map(str, todo)),
+               "--report-fd", str(write_end), "--cases-list", ",".join(map(str, todo)), *(["--sweep"] if sweep else []),
                *sum((["--model", str(s)] for s in sources), [])]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(write_end,),
                                 start_new_session=True)
@@ -333,7 +376,7 @@ def fuzz(sources: list[Path], seed: int, cases: range, *, timeout: float = 60.0,
                             refusals[reason] = refusals.get(reason, 0) + 1
                     else:
                         findings.append(Finding(current[0], run, current[2], rest))
-                        _keep(sources, seed, current[0], keep)
+                        _keep(sources, seed, current[0], keep, sweep)
                     if run == list(RUNS)[-1]:
                         todo.remove(current[0])
                         if progress and len(todo) % 25 == 0:
@@ -353,7 +396,7 @@ def fuzz(sources: list[Path], seed: int, cases: range, *, timeout: float = 60.0,
         if problem is None:
             problem = f"killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"worker exit status {rc}"
         findings.append(Finding(current[0], current[1], current[2], problem))
-        _keep(sources, seed, current[0], keep)
+        _keep(sources, seed, current[0], keep, sweep)
         todo.remove(current[0])
     if progress:
         print("most frequent refusals:", file=sys.stderr)
@@ -370,10 +413,11 @@ def _reason(message: str) -> str:
     return re.sub(r"\d+", "N", message)[:150]
 
 
-def _keep(sources: list[Path], seed: int, case: int, keep: Path | None) -> None:
+def _keep(sources: list[Path], seed: int, case: int, keep: Path | None, sweep: bool) -> None:
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
-        case_file(sources[case % len(sources)], seed, case, keep / f"seed{seed}-case{case}.gguf")
+        source, index = _source_of(sources, case, sweep)
+        case_file(source, seed, index, keep / f"{'sweep' if sweep else f'seed{seed}'}-case{case}.gguf", sweep)
 
 
 def default_sources() -> list[Path]:
@@ -392,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a run may take (default 60)")
     parser.add_argument("--keep", type=Path, default=Path("fuzz-findings"),
                         help="where mutated files of findings are written (default fuzz-findings/)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead of random mutations, every integer hyperparameter of each model at each "
+                             "boundary value (--cases is then ignored: all of them run)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cases-list", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
@@ -399,11 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sources = args.model or default_sources()
     if args.worker:
-        _worker(sources, args.seed, [int(c) for c in args.cases_list.split(",")], args.scratch, args.report_fd)
+        _worker(sources, args.seed, [int(c) for c in args.cases_list.split(",")], args.scratch, args.report_fd, args.sweep)
         return 0
+    if args.sweep:
+        args.first, args.cases = 0, n_sweep_cases(sources)
     started = time.monotonic()
     outcomes, findings = fuzz(sources, args.seed, range(args.first, args.first + args.cases), timeout=args.timeout,
-                          keep=args.keep, progress=True)
+                          keep=args.keep, progress=True, sweep=args.sweep)
     for f in findings:
         print(f"case {f.case} ({f.run}): {f.problem}\n    {f.what}")
     print(f"{args.cases} mutated files, {sum(outcomes.values()) + len(findings)} runs in "

@@ -68,7 +68,7 @@ def test_run_json_reports_each_profile_from_its_own_counters(sliced):
 
 def test_sim_models_less_flash_energy_for_fewer_flash_bytes(sliced, tmp_path):
     trace = tmp_path / "t.jsonl"
-    run_cli("trace", "-m", str(sliced), "-p", PROMPT, "-n", "24", "-o", str(trace))
+    run_cli("trace", "-m", str(sliced), "-p", PROMPT, "-n", "24", "--ignore-eos", "-o", str(trace))
     small = run_json("sim", str(trace), "--policy", "lru8", "--cache-budget", "60%", "--profile", "phone", "--json")
     large = run_json("sim", str(trace), "--policy", "lru8", "--cache-budget", "100%", "--profile", "phone", "--json")
     assert set(small["modelled"]) == {"phone"}
@@ -78,7 +78,7 @@ def test_sim_models_less_flash_energy_for_fewer_flash_bytes(sliced, tmp_path):
 
 def test_sim_refuses_an_unknown_profile_before_replaying(sliced, tmp_path):
     trace = tmp_path / "t.jsonl"
-    run_cli("trace", "-m", str(sliced), "-p", PROMPT, "-n", "4", "-o", str(trace))
+    run_cli("trace", "-m", str(sliced), "-p", PROMPT, "-n", "4", "--ignore-eos", "-o", str(trace))
     proc = run_cli("sim", str(trace), "--cache-budget", "50%", "--profile", "tablet", check=False)
     assert proc.returncode == 1
     assert "unknown device profile 'tablet'; built in: laptop, phone" in proc.stderr

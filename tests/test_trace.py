@@ -49,7 +49,7 @@ def test_a_live_run_replayed_gives_the_same_counters(sliced, policy, warmup, fra
 
 def test_trace_file_round_trips_and_sim_reports_the_run_counters(sliced, tmp_path):
     path = tmp_path / "t.jsonl"
-    proc = run_cli("trace", "-m", str(sliced), "-p", PROMPT, "-n", "16", "-o", str(path))
+    proc = run_cli("trace", "-m", str(sliced), "-p", PROMPT, "-n", "16", "--ignore-eos", "-o", str(path))
     assert "routing records" in proc.stdout
     lines = path.read_text().splitlines()
     header = json.loads(lines[0])
@@ -63,8 +63,9 @@ def test_trace_file_round_trips_and_sim_reports_the_run_counters(sliced, tmp_pat
     trace = traces.read(path)
     assert len(trace) == len(lines) - 1
     sim = run_json("sim", str(path), "--policy", "lru8", "--cache-budget", "50%", "--json")
+    # the same defaults everywhere (warm-up included): the sim of a plain trace is the run
     live = run_json("run", "-m", str(sliced), "-p", PROMPT, "-n", "16", "--json", "--ignore-eos",
-                    "--policy", "lru8", "--cache-budget", str(sim["budget_bytes"]), "--warmup", "none")["cache"]
+                    "--policy", "lru8", "--cache-budget", str(sim["budget_bytes"]))["cache"]
     for name in ("hits", "misses", "flash_bytes", "loads", "evictions"):
         assert sim[name] == live[name], name
 
@@ -115,7 +116,7 @@ def test_belady_on_a_recorded_trace_beats_lru_and_lfu(sliced):
 
 def test_a_stock_model_can_be_traced(stock_gguf, tmp_path):
     path = tmp_path / "stock.jsonl"
-    run_cli("trace", "-m", str(stock_gguf("olmoe")), "-p", PROMPT, "-n", "8", "-o", str(path))
+    run_cli("trace", "-m", str(stock_gguf("olmoe")), "-p", PROMPT, "-n", "8", "--ignore-eos", "-o", str(path))
     trace = traces.read(path)
     assert trace.header["slice_bytes"]["lsb"] == 0
     assert (trace.phase == 1).sum() > 0
@@ -142,7 +143,7 @@ def test_bad_trace_files_are_clear_errors(tmp_path):
 
 def test_plan_finds_the_smallest_budget_that_meets_the_miss_rate(sliced, tmp_path):
     path = tmp_path / "t.jsonl"
-    run_cli("trace", "-m", str(sliced), "-f", str(_prompts(tmp_path)), "-n", "24", "-o", str(path))
+    run_cli("trace", "-m", str(sliced), "-f", str(_prompts(tmp_path)), "-n", "24", "--ignore-eos", "-o", str(path))
     trace = traces.read(path)
     target = 0.25
     result = run_json("plan", str(path), "--max-miss-rate", str(target), "--json")
@@ -161,7 +162,7 @@ def test_plan_finds_the_smallest_budget_that_meets_the_miss_rate(sliced, tmp_pat
 
 def test_plan_at_a_fixed_budget_is_no_worse_than_the_default_split(sliced, tmp_path):
     path = tmp_path / "t.jsonl"
-    run_cli("trace", "-m", str(sliced), "-f", str(_prompts(tmp_path)), "-n", "24", "-o", str(path))
+    run_cli("trace", "-m", str(sliced), "-f", str(_prompts(tmp_path)), "-n", "24", "--ignore-eos", "-o", str(path))
     trace = traces.read(path)
     budget = traces.total_slice_bytes(trace) * 35 // 100
     result = traces.plan(trace, budget=budget)

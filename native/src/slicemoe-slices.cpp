@@ -724,9 +724,13 @@ std::unique_ptr<cache> build_observer(const llama_model * model, const std::vect
     return c;
 }
 
+// nullptr on failure, with *error and *status (SLICEMOE_ERR_INVALID_ARG for a budget or parameters
+// that cannot run, SLICEMOE_ERR_NO_MEMORY when the pools cannot be allocated, SLICEMOE_ERR_IO when
+// the file cannot be opened or read).
 std::unique_ptr<cache> build_cache(const llama_model * model, const char * path, const slicemoe_model_params & params,
                                    const std::vector<const llama_layer *> & moe, const std::vector<int> & moe_il,
-                                   std::string * error) {
+                                   std::string * error, int * status) {
+    *status = SLICEMOE_ERR_INVALID_ARG;
     auto c = std::make_unique<cache>();
     c->model = model;
     c->n_expert = int(model->hparams.n_expert);
@@ -837,7 +841,9 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         const auto [buft, tables] = key;
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
         if (!buf) {
-            *error = "cannot allocate the slice pools (" + format_bytes(c->budget) + ") in " + ggml_backend_buft_name(buft);
+            *error = "cannot allocate the slice pools (" + format_bytes(c->budget) + ") in " + ggml_backend_buft_name(buft) +
+                     ": out of memory; try a smaller --cache-budget";
+            *status = SLICEMOE_ERR_NO_MEMORY;
             return nullptr;
         }
         ggml_backend_buffer_clear(buf, 0);
@@ -852,9 +858,10 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         *error = "look-ahead prefetch needs the pools on the host in this version: use it without -ngl";
         return nullptr;
     }
-    c->fd = open(path, O_RDONLY);
+    c->fd = open(path, O_RDONLY | O_CLOEXEC);
     if (c->fd < 0) {
         *error = std::string("cannot open '") + path + "' for expert reads: " + strerror(errno);
+        *status = SLICEMOE_ERR_IO;
         return nullptr;
     }
     for (const layer & L : c->layers) {
@@ -873,6 +880,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
             ok = load_slice(*c, L, L.msb, e, e) && (L.lsb.n_slots == 0 || load_slice(*c, L, L.lsb, e, e));
             if (!ok) {
                 *error = c->error;
+                *status = SLICEMOE_ERR_IO;
                 return nullptr;
             }
         }
@@ -906,9 +914,10 @@ int attach(const llama_model * model, const char * path, const slicemoe_model_pa
     }
     std::unique_ptr<cache> c;
     if (params.cache_budget_bytes > 0) {
-        c = build_cache(model, path, params, moe, moe_il, error);
+        int status = SLICEMOE_OK;
+        c = build_cache(model, path, params, moe, moe_il, error, &status);
         if (!c) {
-            return SLICEMOE_ERR_INVALID_ARG;
+            return status;
         }
     } else if (params.record_trace) {
         c = build_observer(model, moe_il);

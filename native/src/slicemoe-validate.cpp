@@ -175,6 +175,65 @@ bool check_hparams(const file_view & f, std::string * error) {
     return true;
 }
 
+// Attention geometry the graph builders assume without checking (ggml then asserts on a shape):
+// heads that group evenly, rotary dimensions inside a head, and DeepSeek's MLA sizes.
+bool check_attention(const file_view & f, std::string * error) {
+    const gguf_context * g = f.gguf.get();
+    const std::string a = f.arch + ".";
+    int64_t n_head = 0, n_head_kv = 0, n_embd = 0, head_k = 0, n_rot = 0;
+    bool has_head = false, has_kv = false, has_k = false, has_rot = false, has_embd = false;
+    if (!max_integer(g, a + "attention.head_count", &n_head, &has_head, error) ||
+        !max_integer(g, a + "attention.head_count_kv", &n_head_kv, &has_kv, error) ||
+        !max_integer(g, a + "embedding_length", &n_embd, &has_embd, error) ||
+        !max_integer(g, a + "attention.key_length", &head_k, &has_k, error) ||
+        !max_integer(g, a + "rope.dimension_count", &n_rot, &has_rot, error)) {
+        return false;
+    }
+    if (!has_head || n_head <= 0) {
+        return true;   // no attention (recurrent models), or llama.cpp refuses it itself
+    }
+    if (has_kv && (n_head_kv < 1 || n_head_kv > n_head || n_head % n_head_kv != 0)) {
+        *error = "metadata '" + a + "attention.head_count_kv' = " + std::to_string(n_head_kv) +
+                 " does not divide attention.head_count = " + std::to_string(n_head);
+        return false;
+    }
+    const int64_t mla_id = gguf_find_key(g, (a + "attention.key_length_mla").c_str());
+    if (!has_k && has_embd) {
+        head_k = n_embd / n_head;
+    }
+    int64_t rot_limit = head_k;
+    if (mla_id >= 0) {
+        // MLA (DeepSeek-V2/V3): one latent KV head of kv_lora_rank + rope dims; per-head queries
+        // of key_length_mla, of which the last rope.dimension_count dims are rotated
+        int64_t k_mla = 0, v_mla = 0, kv_rank = 0, v_len = 0;
+        bool present = false;
+        if (!max_integer(g, a + "attention.key_length_mla", &k_mla, &present, error) ||
+            !max_integer(g, a + "attention.value_length_mla", &v_mla, &present, error) ||
+            !max_integer(g, a + "attention.kv_lora_rank", &kv_rank, &present, error) ||
+            !max_integer(g, a + "attention.value_length", &v_len, &present, error)) {
+            return false;
+        }
+        std::string problem;
+        if (has_kv && n_head_kv != 1) problem = "attention.head_count_kv must be 1 (one latent KV head)";
+        else if (k_mla <= n_rot || v_mla < 1) problem = "attention.key_length_mla must exceed rope.dimension_count, value_length_mla be >= 1";
+        else if (kv_rank < 1 || head_k != kv_rank + n_rot) problem = "attention.key_length must be kv_lora_rank + rope.dimension_count";
+        else if (v_len != kv_rank) problem = "attention.value_length must be kv_lora_rank";
+        if (!problem.empty()) {
+            *error = "multi-head latent attention: " + problem + " (key_length " + std::to_string(head_k) +
+                     ", key_length_mla " + std::to_string(k_mla) + ", kv_lora_rank " + std::to_string(kv_rank) +
+                     ", rope.dimension_count " + std::to_string(n_rot) + ")";
+            return false;
+        }
+        rot_limit = k_mla;
+    }
+    if (has_rot && (n_rot < 0 || n_rot > rot_limit)) {
+        *error = "metadata '" + a + "rope.dimension_count' = " + std::to_string(n_rot) + " exceeds the head size " +
+                 std::to_string(rot_limit);
+        return false;
+    }
+    return true;
+}
+
 // The tokenizer: a model llama.cpp knows, and one entry per token in every per-token array (the
 // loader indexes them by token id without checking their lengths).
 bool check_tokenizer(const file_view & f, std::string * error) {
@@ -314,7 +373,8 @@ int validate_file(const char * path, std::string * error) {
     }
     f.arch = gguf_get_val_str(f.gguf.get(), arch);
     std::string problem;
-    if (!check_tensor_data(f, path, &problem) || !check_hparams(f, &problem) || !check_tokenizer(f, &problem) ||
+    if (!check_tensor_data(f, path, &problem) || !check_hparams(f, &problem) || !check_attention(f, &problem) ||
+        !check_tokenizer(f, &problem) ||
         !check_slices(f, &problem)) {
         *error = std::string("'") + path + "': " + problem;
         return SLICEMOE_ERR_FORMAT;
