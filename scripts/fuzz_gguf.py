@@ -197,10 +197,12 @@ def mutate(data: bytes, lay: Layout, rng: random.Random, kind: str) -> tuple[byt
     if kind == "kv_array":
         type_span, length_span = rng.choice(lay.array_heads)
         if rng.random() < 0.5:
-            what = _put(buf, type_span, rng.choice([0, 4, 6, 8, 9, 13, 1000]))
+            old = struct.unpack_from("<I", data, type_span.offset)[0]
+            what = _put(buf, type_span, rng.choice([t for t in (0, 4, 6, 8, 9, 13, 1000) if t != old]))
             return bytes(buf), what
         old = struct.unpack_from("<Q", data, length_span.offset)[0]
-        what = _put(buf, length_span, rng.choice([0, 1, old - 1, old + 1, old * 2, 1 << 40]))
+        lengths = [n for n in (0, 1, old - 1, old + 1, old * 2, 1 << 40) if n != old and n >= 0]
+        what = _put(buf, length_span, rng.choice(lengths))
         return bytes(buf), what
     if kind == "tensor_dims":
         if rng.random() < 0.3:
