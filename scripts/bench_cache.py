@@ -102,8 +102,10 @@ def main() -> None:
             ("amat high, 100%", amat, {"precision": "high", "cache_budget": total}),
         ]
         for b in args.budgets:
-            rows += [(f"amat high, {b}% (LRU 8-bit)", amat, {"precision": "high", "cache_budget": total * b // 100}),
-                     (f"amat auto, {b}% (DBSC)", amat, {"precision": "auto", "cache_budget": total * b // 100}),
+            rows += [(f"amat high, {b}% (LRU 8-bit)", amat,
+                      {"precision": "high", "cache_budget": total * b // 100, "warmup": "none"}),
+                     (f"amat auto, {b}% (DBSC)", amat,
+                      {"precision": "auto", "cache_budget": total * b // 100, "warmup": "none"}),
                      (f"amat auto, {b}% (DBSC + PCW)", amat,
                       {"precision": "auto", "cache_budget": total * b // 100, "warmup": "pcw"})]
         results = {name: run(path, args.tokens, args.threads, args.repeat, **kw) for name, path, kw in rows}

@@ -320,9 +320,10 @@ class Finding:
 
 
 def _source_of(sources: list[Path], case: int, sweep: bool) -> tuple[Path, int]:
-    """Random cases alternate between the sources; sweep cases run through each source's list in turn."""
+    """Random cases take the sources in turn, one block of every kind each; sweep cases run through
+    each source's list in turn."""
     if not sweep:
-        return sources[case % len(sources)], case
+        return sources[(case // len(KINDS)) % len(sources)], case
     for source in sources:
         data = source.read_bytes()
         n = len(sweep_cases(data, layout(data)))
