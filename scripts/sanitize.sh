@@ -7,7 +7,8 @@
 #
 # The installed package (`pip install .`) provides the Python side; SLICEMOE_LIB points it at the
 # sanitized library. CPython is not instrumented, so libasan is preloaded and leak detection is
-# off (the interpreter keeps its allocations to exit). Every report goes to build/sanitize/reports/;
+# off (the interpreter keeps its allocations to exit); an allocation too large to make returns NULL,
+# as malloc does, rather than ending the process. Every report goes to build/sanitize/reports/;
 # the script fails when a test fails or any report was written.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ fi
 status=0
 SLICEMOE_LIB="$PWD/$lib" \
 LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
-ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$reports/asan" \
+ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:allocator_may_return_null=1:log_path=$reports/asan" \
 UBSAN_OPTIONS="print_stacktrace=1:log_path=$reports/ubsan" \
     pytest -q -p no:cacheprovider "${tests[@]}" || status=$?
 n_reports=$(find "$reports" -type f | wc -l)

@@ -91,7 +91,7 @@ VALIDATOR_CASES = [
     ("olmoe.attention.layer_norm_rms_epsilon", -1.0, "layer_norm_rms_epsilon"),  # the CPU kernel asserts
     ("olmoe.rope.freq_base", float("nan"), "rope.freq_base"),
     ("tokenizer.ggml.model", b"none", "no vocabulary"),             # tokenizing would assert
-    ("output.weight offset", 1 << 40, "tensor 'output.weight' has offset"),   # (a truncated file: test_cache)
+    ("output.weight offset", 1 << 40, "output.weight"),   # the tensor named (a truncated file: test_cache)
     ("slicemoe.format_version", 2, "format_version"),
     ("slicemoe.group_size", 16, "group_size"),
 ]
@@ -234,6 +234,8 @@ print("ok")
 def test_a_pool_allocation_that_fails_is_an_error_and_the_process_goes_on(embedded, tmp_path):
     """Address space limited to what is mapped now, the model file, and half the pools: the pool
     allocation is what fails."""
+    if "libasan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("AddressSanitizer's shadow memory does not fit under an address-space limit")
     script = f"""
 import re, resource
 from pathlib import Path
