@@ -354,9 +354,102 @@ bool check_slices(const file_view & f, std::string * error) {
     return true;
 }
 
+// The header's structure, walked before ggml's gguf parser reads it: every value type, array
+// element type and tensor type in range (that parser loads them into enums first, undefined
+// behaviour for other values), every length inside the file. gguf_init_from_file then checks the
+// rest (duplicates, shapes, offsets).
+struct header_reader {
+    FILE *   file;
+    uint64_t size;
+    bool     ok = true;
+
+    uint64_t remaining() { const long at = ftell(file); return at < 0 || uint64_t(at) > size ? 0 : size - uint64_t(at); }
+    template <typename T> T take() {
+        T v{};
+        ok = ok && fread(&v, sizeof(T), 1, file) == 1;
+        return v;
+    }
+    void skip(uint64_t n) { ok = ok && n <= remaining() && fseek(file, long(n), SEEK_CUR) == 0; }
+    void skip_string() { const uint64_t n = take<uint64_t>(); skip(n); }
+};
+
+bool check_structure(const char * path, std::string * error) {
+    std::unique_ptr<FILE, int (*)(FILE *)> file(fopen(path, "rb"), fclose);
+    struct stat st;
+    if (!file || fstat(fileno(file.get()), &st) != 0) {
+        *error = std::string("cannot read the header: ") + strerror(errno);
+        return false;
+    }
+    header_reader r{file.get(), uint64_t(st.st_size)};
+    r.skip(4);   // magic, checked by the caller
+    const uint32_t version = r.take<uint32_t>();
+    const uint64_t n_tensors = r.take<uint64_t>(), n_kv = r.take<uint64_t>();
+    if (!r.ok || version < 2 || version > 3 || n_tensors > r.size / 24 || n_kv > r.size / 12) {
+        *error = "the GGUF header is truncated or corrupt (version " + std::to_string(version) + ", " +
+                 std::to_string(n_tensors) + " tensors, " + std::to_string(n_kv) + " metadata keys)";
+        return false;
+    }
+    // bytes of a scalar of each raw GGUF type: u8 i8 u16 i16 u32 i32 f32 bool (string) (array) u64 i64 f64
+    const auto scalar_size = [](uint32_t t) -> uint64_t {
+        static const uint64_t sizes[] = { 1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8 };
+        return t < sizeof(sizes) / sizeof(sizes[0]) ? sizes[t] : 0;
+    };
+    for (uint64_t i = 0; i < n_kv && r.ok; ++i) {
+        r.skip_string();
+        const uint32_t type = r.take<uint32_t>();
+        if (r.ok && type >= GGUF_TYPE_COUNT) {
+            *error = "metadata key " + std::to_string(i) + " has an unknown value type " + std::to_string(type);
+            return false;
+        }
+        if (type == GGUF_TYPE_STRING) {
+            r.skip_string();
+        } else if (type == GGUF_TYPE_ARRAY) {
+            const uint32_t element = r.take<uint32_t>();
+            const uint64_t n = r.take<uint64_t>();
+            if (r.ok && (element >= GGUF_TYPE_COUNT || element == GGUF_TYPE_ARRAY)) {
+                *error = "metadata key " + std::to_string(i) + " is an array of unknown type " + std::to_string(element);
+                return false;
+            }
+            if (element == GGUF_TYPE_STRING) {
+                for (uint64_t j = 0; j < n && r.ok; ++j) r.skip_string();
+            } else {
+                r.ok = r.ok && n <= r.remaining() / scalar_size(element);
+                r.skip(n * scalar_size(element));
+            }
+        } else {
+            r.skip(scalar_size(type));
+        }
+    }
+    for (uint64_t i = 0; i < n_tensors && r.ok; ++i) {
+        r.skip_string();
+        const uint32_t n_dims = r.take<uint32_t>();
+        if (r.ok && n_dims > GGML_MAX_DIMS) {
+            *error = "tensor info " + std::to_string(i) + " has " + std::to_string(n_dims) + " dimensions";
+            return false;
+        }
+        r.skip(8 * uint64_t(n_dims));
+        const uint32_t type = r.take<uint32_t>();
+        if (r.ok && type >= GGML_TYPE_COUNT) {
+            *error = "tensor info " + std::to_string(i) + " has an unknown ggml type " + std::to_string(type);
+            return false;
+        }
+        r.skip(8);
+    }
+    if (!r.ok) {
+        *error = "the GGUF header is truncated or corrupt (a length runs past the end of the file)";
+        return false;
+    }
+    return true;
+}
+
 } // namespace
 
 int validate_file(const char * path, std::string * error) {
+    std::string problem;
+    if (!check_structure(path, &problem)) {
+        *error = std::string("'") + path + "': " + problem;
+        return SLICEMOE_ERR_FORMAT;
+    }
     file_view f;
     ggml_context * meta = nullptr;
     gguf_init_params params = { /*no_alloc*/ true, /*ctx*/ &meta };
@@ -372,7 +465,6 @@ int validate_file(const char * path, std::string * error) {
         return SLICEMOE_ERR_FORMAT;
     }
     f.arch = gguf_get_val_str(f.gguf.get(), arch);
-    std::string problem;
     if (!check_tensor_data(f, path, &problem) || !check_hparams(f, &problem) || !check_attention(f, &problem) ||
         !check_tokenizer(f, &problem) ||
         !check_slices(f, &problem)) {
