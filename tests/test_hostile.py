@@ -232,20 +232,24 @@ print("ok")
 
 
 def test_a_pool_allocation_that_fails_is_an_error_and_the_process_goes_on(embedded, tmp_path):
-    """Address space limited to what is mapped now, the model file, and half the pools: the pool
-    allocation is what fails."""
+    """Address space limited to what a load of the model without a cache takes, plus half the
+    pools: the pool allocation is what fails."""
     if "libasan" in os.environ.get("LD_PRELOAD", ""):
         pytest.skip("AddressSanitizer's shadow memory does not fit under an address-space limit")
     script = f"""
 import re, resource
 from pathlib import Path
 from slicemoe_gguf import Model
-from slicemoe_gguf._native import SliceMoEError, lib
-lib().slicemoe_system_info()   # the backends are loaded before the limit
+from slicemoe_gguf._native import SliceMoEError, check, ffi, lib
+native = lib()
 path = Path({str(embedded)!r})
 size = path.stat().st_size
+out = ffi.new("slicemoe_model **")
+check(native.slicemoe_model_load(bytes(path), ffi.new("struct slicemoe_model_params *",
+                                 native.slicemoe_model_default_params()), out))
 vm = int(re.search(r"VmSize:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-resource.setrlimit(resource.RLIMIT_AS, (vm + size + size // 2, resource.RLIM_INFINITY))
+native.slicemoe_model_free(out[0])
+resource.setrlimit(resource.RLIMIT_AS, (vm + size // 2, resource.RLIM_INFINITY))
 try:
     Model(path, n_ctx=256, n_threads=1, cache_budget=size)
 except SliceMoEError as exc:
