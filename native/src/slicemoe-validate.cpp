@@ -20,7 +20,9 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <sys/stat.h>
+#include <unordered_set>
 
 namespace slicemoe {
 
@@ -257,6 +259,15 @@ bool check_tokenizer(const file_view & f, std::string * error) {
     if (n_tokens == 0 || n_tokens > size_t(INT32_MAX)) {
         *error = "the tokenizer has " + std::to_string(n_tokens) + " tokens";
         return false;
+    }
+    // llama.cpp maps token text to id and asserts that no two tokens share a text
+    std::unordered_set<std::string_view> seen;
+    seen.reserve(n_tokens);
+    for (size_t i = 0; i < n_tokens; ++i) {
+        if (!seen.insert(gguf_get_arr_str(g, tokens, i)).second) {
+            *error = "the tokenizer has two tokens with the same text (token " + std::to_string(i) + ")";
+            return false;
+        }
     }
     const struct { const char * key; gguf_type type; } per_token[] = {
         { "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32 },
