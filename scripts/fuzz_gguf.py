@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import os
 import random
@@ -242,6 +243,13 @@ def mutate(data: bytes, lay: Layout, rng: random.Random, kind: str) -> tuple[byt
     raise ValueError(kind)
 
 
+@functools.lru_cache(maxsize=None)
+def _source(path: Path) -> tuple[bytes, Layout]:
+    """A source file's bytes and layout, read once per process (every case of it starts from them)."""
+    data = path.read_bytes()
+    return data, layout(data)
+
+
 def sweep_cases(data: bytes, lay: Layout) -> list[tuple[Span, int]]:
     """Every integer hyperparameter of the model (not general.* or tokenizer.*) at each boundary:
     the systematic complement of the random kinds (--sweep)."""
@@ -260,9 +268,9 @@ def sweep_cases(data: bytes, lay: Layout) -> list[tuple[Span, int]]:
 
 def case_file(source: Path, seed: int, case: int, out: Path, sweep: bool = False) -> str:
     """Write case `case` of `source` under `seed` to `out`; returns its description."""
-    data = source.read_bytes()
+    data, lay = _source(source)
     if sweep:
-        cases = sweep_cases(data, layout(data))
+        cases = sweep_cases(data, lay)
         if case >= len(cases):
             out.write_bytes(data)
             return "sweep: past the last case (unchanged file)"
@@ -273,7 +281,7 @@ def case_file(source: Path, seed: int, case: int, out: Path, sweep: bool = False
         return f"sweep: {what}"
     rng = random.Random(f"{seed}:{source.name}:{case}")
     kind = KINDS[case % len(KINDS)]
-    mutated, what = mutate(data, layout(data), rng, kind)
+    mutated, what = mutate(data, lay, rng, kind)
     out.write_bytes(mutated)
     return f"{kind}: {what}"
 
@@ -325,8 +333,7 @@ def _source_of(sources: list[Path], case: int, sweep: bool) -> tuple[Path, int]:
     if not sweep:
         return sources[(case // len(KINDS)) % len(sources)], case
     for source in sources:
-        data = source.read_bytes()
-        n = len(sweep_cases(data, layout(data)))
+        n = len(sweep_cases(*_source(source)))
         if case < n:
             return source, case
         case -= n
@@ -334,7 +341,7 @@ def _source_of(sources: list[Path], case: int, sweep: bool) -> tuple[Path, int]:
 
 
 def n_sweep_cases(sources: list[Path]) -> int:
-    return sum(len(sweep_cases(d, layout(d))) for d in (s.read_bytes() for s in sources))
+    return sum(len(sweep_cases(*_source(s))) for s in sources)
 
 
 def fuzz(sources: list[Path], seed: int, cases: range, *, timeout: float = 60.0, keep: Path | None = None,
