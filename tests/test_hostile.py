@@ -168,6 +168,13 @@ def test_bad_cache_parameters_from_python_and_the_cli(embedded, tmp_path):
         assert proc.returncode == 2 and "must be in" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_cache_on_a_stock_model_is_refused_also_when_tracing(embedded_stock):
+    # the trace observer once went on to build pools from LSB tensors a stock model lacks (SIGSEGV)
+    for record_trace in (False, True):
+        with pytest.raises(SliceMoEError, match="not a sliced"):
+            Model(embedded_stock, cache_budget=10**6, record_trace=record_trace)
+
+
 def test_absurd_budgets_are_capped_or_refused_never_a_crash(embedded, tmp_path):
     # far more than the file holds: every slice fits, the pools are the slices
     huge = run_json("run", "-m", str(embedded), "-p", PROMPT, "-n", "4", "--json", "--cache-budget", "1000000TB")

@@ -233,6 +233,16 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     return p;
 }
 
+// llama.cpp's no_alloc load on the CPU: every tensor is created (names, counts, shapes checked)
+// and sized, none is read or allocated. slicemoe_model_check and slicemoe_memory_estimate use it.
+static llama_model_params no_alloc_params() {
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers    = 0;
+    mp.load_mode       = LLAMA_LOAD_MODE_NONE;
+    mp.no_alloc        = true;
+    return mp;
+}
+
 // The cache-policy fields that slicemoe_model_params and slicemoe_sim_params share, checked the
 // same way for a live cache and a replay.
 template <typename P>
@@ -329,20 +339,18 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
         // (patch 0001 loads them) change nothing.
         char version[16];
         const bool sliced = llama_model_meta_val_str(model, "slicemoe.format_version", version, sizeof(version)) >= 0;
+        if (!sliced && p.cache_budget_bytes > 0) {
+            slicemoe_model_free(m);
+            return fail(SLICEMOE_ERR_INVALID_ARG, std::string("'") + path + "' is not a sliced (AMAT) model: "
+                        "a slice cache needs a file written by slicemoe-convert --experts amat");
+        }
         if (sliced || p.record_trace) {
             std::string error;
             const int status = slicemoe::attach(model, path, p, sliced, &error);
             if (status != SLICEMOE_OK) {
-                delete m;
-                llama_model_free(model);
+                slicemoe_model_free(m);   // closes the file too
                 return fail(status, error);
             }
-        }
-        if (!sliced && p.cache_budget_bytes > 0) {
-            delete m;
-            llama_model_free(model);
-            return fail(SLICEMOE_ERR_INVALID_ARG, std::string("'") + path + "' is not a sliced (AMAT) model: "
-                        "a slice cache needs a file written by slicemoe-convert --experts amat");
         }
         *out = m;
         return ok();
@@ -359,10 +367,7 @@ int slicemoe_model_check(const char * path) {
         if (status != SLICEMOE_OK) {
             return status;
         }
-        llama_model_params mp = llama_model_default_params();
-        mp.n_gpu_layers    = 0;
-        mp.load_mode       = LLAMA_LOAD_MODE_NONE;
-        mp.no_alloc        = true;    // create every tensor (names, counts, shapes checked), read none
+        llama_model_params mp = no_alloc_params();
         mp.use_extra_bufts = false;
         clear_llama_errors();
         llama_model * model = llama_model_load_from_file(path, mp);
@@ -745,12 +750,8 @@ int slicemoe_memory_estimate(const char * path, const slicemoe_context_params * 
         if (status != SLICEMOE_OK) {
             return status;
         }
-        llama_model_params mp = llama_model_default_params();
-        mp.n_gpu_layers = 0;
-        mp.load_mode    = LLAMA_LOAD_MODE_NONE;
-        mp.no_alloc     = true;   // sizes only: nothing is read or allocated
         clear_llama_errors();
-        llama_model * model = llama_model_load_from_file(path, mp);
+        llama_model * model = llama_model_load_from_file(path, no_alloc_params());
         if (!model) {
             return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp could not load '") + path + "'");
         }
