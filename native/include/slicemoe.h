@@ -197,6 +197,10 @@ SLICEMOE_API struct slicemoe_model_params slicemoe_model_default_params(void);
 SLICEMOE_API int  slicemoe_model_load(const char * path, const struct slicemoe_model_params * params,
                                       slicemoe_model ** out);
 SLICEMOE_API void slicemoe_model_free(slicemoe_model * model);
+// A model that llama.cpp's own API loaded (llama_model_load_from_file, as llama-cpp-python does;
+// llama_model_ptr is its struct llama_model *), seen through this API: its cache counters, trace
+// and metadata. The handle does not own the model: free it before llama_model_free.
+SLICEMOE_API int  slicemoe_model_wrap(void * llama_model_ptr, slicemoe_model ** out);
 // Whether llama.cpp would load the file: its hyperparameters, vocabulary, tensor names, counts and
 // shapes are checked exactly as a load checks them, but no tensor data is read or allocated
 // (llama.cpp's no_alloc load). SLICEMOE_OK, or an error whose message is llama.cpp's reason.

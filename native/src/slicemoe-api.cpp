@@ -5,6 +5,7 @@
 // lines of the current call and they become part of our message.
 
 #include "slicemoe.h"
+#include "slicemoe-config.h"
 #include "slicemoe-slices.h"
 #include "slicemoe-validate.h"
 
@@ -41,7 +42,13 @@ struct slicemoe_model {
     const llama_vocab * vocab;
     int                 fd;        // the model file, held open to notice changes (see file_unchanged)
     struct stat         at_load;   // its size and modification time when loaded
+    bool                owned;     // false: a llama_model loaded by someone else (slicemoe_model_wrap)
 };
+
+// The engine's state is read and cleared under the lock that its ubatches hold.
+static std::unique_lock<std::mutex> hold(slicemoe::cache * c) {
+    return c ? std::unique_lock<std::mutex>(slicemoe::compute_mutex(*c)) : std::unique_lock<std::mutex>();
+}
 
 struct slicemoe_context {
     slicemoe_model  * model;
@@ -243,29 +250,6 @@ static llama_model_params no_alloc_params() {
     return mp;
 }
 
-// The cache-policy fields that slicemoe_model_params and slicemoe_sim_params share, checked the
-// same way for a live cache and a replay.
-template <typename P>
-static bool policy_params_valid(const P & p, std::string * error) {
-    const auto in = [](float v, float lo, float hi) { return v >= lo && v <= hi; };   // false for NaN
-    const char * problem = nullptr;
-    if (p.policy < SLICEMOE_POLICY_DBSC || p.policy > SLICEMOE_POLICY_ADAPMOE) problem = "policy: not a known policy";
-    else if (p.precision < SLICEMOE_PRECISION_AUTO || p.precision > SLICEMOE_PRECISION_LOW) problem = "precision: auto (0), high (1) or low (2)";
-    else if (p.warmup < SLICEMOE_WARMUP_NONE || p.warmup > SLICEMOE_WARMUP_PCW) problem = "warmup: none (0) or pcw (1)";
-    else if (!in(p.high_threshold, 0.0f, 1.0f)) problem = "high_threshold must be in [0, 1]";
-    else if (!in(p.max_miss_rate, 0.0f, 1.0f) || p.max_miss_rate >= 1.0f) problem = "max_miss_rate must be in [0, 1)";
-    else if (!in(p.msb_share, 0.0f, 1.0f)) problem = "msb_share must be in [0, 1]";
-    else if (!in(p.high_ratio, 0.0f, 1.0f)) problem = "high_ratio must be in [0, 1]";
-    else if (!in(p.prior_lambda, 0.0f, 1e6f)) problem = "prior_lambda must be in [0, 1e6]";
-    else if (!in(p.gating_t, 0.0f, 1.0f)) problem = "gating_t must be in [0, 1] (a squared routing weight)";
-    else if (p.n_layer_slots < 0 || (p.n_layer_slots > 0 && !p.layer_slots)) problem = "layer_slots: NULL with a count above 0";
-    if (problem) {
-        *error = problem;
-        return false;
-    }
-    return true;
-}
-
 // Every file passes here before llama.cpp's loader sees it: what llama.cpp would only report as
 // "failed to load" (missing file, not a GGUF), then the validator (what it would abort on).
 static int check_gguf_file(const char * path) {
@@ -301,7 +285,7 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
             return fail(SLICEMOE_ERR_INVALID_ARG, "the cache budget must be >= 0 bytes");
         }
         std::string invalid;
-        if (!policy_params_valid(p, &invalid)) {
+        if (!slicemoe::policy_params_valid(p, &invalid)) {
             return fail(SLICEMOE_ERR_INVALID_ARG, invalid);
         }
 
@@ -319,12 +303,20 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
             mp.tensor_buft_overrides = experts_on_host;
         }
 
+        // the load hook attaches the engine with these parameters (not overrides or environment)
+        slicemoe::explicit_load request;
+        request.params = &p;
+        slicemoe::set_explicit_load(&request);
         clear_llama_errors();
         llama_model * model = llama_model_load_from_file(path, mp);
+        slicemoe::set_explicit_load(nullptr);
+        if (!model && request.status != SLICEMOE_OK) {
+            return fail(request.status, request.error);
+        }
         if (!model) {
             return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp could not load '") + path + "'");
         }
-        slicemoe_model * m = new (std::nothrow) slicemoe_model{model, llama_model_get_vocab(model), -1, {}};
+        slicemoe_model * m = new (std::nothrow) slicemoe_model{model, llama_model_get_vocab(model), -1, {}, true};
         if (!m) {
             llama_model_free(model);
             return fail(SLICEMOE_ERR_NO_MEMORY, "out of memory");
@@ -335,24 +327,18 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
             slicemoe_model_free(m);
             return fail(SLICEMOE_ERR_IO, std::string("cannot open '") + path + "' again after loading: " + reason);
         }
-        // Only files that declare the slicemoe format get the slice treatment; .lsb tensors alone
-        // (patch 0001 loads them) change nothing.
-        char version[16];
-        const bool sliced = llama_model_meta_val_str(model, "slicemoe.format_version", version, sizeof(version)) >= 0;
-        if (!sliced && p.cache_budget_bytes > 0) {
-            slicemoe_model_free(m);
-            return fail(SLICEMOE_ERR_INVALID_ARG, std::string("'") + path + "' is not a sliced (AMAT) model: "
-                        "a slice cache needs a file written by slicemoe-convert --experts amat");
-        }
-        if (sliced || p.record_trace) {
-            std::string error;
-            const int status = slicemoe::attach(model, path, p, sliced, &error);
-            if (status != SLICEMOE_OK) {
-                slicemoe_model_free(m);   // closes the file too
-                return fail(status, error);
-            }
-        }
         *out = m;
+        return ok();
+    });
+}
+
+int slicemoe_model_wrap(void * llama_model_ptr, slicemoe_model ** out) {
+    return guard([&]() -> int {
+        if (!llama_model_ptr || !out) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_model_wrap: model and out must not be NULL");
+        }
+        llama_model * model = static_cast<llama_model *>(llama_model_ptr);
+        *out = new slicemoe_model{model, llama_model_get_vocab(model), -1, {}, false};
         return ok();
     });
 }
@@ -382,8 +368,7 @@ int slicemoe_model_check(const char * path) {
 void slicemoe_model_free(slicemoe_model * model) {
     guard_value(0, [&]() -> int {
         if (model) {
-            slicemoe::detach(model->model);
-            llama_model_free(model->model);
+            if (model->owned) llama_model_free(model->model);   // frees its engine too
             if (model->fd >= 0) close(model->fd);
             delete model;
         }
@@ -406,6 +391,7 @@ int32_t slicemoe_model_n_sliced_layers(const slicemoe_model * model) {
 int slicemoe_cache_get_stats(const slicemoe_model * model, slicemoe_cache_stats_t * out) {
     return guard([&]() -> int {
         slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        const auto lock = hold(c);
         if (!c || !out) {
             return fail(SLICEMOE_ERR_INVALID_ARG, "the model runs without a slice cache");
         }
@@ -417,6 +403,7 @@ int slicemoe_cache_get_stats(const slicemoe_model * model, slicemoe_cache_stats_
 int32_t slicemoe_cache_n_layers(const slicemoe_model * model) {
     return guard_value<int32_t>(0, [&]() -> int32_t {
         slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        const auto lock = hold(c);
         return c ? slicemoe::n_layers(c) : 0;
     });
 }
@@ -424,6 +411,7 @@ int32_t slicemoe_cache_n_layers(const slicemoe_model * model) {
 int slicemoe_cache_get_layer_stats(const slicemoe_model * model, int32_t i, slicemoe_layer_stats_t * out) {
     return guard([&]() -> int {
         slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        const auto lock = hold(c);
         if (!c || !out || slicemoe::read_layer_stats(c, i, out) != SLICEMOE_OK) {
             return fail(SLICEMOE_ERR_INVALID_ARG, "no slice cache, or layer index out of range");
         }
@@ -434,6 +422,7 @@ int slicemoe_cache_get_layer_stats(const slicemoe_model * model, int32_t i, slic
 void slicemoe_cache_reset_stats(slicemoe_model * model) {
     guard_value(0, [&]() -> int {
         if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
+            const auto lock = hold(c);
             slicemoe::clear_stats(c);
         }
         return 0;
@@ -443,6 +432,7 @@ void slicemoe_cache_reset_stats(slicemoe_model * model) {
 void slicemoe_cache_fail_reads_after(slicemoe_model * model, int64_t n_reads) {
     guard_value(0, [&]() -> int {
         if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
+            const auto lock = hold(c);
             slicemoe::fail_reads_after(c, n_reads);
         }
         return 0;
@@ -452,6 +442,7 @@ void slicemoe_cache_fail_reads_after(slicemoe_model * model, int64_t n_reads) {
 int32_t slicemoe_trace_top_k(const slicemoe_model * model) {
     return guard_value<int32_t>(0, [&]() -> int32_t {
         slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        const auto lock = hold(c);
         return c ? slicemoe::top_k(c) : 0;
     });
 }
@@ -459,6 +450,7 @@ int32_t slicemoe_trace_top_k(const slicemoe_model * model) {
 int64_t slicemoe_trace_size(const slicemoe_model * model) {
     return guard_value<int64_t>(0, [&]() -> int64_t {
         slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        const auto lock = hold(c);
         return c ? slicemoe::trace_size(c) : 0;
     });
 }
@@ -467,6 +459,7 @@ int slicemoe_trace_get(const slicemoe_model * model, int64_t i, int32_t * reques
                        int32_t * phase, int32_t * experts, float * weights) {
     return guard([&]() -> int {
         slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        const auto lock = hold(c);
         const slicemoe::route * r = c ? slicemoe::trace_at(c, i) : nullptr;
         if (!r || !request || !layer || !phase || !experts || !weights) {
             return fail(SLICEMOE_ERR_INVALID_ARG, "no trace record " + std::to_string(i) + " (was record_trace set?)");
@@ -479,6 +472,7 @@ int slicemoe_trace_get(const slicemoe_model * model, int64_t i, int32_t * reques
 int slicemoe_trace_get_logits(const slicemoe_model * model, int64_t i, float * logits, bool * has) {
     return guard([&]() -> int {
         slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
+        const auto lock = hold(c);
         if (!c || !logits || !has || !slicemoe::trace_at(c, i)) {
             return fail(SLICEMOE_ERR_INVALID_ARG, "no trace record " + std::to_string(i));
         }
@@ -490,6 +484,7 @@ int slicemoe_trace_get_logits(const slicemoe_model * model, int64_t i, float * l
 void slicemoe_trace_clear(slicemoe_model * model) {
     guard_value(0, [&]() -> int {
         if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
+            const auto lock = hold(c);
             slicemoe::trace_clear(c);
         }
         return 0;
@@ -522,7 +517,7 @@ int slicemoe_sim_create(const slicemoe_sim_params * params, slicemoe_sim ** out)
         }
         *out = nullptr;
         std::string error;
-        if (!policy_params_valid(*params, &error)) {
+        if (!slicemoe::policy_params_valid(*params, &error)) {
             return fail(SLICEMOE_ERR_INVALID_ARG, error);
         }
         slicemoe::cache * c = slicemoe::sim_create(*params, &error);
@@ -678,6 +673,9 @@ static int64_t mtime_ns(const struct stat & st) {
 }
 
 static bool file_unchanged(const slicemoe_model & m, std::string * error) {
+    if (m.fd < 0) {
+        return true;   // a wrapped model: its loader owns the file
+    }
     struct stat now;
     if (fstat(m.fd, &now) != 0) {
         *error = std::string("cannot check the model file: ") + strerror(errno);
@@ -783,9 +781,8 @@ int slicemoe_context_create(slicemoe_model * model, const slicemoe_context_param
 
         llama_context_params cp = to_llama_context_params(p);
 
-        if (slicemoe::cache * c = slicemoe::cache_of(model->model)) {
-            cp.cb_eval           = slicemoe::eval_callback;
-            cp.cb_eval_user_data = c;
+        if (slicemoe::cache_of(model->model)) {
+            // (the context-creation hook installs the engine's eval callback)
             // Prompt batches read the experts from the mapped file; operation offload would copy whole
             // expert tensors to the device for every large batch, which is what the cache avoids.
             cp.op_offload = false;
@@ -833,8 +830,8 @@ void slicemoe_context_reset(slicemoe_context * ctx) {
         if (!ctx) {
             return 0;
         }
+        // (the next ubatch starts at position 0, which begins a new request for the engine)
         llama_memory_clear(llama_get_memory(ctx->lctx), true);
-        slicemoe::begin_sequence(slicemoe::cache_of(ctx->model->model));
         ctx->n_past     = 0;
         ctx->has_logits = false;
         ctx->timings    = {};
@@ -871,7 +868,7 @@ int slicemoe_eval(slicemoe_context * ctx, const int32_t * tokens, int32_t n_toke
             llama_batch batch = llama_batch_get_one(const_cast<int32_t *>(tokens) + i, n);
             int32_t rc = llama_decode(ctx->lctx, batch);
             std::string cache_error;
-            if (slicemoe::take_error(slicemoe::cache_of(ctx->model->model), &cache_error)) {
+            if (slicemoe::take_error(&cache_error)) {
                 llama_memory_seq_rm(llama_get_memory(ctx->lctx), 0, ctx->n_past, -1);
                 ctx->has_logits = false;
                 return fail(SLICEMOE_ERR_IO, cache_error);

@@ -1,10 +1,19 @@
-// The one hook llama.cpp's MoE graph calls (native/patches/0002): it lets the engine choose which
-// weights and expert ids the expert products use.
+// The hooks llama.cpp calls (native/patches/0002 and 0004): model load attaches the engine of a
+// sliced model, context creation installs its eval callback, every ubatch runs under the engine's
+// lock, and the MoE graph asks which weights and expert ids the expert products use.
+//
+// The engine is owned by the model (llama_model::slicemoe_engine) and reached by the graph hooks
+// through their own arguments: the context's eval callback and its user data, which is the engine.
 #pragma once
 
 #include "ggml.h"
+#include "ggml-backend.h"
+#include "llama.h"
 
 #include <cstdint>
+#include <mutex>
+
+namespace slicemoe { struct cache; }
 
 struct slicemoe_moe_weights {
     ggml_tensor * up;        // MSB slice (or plain expert weights); replaced by a pool when cached
@@ -20,10 +29,43 @@ struct slicemoe_moe_weights {
     ggml_tensor * input;     // the layer's FFN input [n_embd, 1, n_tokens] (for look-ahead prefetch)
 };
 
-// Called by build_moe_ffn with the model's own tensors in *w; leaves *w unchanged for layers the
-// engine does not know (stock models).
-void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, int il, int64_t n_tokens, slicemoe_moe_weights * w);
+// After a successful load from a path (every entry point: llama_model_load_from_file too). A
+// sliced file gets its engine, configured by the parameters slicemoe_model_load passes, else by
+// the slicemoe.* key-value overrides of params, else by SLICEMOE_* environment variables. Returns
+// false, with the reason logged as a llama.cpp error, when the configuration is bad or the cache
+// cannot be built; the caller then frees the model.
+bool slicemoe_model_loaded(llama_model * model, const char * path, const llama_model_params & params);
+
+// At context creation: a context of a model with an engine gets the engine's eval callback. A
+// context that brings its own callback cannot run the engine: that throws (llama.cpp turns it
+// into a failed llama_init_from_model with the message logged).
+void slicemoe_context_init(const llama_model & model, ggml_backend_sched_eval_callback & cb_eval, void *& cb_eval_user_data);
+
+// One ubatch on a context: holds the engine's lock from graph build to the end of its compute, so
+// that two contexts of one model never run each other's slots. A ubatch of several sequences is
+// refused under a cache (the cache serves one sequence per batch), as is any ubatch while the
+// engine is broken. A ubatch at position 0 starts a new request (warm-up, trace numbering).
+class slicemoe_ubatch_scope {
+public:
+    slicemoe_ubatch_scope(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data, uint32_t n_tokens,
+                          uint32_t n_seqs, int32_t first_pos);
+    bool admitted() const { return admitted_; }
+    // After the graph ran: false when the engine failed during it (the message is logged and kept
+    // for slicemoe_eval); the engine is usable again by the next ubatch.
+    bool finished();
+
+private:
+    slicemoe::cache * engine_ = nullptr;
+    std::unique_lock<std::mutex> lock_;
+    bool admitted_ = true;
+};
+
+// Called by build_moe_ffn with the model's own tensors in *w; leaves *w unchanged for contexts
+// without an engine (stock models).
+void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched_eval_callback cb_eval,
+                        void * cb_eval_user_data, int il, int64_t n_tokens, slicemoe_moe_weights * w);
 
 // Cache-aware routing: a bias [n_expert] added to the router logits for selecting the top-k (the
 // mixing weights keep the unbiased probabilities), or nullptr to select as the model does.
-ggml_tensor * slicemoe_moe_selection_bias(ggml_context * ctx, int il, int64_t n_tokens, const ggml_tensor * up_exps);
+ggml_tensor * slicemoe_moe_selection_bias(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data, int il,
+                                          int64_t n_tokens);

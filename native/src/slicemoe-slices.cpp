@@ -104,6 +104,11 @@ struct cache {
     int                  warmup = SLICEMOE_WARMUP_NONE;
     bool                 simulated = false;   // trace replay: no pools, no reads, same decisions
     bool                 observe_only = false;// no pools at all: only records routing
+    bool                 sliced = false;      // the model's experts are AMAT bit slices
+    bool                 precision_only = false; // a sliced model without cache or trace: only chooses
+                                              // the precision of the mapped experts
+    bool                 sequence_fresh = false; // begin_sequence ran and no ubatch since
+    std::mutex           compute_mutex;       // held by slicemoe_ubatch_scope: one ubatch at a time
     bool                 record = false;      // keep a routing trace
     int32_t              request = 0;
     std::vector<route>   trace;
@@ -141,19 +146,6 @@ struct cache {
 };
 
 namespace {
-
-struct sliced_layer {
-    const llama_model * model;
-    ggml_tensor *       lsb[N_PROJ];
-    int                 precision;
-    cache *             c;       // nullptr: no cache
-    int                 index;   // into c->layers
-};
-
-std::mutex g_mutex;
-// keyed by the layer's MSB up tensor, the pointer build_moe_ffn hands to the hook
-std::unordered_map<const ggml_tensor *, sliced_layer> g_layers;
-std::unordered_map<const llama_model *, std::unique_ptr<cache>> g_caches;
 
 std::string format_bytes(int64_t n) {
     char buf[64];
@@ -706,19 +698,28 @@ bool slot_counts(const cache & c, int n_layers, size_t msb_b, size_t lsb_b, floa
     return true;
 }
 
-// A cache with no pools that only records routing (tracing a model run without a budget).
-std::unique_ptr<cache> build_observer(const llama_model * model, const std::vector<int> & moe_il) {
+// An engine with no pools: it records routing (tracing a run without a budget) or, for a sliced
+// model, only sets the precision of the mapped experts.
+std::unique_ptr<cache> build_uncached(const llama_model * model, const slicemoe_model_params & params,
+                                      const std::vector<const llama_layer *> & moe, const std::vector<int> & moe_il) {
     auto c = std::make_unique<cache>();
     c->model = model;
     c->n_expert = int(model->hparams.n_expert);
     c->top_k = int(model->hparams.n_expert_used_max());
+    c->precision = effective_precision(params.policy, params.precision);
     c->observe_only = true;
-    c->record = true;
+    c->record = params.record_trace;
+    c->precision_only = !params.record_trace;
     c->layers.resize(moe_il.size());
     for (size_t i = 0; i < moe_il.size(); ++i) {
-        c->layers[i].il = moe_il[i];
-        c->layers[i].stats.layer = moe_il[i];
-        c->layers[i].prompt_score.assign(size_t(c->n_expert), 0.0);
+        layer & L = c->layers[i];
+        L.il = moe_il[i];
+        L.stats.layer = moe_il[i];
+        L.prompt_score.assign(size_t(c->n_expert), 0.0);
+        const llama_layer & ml = *moe[i];
+        const ggml_tensor * mapped[2 * N_PROJ] = { ml.ffn_up_exps, ml.ffn_gate_exps, ml.ffn_down_exps,
+                                                   ml.ffn_up_exps_lsb, ml.ffn_gate_exps_lsb, ml.ffn_down_exps_lsb };
+        std::copy(mapped, mapped + 2 * N_PROJ, L.mapped);
         c->layer_of_il[moe_il[i]] = int(i);
     }
     return c;
@@ -893,7 +894,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
 
 } // namespace
 
-int attach(const llama_model * model, const char * path, const slicemoe_model_params & params, bool sliced,
+int attach(llama_model * model, const char * path, const slicemoe_model_params & params, bool sliced,
            std::string * error) {
     std::vector<const llama_layer *> moe;
     std::vector<int> moe_il;
@@ -919,48 +920,34 @@ int attach(const llama_model * model, const char * path, const slicemoe_model_pa
         if (!c) {
             return status;
         }
-    } else if (params.record_trace) {
-        c = build_observer(model, moe_il);
+    } else {
+        c = build_uncached(model, params, moe, moe_il);
     }
-    std::lock_guard<std::mutex> lock(g_mutex);
-    for (size_t i = 0; i < moe.size() && sliced; ++i) {
-        const llama_layer & l = *moe[i];
-        g_layers[l.ffn_up_exps] = { model, { l.ffn_up_exps_lsb, l.ffn_gate_exps_lsb, l.ffn_down_exps_lsb },
-                                    effective_precision(params.policy, params.precision),
-                                    c && !c->observe_only ? c.get() : nullptr, int(i) };
-    }
-    if (c) {
-        g_caches[model] = std::move(c);
-    }
+    c->sliced = sliced;
+    model->slicemoe_engine = std::shared_ptr<void>(c.release(), [](void * engine) { delete static_cast<cache *>(engine); });
     return SLICEMOE_OK;
 }
 
-void detach(const llama_model * model) {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    for (auto it = g_layers.begin(); it != g_layers.end();) {
-        it = it->second.model == model ? g_layers.erase(it) : std::next(it);
-    }
-    g_caches.erase(model);
+int n_sliced_layers(const llama_model * model) {
+    const cache * c = engine_of(model);
+    return c && c->sliced ? int(c->layers.size()) : 0;
 }
 
-int n_sliced_layers(const llama_model * model) {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    int n = 0;
-    for (const auto & kv : g_layers) {
-        n += kv.second.model == model;
-    }
-    return n;
+cache * engine_of(const llama_model * model) {
+    return static_cast<cache *>(model->slicemoe_engine.get());
 }
 
 cache * cache_of(const llama_model * model) {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    const auto it = g_caches.find(model);
-    return it == g_caches.end() ? nullptr : it->second.get();
+    cache * c = engine_of(model);
+    return c && !c->precision_only ? c : nullptr;
 }
 
 namespace {
 
 bool observe_node(cache & c, ggml_tensor * t, bool ask) {
+    if (c.precision_only) {
+        return !ask;   // nothing to observe: the graph runs in one piece
+    }
     int il = -1;
     const char * name = ggml_get_name(t);
     // router probabilities matter only to auto precision; every observed node costs a graph split
@@ -1045,25 +1032,41 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept {
     }
 }
 
-bool take_error(cache * c, std::string * message) {
-    if (!c || !c->failed) return false;
-    for (layer & L : c->layers) {
+bool end_ubatch(cache & c, std::string * failure) {
+    if (!c.failed) return true;
+    for (layer & L : c.layers) {
         if (L.pending.valid()) L.pending.wait();   // the decode stopped; so do its prefetches
     }
-    *message = c->error;
-    c->failed = false;
-    c->error.clear();
-    return true;
+    *failure = std::move(c.error);
+    c.failed = false;
+    c.error.clear();
+    return false;
 }
 
 void begin_sequence(cache * c) {
     if (!c) return;
     c->request += 1;
+    c->sequence_fresh = true;
     for (layer & L : c->layers) {
         join_prefetch(*c, L);
         std::fill(L.prompt_score.begin(), L.prompt_score.end(), 0.0);
         L.warm_pending = false;
     }
+}
+
+void begin_ubatch(cache & c, int32_t first_pos) {
+    if (first_pos == 0 && !c.sequence_fresh) {
+        begin_sequence(&c);
+    }
+    c.sequence_fresh = false;
+}
+
+bool serves_decode(const cache & c) {
+    return !c.observe_only && !c.simulated;
+}
+
+std::mutex & compute_mutex(cache & c) {
+    return c.compute_mutex;
 }
 
 void read_stats(const cache * c, slicemoe_cache_stats_t * out) {
@@ -1242,26 +1245,35 @@ int sim_run(cache * c, int64_t n, const int32_t * requests, const int32_t * laye
 
 } // namespace slicemoe
 
-ggml_tensor * slicemoe_moe_selection_bias(ggml_context * /*ctx*/, int /*il*/, int64_t n_tokens, const ggml_tensor * up_exps) {
-    using namespace slicemoe;
-    std::lock_guard<std::mutex> lock(g_mutex);
-    const auto it = g_layers.find(up_exps);
-    if (it == g_layers.end() || !it->second.c || n_tokens != 1) {
-        return nullptr;
-    }
-    return it->second.c->layers[size_t(it->second.index)].sel_bias;   // nullptr unless cache_prior
+namespace {
+
+slicemoe::cache * engine_from(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data) {
+    return cb_eval == slicemoe::eval_callback ? static_cast<slicemoe::cache *>(cb_eval_user_data) : nullptr;
 }
 
-void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, int /*il*/, int64_t n_tokens, slicemoe_moe_weights * w) {
+} // namespace
+
+ggml_tensor * slicemoe_moe_selection_bias(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data, int il,
+                                          int64_t n_tokens) {
     using namespace slicemoe;
-    std::lock_guard<std::mutex> lock(g_mutex);
-    const auto it = g_layers.find(w->up);
-    if (it == g_layers.end()) {
+    cache * c = engine_from(cb_eval, cb_eval_user_data);
+    const auto it = c ? c->layer_of_il.find(il) : std::unordered_map<int, int>::iterator();
+    if (!c || it == c->layer_of_il.end() || !serves_decode(*c) || n_tokens != 1) {
+        return nullptr;
+    }
+    return c->layers[size_t(it->second)].sel_bias;   // nullptr unless cache_prior
+}
+
+void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched_eval_callback cb_eval,
+                        void * cb_eval_user_data, int il, int64_t n_tokens, slicemoe_moe_weights * w) {
+    using namespace slicemoe;
+    cache * c = engine_from(cb_eval, cb_eval_user_data);
+    const auto it = c ? c->layer_of_il.find(il) : std::unordered_map<int, int>::iterator();
+    if (!c || it == c->layer_of_il.end() || !c->sliced) {
         return;
     }
-    const sliced_layer & s = it->second;
-    if (s.c && n_tokens == 1) {
-        layer & L = s.c->layers[size_t(s.index)];
+    layer & L = c->layers[size_t(it->second)];
+    if (serves_decode(*c) && n_tokens == 1) {
         ggml_tensor * selected = w->ids;
         const int64_t k = selected->ne[0];
         auto gather = [&](ggml_tensor * table) {
@@ -1286,17 +1298,17 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, int /*il*/, int64_
             w->gate_lsb = L.lsb.t[1];
             w->down_lsb = L.lsb.t[2];
             w->ids_lsb  = gather(L.lsb_map);
-            if (s.precision == SLICEMOE_PRECISION_AUTO) {   // fixed high precision needs no mask
+            if (c->precision == SLICEMOE_PRECISION_AUTO) {   // fixed high precision needs no mask
                 w->lsb_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.lsb_mask, selected), 1, k, n_tokens);
             }
         }
         return;
     }
-    if (s.precision == SLICEMOE_PRECISION_LOW) {
+    if (c->precision == SLICEMOE_PRECISION_LOW) {
         return;
     }
-    w->up_lsb   = s.lsb[0];
-    w->gate_lsb = s.lsb[1];
-    w->down_lsb = s.lsb[2];
+    w->up_lsb   = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 0]);
+    w->gate_lsb = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 1]);
+    w->down_lsb = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 2]);
     w->ids_lsb  = w->ids;
 }

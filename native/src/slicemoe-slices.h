@@ -5,6 +5,7 @@
 #include "slicemoe.h"
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 struct llama_model;
@@ -14,25 +15,46 @@ namespace slicemoe {
 
 struct cache;
 
-// Register the MSB/LSB slice tensors of every MoE layer of a sliced model. With
-// params.cache_budget_bytes > 0 also build the slice cache: pools allocated once, misses read
-// from `path`. Returns SLICEMOE_OK, or an error status with *error set and nothing registered.
-// sliced: the file declares the slicemoe format; a stock model gets only a routing observer, and
-// only when params.record_trace asks for one.
-int  attach(const llama_model * model, const char * path, const slicemoe_model_params & params, bool sliced,
+// Give the model its engine (llama_model::slicemoe_engine, freed with the model): for a sliced
+// model, its MoE layers' MSB/LSB slice tensors and precision, and with params.cache_budget_bytes
+// > 0 the slice cache (pools allocated once, misses read from `path`). Returns SLICEMOE_OK, or an
+// error status with *error set and nothing attached. sliced: the file declares the slicemoe
+// format; a stock model gets only a routing observer, when params.record_trace asks for one.
+int  attach(llama_model * model, const char * path, const slicemoe_model_params & params, bool sliced,
             std::string * error);
-void detach(const llama_model * model);
-// MoE layers registered for this model (0 for a stock model).
+// MoE layers with bit slices in this model (0 for a stock model).
 int  n_sliced_layers(const llama_model * model);
 
-// The model's slice cache, or nullptr when it runs without one.
+// The model's engine (nullptr for a stock model without a trace).
+cache * engine_of(const llama_model * model);
+// The model's slice cache or routing observer, or nullptr when it has neither.
 cache * cache_of(const llama_model * model);
+// Whether decode runs on the engine's pools (a slice cache, not an observer).
+bool serves_decode(const cache & c);
+// Held for each ubatch of any context of the model (slicemoe_ubatch_scope), and by the C API when
+// it reads or clears the engine's state.
+std::mutex & compute_mutex(cache & c);
+// A ubatch starts (under the lock): one at position 0 begins a new request.
+void begin_ubatch(cache & c, int32_t first_pos);
+// A ubatch ended (under the lock): false, with *failure set, when the engine failed during it;
+// the engine is then ready for the next ubatch.
+bool end_ubatch(cache & c, std::string * failure);
+
+// slicemoe_model_load's parameters for the llama.cpp load it runs on this thread: the load hook
+// uses them instead of overrides and environment, and reports a failure here.
+struct explicit_load {
+    const slicemoe_model_params * params = nullptr;
+    int         status = SLICEMOE_OK;
+    std::string error;
+};
+void set_explicit_load(explicit_load * load);
 // llama.cpp's eval callback (user data: the cache): observes routing nodes and runs the policy
 // before the expert products of the same layer run.
 // Never throws: a failure stops the graph and is reported by take_error.
 bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept;
-// A failure inside the callback (a read error), taken once by the caller of llama_decode.
-bool take_error(cache * c, std::string * message);
+// The failure of the last ubatch this thread ran (a read error), taken once by the caller of
+// llama_decode.
+bool take_error(std::string * message);
 // A new sequence starts: forget the prompt routing recorded for warm-up.
 void begin_sequence(cache * c);
 

@@ -1,0 +1,51 @@
+// Configuration of a model loaded through llama.cpp's own entry points (llama_model_load_from_file,
+// as llama-cpp-python calls it): slicemoe.* key-value overrides, with SLICEMOE_* environment
+// variables as the fallback for each key not overridden. The names and values are those of
+// `slicemoe run`'s flags (see README, "llama-cpp-python and the stock entry points").
+#pragma once
+
+#include "slicemoe.h"
+#include "llama.h"
+
+#include <string>
+
+namespace slicemoe {
+
+struct stock_config {
+    slicemoe_model_params params;  // from slicemoe_model_default_params(), then the keys given
+    double budget_percent = 0.0;   // slicemoe.cache_budget given as "N%" of all routed slices; 0 = bytes
+    bool   any = false;            // at least one key or variable was given
+};
+
+// Reads the slicemoe.* overrides (an unknown slicemoe.* key is an error, so that a typo never
+// runs silently with the defaults) and the environment. False with *error naming the key and
+// what it takes when a value is bad.
+bool read_stock_config(const llama_model_kv_override * overrides, stock_config * out, std::string * error);
+
+// The cache-policy fields that slicemoe_model_params and slicemoe_sim_params share, checked the
+// same way for a live cache and a replay.
+template <typename P>
+bool policy_params_valid(const P & p, std::string * error) {
+    const auto in = [](float v, float lo, float hi) { return v >= lo && v <= hi; };   // false for NaN
+    const char * problem = nullptr;
+    if (p.policy < SLICEMOE_POLICY_DBSC || p.policy > SLICEMOE_POLICY_ADAPMOE) problem = "policy: not a known policy";
+    else if (p.precision < SLICEMOE_PRECISION_AUTO || p.precision > SLICEMOE_PRECISION_LOW) problem = "precision: auto (0), high (1) or low (2)";
+    else if (p.warmup < SLICEMOE_WARMUP_NONE || p.warmup > SLICEMOE_WARMUP_PCW) problem = "warmup: none (0) or pcw (1)";
+    else if (!in(p.high_threshold, 0.0f, 1.0f)) problem = "high_threshold must be in [0, 1]";
+    else if (!in(p.max_miss_rate, 0.0f, 1.0f) || p.max_miss_rate >= 1.0f) problem = "max_miss_rate must be in [0, 1)";
+    else if (!in(p.msb_share, 0.0f, 1.0f)) problem = "msb_share must be in [0, 1]";
+    else if (!in(p.high_ratio, 0.0f, 1.0f)) problem = "high_ratio must be in [0, 1]";
+    else if (!in(p.prior_lambda, 0.0f, 1e6f)) problem = "prior_lambda must be in [0, 1e6]";
+    else if (!in(p.gating_t, 0.0f, 1.0f)) problem = "gating_t must be in [0, 1] (a squared routing weight)";
+    else if (p.n_layer_slots < 0 || (p.n_layer_slots > 0 && !p.layer_slots)) problem = "layer_slots: NULL with a count above 0";
+    if (problem) {
+        *error = problem;
+        return false;
+    }
+    return true;
+}
+
+// "2GiB", "512MB", "1.5 GB", "1073741824" (bytes) or "40%": the size grammar of the CLI.
+bool parse_size(const std::string & text, int64_t * bytes, double * percent);
+
+} // namespace slicemoe

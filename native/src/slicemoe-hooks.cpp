@@ -1,0 +1,142 @@
+// The engine's side of patch 0004: what llama.cpp calls at model load, at context creation and
+// around every ubatch, so that a sliced model runs its engine whichever API loaded it.
+
+#include "slicemoe-graph.h"
+#include "slicemoe-config.h"
+#include "slicemoe-slices.h"
+
+#include "llama-impl.h"
+#include "llama-model.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace slicemoe {
+
+namespace {
+
+thread_local explicit_load * t_explicit_load = nullptr;
+// The failure of the last ubatch this thread ran, until slicemoe_eval takes it.
+thread_local std::string t_failure;
+
+// All routed-expert slices of the model (what "N%" of a budget refers to).
+int64_t slice_bytes(const llama_model & model) {
+    int64_t total = 0;
+    for (const llama_layer & l : model.layers) {
+        for (const ggml_tensor * t : { l.ffn_up_exps, l.ffn_gate_exps, l.ffn_down_exps,
+                                       l.ffn_up_exps_lsb, l.ffn_gate_exps_lsb, l.ffn_down_exps_lsb }) {
+            total += t ? int64_t(ggml_nbytes(t)) : 0;
+        }
+    }
+    return total;
+}
+
+bool fail_load(int status, const std::string & message) {
+    LLAMA_LOG_ERROR("slicemoe: %s\n", message.c_str());
+    if (t_explicit_load) {
+        t_explicit_load->status = status;
+        t_explicit_load->error = message;
+    }
+    return false;
+}
+
+} // namespace
+
+void set_explicit_load(explicit_load * load) {
+    t_explicit_load = load;
+}
+
+bool take_error(std::string * message) {
+    if (t_failure.empty()) return false;
+    *message = std::move(t_failure);
+    t_failure.clear();
+    return true;
+}
+
+} // namespace slicemoe
+
+bool slicemoe_model_loaded(llama_model * model, const char * path, const llama_model_params & params) {
+    using namespace slicemoe;
+    if (params.no_alloc || params.vocab_only) {
+        return true;   // nothing will run: a check or a memory estimate
+    }
+    try {
+        stock_config config;
+        std::string error;
+        if (t_explicit_load) {
+            config.params = *t_explicit_load->params;
+        } else {
+            if (!read_stock_config(params.kv_overrides, &config, &error)) {
+                return fail_load(SLICEMOE_ERR_INVALID_ARG, error);
+            }
+            config.params.use_mmap = params.load_mode == LLAMA_LOAD_MODE_MMAP ||
+                                     params.load_mode == LLAMA_LOAD_MODE_MMAP_MLOCK ||
+                                     params.load_mode == LLAMA_LOAD_MODE_AUTO;
+        }
+        slicemoe_model_params & p = config.params;
+        if (!policy_params_valid(p, &error)) {
+            return fail_load(SLICEMOE_ERR_INVALID_ARG, error);
+        }
+        char version[16];
+        const bool sliced = llama_model_meta_val_str(model, "slicemoe.format_version", version, sizeof(version)) >= 0;
+        if (!sliced && (p.cache_budget_bytes > 0 || config.budget_percent > 0)) {
+            return fail_load(SLICEMOE_ERR_INVALID_ARG, std::string("'") + path + "' is not a sliced (AMAT) model: a slice "
+                             "cache needs a file written by slicemoe-convert --experts amat");
+        }
+        if (config.budget_percent > 0) {
+            p.cache_budget_bytes = int64_t(double(slice_bytes(*model)) * config.budget_percent / 100.0);
+        }
+        if (!sliced && !p.record_trace) {
+            return true;   // a stock model runs as llama.cpp runs it
+        }
+        const int status = attach(model, path, p, sliced, &error);
+        return status == SLICEMOE_OK || fail_load(status, error);
+    } catch (const std::bad_alloc &) {
+        return fail_load(SLICEMOE_ERR_NO_MEMORY, "out of memory while building the slice cache");
+    } catch (const std::exception & e) {
+        return fail_load(SLICEMOE_ERR_INTERNAL, std::string("internal error: ") + e.what());
+    }
+}
+
+void slicemoe_context_init(const llama_model & model, ggml_backend_sched_eval_callback & cb_eval, void *& cb_eval_user_data) {
+    slicemoe::cache * engine = slicemoe::engine_of(&model);
+    if (!engine) {
+        return;
+    }
+    if (cb_eval == nullptr) {
+        cb_eval = slicemoe::eval_callback;
+        cb_eval_user_data = engine;
+        return;
+    }
+    if (cb_eval != slicemoe::eval_callback || cb_eval_user_data != engine) {
+        throw std::runtime_error("slicemoe: the contexts of a sliced model (or of one recording its routing) evaluate "
+                                 "through the engine's eval callback; this context brings its own cb_eval");
+    }
+}
+
+slicemoe_ubatch_scope::slicemoe_ubatch_scope(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data,
+                                             uint32_t n_tokens, uint32_t n_seqs, int32_t first_pos) {
+    if (cb_eval != slicemoe::eval_callback || n_tokens == 0) {
+        return;
+    }
+    engine_ = static_cast<slicemoe::cache *>(cb_eval_user_data);
+    lock_ = std::unique_lock<std::mutex>(slicemoe::compute_mutex(*engine_));
+    if (n_seqs > 1 && slicemoe::serves_decode(*engine_)) {
+        // each sequence's decode token would select its own experts, more than a layer's slots
+        // may hold; a batch of several is refused rather than silently run from the mapped file
+        slicemoe::t_failure = "a batch with tokens of " + std::to_string(n_seqs) + " sequences: the slice cache "
+                              "serves one sequence per batch (decode each sequence with its own llama_decode call)";
+        LLAMA_LOG_ERROR("slicemoe: %s\n", slicemoe::t_failure.c_str());
+        admitted_ = false;
+        return;
+    }
+    slicemoe::begin_ubatch(*engine_, first_pos);
+}
+
+bool slicemoe_ubatch_scope::finished() {
+    if (!engine_ || slicemoe::end_ubatch(*engine_, &slicemoe::t_failure)) {
+        return true;
+    }
+    LLAMA_LOG_ERROR("slicemoe: %s\n", slicemoe::t_failure.c_str());
+    return false;
+}
