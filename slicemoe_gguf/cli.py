@@ -135,7 +135,7 @@ def _msb_slice_bytes(model_path: str) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import Model, Sampling
 
-    prompt = _read_prompt(args)
+    text = _read_prompt(args)
     profiles = _profiles(args)
     sampling = Sampling(temperature=args.temp, top_p=args.top_p, seed=args.seed)
     budget = _cache_budget(args)
@@ -151,6 +151,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .memory import plan_of_running
 
         memory = plan_of_running(model)
+        prompt = model.chat_tokens([{"role": "user", "content": text}]) if args.chat else model.tokenize(text)
         if not args.json:
             print(f"memory: {memory.describe('slice pools' if model.has_cache else 'mapped experts')}",
                   file=sys.stderr)
@@ -536,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate text from a prompt",
                          description="Evaluate a prompt and decode tokens. Works on any llama.cpp GGUF.")
-    run.add_argument("-m", "--model", required=True, help="path to a .gguf file")
+    _add_model_arguments(run)
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("-p", "--prompt", help="prompt text")
     source.add_argument("-f", "--file", help="read the prompt from this file")
@@ -545,15 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1 = off)")
     run.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    run.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS, help="compute threads (default: all cores)")
-    run.add_argument("-c", "--ctx-size", type=int, default=defaults.N_CTX,
-                     help=f"context length in tokens (default {defaults.N_CTX})")
-    run.add_argument("-b", "--batch-size", type=int, default=defaults.N_BATCH,
-                     help=f"prompt tokens per batch (default {defaults.N_BATCH})")
-    run.add_argument("-ngl", "--gpu-layers", type=int, default=0,
-                     help="layers to offload to a GPU backend (default 0; -1 = all)")
     _add_cache_arguments(run, live=True)
     run.add_argument("--ignore-eos", action="store_true", help="keep decoding past end-of-generation tokens")
+    run.add_argument("--chat", action="store_true",
+                     help="the prompt is a user message: apply the model's chat template (chatml if it has "
+                          "none), as slicemoe serve's /v1/chat/completions and slicemoe chat do")
     _add_profile_argument(run)
     run.add_argument("--json", action="store_true",
                      help="print one JSON object: text, prompt_tokens, tokens, n_prompt, n_decode, "
@@ -561,6 +558,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--logits-out", metavar="FILE.npy",
                      help="save the float32 logits [n_decode, n_vocab] each decoded token was chosen from")
     run.set_defaults(func=_cmd_run)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
+                           description="Serve the model over HTTP with the OpenAI API: /v1/models, /v1/completions "
+                                       "and /v1/chat/completions (streaming too), /metrics (Prometheus text). Each "
+                                       "response carries its cache counters under \"slicemoe\". One request runs "
+                                       "at a time.")
+    _add_model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    serve.add_argument("--alias", metavar="NAME", help="model id in the API (default: the file name)")
+    _add_cache_arguments(serve, live=True)
+    serve.set_defaults(func=_cmd_serve)
+
+    chat = sub.add_parser("chat", help="an interactive chat in the terminal",
+                          description="Chat with the model in the terminal: its chat template, streamed replies "
+                                      "and one line of cache numbers after each. /reset clears the history; "
+                                      "Ctrl-C stops a reply; Ctrl-D or Ctrl-C at the prompt exits.")
+    _add_model_arguments(chat)
+    chat.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens per reply (default 256)")
+    chat.add_argument("--system", metavar="TEXT", help="a system message that opens the conversation")
+    chat.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1 = off)")
+    chat.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _add_cache_arguments(chat, live=True)
+    chat.set_defaults(func=_cmd_chat)
 
     demo = sub.add_parser("demo", help="the embedded Shakespeare MoE under a tight RAM budget: SliceMoE vs lru8",
                           description="Convert the embedded model once (cached), decode a prompt with a tight "
@@ -631,18 +653,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _open_model(args: argparse.Namespace):
+    from .runtime import Model
+
+    return Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
+                 n_threads=args.threads, cache_budget=_cache_budget(args), prefetch=args.prefetch,
+                 **_cache_settings(args))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    with _open_model(args) as model:
+        serve(model, host=args.host, port=args.port, name=args.alias)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import chat
+
+    with _open_model(args) as model:
+        return chat(model, max_tokens=args.n_predict, system=args.system,
+                    sampling_args=(args.temp, args.top_p, args.seed))
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and context flags of run, serve and chat."""
+    parser.add_argument("-m", "--model", required=True, help="path to a .gguf file")
+    parser.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS, help="compute threads (default: all cores)")
+    parser.add_argument("-c", "--ctx-size", type=int, default=defaults.N_CTX,
+                        help=f"context length in tokens (default {defaults.N_CTX})")
+    parser.add_argument("-b", "--batch-size", type=int, default=defaults.N_BATCH,
+                        help=f"prompt tokens per llama_decode call (default {defaults.N_BATCH})")
+    parser.add_argument("-ngl", "--gpu-layers", type=int, default=0,
+                        help="layers to offload to a GPU backend (Vulkan/Metal); -1 = all (default 0)")
+
+
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.command == "plan" and args.max_miss_rate is not None and not 0.0 <= args.max_miss_rate < 1.0:
         parser.error("--max-miss-rate must be in [0, 1)")
     if args.command in ("trace", "demo") and args.n_predict < 1:
         parser.error("-n/--n-predict must be >= 1")
-    if args.command in ("run", "trace", "sim"):
+    if args.command in ("run", "trace", "sim", "serve", "chat"):
         if not 0.0 <= args.high_threshold <= 1.0 or not 0.0 <= args.max_miss_rate < 1.0 or \
                 not 0.0 <= args.high_ratio <= 1.0 or not 0.0 <= args.msb_share <= 1.0 or \
                 not 0.0 <= args.prior_lambda <= 1e6 or not 0.0 <= args.gating_t <= 1.0:
             parser.error("--high-threshold, --high-ratio, --msb-share and --gating-t must be in [0, 1], "
                          "--max-miss-rate in [0, 1), --prior-lambda in [0, 1e6]")
-    if args.command == "run":
+    if args.command == "serve" and not 0 <= args.port < 65536:
+        parser.error("--port must be in [0, 65535]")
+    if args.command in ("run", "chat"):
         if args.n_predict < 0:
             parser.error("-n/--n-predict must be >= 0")
         if args.ctx_size < 0 or args.batch_size < 1:

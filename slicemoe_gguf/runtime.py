@@ -210,6 +210,33 @@ class Model:
             check(status)
             return list(buf[0:n_out[0]])
 
+    def chat_prompt(self, messages: list[dict], *, add_assistant: bool = True) -> str:
+        """The conversation ([{"role": ..., "content": ...}, ...]) as the model's chat template writes
+        it: llama.cpp's built-in templates, recognised from the GGUF's tokenizer.chat_template
+        (chatml for a model without one), with the assistant's turn opened at the end."""
+        if not messages:
+            raise ValueError("a chat needs at least one message")
+        keep = [(ffi.new("char[]", str(m["role"]).encode("utf-8")), ffi.new("char[]", str(m["content"]).encode("utf-8")))
+                for m in messages]
+        roles = ffi.new("char *[]", [r for r, _ in keep])
+        contents = ffi.new("char *[]", [c for _, c in keep])
+        n_out = ffi.new("int32_t *")
+        capacity = 256 + sum(len(m["content"]) + 64 for m in messages)
+        while True:
+            buf = ffi.new("char[]", capacity)
+            status = self._lib.slicemoe_chat_apply(self._model, roles, contents, len(keep), add_assistant, buf,
+                                                   capacity, n_out)
+            if status == STATUS_BUFFER_TOO_SMALL:
+                capacity = n_out[0]
+                continue
+            check(status)
+            return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """The prompt tokens of a chat: its template's markup becomes special tokens, as llama-server
+        tokenizes a chat."""
+        return self.tokenize(self.chat_prompt(messages), add_special=True, parse_special=True)
+
     def detokenize(self, tokens: list[int]) -> str:
         ids = ffi.new("int32_t[]", tokens)
         n_out = ffi.new("int32_t *")

@@ -255,6 +255,13 @@ SLICEMOE_API int slicemoe_tokenize(const slicemoe_model * model, const char * te
                                    bool add_special, bool parse_special,
                                    int32_t * tokens, int32_t n_tokens_max, int32_t * n_out);
 // Token ids -> UTF-8 text (not NUL-terminated; *n_out bytes). Same buffer rule as tokenize.
+// A conversation (n_messages roles such as "system", "user", "assistant", and their contents) as
+// the model's chat template writes it: llama.cpp's built-in templates, recognised from the file's
+// tokenizer.chat_template; a model without one gets chatml. add_assistant opens the assistant's
+// turn at the end. Not NUL-terminated; on SLICEMOE_ERR_BUFFER_TOO_SMALL *n_out is the size needed.
+// SLICEMOE_ERR_FORMAT: a template llama.cpp does not recognise.
+SLICEMOE_API int slicemoe_chat_apply(const slicemoe_model * model, const char * const * roles, const char * const * contents,
+                                     int32_t n_messages, bool add_assistant, char * buf, int32_t size, int32_t * n_out);
 SLICEMOE_API int slicemoe_detokenize(const slicemoe_model * model, const int32_t * tokens, int32_t n_tokens,
                                      char * text, int32_t text_len_max, int32_t * n_out);
 

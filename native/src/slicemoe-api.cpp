@@ -634,6 +634,35 @@ int slicemoe_tokenize(const slicemoe_model * model, const char * text, int32_t t
     });
 }
 
+int slicemoe_chat_apply(const slicemoe_model * model, const char * const * roles, const char * const * contents,
+                        int32_t n_messages, bool add_assistant, char * buf, int32_t size, int32_t * n_out) {
+    return guard([&]() -> int {
+        if (!model || !roles || !contents || n_messages <= 0 || !n_out || (size > 0 && !buf) || size < 0) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_chat_apply: NULL argument or no messages");
+        }
+        std::vector<llama_chat_message> chat(static_cast<size_t>(n_messages));
+        for (int32_t i = 0; i < n_messages; ++i) {
+            if (!roles[i] || !contents[i]) {
+                return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_chat_apply: message " + std::to_string(i) + " is NULL");
+            }
+            chat[size_t(i)] = { roles[i], contents[i] };
+        }
+        const char * tmpl = llama_model_chat_template(model->model, nullptr);
+        const int32_t n = llama_chat_apply_template(tmpl, chat.data(), chat.size(), add_assistant, nullptr, 0);
+        if (n < 0) {
+            return fail(SLICEMOE_ERR_FORMAT, "the model's chat template (tokenizer.chat_template) is not one llama.cpp knows");
+        }
+        *n_out = n;
+        if (n > size) {
+            return fail(SLICEMOE_ERR_BUFFER_TOO_SMALL, "the buffer holds " + std::to_string(size) + " bytes, the chat needs " + std::to_string(n));
+        }
+        std::vector<char> text(size_t(n) + 1);
+        llama_chat_apply_template(tmpl, chat.data(), chat.size(), add_assistant, text.data(), n + 1);
+        std::memcpy(buf, text.data(), size_t(n));
+        return ok();
+    });
+}
+
 int slicemoe_detokenize(const slicemoe_model * model, const int32_t * tokens, int32_t n_tokens,
                         char * text, int32_t text_len_max, int32_t * n_out) {
     return guard([&]() -> int {
