@@ -227,4 +227,8 @@ def serve(model: Model, *, host: str, port: int, name: str | None = None) -> Non
     config = uvicorn.Config(build_app(service), host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     print(f"slicemoe serve: {service.name} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass   # uvicorn has shut down gracefully and re-raises the signal; stopping is the normal end
+    print("slicemoe serve: stopped", flush=True)

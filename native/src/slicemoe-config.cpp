@@ -62,10 +62,11 @@ bool read_float(const setting & s, float * out, std::string * error) {
     double v = NAN;
     if (s.kv && s.kv->tag == LLAMA_KV_OVERRIDE_TYPE_FLOAT) v = s.kv->val_f64;
     else if (s.kv && s.kv->tag == LLAMA_KV_OVERRIDE_TYPE_INT) v = double(s.kv->val_i64);
-    else if (!s.kv) {
+    else if (!s.kv || s.kv->tag == LLAMA_KV_OVERRIDE_TYPE_STR) {
+        const std::string text = s.kv ? s.kv->val_str : s.text;
         char * end = nullptr;
-        v = std::strtod(s.text.c_str(), &end);
-        if (s.text.empty() || *end != '\0') v = NAN;
+        v = std::strtod(text.c_str(), &end);
+        if (text.empty() || *end != '\0') v = NAN;
     }
     if (!std::isfinite(v)) {
         *error = s.source + ": expected a number";
@@ -80,9 +81,10 @@ bool read_bool(const setting & s, bool * out, std::string * error) {
         *out = s.kv->val_bool;
         return true;
     }
-    if (!s.kv) {
-        for (const char * t : { "1", "true", "yes", "on" }) if (s.text == t) { *out = true; return true; }
-        for (const char * f : { "0", "false", "no", "off" }) if (s.text == f) { *out = false; return true; }
+    if (!s.kv || s.kv->tag == LLAMA_KV_OVERRIDE_TYPE_STR) {
+        const std::string text = s.kv ? s.kv->val_str : s.text;
+        for (const char * t : { "1", "true", "yes", "on" }) if (text == t) { *out = true; return true; }
+        for (const char * f : { "0", "false", "no", "off" }) if (text == f) { *out = false; return true; }
     }
     *error = s.source + ": expected a bool (true or false)";
     return false;

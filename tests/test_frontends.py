@@ -1,0 +1,303 @@
+"""The interfaces people already use, on the engine: the official OpenAI client against
+`slicemoe serve`, llama-cpp-python's Llama on our library, `slicemoe chat` typed into a terminal,
+and one model's cache shared by two contexts decoding on two threads.
+
+Every front end must give what `slicemoe run` gives with the same cache flags: the same greedy text
+and, on a fresh cache, the same counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers import run_json
+from slicemoe_gguf import Model
+from slicemoe_gguf._native import check, ffi, lib
+from slicemoe_gguf.embedded import embedded_gguf
+
+PROMPT = "ROMEO.\nBut soft, what light"
+CACHE_FLAGS = ("--cache-budget", "50%", "--policy", "dbsc")
+N = 12
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return embedded_gguf(progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(embedded):
+    """`slicemoe run --json` on the prompt, as a completion and as a chat message."""
+    plain = run_json("run", "-m", str(embedded), "-p", PROMPT, "-n", str(N), "-c", "512", "--json", *CACHE_FLAGS)
+    chat = run_json("run", "-m", str(embedded), "-p", PROMPT, "-n", str(N), "-c", "512", "--json", "--chat", *CACHE_FLAGS)
+    return plain, chat
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(embedded, tmp_path):
+    """`slicemoe serve` on 127.0.0.1 with the cache flags; yields its base URL, stopped by SIGINT."""
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(["slicemoe", "serve", "-m", str(embedded), "--port", str(port), "-c", "512", *CACHE_FLAGS],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"slicemoe serve did not start:\n{log.read()}")
+            time.sleep(0.2)
+    yield base
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0, "slicemoe serve must stop cleanly on Ctrl-C"
+    log.close()
+
+
+def _metrics(base: str) -> dict[str, float]:
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
+
+
+def test_the_openai_client_gets_what_slicemoe_run_gives(server, reference, embedded):
+    import openai
+
+    plain, chat = reference
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=120, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [embedded.name]
+
+    completion = client.completions.create(model="any", prompt=PROMPT, max_tokens=N, temperature=0)
+    assert completion.choices[0].text == plain["text"]
+    assert completion.usage.completion_tokens == N
+    own = completion.model_extra["slicemoe"]["cache"]
+    # a fresh cache, the same flags: the same reads as the command line
+    for name in ("hits", "misses", "flash_bytes", "loads", "evictions"):
+        assert own[name] == plain["cache"][name], name
+
+    before = _metrics(server)
+    stream = client.chat.completions.create(model="any", messages=[{"role": "user", "content": PROMPT}],
+                                            max_tokens=N, temperature=0, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat["text"]
+    assert len(chunks) > 3, "the reply must arrive in pieces"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].model_extra["slicemoe"]["completion_tokens"] == N
+
+    after = _metrics(server)
+    assert after["slicemoe_requests_total"] == before["slicemoe_requests_total"] + 1 == 2
+    assert after["slicemoe_completion_tokens_total"] == 2 * N
+    hits = lambda m: m['slicemoe_cache_hits_total{slice="msb"}'] + m['slicemoe_cache_hits_total{slice="lsb"}']
+    assert hits(after) > hits(before)
+    assert after["slicemoe_flash_read_bytes_total"] >= before["slicemoe_flash_read_bytes_total"] > 0
+
+
+def test_serve_answers_a_bad_request_with_a_400_and_keeps_serving(server):
+    def post(path: str, body: bytes) -> tuple[int, dict]:
+        request = urllib.request.Request(server + path, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    assert post("/v1/completions", b"not json")[0] == 400
+    status, body = post("/v1/completions", json.dumps({"prompt": "x", "max_tokens": -1}).encode())
+    assert status == 400 and "max_tokens" in body["error"]["message"]
+    status, body = post("/v1/chat/completions", json.dumps({"messages": []}).encode())
+    assert status == 400 and "messages" in body["error"]["message"]
+    status, body = post("/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2, "temperature": 0}).encode())
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
+def _python(script: str, tmp_path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    # a process of its own: llama-cpp-python installs its log callback in the library it loads
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env={**os.environ, **(env or {})})
+
+
+def test_llama_cpp_python_runs_on_our_library_with_the_cache(embedded, reference, tmp_path):
+    plain, _ = reference
+    proc = _python(f"""
+        import json
+        from slicemoe_gguf.llama import Llama
+        import llama_cpp
+        llm = Llama({str(embedded)!r}, cache_budget="50%", policy="dbsc", n_ctx=512, n_threads=2)
+        tokens = []
+        for token in llm.generate(llm.tokenize({PROMPT!r}.encode()), temp=0.0):
+            tokens.append(token)
+            if len(tokens) == {N}:
+                break
+        print(json.dumps({{"tokens": tokens, "cache": llm.cache_stats(),
+                          "library": llama_cpp.llama_cpp._lib._name}}))
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "slicemoe_gguf" in out["library"]
+    assert out["tokens"] == plain["tokens"]
+    assert out["cache"]["misses"] > 0 and out["cache"]["hits"] > 0
+    assert out["cache"]["misses"] == plain["cache"]["misses"]
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("slicemoe.policy", "nope", "is not one of dbsc"),
+    ("slicemoe.cache_budget", "lots", "expected a size"),
+    ("slicemoe.cache_budget", "1KB", "below the minimum"),
+    ("slicemoe.high_threshold", "high", "expected a number"),
+    ("slicemoe.high_threshold", 1.5, "high_threshold must be in [0, 1]"),
+    ("slicemoe.budget", 1, "not a slicemoe setting"),
+])
+def test_a_bad_slicemoe_override_is_refused_with_its_reason(embedded, tmp_path, key, value, words):
+    proc = _python(f"""
+        from slicemoe_gguf.llama import Llama
+        try:
+            Llama({str(embedded)!r}, kv_overrides={{{key!r}: {value!r}}}, verbose=True)
+        except ValueError:
+            print("REFUSED")
+    """, tmp_path)
+    assert "REFUSED" in proc.stdout, proc.stderr
+    assert words in proc.stderr
+    name = key.replace("slicemoe.", "")
+    assert name in proc.stderr or name.replace("_", " ") in proc.stderr, "the message names the setting"
+
+
+def test_the_environment_configures_a_stock_load_and_a_bad_value_is_refused(embedded, tmp_path):
+    script = f"""
+        from slicemoe_gguf.llama import Llama, cache_stats
+        import llama_cpp
+        try:
+            llm = llama_cpp.Llama({str(embedded)!r}, n_ctx=256, verbose=True)
+        except ValueError:
+            print("REFUSED")
+        else:
+            llm({PROMPT!r}, max_tokens=4, temperature=0)
+            print("STATS", cache_stats(llm)["budget_bytes"])
+    """
+    good = _python(script, tmp_path, {"SLICEMOE_CACHE_BUDGET": "4MiB", "SLICEMOE_POLICY": "lru8"})
+    assert f"STATS {4 * 2**20}" in good.stdout, good.stderr
+    bad = _python(script, tmp_path, {"SLICEMOE_POLICY": "fastest"})
+    assert "REFUSED" in bad.stdout and "SLICEMOE_POLICY: 'fastest' is not one of" in bad.stderr
+
+
+def test_a_batch_of_two_sequences_is_refused_under_a_cache(embedded, tmp_path):
+    proc = _python(f"""
+        from slicemoe_gguf.llama import Llama
+        import llama_cpp
+        llm = Llama({str(embedded)!r}, cache_budget="50%", n_ctx=256, verbose=True)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_seq_max = 256, 2
+        ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        batch = llama_cpp.llama_batch_init(2, 0, 2)
+        for i in range(2):   # one decode token for each of two sequences
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = 100 + i, 0, 1, True
+            batch.seq_id[i][0] = i
+        batch.n_tokens = 2
+        print("RC", llama_cpp.llama_decode(ctx, batch))
+        one = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(100), 1)
+        print("SINGLE", llama_cpp.llama_decode(ctx, one))
+    """, tmp_path)
+    assert "RC -3" in proc.stdout, proc.stdout + proc.stderr
+    assert "serves one sequence per batch" in proc.stderr
+    assert "SINGLE 0" in proc.stdout, "the context stays usable"
+
+
+def _decode(model: Model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decode on a context of its own (C API), on the calling thread."""
+    native = lib()
+    params = native.slicemoe_context_default_params()
+    params.n_ctx, params.n_threads = 256, 1
+    ctx_out = ffi.new("slicemoe_context **")
+    check(native.slicemoe_context_create(model._model, ffi.new("struct slicemoe_context_params *", params), ctx_out))
+    ctx = ffi.gc(ctx_out[0], native.slicemoe_context_free)
+    sampler_out = ffi.new("slicemoe_sampler **")
+    check(native.slicemoe_sampler_create(ffi.new("struct slicemoe_sampling_params *",
+                                                 native.slicemoe_sampling_default_params()), sampler_out))
+    sampler = ffi.gc(sampler_out[0], native.slicemoe_sampler_free)
+    check(native.slicemoe_eval(ctx, ffi.new("int32_t[]", prompt), len(prompt)))
+    token = ffi.new("int32_t *")
+    tokens = []
+    for _ in range(n):
+        check(native.slicemoe_decode_next(sampler, ctx, token))
+        tokens.append(int(token[0]))
+    return tokens
+
+
+def test_two_contexts_of_one_model_decode_on_two_threads_as_each_does_alone(embedded):
+    with Model(embedded, n_ctx=256, cache_budget=embedded.stat().st_size // 8) as model:
+        prompts = [model.tokenize(PROMPT), model.tokenize("JULIET.\nO Romeo, Romeo")]
+        alone = [_decode(model, p, 48) for p in prompts]
+        together: list = [None, None]
+
+        def work(i: int) -> None:
+            together[i] = _decode(model, prompts[i], 48)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert together == alone
+        assert alone[0] != alone[1]
+        assert model.cache_stats()["misses"] > 0
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is installed by .ci/run")
+def test_slicemoe_chat_typed_into_a_terminal(embedded, tmp_path):
+    line = "But soft, what light"
+    chat = run_json("run", "-m", str(embedded), "-p", line, "-n", str(N), "-c", "512", "--json", "--chat", *CACHE_FLAGS)
+    session = f"slicemoe-chat-{os.getpid()}"
+    command = (f"cd {tmp_path} && slicemoe chat -m {embedded} -n {N} -c 512 {' '.join(CACHE_FLAGS)}; "
+               f"echo CHAT-EXITED-$?; sleep 30")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", command], check=True)
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session, "-S", "-200"], capture_output=True,
+                              text=True).stdout
+
+    def wait_for(predicate, what: str) -> str:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            text = screen()
+            if predicate(text):
+                return text
+            time.sleep(0.3)
+        pytest.fail(f"no {what} on the screen:\n{screen()}")
+
+    try:
+        wait_for(lambda s: s.rstrip().endswith(">"), "prompt")
+        subprocess.run(["tmux", "send-keys", "-t", session, "-l", line], check=True)
+        subprocess.run(["tmux", "send-keys", "-t", session, "Enter"], check=True)
+        first = wait_for(lambda s: s.count(f"[{N} tokens") == 1, "summary of the first reply")
+        assert "MB/token from flash" in first and "hits" in first
+        subprocess.run(["tmux", "send-keys", "-t", session, "-l", "And then?"], check=True)
+        subprocess.run(["tmux", "send-keys", "-t", session, "Enter"], check=True)
+        wait_for(lambda s: s.count("tokens, ") == 2, "summary of the second reply")
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-d"], check=True)
+        wait_for(lambda s: "CHAT-EXITED-0" in s, "clean exit after Ctrl-D")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    # the first reply is what `slicemoe run --chat` gives, line by line
+    reply_lines = [text.strip() for text in chat["text"].splitlines() if text.strip()]
+    assert reply_lines and all(text in first for text in reply_lines), (chat["text"], first)
