@@ -52,6 +52,8 @@ class Service:
 
 
 def _options(body: dict, n_ctx: int, n_prompt: int, default_max: int | None) -> tuple[int, Sampling, list[str]]:
+    if body.get("n", 1) != 1:
+        raise BadRequest("n: one choice per request (n = 1)")
     room = n_ctx - n_prompt
     if room < 1:
         raise BadRequest(f"the prompt has {n_prompt} tokens, the context holds {n_ctx}")

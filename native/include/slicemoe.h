@@ -10,6 +10,22 @@
 //   - Parameter structs are obtained from *_default_params() and then edited, so fields can be
 //     added at the end without breaking callers that start from the defaults.
 //
+// Ownership and threads
+//   - The engine of a sliced model (its slice cache: pools, slot tables, counters, routing trace)
+//     belongs to the model and is freed with it. A model gets it at load from whichever API
+//     loads it: slicemoe_model_load with its params, or llama.cpp's llama_model_load_from_file
+//     configured by slicemoe.* key-value overrides or SLICEMOE_* environment variables (a bad
+//     value fails the load; see README, "Serving, chat and llama-cpp-python").
+//   - Every context of the model evaluates through the engine. Each ubatch of any context holds
+//     the engine's lock from graph build to the end of its compute, so contexts may decode on
+//     different threads at once and each gets exactly what it gets alone; they share the budget
+//     and the counters. Reading or resetting the counters and the trace takes the same lock.
+//   - Under a cache, a batch with tokens of more than one sequence is refused (llama_decode
+//     returns -3): the cache serves one sequence per batch. A batch at position 0 begins a new
+//     request for the engine (warm-up, trace numbering).
+//   - A model handle and each context handle are used by one thread at a time; a failure message
+//     (slicemoe_last_error) is per thread.
+//
 // This header is C and is the only thing the Python layer binds (cffi, ABI mode): between the
 // cdef markers keep to plain declarations (no preprocessor lines, no expressions in enums).
 
