@@ -30,6 +30,10 @@ FORMAT_VERSION = 1
 LSB_SUFFIX = "lsb"
 Q = gguf.GGMLQuantizationType
 EXPERT_TYPES = ("amat", "q8_0", "f16", "f32")
+SLICE_ALIGNMENT = 4096   # general.alignment of sliced files: O_DIRECT's block size
+# Bumped whenever the bytes written for the same checkpoint change, so that converted files cached
+# by that key (the embedded model's) are made again (2: sliced files aligned to 4 KiB).
+FILE_REVISION = 2
 DENSE_TYPES = ("q8_0", "f16", "f32")
 
 
@@ -334,6 +338,11 @@ class Converter:
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would hide the model from other users
             w = gguf.GGUFWriter(tmp, arch=self.arch.gguf_arch)
+            if self.experts == "amat":
+                # every tensor starts on a 4 KiB boundary, and so every expert slice of the published
+                # shapes (whose slice sizes are 4 KiB multiples): the cache reads them with O_DIRECT
+                # straight into its pools
+                w.add_custom_alignment(SLICE_ALIGNMENT)
             self._metadata(w)
             for t in self.tensors():
                 # float tensors by element type; quantized ones as raw blocks with their ggml type

@@ -145,7 +145,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     rss_before_load = _process_memory().get("rss_bytes")
     load_start = time.perf_counter()
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
-               n_threads=args.threads, cache_budget=budget, prefetch=args.prefetch,
+               n_threads=args.threads, cache_budget=budget, prefetch=args.prefetch, io_mode=args.io_mode,
                **_cache_settings(args)) as model:
         load_ms = 1000 * (time.perf_counter() - load_start)
         from .memory import plan_of_running
@@ -226,7 +226,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     budget = _cache_budget(args)
     # the run that `slicemoe run` with these flags would make (greedy), recorded
     with Model(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, n_threads=args.threads,
-               record_trace=True, cache_budget=budget, prefetch=args.prefetch, **_cache_settings(args)) as model:
+               record_trace=True, cache_budget=budget, prefetch=args.prefetch, io_mode=args.io_mode, **_cache_settings(args)) as model:
         for prompt in prompts:
             model.generate(prompt, args.n_predict, Sampling(), stop_at_eog=not args.ignore_eos)
         trace = model.routing_trace()
@@ -494,6 +494,10 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None
                            help="look-ahead prefetch: apply the next MoE layer's router to this layer's input and "
                                 "load its predicted MSB slices on an I/O thread while this layer computes (off "
                                 "by default: see the README's measurement)")
+        cache.add_argument("--io", choices=["auto", "direct", "buffered"], default=d.IO_MODE, dest="io_mode",
+                           help="how misses are read: direct (O_DIRECT, no page-cache copy), buffered (pread, then "
+                                "dropped from the page cache) or auto, direct where the file system has it "
+                                f"(default {d.IO_MODE}); --json says which ran (cache.io_mode)")
 
 
 def _cache_settings(args: argparse.Namespace) -> dict:
@@ -657,7 +661,7 @@ def _open_model(args: argparse.Namespace):
     from .runtime import Model
 
     return Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
-                 n_threads=args.threads, cache_budget=_cache_budget(args), prefetch=args.prefetch,
+                 n_threads=args.threads, cache_budget=_cache_budget(args), prefetch=args.prefetch, io_mode=args.io_mode,
                  **_cache_settings(args))
 
 

@@ -27,7 +27,9 @@ def cache_dir() -> Path:
 
 
 def _checkpoint_digest(checkpoint: Path) -> str:
-    digest = hashlib.sha256(__version__.encode())
+    from slicemoe_convert.converter import FILE_REVISION
+
+    digest = hashlib.sha256(f"{__version__}/{FILE_REVISION}".encode())
     for name in _CHECKPOINT_FILES:
         digest.update(name.encode())
         digest.update((checkpoint / name).read_bytes())

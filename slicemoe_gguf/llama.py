@@ -26,7 +26,7 @@ from .runtime import read_cache_stats
 
 # the kv_overrides keys and the values they take (the names of `slicemoe run`'s flags)
 SETTINGS = ("cache_budget", "policy", "precision", "warmup", "high_threshold", "max_miss_rate", "msb_share",
-            "high_ratio", "prior_lambda", "gating_t", "prefetch", "record_trace")
+            "high_ratio", "prior_lambda", "gating_t", "prefetch", "record_trace", "io_mode")
 
 
 def _point_llama_cpp_at_our_library() -> None:
@@ -86,4 +86,4 @@ def cache_stats(llm: "llama_cpp.Llama") -> dict | None:
     if n_layers == 0:
         return None
     return read_cache_stats(lambda t: native.slicemoe_cache_get_stats(wrapped, t),
-                            lambda i, row: native.slicemoe_cache_get_layer_stats(wrapped, i, row), n_layers)
+                            lambda i, row: native.slicemoe_cache_get_layer_stats(wrapped, i, row), n_layers, live=True)

@@ -4,6 +4,7 @@ counters and timings."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -46,8 +47,9 @@ def _counters(model: Model) -> dict | None:
 
 
 def stream_reply(model: Model, prompt: list[int], max_tokens: int, sampling: Sampling, reply: Reply,
-                 stop: list[str] | None = None) -> Iterator[str]:
-    """Yields the reply's text in pieces and fills `reply` as it goes (complete when exhausted)."""
+                 stop: list[str] | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
+    """Yields the reply's text in pieces and fills `reply` as it goes (complete when exhausted).
+    Setting `cancel` ends the reply before the next token (finish_reason "cancelled")."""
     started = time.perf_counter()
     before = _counters(model)
     stop = [s for s in (stop or []) if s]
@@ -56,6 +58,9 @@ def stream_reply(model: Model, prompt: list[int], max_tokens: int, sampling: Sam
     shown = 0
     try:
         for token, _ in model.stream(prompt, max_tokens, sampling):
+            if cancel is not None and cancel.is_set():
+                reply.finish_reason = "cancelled"
+                break
             if not reply.tokens:
                 reply.ttft_ms = 1000 * (time.perf_counter() - started)
             if model.is_eog(token):

@@ -22,10 +22,11 @@ STATUS_BUFFER_TOO_SMALL = 5
 # routed-expert precision of sliced models (enum slicemoe_precision)
 PRECISIONS = {"auto": 0, "high": 1, "low": 2}
 WARMUPS = {"none": 0, "pcw": 1}
+IO_MODES = {"auto": 0, "direct": 1, "buffered": 2}   # enum slicemoe_io_mode
 _CACHE_FIELDS = ("budget_bytes", "pool_bytes", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads",
                  "evictions", "flash_bytes", "ram_bytes", "high_uses", "low_uses", "warmup_loads",
                  "decode_tokens", "io_ms", "high_threshold", "dropped_uses", "prefetch_loads",
-                 "prefetch_useful_bytes", "prefetch_wasted_bytes", "device_pool_bytes")
+                 "prefetch_useful_bytes", "prefetch_wasted_bytes", "device_pool_bytes", "io_direct")
 _LAYER_FIELDS = ("layer", "msb_slots", "lsb_slots", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses",
                  "loads", "evictions", "flash_bytes", "ram_bytes", "io_ms")
 
@@ -79,8 +80,10 @@ class Model:
                  policy: str = defaults.POLICY, record_trace: bool = False, msb_share: float = defaults.MSB_SHARE,
                  high_ratio: float = defaults.HIGH_RATIO, prior_lambda: float = defaults.PRIOR_LAMBDA,
                  gating_t: float = defaults.GATING_T, prefetch: bool = defaults.PREFETCH,
-                 layer_slots: list[int] | None = None):
+                 layer_slots: list[int] | None = None, io_mode: str = defaults.IO_MODE):
         self.path = Path(path)
+        if io_mode not in IO_MODES:
+            raise ValueError(f"io_mode must be one of {', '.join(IO_MODES)}")
         self._lib = lib()
         params = self._lib.slicemoe_model_default_params()
         params.n_gpu_layers = n_gpu_layers
@@ -88,6 +91,7 @@ class Model:
         params.cache_budget_bytes = int(cache_budget)
         params.record_trace = record_trace
         params.prefetch = prefetch
+        params.io_mode = IO_MODES[io_mode]
         slots = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,
                                  high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
                                  high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
@@ -158,7 +162,7 @@ class Model:
         native, handle = self._lib, self._model
         return read_cache_stats(lambda t: native.slicemoe_cache_get_stats(handle, t),
                                 lambda i, row: native.slicemoe_cache_get_layer_stats(handle, i, row),
-                                native.slicemoe_cache_n_layers(handle))
+                                native.slicemoe_cache_n_layers(handle), live=True)
 
     def routing_trace(self):
         """The routing recorded so far (record_trace=True) as a slicemoe-trace Trace."""
@@ -341,12 +345,16 @@ def set_cache_params(params, *, policy: str, precision: str, warmup: str, high_t
     return slots
 
 
-def read_cache_stats(get_totals, get_layer, n_layers: int) -> dict:
+def read_cache_stats(get_totals, get_layer, n_layers: int, *, live: bool = False) -> dict:
     """The counters of a live cache or a replay as one dict: totals (plus hits and misses over both
-    slices) and per-layer arrays under "layers"."""
+    slices) and per-layer arrays under "layers"; a live cache adds how it reads misses ("io_mode":
+    "direct" or "buffered")."""
     t = ffi.new("slicemoe_cache_stats_t *")
     check(get_totals(t))
     stats = {name: getattr(t, name) for name in _CACHE_FIELDS}
+    io_direct = stats.pop("io_direct")
+    if live:
+        stats["io_mode"] = "direct" if io_direct else "buffered"
     stats["hits"] = stats["msb_hits"] + stats["lsb_hits"]
     stats["misses"] = stats["msb_misses"] + stats["lsb_misses"]
     rows = []

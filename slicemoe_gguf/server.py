@@ -10,6 +10,7 @@ and the RAM budget are the model's, and a laptop has one of each.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 import uuid
@@ -103,6 +104,34 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
 
 
+def _start(service: Service, body: dict, chat: bool, reply: Reply, cancel: threading.Event) -> queue.Queue:
+    """Runs the request on a thread of its own, which holds the model for the whole request
+    (tokenizing included: one context, one request) and puts ("piece", text) items, then ("piece",
+    None); ("bad" | "error", exception) on a failure. It stops at the next token once `cancel` is set,
+    so that a client that goes away frees the model at once."""
+    pieces: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        try:
+            with service.lock:
+                prompt = _prompt(service, body, chat)
+                max_tokens, sampling, stop = _options(body, service.model.n_ctx, len(prompt),
+                                                      None if chat else DEFAULT_MAX_TOKENS)
+                try:
+                    for piece in stream_reply(service.model, prompt, max_tokens, sampling, reply, stop, cancel):
+                        pieces.put(("piece", piece))
+                finally:
+                    service.account(reply)
+            pieces.put(("piece", None))
+        except BadRequest as exc:
+            pieces.put(("bad", exc))
+        except Exception as exc:   # noqa: BLE001 - reported to the client as a server error
+            pieces.put(("error", exc if isinstance(exc, SliceMoEError) else SliceMoEError(f"internal error: {exc!r}", 8)))
+
+    threading.Thread(target=work, name="slicemoe-request", daemon=True).start()
+    return pieces
+
+
 def build_app(service: Service) -> Starlette:
     def envelope(chat: bool, ident: str, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
@@ -126,43 +155,51 @@ def build_app(service: Service) -> Starlette:
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         reply = Reply()
 
-        def run():
-            # the whole request, tokenizing included, holds the model: one context, one request
-            with service.lock:
-                prompt = _prompt(service, body, chat)
-                max_tokens, sampling, stop = _options(body, service.model.n_ctx, len(prompt),
-                                                      None if chat else DEFAULT_MAX_TOKENS)
-                try:
-                    yield from stream_reply(service.model, prompt, max_tokens, sampling, reply, stop)
-                finally:
-                    service.account(reply)
+        cancel = threading.Event()
+        pieces = _start(service, body, chat, reply, cancel)
 
-        if body.get("stream"):
-            pieces = run()
-            try:
-                # the prompt runs before the stream starts, so that a bad request is a 400
-                first_piece = await run_in_threadpool(next, pieces, "")
-            except BadRequest as exc:
-                return _error(400, str(exc))
-            except SliceMoEError as exc:
-                return _error(500, str(exc), "server_error")
+        async def next_piece():
+            kind, value = await run_in_threadpool(pieces.get)
+            if kind in ("bad", "error"):
+                raise value
+            return value   # None when the reply is complete
 
-            def events():
-                yield f"data: {json.dumps({**envelope(chat, ident, True), 'choices': [choice(chat, first_piece, None, True, True)]})}\n\n"
-                for piece in pieces:
-                    yield f"data: {json.dumps({**envelope(chat, ident, True), 'choices': [choice(chat, piece, None, True)]})}\n\n"
-                last = {**envelope(chat, ident, True), "choices": [choice(chat, "", reply.finish_reason, True)],
-                        "usage": _usage(reply), "slicemoe": reply.summary()}
-                yield f"data: {json.dumps(last)}\n\n"
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
         try:
-            await run_in_threadpool(lambda: [*run()])
+            # the prompt runs before a response starts, so that a bad request is a 400
+            first_piece = await next_piece()
         except BadRequest as exc:
             return _error(400, str(exc))
         except SliceMoEError as exc:
             return _error(500, str(exc), "server_error")
+        except BaseException:
+            cancel.set()   # the client went away (the task is cancelled): stop decoding for it
+            raise
+
+        if body.get("stream"):
+            async def events():
+                try:
+                    piece, first = first_piece, True
+                    while piece is not None:
+                        yield f"data: {json.dumps({**envelope(chat, ident, True), 'choices': [choice(chat, piece, None, True, first)]})}\n\n"
+                        piece, first = await next_piece(), False
+                    last = {**envelope(chat, ident, True), "choices": [choice(chat, "", reply.finish_reason, True)],
+                            "usage": _usage(reply), "slicemoe": reply.summary()}
+                    yield f"data: {json.dumps(last)}\n\n"
+                    yield "data: [DONE]\n\n"
+                except SliceMoEError:
+                    return   # the stream has started: ending it is all that is left to say
+                finally:
+                    cancel.set()   # a client that disconnects ends here too: the decode stops
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        try:
+            piece = first_piece
+            while piece is not None:
+                piece = await next_piece()
+        except SliceMoEError as exc:
+            return _error(500, str(exc), "server_error")
+        finally:
+            cancel.set()
         return JSONResponse({**envelope(chat, ident, False), "choices": [choice(chat, reply.text, reply.finish_reason, False)],
                              "usage": _usage(reply), "slicemoe": reply.summary()})
 

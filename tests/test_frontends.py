@@ -57,7 +57,7 @@ def server(embedded, tmp_path):
     """`slicemoe serve` on 127.0.0.1 with the cache flags; yields its base URL, stopped by SIGINT."""
     port = _free_port()
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(["slicemoe", "serve", "-m", str(embedded), "--port", str(port), "-c", "512", *CACHE_FLAGS],
+    proc = subprocess.Popen(["slicemoe", "serve", "-m", str(embedded), "--port", str(port), "-c", "2048", *CACHE_FLAGS],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -130,6 +130,26 @@ def test_serve_answers_a_bad_request_with_a_400_and_keeps_serving(server):
     assert status == 400 and "messages" in body["error"]["message"]
     status, body = post("/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2, "temperature": 0}).encode())
     assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
+def test_a_client_that_goes_away_stops_its_decode_and_frees_the_server(server):
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2000, "temperature": 0,
+                                                              "stream": True}), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.fp.readline()   # the stream has started
+    connection.sock.close()         # and the client goes away
+
+    request = urllib.request.Request(server + "/v1/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": PROMPT, "max_tokens": 4, "temperature": 0}).encode())
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        assert json.loads(answer.read())["usage"]["completion_tokens"] == 4
+    # the abandoned request stopped early instead of decoding its 2000 tokens for nobody
+    assert _metrics(server)["slicemoe_completion_tokens_total"] < 1000
 
 
 def _python(script: str, tmp_path: Path, env: dict | None = None) -> subprocess.CompletedProcess:

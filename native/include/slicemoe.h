@@ -89,6 +89,13 @@ enum slicemoe_policy {
                                  // ranked below the first is dropped when its weight < sqrt(T / S_l)
 };
 
+// How the slice cache reads a miss from the model file (see native/src/slicemoe-io.h).
+enum slicemoe_io_mode {
+    SLICEMOE_IO_AUTO     = 0,  // direct where the file system supports O_DIRECT, else buffered
+    SLICEMOE_IO_DIRECT   = 1,  // O_DIRECT (an error where it is not supported)
+    SLICEMOE_IO_BUFFERED = 2,  // pread through the page cache, then POSIX_FADV_DONTNEED
+};
+
 enum slicemoe_warmup {
     SLICEMOE_WARMUP_NONE = 0,
     SLICEMOE_WARMUP_PCW  = 1,  // predictive cache warm-up from the prompt's routing
@@ -121,6 +128,7 @@ struct slicemoe_model_params {
     // of an equal share of the budget; NULL / 0 = equal shares.
     const int32_t * layer_slots;
     int32_t n_layer_slots;
+    int32_t io_mode;           // enum slicemoe_io_mode (default auto)
 };
 
 // Trace replay with no model: the same cache manager with no pools and no reads.
@@ -163,6 +171,7 @@ typedef struct slicemoe_cache_stats {
     int64_t prefetch_useful_bytes;  // ... of which the next token's layer used
     int64_t prefetch_wasted_bytes;  // ... and did not
     int64_t device_pool_bytes;  // of pool_bytes, the part in device memory (offloaded layers' pools)
+    int32_t io_direct;         // 1: misses are read with O_DIRECT, 0: buffered pread
 } slicemoe_cache_stats_t;
 
 typedef struct slicemoe_layer_stats {

@@ -237,6 +237,7 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     p.prefetch       = false;
     p.layer_slots    = nullptr;
     p.n_layer_slots  = 0;
+    p.io_mode        = SLICEMOE_IO_AUTO;
     return p;
 }
 

@@ -28,6 +28,9 @@ constexpr name_value PRECISIONS[] = {
     { "auto", SLICEMOE_PRECISION_AUTO }, { "high", SLICEMOE_PRECISION_HIGH }, { "low", SLICEMOE_PRECISION_LOW },
 };
 constexpr name_value WARMUPS[] = { { "none", SLICEMOE_WARMUP_NONE }, { "pcw", SLICEMOE_WARMUP_PCW } };
+constexpr name_value IO_MODES[] = {
+    { "auto", SLICEMOE_IO_AUTO }, { "direct", SLICEMOE_IO_DIRECT }, { "buffered", SLICEMOE_IO_BUFFERED },
+};
 
 // One configuration key: its text value (from an override or the environment) or a typed override.
 struct setting {
@@ -117,6 +120,7 @@ bool apply(const setting & s, stock_config * out, std::string * error) {
     if (n == "policy")         return read_name(s, POLICIES, &p.policy, error);
     if (n == "precision")      return read_name(s, PRECISIONS, &p.precision, error);
     if (n == "warmup")         return read_name(s, WARMUPS, &p.warmup, error);
+    if (n == "io_mode")        return read_name(s, IO_MODES, &p.io_mode, error);
     if (n == "high_threshold") return read_float(s, &p.high_threshold, error);
     if (n == "max_miss_rate")  return read_float(s, &p.max_miss_rate, error);
     if (n == "msb_share")      return read_float(s, &p.msb_share, error);
@@ -126,7 +130,7 @@ bool apply(const setting & s, stock_config * out, std::string * error) {
     if (n == "prefetch")       return read_bool(s, &p.prefetch, error);
     if (n == "record_trace")   return read_bool(s, &p.record_trace, error);
     *error = s.source + ": not a slicemoe setting (cache_budget, policy, precision, warmup, high_threshold, "
-             "max_miss_rate, msb_share, high_ratio, prior_lambda, gating_t, prefetch, record_trace)";
+             "max_miss_rate, msb_share, high_ratio, prior_lambda, gating_t, prefetch, record_trace, io_mode)";
     return false;
 }
 
@@ -175,7 +179,8 @@ bool read_stock_config(const llama_model_kv_override * overrides, stock_config *
         given.push_back({ key.substr(std::strlen(PREFIX)), key, kv, "" });
     }
     for (const char * name : { "cache_budget", "policy", "precision", "warmup", "high_threshold", "max_miss_rate",
-                               "msb_share", "high_ratio", "prior_lambda", "gating_t", "prefetch", "record_trace" }) {
+                               "msb_share", "high_ratio", "prior_lambda", "gating_t", "prefetch", "record_trace",
+                               "io_mode" }) {
         bool overridden = false;
         for (const setting & s : given) overridden = overridden || s.name == name;
         const std::string var = env_name(name);

@@ -24,6 +24,13 @@ bool read_stock_config(const llama_model_kv_override * overrides, stock_config *
 
 // The cache-policy fields that slicemoe_model_params and slicemoe_sim_params share, checked the
 // same way for a live cache and a replay.
+inline bool io_mode_valid(const slicemoe_model_params & p) {
+    return p.io_mode >= SLICEMOE_IO_AUTO && p.io_mode <= SLICEMOE_IO_BUFFERED;
+}
+inline bool io_mode_valid(const slicemoe_sim_params &) {
+    return true;
+}
+
 template <typename P>
 bool policy_params_valid(const P & p, std::string * error) {
     const auto in = [](float v, float lo, float hi) { return v >= lo && v <= hi; };   // false for NaN
@@ -38,6 +45,7 @@ bool policy_params_valid(const P & p, std::string * error) {
     else if (!in(p.prior_lambda, 0.0f, 1e6f)) problem = "prior_lambda must be in [0, 1e6]";
     else if (!in(p.gating_t, 0.0f, 1.0f)) problem = "gating_t must be in [0, 1] (a squared routing weight)";
     else if (p.n_layer_slots < 0 || (p.n_layer_slots > 0 && !p.layer_slots)) problem = "layer_slots: NULL with a count above 0";
+    else if (!io_mode_valid(p)) problem = "io_mode: auto (0), direct (1) or buffered (2)";
     if (problem) {
         *error = problem;
         return false;

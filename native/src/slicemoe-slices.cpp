@@ -18,6 +18,7 @@
 
 #include "slicemoe-slices.h"
 #include "slicemoe-graph.h"
+#include "slicemoe-io.h"
 
 #include "llama-model.h"
 
@@ -29,6 +30,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
 #include <future>
@@ -94,9 +96,23 @@ struct layer {
 
 } // namespace
 
+// A slice read queued by a step (a decode token of a layer, a warm-up): its slot is already
+// assigned, its bytes arrive in flush_loads.
+struct pending_load {
+    layer *              L = nullptr;
+    pool *               p = nullptr;
+    int                  expert = -1, slot = -1;
+    std::vector<uint8_t> staging[N_PROJ];   // for a pool in device memory: uploaded after the read
+};
+
+// persistent reader threads per model: enough for a step's misses (top-k experts x 3 projections)
+// to be in flight together on flash that wants queue depth
+constexpr int READER_THREADS = 8;
+
 struct cache {
     const llama_model *  model = nullptr;
-    int                  fd = -1;
+    std::unique_ptr<slice_reader> io;         // misses are read here (nullptr: no cache, or replay)
+    std::vector<pending_load> pending;
     int                  n_expert = 0;
     int                  top_k = 0;
     int                  precision = SLICEMOE_PRECISION_AUTO;
@@ -123,6 +139,7 @@ struct cache {
     int64_t              budget = 0;
     std::vector<ggml_context *>          ctxs;   // one per buffer type the pools live in
     std::vector<ggml_backend_buffer_t>   bufs;
+    std::vector<void *>                  host_memory;   // under the host pools' buffers (alloc_page_aligned)
     std::vector<layer>   layers;
     std::unordered_map<int, int> layer_of_il;
     uint64_t             clock = 0;
@@ -139,9 +156,10 @@ struct cache {
         for (layer & L : layers) {
             if (L.pending.valid()) L.pending.wait();
         }
+        io.reset();   // no read in flight from here on
         for (ggml_backend_buffer_t b : bufs) ggml_backend_buffer_free(b);
+        for (void * m : host_memory) std::free(m);
         for (ggml_context * ctx : ctxs) ggml_free(ctx);
-        if (fd >= 0) close(fd);
     }
 };
 
@@ -189,63 +207,86 @@ bool tensor_source(gguf_context * g, const ggml_tensor * t, int64_t * offset, st
     return true;
 }
 
-// Read one expert's slice (all projections) into a slot. On failure the slot is left empty.
-// Read one expert's slice (all projections) from the file into a slot; no bookkeeping, so the
-// prefetch worker can call it too. inject: honour the test's failure injection.
-bool read_slice(cache & c, const layer & L, const pool & p, int expert, int slot, bool inject, std::string * error) {
-    for (int j = 0; j < N_PROJ; ++j) {
-        const size_t  n   = p.expert_bytes[j];
-        const int64_t off = p.file_offset[j] + int64_t(expert) * int64_t(n);
-        std::vector<uint8_t> staging;
-        uint8_t * dst = nullptr;
-        if (ggml_backend_buffer_is_host(p.t[j]->buffer)) {
-            dst = (uint8_t *) p.t[j]->data + size_t(slot) * p.t[j]->nb[2];
-        } else {
-            staging.resize(n);
-            dst = staging.data();
-        }
-        ssize_t got = -1;
-        if (inject && c.reads_left == 0) {
-            errno = EIO;
-        } else {
-            if (inject && c.reads_left > 0) --c.reads_left;
-            got = pread(c.fd, dst, n, off);
-        }
-        if (got != ssize_t(n)) {
-            const int err = got < 0 ? errno : EIO;
-            *error = "reading expert " + std::to_string(expert) + " of layer " + std::to_string(L.il) +
-                     " from the model file failed: " + (got < 0 ? strerror(err) : "short read");
-            return false;
-        }
-        // drop the range from the page cache: the next miss of this slice is a real read
-        posix_fadvise(c.fd, off, off_t(n), POSIX_FADV_DONTNEED);
-        if (!staging.empty()) {
-            ggml_backend_tensor_set(p.t[j], staging.data(), size_t(slot) * p.t[j]->nb[2], n);
-        }
-    }
-    return true;
+// The file range of one expert's slice of projection j.
+slice_read slice_range(const pool & p, int j, int expert, uint8_t * dst) {
+    slice_read r;
+    r.bytes = p.expert_bytes[j];
+    r.offset = p.file_offset[j] + int64_t(expert) * int64_t(r.bytes);
+    r.dst = dst;
+    return r;
 }
 
-bool load_slice(cache & c, layer & L, pool & p, int expert, int slot) {
-    const auto t0 = std::chrono::steady_clock::now();
-    if (!c.simulated && !read_slice(c, L, p, expert, slot, true, &c.error)) {
-        p.slot_expert[slot] = -1;
-        c.failed = true;
-        return false;
-    }
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+// Assign `expert`'s slice to `slot` now and queue its read for flush_loads. The slot counts as
+// used by the current step, so that no later victim() of the same step takes it back.
+void queue_load(cache & c, layer & L, pool & p, int expert, int slot) {
     p.slot_expert[slot] = expert;
     p.expert_slot[expert] = slot;
     p.uses[slot] = 0;
+    p.last_use[slot] = c.clock;
     L.stats.loads += 1;
     L.stats.flash_bytes += int64_t(p.slice_bytes);
     c.totals.loads += 1;
     c.totals.flash_bytes += int64_t(p.slice_bytes);
     if (!c.simulated) {
-        c.totals.io_ms += ms;
-        L.stats.io_ms += ms;
+        c.pending.push_back({ &L, &p, expert, slot, {} });
     }
-    return true;
+}
+
+// Read every queued slice at once. false (c.failed, c.error) when a read failed: the slots of
+// the slices that failed are left empty, never half-filled.
+bool flush_loads(cache & c) {
+    if (c.pending.empty()) return true;
+    std::vector<slice_read> reads;
+    reads.reserve(c.pending.size() * N_PROJ);
+    for (pending_load & q : c.pending) {
+        for (int j = 0; j < N_PROJ; ++j) {
+            ggml_tensor * t = q.p->t[j];
+            uint8_t * dst = nullptr;
+            if (ggml_backend_buffer_is_host(t->buffer)) {
+                dst = (uint8_t *) t->data + size_t(q.slot) * t->nb[2];
+            } else {
+                q.staging[j].resize(q.p->expert_bytes[j]);
+                dst = q.staging[j].data();
+            }
+            slice_read r = slice_range(*q.p, j, q.expert, dst);
+            r.fail = c.reads_left == 0;
+            if (c.reads_left > 0) --c.reads_left;
+            reads.push_back(r);
+        }
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<char> failed;
+    std::string error;
+    const bool ok = c.io->read(reads, &failed, &error);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    c.totals.io_ms += ms;
+    c.pending.front().L->stats.io_ms += ms;   // a step's loads are one layer's
+    int first_failed = -1;
+    for (size_t i = 0; i < c.pending.size(); ++i) {
+        pending_load & q = c.pending[i];
+        const bool bad = failed[i * N_PROJ] || failed[i * N_PROJ + 1] || failed[i * N_PROJ + 2];
+        if (bad) {
+            if (first_failed < 0) first_failed = int(i);
+            if (q.p->slot_expert[q.slot] == q.expert) {
+                q.p->slot_expert[q.slot] = -1;
+                q.p->expert_slot[q.expert] = -1;
+            }
+            continue;
+        }
+        for (int j = 0; j < N_PROJ; ++j) {
+            if (!q.staging[j].empty()) {
+                ggml_backend_tensor_set(q.p->t[j], q.staging[j].data(), size_t(q.slot) * q.p->t[j]->nb[2], q.staging[j].size());
+            }
+        }
+    }
+    if (!ok) {
+        const pending_load & q = c.pending[size_t(std::max(first_failed, 0))];
+        c.failed = true;
+        c.error = "reading expert " + std::to_string(q.expert) + " of layer " + std::to_string(q.L->il) +
+                  " from the model file failed: " + error;
+    }
+    c.pending.clear();
+    return ok;
 }
 
 void evict(cache & c, layer & L, pool & p, int slot) {
@@ -298,7 +339,7 @@ bool ensure(cache & c, layer & L, pool & p, int expert, bool * hit) {
         slot = victim(c, L, p);
         if (slot < 0) return false;
         evict(c, L, p, slot);
-        if (!load_slice(c, L, p, expert, slot)) return false;
+        queue_load(c, L, p, expert, slot);
     }
     p.last_use[slot] = c.clock;
     p.uses[slot] += 1;
@@ -319,17 +360,18 @@ void warm_up(cache & c, layer & L) {
             const int slot = victim(c, L, L.msb);
             if (slot < 0) break;
             evict(c, L, L.msb, slot);
-            if (!load_slice(c, L, L.msb, e, slot)) return;
+            queue_load(c, L, L.msb, e, slot);
             c.totals.warmup_loads += 1;
         }
         if (rank < L.lsb.n_slots && rank < c.top_k && L.lsb.expert_slot[e] < 0 && L.msb.expert_slot[e] >= 0) {
             const int slot = victim(c, L, L.lsb);
             if (slot < 0) continue;
             evict(c, L, L.lsb, slot);
-            if (!load_slice(c, L, L.lsb, e, slot)) return;
+            queue_load(c, L, L.lsb, e, slot);
             c.totals.warmup_loads += 1;
         }
     }
+    flush_loads(c);
 }
 
 // llama.cpp maps the file and prefetches all of it; the expert tensors are only read by prefill,
@@ -347,7 +389,9 @@ void release_mapped(cache & c) {
             }
         }
     }
-    posix_fadvise(c.fd, 0, 0, POSIX_FADV_DONTNEED);
+#if defined(POSIX_FADV_DONTNEED)
+    posix_fadvise(c.io->fd(), 0, 0, POSIX_FADV_DONTNEED);
+#endif
 }
 
 // The policy for one decode token of one layer: ids are the token's experts, best first, and
@@ -387,7 +431,11 @@ slicemoe_cache_stats_t prefetch_into(cache & c, layer & L, std::vector<int> pred
             }
         }
         std::string error;
-        if (!read_slice(c, L, p, e, slot, /*inject*/ false, &error)) {
+        bool read = true;
+        for (int j = 0; j < N_PROJ && read; ++j) {   // host pools only (build_cache checks)
+            read = c.io->read_one(slice_range(p, j, e, (uint8_t *) p.t[j]->data + size_t(slot) * p.t[j]->nb[2]), &error);
+        }
+        if (!read) {
             break;   // a failed prefetch is a missed chance; the miss path reads (and reports) again
         }
         p.slot_expert[size_t(slot)] = e;
@@ -499,6 +547,9 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
             high = false;
         }
         (high ? c.totals.high_uses : c.totals.low_uses) += 1;
+    }
+    if (!flush_loads(c)) {   // all the token's misses at once
+        return false;
     }
     for (char & f : L.prefetched) {
         if (f) {
@@ -725,6 +776,30 @@ std::unique_ptr<cache> build_uncached(const llama_model * model, const slicemoe_
     return c;
 }
 
+// The host pools of ctx in one page-aligned allocation, each tensor on a page boundary: a slot of
+// a slice size that is a multiple of 4 KiB then takes an O_DIRECT read straight into place.
+// nullptr when the memory cannot be had.
+ggml_backend_buffer_t alloc_page_aligned(ggml_context * ctx, std::vector<void *> * owned) {
+    constexpr size_t page = 4096;
+    size_t size = 0;
+    for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
+        size += GGML_PAD(ggml_nbytes(t), page);
+    }
+    void * memory = std::aligned_alloc(page, std::max(size, page));
+    if (!memory) return nullptr;
+    owned->push_back(memory);
+    ggml_backend_buffer_t buf = ggml_backend_cpu_buffer_from_ptr(memory, std::max(size, page));
+    size_t offset = 0;
+    for (ggml_tensor * t = ggml_get_first_tensor(ctx); t && buf; t = ggml_get_next_tensor(ctx, t)) {
+        if (ggml_backend_tensor_alloc(buf, t, static_cast<uint8_t *>(memory) + offset) != GGML_STATUS_SUCCESS) {
+            ggml_backend_buffer_free(buf);
+            return nullptr;
+        }
+        offset += GGML_PAD(ggml_nbytes(t), page);
+    }
+    return buf;
+}
+
 // nullptr on failure, with *error and *status (SLICEMOE_ERR_INVALID_ARG for a budget or parameters
 // that cannot run, SLICEMOE_ERR_NO_MEMORY when the pools cannot be allocated, SLICEMOE_ERR_IO when
 // the file cannot be opened or read).
@@ -840,7 +915,9 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
 
     for (const auto & [key, ctx] : ctx_of) {
         const auto [buft, tables] = key;
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+        ggml_backend_buffer_t buf = !tables && buft == ggml_backend_cpu_buffer_type()
+                                        ? alloc_page_aligned(ctx, &c->host_memory)
+                                        : ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
         if (!buf) {
             *error = "cannot allocate the slice pools (" + format_bytes(c->budget) + ") in " + ggml_backend_buft_name(buft) +
                      ": out of memory; try a smaller --cache-budget";
@@ -859,12 +936,12 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         *error = "look-ahead prefetch needs the pools on the host in this version: use it without -ngl";
         return nullptr;
     }
-    c->fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (c->fd < 0) {
-        *error = std::string("cannot open '") + path + "' for expert reads: " + strerror(errno);
+    c->io = slice_reader::open(path, params.io_mode, READER_THREADS, error);
+    if (!c->io) {
         *status = SLICEMOE_ERR_IO;
         return nullptr;
     }
+    c->totals.io_direct = c->io->direct();
     for (const layer & L : c->layers) {
         for (int j = 0; j < N_PROJ; ++j) {
             c->totals.pool_bytes += int64_t(ggml_nbytes(L.msb.t[j]));
@@ -878,12 +955,13 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         const bool everything = L.msb.n_slots == c->n_expert &&
                                 (L.lsb.n_slots == c->n_expert || c->precision == SLICEMOE_PRECISION_LOW);
         for (int e = 0; everything && e < c->n_expert; ++e) {
-            ok = load_slice(*c, L, L.msb, e, e) && (L.lsb.n_slots == 0 || load_slice(*c, L, L.lsb, e, e));
-            if (!ok) {
-                *error = c->error;
-                *status = SLICEMOE_ERR_IO;
-                return nullptr;
-            }
+            queue_load(*c, L, L.msb, e, e);
+            if (L.lsb.n_slots > 0) queue_load(*c, L, L.lsb, e, e);
+        }
+        if (!flush_loads(*c)) {
+            *error = c->error;
+            *status = SLICEMOE_ERR_IO;
+            return nullptr;
         }
     }
     c->totals.warmup_loads = c->totals.loads;
@@ -1088,6 +1166,7 @@ void clear_stats(cache * c) {
     const slicemoe_cache_stats_t kept = c->totals;
     c->totals = {};
     c->totals.budget_bytes = kept.budget_bytes;
+    c->totals.io_direct = kept.io_direct;
     c->totals.pool_bytes = kept.pool_bytes;
     c->totals.device_pool_bytes = kept.device_pool_bytes;
     for (layer & L : c->layers) {

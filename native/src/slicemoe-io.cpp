@@ -1,0 +1,183 @@
+#include "slicemoe-io.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <unistd.h>
+
+namespace slicemoe {
+
+namespace {
+
+constexpr int64_t ALIGN = 4096;   // the logical block size O_DIRECT needs, at most, on the targets
+
+bool aligned(int64_t v) { return v % ALIGN == 0; }
+
+// pread until n bytes or the end of the file; the count read, or -1 with errno set.
+ssize_t pread_full(int fd, uint8_t * dst, size_t n, int64_t offset) {
+    size_t got = 0;
+    while (got < n) {
+        const ssize_t r = pread(fd, dst + got, n - got, off_t(offset + int64_t(got)));
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -1;
+        if (r == 0) break;
+        got += size_t(r);
+    }
+    return ssize_t(got);
+}
+
+// A bounce buffer per thread for unaligned direct reads, grown as needed and never shrunk.
+struct bounce_buffer {
+    uint8_t * data = nullptr;
+    size_t    size = 0;
+    ~bounce_buffer() { std::free(data); }
+    uint8_t * get(size_t n) {
+        if (n > size) {
+            std::free(data);
+            data = static_cast<uint8_t *>(std::aligned_alloc(size_t(ALIGN), n));
+            size = data ? n : 0;
+        }
+        return data;
+    }
+};
+
+thread_local bounce_buffer t_bounce;
+
+} // namespace
+
+std::unique_ptr<slice_reader> slice_reader::open(const char * path, int mode, int n_threads, std::string * error) {
+    std::unique_ptr<slice_reader> r(new slice_reader());
+    r->fd_ = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (r->fd_ < 0) {
+        *error = std::string("cannot open '") + path + "' for expert reads: " + strerror(errno);
+        return nullptr;
+    }
+#if defined(__APPLE__)
+    fcntl(r->fd_, F_NOCACHE, 1);   // macOS has neither O_DIRECT nor posix_fadvise: this is its equivalent
+#endif
+    if (mode != BUFFERED) {
+#ifdef O_DIRECT
+        r->direct_fd_ = ::open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
+#else
+        errno = EINVAL;
+#endif
+        if (r->direct_fd_ < 0 && mode == DIRECT) {
+            *error = std::string("cannot open '") + path + "' with O_DIRECT (direct reads were asked for): " +
+                     strerror(errno);
+            return nullptr;
+        }
+    }
+    for (int i = 1; i < n_threads; ++i) {   // the calling thread is the first reader
+        r->threads_.emplace_back(&slice_reader::worker, r.get());
+    }
+    return r;
+}
+
+slice_reader::~slice_reader() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_ = true;
+    }
+    wake_.notify_all();
+    for (std::thread & t : threads_) t.join();
+    if (direct_fd_ >= 0) close(direct_fd_);
+    if (fd_ >= 0) close(fd_);
+}
+
+bool slice_reader::run(const slice_read & r, std::string * error) {
+    ssize_t got = -1;
+    int err = EIO;
+    if (r.fail) {
+        got = -1;
+    } else if (direct_fd_ >= 0) {
+        const int64_t begin = r.offset / ALIGN * ALIGN;
+        const int64_t end = (r.offset + int64_t(r.bytes) + ALIGN - 1) / ALIGN * ALIGN;
+        if (begin == r.offset && aligned(int64_t(r.bytes)) && aligned(int64_t(reinterpret_cast<uintptr_t>(r.dst)))) {
+            got = pread_full(direct_fd_, r.dst, r.bytes, r.offset);
+            err = errno;
+        } else if (uint8_t * bounce = t_bounce.get(size_t(end - begin))) {
+            const ssize_t n = pread_full(direct_fd_, bounce, size_t(end - begin), begin);
+            err = errno;
+            // the last block may end at the end of the file: what matters is the range asked for
+            got = n < 0 ? -1 : ssize_t(std::min<int64_t>(int64_t(r.bytes), std::max<int64_t>(0, n - (r.offset - begin))));
+            if (got > 0) std::memcpy(r.dst, bounce + (r.offset - begin), size_t(got));
+        } else {
+            err = ENOMEM;
+        }
+    } else {
+        got = pread_full(fd_, r.dst, r.bytes, r.offset);
+        err = errno;
+#if defined(POSIX_FADV_DONTNEED)
+        posix_fadvise(fd_, off_t(r.offset), off_t(r.bytes), POSIX_FADV_DONTNEED);
+#endif
+    }
+    if (got == ssize_t(r.bytes)) {
+        return true;
+    }
+    *error = std::string(got < 0 ? strerror(r.fail ? EIO : err) : "short read (the file ends early)") + " (" +
+             std::to_string(r.bytes) + " bytes at offset " + std::to_string(r.offset) + ")";
+    return false;
+}
+
+bool slice_reader::read_one(const slice_read & r, std::string * error) {
+    return run(r, error);
+}
+
+void slice_reader::worker() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        while (batch_ && next_ < batch_->size()) {
+            const size_t i = next_++;
+            const slice_read & r = (*batch_)[i];
+            lock.unlock();
+            std::string error;
+            const bool ok = run(r, &error);
+            lock.lock();
+            if (!ok) {
+                (*failed_)[i] = 1;
+                if (first_error_.empty()) first_error_ = error;
+            }
+            if (++finished_ == batch_->size()) done_.notify_all();
+        }
+    }
+}
+
+bool slice_reader::read(const std::vector<slice_read> & reads, std::vector<char> * failed, std::string * error) {
+    failed->assign(reads.size(), 0);
+    if (reads.empty()) return true;
+    std::unique_lock<std::mutex> lock(mutex_);
+    batch_ = &reads;
+    failed_ = failed;
+    first_error_.clear();
+    next_ = finished_ = 0;
+    generation_ += 1;
+    wake_.notify_all();
+    while (next_ < reads.size()) {   // the calling thread reads too
+        const size_t i = next_++;
+        lock.unlock();
+        std::string message;
+        const bool ok = run(reads[i], &message);
+        lock.lock();
+        if (!ok) {
+            (*failed)[i] = 1;
+            if (first_error_.empty()) first_error_ = message;
+        }
+        ++finished_;
+    }
+    done_.wait(lock, [&] { return finished_ == reads.size(); });
+    batch_ = nullptr;
+    failed_ = nullptr;
+    if (!first_error_.empty()) {
+        *error = first_error_;
+        return false;
+    }
+    return true;
+}
+
+} // namespace slicemoe

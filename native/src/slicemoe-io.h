@@ -1,0 +1,71 @@
+// Miss I/O: reads of expert slices from the model file. All the misses of one step (a layer's
+// decode token, a warm-up) are issued at once over a pool of persistent reader threads and land in
+// the memory the caller names (a pool slot, or a staging buffer for a device pool).
+//
+// Direct mode opens the file with O_DIRECT (Linux, Android): no page-cache copy, and no page
+// cache that would hide the next miss. A range whose offset, length and destination are all 4 KiB
+// aligned (every slice of the published shapes in a file written with general.alignment = 4096)
+// is read straight into place; any other is read as its enclosing aligned range into a bounce
+// buffer and copied. Buffered mode (a file system without O_DIRECT, or asked for) uses pread and
+// then drops the range from the page cache (POSIX_FADV_DONTNEED; F_NOCACHE on macOS), so that a
+// later miss of the same slice is a real read too.
+#pragma once
+
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace slicemoe {
+
+struct slice_read {
+    int64_t   offset = 0;   // in the model file
+    size_t    bytes = 0;
+    uint8_t * dst = nullptr;
+    bool      fail = false; // testing: report this read as failed (EIO) without reading
+};
+
+class slice_reader {
+public:
+    enum mode_t { AUTO = 0, DIRECT = 1, BUFFERED = 2 };   // = enum slicemoe_io_mode
+
+    // nullptr with *error when the file cannot be opened (or O_DIRECT was asked for and the file
+    // system does not support it).
+    static std::unique_ptr<slice_reader> open(const char * path, int mode, int n_threads, std::string * error);
+    ~slice_reader();
+    slice_reader(const slice_reader &) = delete;
+    slice_reader & operator=(const slice_reader &) = delete;
+
+    // Every read of the batch, spread over the reader threads and the calling thread; returns when
+    // all are done. false with *error (the first failure) when any failed; failed[i] then says
+    // which. One batch at a time (the engine's lock).
+    bool read(const std::vector<slice_read> & reads, std::vector<char> * failed, std::string * error);
+    // One read on the calling thread (the look-ahead prefetch worker); safe beside read().
+    bool read_one(const slice_read & r, std::string * error);
+
+    bool direct() const { return direct_fd_ >= 0; }
+    int  fd() const { return fd_; }   // the buffered descriptor
+
+private:
+    slice_reader() = default;
+    void worker();
+    bool run(const slice_read & r, std::string * error);
+
+    int fd_ = -1;
+    int direct_fd_ = -1;
+    std::vector<std::thread> threads_;
+    std::mutex mutex_;
+    std::condition_variable wake_, done_;
+    const std::vector<slice_read> * batch_ = nullptr;
+    std::vector<char> * failed_ = nullptr;
+    std::string first_error_;
+    size_t next_ = 0, finished_ = 0;
+    uint64_t generation_ = 0;
+    bool stop_ = false;
+};
+
+} // namespace slicemoe

@@ -1,0 +1,73 @@
+"""Miss I/O: every miss of a step read at once over the reader threads, with O_DIRECT where the
+file system has it and buffered pread otherwise. The two paths must compute the same model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import run_json
+from slicemoe_gguf import Model
+from slicemoe_gguf._native import SliceMoEError
+from slicemoe_gguf.embedded import embedded_gguf
+
+PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?"
+COUNTERS = ("hits", "misses", "loads", "evictions", "flash_bytes", "warmup_loads", "high_uses", "low_uses")
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return embedded_gguf(progress=False)
+
+
+def _generate(path, io_mode: str, budget: int):
+    with Model(path, cache_budget=budget, io_mode=io_mode, n_threads=2) as model:
+        result = model.generate(PROMPT, 24, keep_logits=True, stop_at_eog=False)
+        return result, model.cache_stats()
+
+
+def test_direct_and_buffered_reads_compute_the_same_model(embedded):
+    budget = embedded.stat().st_size // 5
+    direct, direct_stats = _generate(embedded, "direct", budget)
+    buffered, buffered_stats = _generate(embedded, "buffered", budget)
+    assert direct_stats["io_mode"] == "direct" and buffered_stats["io_mode"] == "buffered"
+    assert direct_stats["misses"] > 0
+    assert direct.tokens == buffered.tokens
+    assert np.array_equal(direct.logits, buffered.logits)   # bit for bit
+    for name in COUNTERS:
+        assert direct_stats[name] == buffered_stats[name], name
+
+
+def test_json_says_which_read_path_ran(embedded):
+    auto = run_json("run", "-m", str(embedded), "-p", PROMPT, "-n", "4", "--cache-budget", "30%", "--json")
+    assert auto["cache"]["io_mode"] == "direct"   # the disk under the model cache has O_DIRECT
+    buffered = run_json("run", "-m", str(embedded), "-p", PROMPT, "-n", "4", "--cache-budget", "30%", "--io",
+                        "buffered", "--json")
+    assert buffered["cache"]["io_mode"] == "buffered"
+    assert buffered["tokens"] == auto["tokens"]
+
+
+@pytest.mark.parametrize("after", [1, 4, 7, 13])
+def test_a_read_failing_inside_a_batch_leaves_no_slot_half_filled(embedded, after):
+    """Reads fail from the `after`-th on, in the middle of a step's batch: the decode stops with an
+    I/O error, the slots whose reads failed are empty (not resident with stale bytes), so the next
+    request computes exactly what a fresh model does."""
+    budget = embedded.stat().st_size // 5
+    with Model(embedded, cache_budget=budget, n_threads=2) as fresh:
+        reference = fresh.generate(PROMPT, 16, stop_at_eog=False).tokens
+    with Model(embedded, cache_budget=budget, n_threads=2) as model:
+        model.generate("JULIET.\nO Romeo, Romeo", 8, stop_at_eog=False)   # a full cache, another request
+        model.fail_reads_after(after)
+        with pytest.raises(SliceMoEError, match="failed: Input/output error") as excinfo:
+            model.generate(PROMPT, 16, stop_at_eog=False)
+        assert excinfo.value.status == 2   # SLICEMOE_ERR_IO
+        model.fail_reads_after(-1)
+        assert model.generate(PROMPT, 16, stop_at_eog=False).tokens == reference
+
+
+def test_a_sliced_file_puts_every_tensor_on_a_4_kib_boundary(embedded):
+    import gguf
+
+    reader = gguf.GGUFReader(embedded)
+    assert reader.alignment == 4096
+    assert all(t.data_offset % 4096 == 0 for t in reader.tensors)
