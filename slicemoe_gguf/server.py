@@ -181,6 +181,8 @@ def build_app(service: Service) -> Starlette:
                     piece, first = first_piece, True
                     while piece is not None:
                         yield f"data: {json.dumps({**envelope(chat, ident, True), 'choices': [choice(chat, piece, None, True, first)]})}\n\n"
+                        if await request.is_disconnected():
+                            return   # (Starlette only listens for it under ASGI spec < 2.4: ask)
                         piece, first = await next_piece(), False
                     last = {**envelope(chat, ident, True), "choices": [choice(chat, "", reply.finish_reason, True)],
                             "usage": _usage(reply), "slicemoe": reply.summary()}

@@ -58,6 +58,7 @@ struct pool {
     std::vector<int>       expert_slot;                // -1: not cached
     std::vector<uint64_t>  last_use;
     std::vector<int64_t>   uses;                       // per slot, since loaded (LFU)
+    std::vector<char>      claimed;                    // per slot: a load of the current step goes there
 };
 
 } // namespace
@@ -113,6 +114,7 @@ struct cache {
     const llama_model *  model = nullptr;
     std::unique_ptr<slice_reader> io;         // misses are read here (nullptr: no cache, or replay)
     std::vector<pending_load> pending;
+    std::vector<std::pair<pool *, int>> claims;   // slots claimed by the current step's loads
     int                  n_expert = 0;
     int                  top_k = 0;
     int                  precision = SLICEMOE_PRECISION_AUTO;
@@ -216,13 +218,14 @@ slice_read slice_range(const pool & p, int j, int expert, uint8_t * dst) {
     return r;
 }
 
-// Assign `expert`'s slice to `slot` now and queue its read for flush_loads. The slot counts as
-// used by the current step, so that no later victim() of the same step takes it back.
+// Assign `expert`'s slice to `slot` now and queue its read for flush_loads. The slot is claimed
+// until then, so that no later victim() of the same step gives it to another slice.
 void queue_load(cache & c, layer & L, pool & p, int expert, int slot) {
     p.slot_expert[slot] = expert;
     p.expert_slot[expert] = slot;
     p.uses[slot] = 0;
-    p.last_use[slot] = c.clock;
+    p.claimed[slot] = 1;
+    c.claims.push_back({ &p, slot });
     L.stats.loads += 1;
     L.stats.flash_bytes += int64_t(p.slice_bytes);
     c.totals.loads += 1;
@@ -232,9 +235,24 @@ void queue_load(cache & c, layer & L, pool & p, int expert, int slot) {
     }
 }
 
+// A step that fails before its reads: the slots it assigned hold nothing, so they are emptied.
+void abandon_loads(cache & c) {
+    for (const pending_load & q : c.pending) {
+        if (q.p->slot_expert[q.slot] == q.expert) {
+            q.p->slot_expert[q.slot] = -1;
+            q.p->expert_slot[q.expert] = -1;
+        }
+    }
+    c.pending.clear();
+    for (const auto & [p, slot] : c.claims) p->claimed[slot] = 0;
+    c.claims.clear();
+}
+
 // Read every queued slice at once. false (c.failed, c.error) when a read failed: the slots of
 // the slices that failed are left empty, never half-filled.
 bool flush_loads(cache & c) {
+    for (const auto & [p, slot] : c.claims) p->claimed[slot] = 0;
+    c.claims.clear();
     if (c.pending.empty()) return true;
     std::vector<slice_read> reads;
     reads.reserve(c.pending.size() * N_PROJ);
@@ -317,7 +335,7 @@ int victim(const cache & c, const layer & L, const pool & p) {
     int64_t best_next = -1;
     for (int s = 0; s < p.n_slots; ++s) {
         if (p.slot_expert[s] < 0) return s;
-        if (p.last_use[s] == c.clock) continue;
+        if (p.last_use[s] == c.clock || p.claimed[s]) continue;
         if (c.policy == SLICEMOE_POLICY_BELADY && !L.future.empty()) {
             const int64_t n = next_use(L, p.slot_expert[s]);
             if (best < 0 || n > best_next) { best = s; best_next = n; }
@@ -489,6 +507,7 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
         if (e < 0 || e >= c.n_expert) {
             c.failed = true;
             c.error = "router selected expert " + std::to_string(e) + " outside [0, " + std::to_string(c.n_expert) + ")";
+            abandon_loads(c);
             return false;
         }
         // AdapMoE's gating with a uniform sensitivity S_l = 1 (no calibration data): a use after the
@@ -504,6 +523,7 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
                 c.failed = true;
                 c.error = "no MSB slot free in layer " + std::to_string(L.il) + " (budget below top-k slices)";
             }
+            abandon_loads(c);
             return false;
         }
         (hit ? L.stats.msb_hits : L.stats.msb_misses) += 1;
@@ -539,6 +559,7 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
                 L.stats.ram_bytes += int64_t(L.lsb.slice_bytes);
                 c.totals.ram_bytes += int64_t(L.lsb.slice_bytes);
             } else if (c.failed) {
+                abandon_loads(c);
                 return false;
             } else {
                 high = false;   // every LSB slot serves this token already: run at 4 bits
@@ -686,6 +707,7 @@ void init_pool(pool & p, int n_slots, int n_expert) {
     p.expert_slot.assign(n_expert, -1);
     p.last_use.assign(n_slots, 0);
     p.uses.assign(n_slots, 0);
+    p.claimed.assign(n_slots, 0);
 }
 
 // lru8, lfu8 and belady cache whole experts at 8 bits, lru4 MSB slices only; dbsc decides per use
