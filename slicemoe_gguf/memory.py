@@ -65,13 +65,27 @@ def routed_expert_bytes(info: dict) -> int:
     return info["expert_msb_bytes"] + info["expert_lsb_bytes"]
 
 
+def _mapping_padding(path: str | os.PathLike) -> int:
+    """What a mapped model's buffer holds beyond the tensors as llama.cpp's no_alloc sizing counts
+    them (each padded to 32 bytes): the buffer is the span of the file's tensor data, alignment
+    padding between tensors included (up to 4 KiB each in a sliced file, written 4 KiB aligned)."""
+    from .model_info import read_header
+
+    _, tensors = read_header(path)
+    if not tensors:
+        return 0
+    span = max(t.offset + t.n_bytes for t in tensors) - min(t.offset for t in tensors)
+    return span - sum(-(-t.n_bytes // 32) * 32 for t in tensors)
+
+
 def plan(path: str | os.PathLike, *, n_ctx: int, n_batch: int, cache_budget: int) -> MemoryPlan:
-    """The resident memory of running `path` with a context of n_ctx tokens and a cache budget
-    (0 = no cache: every expert mapped)."""
+    """The resident memory of running `path` (mapped, on the CPU, as `slicemoe run` does) with a
+    context of n_ctx tokens and a cache budget (0 = no cache: every expert mapped)."""
     from .model_info import describe
 
     experts = routed_expert_bytes(describe(path))
     weights, kv, compute = _llama_figures(path, n_ctx, n_batch, with_cache=cache_budget > 0)
+    weights += _mapping_padding(path)
     resident_experts = min(cache_budget, experts) if cache_budget > 0 else experts
     return MemoryPlan(weights - experts, resident_experts, kv, compute)
 

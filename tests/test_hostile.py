@@ -70,7 +70,8 @@ def _mutated(source: Path, out: Path, field: str, value, fmt: str | None = None)
     file is untouched), checked with gguf-py's reader as an independent parser."""
     data = bytearray(source.read_bytes())
     layout = fuzz.layout(bytes(data))
-    spans = {s.what: s for s in layout.ints + layout.floats + layout.tensor_offsets + layout.tensor_dims}
+    spans = {s.what: s for s in layout.ints + layout.floats + layout.tensor_offsets + layout.tensor_dims +
+             layout.tensor_types}
     if field in spans:
         struct.pack_into(fmt or spans[field].fmt, data, spans[field].offset, value)
     else:
@@ -94,13 +95,17 @@ VALIDATOR_CASES = [
     ("output.weight offset", 1 << 40, "output.weight"),   # the tensor named (a truncated file: test_cache)
     ("slicemoe.format_version", 2, "format_version"),
     ("slicemoe.group_size", 16, "group_size"),
+    ("blk.2.attn_norm.weight type", 3, "quantized type q4_1"),   # a norm in Q4_1: ggml's mul asserts
 ]
 
 
 @pytest.mark.parametrize("field,value,words", VALIDATOR_CASES, ids=[f"{c[0]}={c[1]!r}" for c in VALIDATOR_CASES])
 def test_the_validator_names_what_is_wrong_before_llama_cpp_sees_it(embedded, tmp_path, field, value, words):
     path = _mutated(embedded, tmp_path / "bad.gguf", field, value)
-    if not field.endswith("offset"):
+    if field.endswith(" type"):
+        tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == field.removesuffix(" type"))
+        assert int(tensor.tensor_type) == value
+    elif not field.endswith("offset"):
         # gguf-py, an independent parser, reads the file and the mutated value: the file is
         # well-formed, its values are not (it cannot map a tensor past the end, so not there)
         field_value = gguf.GGUFReader(path).fields[field]

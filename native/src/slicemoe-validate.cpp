@@ -309,6 +309,19 @@ bool check_tensor_data(const file_view & f, const char * path, std::string * err
     return true;
 }
 
+// Vectors (norm weights, biases, scales) in a float type: llama.cpp uses them in element-wise
+// operations, which abort on a quantized operand, and its converters and quantizer never write one.
+bool check_tensor_types(const file_view & f, std::string * error) {
+    for (ggml_tensor * t = ggml_get_first_tensor(f.meta.get()); t; t = ggml_get_next_tensor(f.meta.get(), t)) {
+        if (ggml_n_dims(t) == 1 && ggml_is_quantized(t->type)) {
+            *error = std::string("tensor '") + ggml_get_name(t) + "' is a vector of the quantized type " +
+                     ggml_type_name(t->type) + ": vectors (norm weights, biases) must be F32, F16 or BF16";
+            return false;
+        }
+    }
+    return true;
+}
+
 bool uint_key_equals(const gguf_context * g, const char * key, uint64_t expected, std::string * error) {
     const int64_t id = gguf_find_key(g, key);
     if (id < 0 || !is_integer(gguf_get_kv_type(g, id))) {
@@ -476,7 +489,7 @@ int validate_file(const char * path, std::string * error) {
         return SLICEMOE_ERR_FORMAT;
     }
     f.arch = gguf_get_val_str(f.gguf.get(), arch);
-    if (!check_tensor_data(f, path, &problem) || !check_hparams(f, &problem) || !check_attention(f, &problem) ||
+    if (!check_tensor_data(f, path, &problem) || !check_tensor_types(f, &problem) || !check_hparams(f, &problem) || !check_attention(f, &problem) ||
         !check_tokenizer(f, &problem) ||
         !check_slices(f, &problem)) {
         *error = std::string("'") + path + "': " + problem;
