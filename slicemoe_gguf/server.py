@@ -9,8 +9,8 @@ and the RAM budget are the model's, and a laptop has one of each.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
 import threading
 import time
 import uuid
@@ -20,8 +20,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
-
-from starlette.concurrency import run_in_threadpool
 
 from ._native import SliceMoEError
 from .replies import Reply, stream_reply
@@ -104,12 +102,23 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
 
 
-def _start(service: Service, body: dict, chat: bool, reply: Reply, cancel: threading.Event) -> queue.Queue:
+def _start(service: Service, body: dict, chat: bool, reply: Reply, cancel: threading.Event) -> asyncio.Queue:
     """Runs the request on a thread of its own, which holds the model for the whole request
-    (tokenizing included: one context, one request) and puts ("piece", text) items, then ("piece",
-    None); ("bad" | "error", exception) on a failure. It stops at the next token once `cancel` is set,
-    so that a client that goes away frees the model at once."""
-    pieces: queue.Queue = queue.Queue()
+    (tokenizing included: one context, one request) and hands the event loop ("piece", text) items,
+    then ("piece", None); ("bad" | "error", exception) on a failure. It stops at the next token once
+    `cancel` is set, so that a client that goes away frees the model at once."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+
+    class _Pieces:   # the worker's side: put() from its thread, straight into the event loop
+        @staticmethod
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:   # the loop has closed: the server is stopping
+                cancel.set()
+
+    pieces = _Pieces()
 
     def work() -> None:
         try:
@@ -129,7 +138,7 @@ def _start(service: Service, body: dict, chat: bool, reply: Reply, cancel: threa
             pieces.put(("error", exc if isinstance(exc, SliceMoEError) else SliceMoEError(f"internal error: {exc!r}", 8)))
 
     threading.Thread(target=work, name="slicemoe-request", daemon=True).start()
-    return pieces
+    return items
 
 
 def build_app(service: Service) -> Starlette:
@@ -159,7 +168,7 @@ def build_app(service: Service) -> Starlette:
         pieces = _start(service, body, chat, reply, cancel)
 
         async def next_piece():
-            kind, value = await run_in_threadpool(pieces.get)
+            kind, value = await pieces.get()
             if kind in ("bad", "error"):
                 raise value
             return value   # None when the reply is complete
@@ -179,10 +188,13 @@ def build_app(service: Service) -> Starlette:
             async def events():
                 try:
                     piece, first = first_piece, True
+                    asked = time.monotonic()
                     while piece is not None:
                         yield f"data: {json.dumps({**envelope(chat, ident, True), 'choices': [choice(chat, piece, None, True, first)]})}\n\n"
-                        if await request.is_disconnected():
-                            return   # (Starlette only listens for it under ASGI spec < 2.4: ask)
+                        if time.monotonic() - asked > 0.1:   # (Starlette only listens for it under ASGI < 2.4)
+                            asked = time.monotonic()
+                            if await request.is_disconnected():
+                                return
                         piece, first = await next_piece(), False
                     last = {**envelope(chat, ident, True), "choices": [choice(chat, "", reply.finish_reason, True)],
                             "usage": _usage(reply), "slicemoe": reply.summary()}

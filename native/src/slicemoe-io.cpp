@@ -157,7 +157,10 @@ bool slice_reader::read(const std::vector<slice_read> & reads, std::vector<char>
     first_error_.clear();
     next_ = finished_ = 0;
     generation_ += 1;
-    wake_.notify_all();
+    // as many readers as the batch can keep busy besides this thread: a decode step of a small
+    // model misses one or two slices, and waking every reader for them costs more than the reads
+    const size_t helpers = std::min(reads.size() - 1, threads_.size());
+    for (size_t k = 0; k < helpers; ++k) wake_.notify_one();
     while (next_ < reads.size()) {   // the calling thread reads too
         const size_t i = next_++;
         lock.unlock();
