@@ -225,8 +225,9 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         raise SliceMoEError("no prompts: the prompt file has no non-empty line", 1)
     budget = _cache_budget(args)
     # the run that `slicemoe run` with these flags would make (greedy), recorded
-    with Model(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, n_threads=args.threads,
-               record_trace=True, cache_budget=budget, prefetch=args.prefetch, io_mode=args.io_mode, **_cache_settings(args)) as model:
+    with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
+               n_threads=args.threads, record_trace=True, cache_budget=budget, prefetch=args.prefetch,
+               io_mode=args.io_mode, **_cache_settings(args)) as model:
         for prompt in prompts:
             model.generate(prompt, args.n_predict, Sampling(), stop_at_eog=not args.ignore_eos)
         trace = model.routing_trace()
@@ -606,18 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
     trace = sub.add_parser("trace", help="record expert routing to a slicemoe-trace JSONL file",
                            description="Run greedy decoding and record, for every MoE layer of every token, "
                                        "the chosen experts and their router probabilities (format in the README).")
-    trace.add_argument("-m", "--model", required=True, help="path to a .gguf file (sliced or stock MoE)")
+    _add_model_arguments(trace)
     source = trace.add_mutually_exclusive_group(required=True)
     source.add_argument("-p", "--prompt", help="prompt text (one request)")
     source.add_argument("-f", "--file", help="prompts, one request per non-empty line")
     trace.add_argument("-n", "--n-predict", type=int, default=defaults.N_PREDICT,
                        help=f"tokens to decode per request (default {defaults.N_PREDICT})")
     trace.add_argument("-o", "--output", required=True, help="the .jsonl file to write")
-    trace.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS, help="compute threads (default: all cores)")
-    trace.add_argument("-c", "--ctx-size", type=int, default=defaults.N_CTX,
-                       help=f"context length in tokens (default {defaults.N_CTX})")
-    trace.add_argument("-b", "--batch-size", type=int, default=defaults.N_BATCH,
-                       help=f"prompt tokens per batch (default {defaults.N_BATCH})")
     trace.add_argument("--ignore-eos", action="store_true", help="keep decoding past end-of-generation tokens")
     _add_cache_arguments(trace, live=True)
     trace.set_defaults(func=_cmd_trace)
@@ -682,8 +678,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model and context flags of run, serve and chat."""
-    parser.add_argument("-m", "--model", required=True, help="path to a .gguf file")
+    """The model and context flags of run, trace, serve and chat."""
+    parser.add_argument("-m", "--model", required=True, help="path to a .gguf file (a sliced or a stock model)")
     parser.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS, help="compute threads (default: all cores)")
     parser.add_argument("-c", "--ctx-size", type=int, default=defaults.N_CTX,
                         help=f"context length in tokens (default {defaults.N_CTX})")
