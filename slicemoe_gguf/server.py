@@ -19,6 +19,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from ._native import SliceMoEError
@@ -231,7 +232,10 @@ def build_app(service: Service) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(prometheus_text(service), media_type="text/plain; version=0.0.4")
+        # off the event loop: reading the counters waits for the ubatch running now (the engine's
+        # lock), never for the whole request
+        text = await run_in_threadpool(prometheus_text, service)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     return Starlette(routes=[
         Route("/v1/models", models, methods=["GET"]),
@@ -257,8 +261,7 @@ def prometheus_text(service: Service) -> str:
     metric("completion_tokens_total", "counter", "Tokens generated.", totals["completion_tokens"])
     metric("prefill_seconds_total", "counter", "Time spent evaluating prompts.", totals["prefill_ms"] / 1000)
     metric("decode_seconds_total", "counter", "Time spent decoding.", totals["decode_ms"] / 1000)
-    with service.lock:
-        stats = service.model.cache_stats()
+    stats = service.model.cache_stats()
     if stats is not None:
         for part in ("msb", "lsb"):
             metric("cache_hits_total", "counter", "Slice uses served from the pools.", stats[f"{part}_hits"], f'{{slice="{part}"}}')

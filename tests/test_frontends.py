@@ -149,6 +149,17 @@ def test_a_client_that_goes_away_stops_its_decode_and_frees_the_server(server):
     assert _metrics(server)["slicemoe_completion_tokens_total"] < 1000
 
 
+def test_metrics_answer_while_a_request_streams(server):
+    host, port = server.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert b"200 OK" in client.recv(4096)
+        # answered during the stream: the streaming request is not counted yet (it counts when done)
+        assert _metrics(server)["slicemoe_requests_total"] == 0
+
+
 def _python(script: str, tmp_path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     # a process of its own: llama-cpp-python installs its log callback in the library it loads
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
