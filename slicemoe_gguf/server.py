@@ -111,15 +111,11 @@ def _start(service: Service, body: dict, chat: bool, reply: Reply, cancel: threa
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
 
-    class _Pieces:   # the worker's side: put() from its thread, straight into the event loop
-        @staticmethod
-        def put(item) -> None:
-            try:
-                loop.call_soon_threadsafe(items.put_nowait, item)
-            except RuntimeError:   # the loop has closed: the server is stopping
-                cancel.set()
-
-    pieces = _Pieces()
+    def put(item) -> None:   # from the worker's thread, straight into the event loop
+        try:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+        except RuntimeError:   # the loop has closed: the server is stopping
+            cancel.set()
 
     def work() -> None:
         try:
@@ -129,14 +125,14 @@ def _start(service: Service, body: dict, chat: bool, reply: Reply, cancel: threa
                                                       None if chat else DEFAULT_MAX_TOKENS)
                 try:
                     for piece in stream_reply(service.model, prompt, max_tokens, sampling, reply, stop, cancel):
-                        pieces.put(("piece", piece))
+                        put(("piece", piece))
                 finally:
                     service.account(reply)
-            pieces.put(("piece", None))
+            put(("piece", None))
         except BadRequest as exc:
-            pieces.put(("bad", exc))
+            put(("bad", exc))
         except Exception as exc:   # noqa: BLE001 - reported to the client as a server error
-            pieces.put(("error", exc if isinstance(exc, SliceMoEError) else SliceMoEError(f"internal error: {exc!r}", 8)))
+            put(("error", exc if isinstance(exc, SliceMoEError) else SliceMoEError(f"internal error: {exc!r}", 8)))
 
     threading.Thread(target=work, name="slicemoe-request", daemon=True).start()
     return items

@@ -132,14 +132,19 @@ def test_serve_answers_a_bad_request_with_a_400_and_keeps_serving(server):
     assert status == 200 and body["usage"]["completion_tokens"] == 2
 
 
-def test_a_client_that_goes_away_stops_its_decode_and_frees_the_server(server):
+def _streaming_client(server: str, max_tokens: int) -> socket.socket:
+    """A raw connection with a streamed completion under way (closing it is a client going away)."""
     host, port = server.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "stream": True}).encode()
-    with socket.create_connection((host, int(port)), timeout=60) as client:
-        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        assert b"200 OK" in client.recv(4096)   # the stream has started
-    # ... and the client has gone away
+    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    client = socket.create_connection((host, int(port)), timeout=60)
+    client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert b"200 OK" in client.recv(4096)   # the stream has started
+    return client
+
+
+def test_a_client_that_goes_away_stops_its_decode_and_frees_the_server(server):
+    _streaming_client(server, 2000).close()   # the client goes away mid-stream
 
     request = urllib.request.Request(server + "/v1/completions", headers={"Content-Type": "application/json"},
                                      data=json.dumps({"prompt": PROMPT, "max_tokens": 4, "temperature": 0}).encode())
@@ -150,12 +155,7 @@ def test_a_client_that_goes_away_stops_its_decode_and_frees_the_server(server):
 
 
 def test_metrics_answer_while_a_request_streams(server):
-    host, port = server.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "stream": True}).encode()
-    with socket.create_connection((host, int(port)), timeout=60) as client:
-        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        assert b"200 OK" in client.recv(4096)
+    with _streaming_client(server, 1500):
         # answered during the stream: the streaming request is not counted yet (it counts when done)
         assert _metrics(server)["slicemoe_requests_total"] == 0
 
