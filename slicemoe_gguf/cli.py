@@ -132,10 +132,27 @@ def _msb_slice_bytes(model_path: str) -> int:
     return describe(model_path)["msb_slice_bytes"]
 
 
+# a prompt for --route-trace runs: its text does not matter, the trace routes every token
+ROUTE_PROMPT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on in the sun."
+
+
+def _read_route(args: argparse.Namespace):
+    """The request of --route-trace to force, or None."""
+    if not args.route_trace:
+        return None
+    from .trace import TraceError, request_route
+
+    try:
+        return request_route(_read_trace(args.route_trace), args.request)
+    except TraceError as exc:
+        raise SliceMoEError(f"{args.route_trace}: {exc}", 3) from exc
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import Model, Sampling
 
-    text = _read_prompt(args)
+    route = _read_route(args)
+    text = _read_prompt(args) if route is None or args.prompt or args.file else ROUTE_PROMPT
     profiles = _profiles(args)
     sampling = Sampling(temperature=args.temp, top_p=args.top_p, seed=args.seed)
     budget = _cache_budget(args)
@@ -146,12 +163,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     load_start = time.perf_counter()
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
                n_threads=args.threads, cache_budget=budget, prefetch=args.prefetch, io_mode=args.io_mode,
-               **_cache_settings(args)) as model:
+               forced_routes=route is not None, **_cache_settings(args)) as model:
         load_ms = 1000 * (time.perf_counter() - load_start)
         from .memory import plan_of_running
 
         memory = plan_of_running(model)
         prompt = model.chat_tokens([{"role": "user", "content": text}]) if args.chat else model.tokenize(text)
+        if route is not None:
+            # the routing is the trace's: the prompt only has to have its length, and decode runs
+            # exactly the trace's decode steps
+            model.force_routes(route.experts, route.weights, n_experts=route.n_experts)
+            prompt = (prompt * (route.n_prompt // max(len(prompt), 1) + 1))[:route.n_prompt]
+            args.n_predict, args.ignore_eos = route.n_decode + 1, True
         if not args.json:
             print(f"memory: {memory.describe('slice pools' if model.has_cache else 'mapped experts')}",
                   file=sys.stderr)
@@ -201,6 +224,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "prefill_ms": round(result.prefill_ms, 3),
             "decode_ms_per_token": round(result.decode_ms_per_token, 3),
             **({"cache": cache} if cache else {}),
+            **({"route_trace": {"path": args.route_trace, "request": route.request, "n_prompt": route.n_prompt,
+                                "n_decode": route.n_decode}} if route is not None else {}),
             "memory": {**memory.as_dict(), **measured, "rss_before_load_bytes": rss_before_load},
             **({"modelled": _modelled(cache, profiles, _msb_slice_bytes(args.model),
                                       max(result.decode_ms_per_token - cache["io_ms"] / max(cache["decode_tokens"], 1), 0.0))}
@@ -543,9 +568,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate text from a prompt",
                          description="Evaluate a prompt and decode tokens. Works on any llama.cpp GGUF.")
     _add_model_arguments(run)
-    source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument("-p", "--prompt", help="prompt text")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("-p", "--prompt", help="prompt text (required unless --route-trace)")
     source.add_argument("-f", "--file", help="read the prompt from this file")
+    run.add_argument("--route-trace", metavar="TRACE.jsonl",
+                     help="trace-driven decode: every MoE layer runs the trace's experts and router "
+                          "probabilities instead of its router's choice, for one request of the trace, whose "
+                          "prompt and decode lengths replace the prompt's and -n (the prompt text, default a "
+                          "fixed one, is repeated or cut to the trace's length). The trace's MoE layer count, "
+                          "expert count and top-k must be the model's. Works on stock models too")
+    run.add_argument("--request", type=int, metavar="N",
+                     help="with --route-trace: the trace's request number to replay (default its first)")
     run.add_argument("-n", "--n-predict", type=int, default=defaults.N_PREDICT,
                      help=f"tokens to decode (default {defaults.N_PREDICT})")
     run.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
@@ -702,6 +735,13 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
                          "--max-miss-rate in [0, 1), --prior-lambda in [0, 1e6]")
     if args.command == "serve" and not 0 <= args.port < 65536:
         parser.error("--port must be in [0, 65535]")
+    if args.command == "run":
+        if args.prompt is None and args.file is None and not args.route_trace:
+            parser.error("one of -p/--prompt, -f/--file or --route-trace is required")
+        if args.request is not None and not args.route_trace:
+            parser.error("--request needs --route-trace")
+        if args.route_trace and args.chat:
+            parser.error("--route-trace replays a recorded request; it takes no --chat")
     if args.command in ("run", "chat"):
         if args.n_predict < 0:
             parser.error("-n/--n-predict must be >= 0")

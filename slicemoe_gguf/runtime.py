@@ -80,7 +80,8 @@ class Model:
                  policy: str = defaults.POLICY, record_trace: bool = False, msb_share: float = defaults.MSB_SHARE,
                  high_ratio: float = defaults.HIGH_RATIO, prior_lambda: float = defaults.PRIOR_LAMBDA,
                  gating_t: float = defaults.GATING_T, prefetch: bool = defaults.PREFETCH,
-                 layer_slots: list[int] | None = None, io_mode: str = defaults.IO_MODE):
+                 layer_slots: list[int] | None = None, io_mode: str = defaults.IO_MODE,
+                 forced_routes: bool = False):
         self.path = Path(path)
         if io_mode not in IO_MODES:
             raise ValueError(f"io_mode must be one of {', '.join(IO_MODES)}")
@@ -92,6 +93,7 @@ class Model:
         params.record_trace = record_trace
         params.prefetch = prefetch
         params.io_mode = IO_MODES[io_mode]
+        params.forced_routes = forced_routes
         slots = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,
                                  high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
                                  high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
@@ -188,6 +190,27 @@ class Model:
             records.append((request[0], layer[0], phase[0], list(experts), list(weights)))
             logits.append(list(row) if has[0] else None)
         return from_records(header, records, logits)
+
+    def force_routes(self, experts: np.ndarray | None, weights: np.ndarray | None = None, *,
+                     n_experts: int | None = None) -> None:
+        """Trace-driven routing: position p of every following sequence runs, in MoE layer l, the
+        experts experts[p, l] with router probabilities weights[p, l] instead of its router's choice
+        (arrays [n_positions, n_moe_layers, top_k]); None returns to the model's routing. n_experts:
+        the expert count of the model the route comes from (default: this model's); it must be this
+        model's. A stock model must be loaded with forced_routes=True."""
+        if experts is None:
+            check(self._lib.slicemoe_route_force(self._model, 0, 0, 0, 0, ffi.NULL, ffi.NULL))
+            return
+        experts = np.ascontiguousarray(experts, dtype=np.int32)
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        if experts.ndim != 3 or weights.shape != experts.shape:
+            raise ValueError("experts and weights must both be [n_positions, n_moe_layers, top_k]")
+        n_positions, n_layers, k = experts.shape
+        if n_experts is None:
+            n_experts = int(self.metadata(f"{self.metadata('general.architecture')}.expert_count") or 0)
+        check(self._lib.slicemoe_route_force(self._model, n_positions, n_layers, n_experts, k,
+                                             ffi.cast("const int32_t *", ffi.from_buffer(experts)),
+                                             ffi.cast("const float *", ffi.from_buffer(weights))))
 
     def reset_cache_stats(self) -> None:
         self._lib.slicemoe_cache_reset_stats(self._model)

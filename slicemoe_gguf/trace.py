@@ -319,3 +319,86 @@ def plan_layers(trace: Trace, budget: int, *, policy: str = "lru8", gating_t: fl
     slots.reverse()
     stats = replay(trace, policy=policy, budget=budget, gating_t=gating_t, warmup=warmup, layer_slots=slots)
     return {"layer_slots": slots, "misses": stats["misses"], "stats": stats}
+
+
+@dataclass
+class RequestRoute:
+    """One request of a trace as a route to force (Model.force_routes): experts and weights
+    [n_prompt + n_decode, n_layers, top_k], prompt positions first."""
+    request: int
+    n_prompt: int
+    n_decode: int
+    experts: np.ndarray
+    weights: np.ndarray
+    n_experts: int   # of the model that routed
+
+
+def request_route(trace: Trace, request: int | None = None) -> RequestRoute:
+    """The route of one request (default: the trace's first), prefill tokens first. A layer with
+    fewer records than the request has positions holds its last positions: llama.cpp runs the last
+    layer of a prompt on its output row only (recorded as a decode token), and the prompt positions
+    it never ran get a copy of its first record, which no run uses."""
+    if len(trace) == 0:
+        raise TraceError("the trace has no records")
+    chosen = int(trace.request[0]) if request is None else int(request)
+    keep = trace.request == chosen
+    if not keep.any():
+        raise TraceError(f"the trace has no request {chosen} (requests: {sorted(set(trace.request.tolist()))})")
+    n_layers = int(trace.header["n_layers"])
+    layer, phase = trace.layer[keep], trace.phase[keep]
+    per_layer = np.bincount(layer, minlength=n_layers)
+    n_prompt = int(np.bincount(layer[phase == 0], minlength=n_layers).max())
+    n_positions = int(per_layer.max())
+    if n_prompt == 0 or per_layer.min() == 0:
+        raise TraceError(f"request {chosen} needs prompt records and a record in every MoE layer "
+                         f"(records per layer: {per_layer.tolist()})")
+    order = np.lexsort((trace.tokens[keep], phase))   # prefill first, then token order; stable per layer
+    experts = np.empty((n_positions, n_layers, trace.top_k), np.int32)
+    weights = np.empty_like(experts, dtype=np.float32)
+    position = n_positions - per_layer   # each layer's records fill its last positions
+    kept_experts, kept_weights = trace.experts[keep], trace.weights[keep]
+    for i in order:
+        l = int(layer[i])
+        experts[position[l], l] = kept_experts[i]
+        weights[position[l], l] = kept_weights[i]
+        position[l] += 1
+    for l in range(n_layers):
+        first = n_positions - int(per_layer[l])
+        experts[:first, l], weights[:first, l] = experts[first, l], weights[first, l]
+    return RequestRoute(chosen, n_prompt, n_positions - n_prompt, experts, weights, int(trace.header["n_experts"]))
+
+
+def widen(route: RequestRoute, n_layers: int, n_experts: int, top_k: int) -> RequestRoute:
+    """A route of a small model mapped onto a bigger one with m = n_experts / route.n_experts =
+    top_k / source top-k (an integer): the bigger router is taken as the equal mixture of m copies
+    of the small one. Copy j of MoE layer L uses the small model's layer (L + j * s) mod n_src
+    (s = max(1, n_src // m)), its experts shifted by j * route.n_experts, its weights divided by m;
+    the m * k uses are ordered by weight, best first. Layers beyond the small model's reuse its
+    layers in turn. So every layer sees real temporal locality, and the m copies are as independent
+    as the small model's layers are."""
+    n_src_layers, k, n_source_experts = route.experts.shape[1], route.experts.shape[2], route.n_experts
+    if n_experts % n_source_experts or top_k % k or n_experts // n_source_experts != top_k // k:
+        raise ValueError(f"cannot widen top-{k} of {n_source_experts} to top-{top_k} of {n_experts}: "
+                         "both must grow by the same integer factor")
+    m = n_experts // n_source_experts
+    step = max(1, n_src_layers // m)
+    n_pos = route.experts.shape[0]
+    experts = np.empty((n_pos, n_layers, top_k), np.int32)
+    weights = np.empty((n_pos, n_layers, top_k), np.float32)
+    for L in range(n_layers):
+        parts_e = [route.experts[:, (L + j * step) % n_src_layers] + j * n_source_experts for j in range(m)]
+        parts_w = [route.weights[:, (L + j * step) % n_src_layers] / m for j in range(m)]
+        e, w = np.concatenate(parts_e, axis=1), np.concatenate(parts_w, axis=1)
+        order = np.argsort(-w, axis=1, kind="stable")
+        experts[:, L] = np.take_along_axis(e, order, axis=1)
+        weights[:, L] = np.take_along_axis(w, order, axis=1)
+    return RequestRoute(route.request, route.n_prompt, route.n_decode, experts, weights, n_experts)
+
+
+def route_trace(route: RequestRoute, header: dict) -> Trace:
+    """A one-request trace of a route (every layer at every position), for --route-trace."""
+    n_positions, n_layers, _ = route.experts.shape
+    records = [(route.request, layer, int(position >= route.n_prompt), route.experts[position, layer].tolist(),
+                route.weights[position, layer].tolist())
+               for position in range(n_positions) for layer in range(n_layers)]
+    return from_records(dict(header, n_layers=n_layers), records)

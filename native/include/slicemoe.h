@@ -129,6 +129,8 @@ struct slicemoe_model_params {
     const int32_t * layer_slots;
     int32_t n_layer_slots;
     int32_t io_mode;           // enum slicemoe_io_mode (default auto)
+    bool    forced_routes;     // the routing will come from slicemoe_route_force: a stock model gets
+                               // an engine for it too (a sliced model always has one)
 };
 
 // Trace replay with no model: the same cache manager with no pools and no reads.
@@ -256,6 +258,17 @@ SLICEMOE_API void    slicemoe_trace_clear(slicemoe_model * model);
 // The n_expert router logits stored with record i (recorded under cache_prior); *has is false
 // when the record has none.
 SLICEMOE_API int     slicemoe_trace_get_logits(const slicemoe_model * model, int64_t i, float * logits, bool * has);
+
+// Trace-driven routing: from the next ubatch of any context of the model, every MoE layer runs the
+// given experts with the given router probabilities instead of its router's choice (the model's own
+// weight normalization still applies), so that a model of a published shape computes and reads
+// what a recorded routing asked for. Position p of the sequence (0 = the first prompt token) in MoE
+// layer l uses experts[(p * n_layers + l) * top_k + r] and weights[...], r < top_k. n_layers,
+// n_expert and top_k must be the model's (the error says which differs); a ubatch at positions
+// beyond n_positions fails. n_positions 0 returns to the model's routing. A stock model needs
+// forced_routes in its load parameters.
+SLICEMOE_API int     slicemoe_route_force(slicemoe_model * model, int32_t n_positions, int32_t n_layers, int32_t n_expert,
+                                          int32_t top_k, const int32_t * experts, const float * weights);
 
 typedef struct slicemoe_sim slicemoe_sim;
 SLICEMOE_API struct slicemoe_sim_params slicemoe_sim_default_params(void);

@@ -238,6 +238,7 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     p.layer_slots    = nullptr;
     p.n_layer_slots  = 0;
     p.io_mode        = SLICEMOE_IO_AUTO;
+    p.forced_routes  = false;
     return p;
 }
 
@@ -489,6 +490,32 @@ void slicemoe_trace_clear(slicemoe_model * model) {
             slicemoe::trace_clear(c);
         }
         return 0;
+    });
+}
+
+int slicemoe_route_force(slicemoe_model * model, int32_t n_positions, int32_t n_layers, int32_t n_expert,
+                         int32_t top_k, const int32_t * experts, const float * weights) {
+    return guard([&]() -> int {
+        slicemoe::cache * c = model ? slicemoe::engine_of(model->model) : nullptr;
+        if (!c) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "this model has no engine to force routes on: load a stock model "
+                                                  "with forced_routes");
+        }
+        const auto lock = hold(c);
+        const int32_t model_layers = slicemoe::n_layers(c), model_experts = slicemoe::n_experts(c),
+                      model_k = slicemoe::top_k(c);
+        if (n_positions < 0 || (n_positions > 0 && (!experts || !weights))) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "a route needs n_positions >= 0 and its experts and weights");
+        }
+        if (n_positions > 0 && (n_layers != model_layers || n_expert != model_experts || top_k != model_k)) {
+            return fail(SLICEMOE_ERR_INVALID_ARG,
+                        "the route has " + std::to_string(n_layers) + " MoE layers, top-" + std::to_string(top_k) +
+                        " of " + std::to_string(n_expert) + " experts; the model has " + std::to_string(model_layers) +
+                        " MoE layers, top-" + std::to_string(model_k) + " of " + std::to_string(model_experts) + " experts");
+        }
+        std::string error;
+        const int status = slicemoe::force_routes(*c, n_positions, experts, weights, &error);
+        return status == SLICEMOE_OK ? ok() : fail(status, error);
     });
 }
 

@@ -22,8 +22,9 @@ struct slicemoe_moe_weights {
     ggml_tensor * up_lsb;    // LSB slices; nullptr = no LSB product (4-bit, or a plain model)
     ggml_tensor * gate_lsb;
     ggml_tensor * down_lsb;
-    ggml_tensor * ids;       // expert (or slot) ids of the MSB products, [n_expert_used, n_tokens]
-    ggml_tensor * ids_lsb;   // ids of the LSB products
+    ggml_tensor * ids;       // expert (or slot) ids of the MSB products, [n_expert_used, n_tokens];
+                             // on CPU pools -1 runs no product (a use dropped by gating)
+    ggml_tensor * ids_lsb;   // ids of the LSB products; on CPU pools -1 for a use that runs at 4 bits
     ggml_tensor * lsb_mask;  // optional [1, n_expert_used, n_tokens] F32 of 1 (use the LSB) or 0
     ggml_tensor * weight_mask;  // optional, same shape: 0 drops the use from the mixture (AdapMoE)
     ggml_tensor * input;     // the layer's FFN input [n_embd, 1, n_tokens] (for look-ahead prefetch)
@@ -64,6 +65,12 @@ private:
 // without an engine (stock models).
 void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched_eval_callback cb_eval,
                         void * cb_eval_user_data, int il, int64_t n_tokens, slicemoe_moe_weights * w);
+
+// Trace-driven routing (slicemoe_route_force): the router probabilities [n_expert, n_tokens] that
+// replace the layer's own, with *experts set to the experts [n_expert_used, n_tokens] that replace
+// its top-k; nullptr (and *experts untouched) to route as the model does.
+ggml_tensor * slicemoe_moe_forced_route(ggml_context * ctx, ggml_backend_sched_eval_callback cb_eval,
+                                        void * cb_eval_user_data, int il, int64_t n_tokens, ggml_tensor ** experts);
 
 // Cache-aware routing: a bias [n_expert] added to the router logits for selecting the top-k (the
 // mixing weights keep the unbiased probabilities), or nullptr to select as the model does.

@@ -86,7 +86,7 @@ bool slicemoe_model_loaded(llama_model * model, const char * path, const llama_m
         if (config.budget_percent > 0) {
             p.cache_budget_bytes = int64_t(double(slice_bytes(*model)) * config.budget_percent / 100.0);
         }
-        if (!sliced && !p.record_trace) {
+        if (!sliced && !p.record_trace && !p.forced_routes) {
             return true;   // a stock model runs as llama.cpp runs it
         }
         const int status = attach(model, path, p, sliced, &error);
@@ -130,7 +130,10 @@ slicemoe_ubatch_scope::slicemoe_ubatch_scope(ggml_backend_sched_eval_callback cb
         admitted_ = false;
         return;
     }
-    slicemoe::begin_ubatch(*engine_, first_pos);
+    if (!slicemoe::begin_ubatch(*engine_, first_pos, n_tokens, &slicemoe::t_failure)) {
+        LLAMA_LOG_ERROR("slicemoe: %s\n", slicemoe::t_failure.c_str());
+        admitted_ = false;
+    }
 }
 
 bool slicemoe_ubatch_scope::finished() {

@@ -121,63 +121,76 @@ bool slice_reader::run(const slice_read & r, std::string * error) {
     return false;
 }
 
-bool slice_reader::read_one(const slice_read & r, std::string * error) {
-    return run(r, error);
+void slice_reader::claim_and_run(const std::shared_ptr<read_batch> & b, std::unique_lock<std::mutex> & lock) {
+    const size_t i = b->next++;
+    if (b->next == b->reads.size()) {
+        queue_.erase(std::find(queue_.begin(), queue_.end(), b));
+    }
+    lock.unlock();
+    std::string error;
+    const bool ok = run(b->reads[i], &error);
+    lock.lock();
+    if (!ok) {
+        b->failed[i] = 1;
+        if (b->first_error.empty()) b->first_error = error;
+    }
+    if (++b->finished == b->reads.size()) done_.notify_all();
 }
 
 void slice_reader::worker() {
-    uint64_t seen = 0;
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
-        while (batch_ && next_ < batch_->size()) {
-            const size_t i = next_++;
-            const slice_read & r = (*batch_)[i];
-            lock.unlock();
-            std::string error;
-            const bool ok = run(r, &error);
-            lock.lock();
-            if (!ok) {
-                (*failed_)[i] = 1;
-                if (first_error_.empty()) first_error_ = error;
-            }
-            if (++finished_ == batch_->size()) done_.notify_all();
-        }
+        wake_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;   // stopping, with nothing left to read
+        const std::shared_ptr<read_batch> b = queue_.front();
+        claim_and_run(b, lock);
     }
 }
 
 bool slice_reader::read(const std::vector<slice_read> & reads, std::vector<char> * failed, std::string * error) {
     failed->assign(reads.size(), 0);
     if (reads.empty()) return true;
+    auto b = std::make_shared<read_batch>();
+    b->reads = reads;
+    b->failed.assign(reads.size(), 0);
     std::unique_lock<std::mutex> lock(mutex_);
-    batch_ = &reads;
-    failed_ = failed;
-    first_error_.clear();
-    next_ = finished_ = 0;
-    generation_ += 1;
+    queue_.push_front(b);   // a step's misses block compute: ahead of any prefetch
     // as many readers as the batch can keep busy besides this thread: a decode step of a small
     // model misses one or two slices, and waking every reader for them costs more than the reads
     const size_t helpers = std::min(reads.size() - 1, threads_.size());
     for (size_t k = 0; k < helpers; ++k) wake_.notify_one();
-    while (next_ < reads.size()) {   // the calling thread reads too
-        const size_t i = next_++;
-        lock.unlock();
-        std::string message;
-        const bool ok = run(reads[i], &message);
-        lock.lock();
-        if (!ok) {
-            (*failed)[i] = 1;
-            if (first_error_.empty()) first_error_ = message;
-        }
-        ++finished_;
+    while (b->next < b->reads.size()) {   // the calling thread reads too
+        claim_and_run(b, lock);
     }
-    done_.wait(lock, [&] { return finished_ == reads.size(); });
-    batch_ = nullptr;
-    failed_ = nullptr;
-    if (!first_error_.empty()) {
-        *error = first_error_;
+    done_.wait(lock, [&] { return b->finished == b->reads.size(); });
+    *failed = b->failed;
+    if (!b->first_error.empty()) {
+        *error = b->first_error;
+        return false;
+    }
+    return true;
+}
+
+std::shared_ptr<read_batch> slice_reader::submit(std::vector<slice_read> reads) {
+    if (reads.empty()) return nullptr;
+    auto b = std::make_shared<read_batch>();
+    b->failed.assign(reads.size(), 0);
+    b->reads = std::move(reads);
+    std::lock_guard<std::mutex> lock(mutex_);
+    queue_.push_back(b);
+    const size_t readers = std::min(b->reads.size(), threads_.size());
+    for (size_t k = 0; k < readers; ++k) wake_.notify_one();
+    return b;
+}
+
+bool slice_reader::wait(const std::shared_ptr<read_batch> & batch, std::string * error) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (batch->next < batch->reads.size()) {   // what the readers have not reached yet
+        claim_and_run(batch, lock);
+    }
+    done_.wait(lock, [&] { return batch->finished == batch->reads.size(); });
+    if (!batch->first_error.empty()) {
+        *error = batch->first_error;
         return false;
     }
     return true;

@@ -14,6 +14,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -29,6 +30,16 @@ struct slice_read {
     bool      fail = false; // testing: report this read as failed (EIO) without reading
 };
 
+// Reads in flight together: a step's misses (read(): the caller reads too and waits) or a
+// look-ahead prefetch (submit(): the reader threads read it while the caller computes).
+struct read_batch {
+    std::vector<slice_read> reads;
+    std::vector<char>       failed;        // per read, once finished
+    size_t                  next = 0;      // the next read to claim
+    size_t                  finished = 0;
+    std::string             first_error;
+};
+
 class slice_reader {
 public:
     enum mode_t { AUTO = 0, DIRECT = 1, BUFFERED = 2 };   // = enum slicemoe_io_mode
@@ -36,16 +47,21 @@ public:
     // nullptr with *error when the file cannot be opened (or O_DIRECT was asked for and the file
     // system does not support it).
     static std::unique_ptr<slice_reader> open(const char * path, int mode, int n_threads, std::string * error);
+    // Finishes every batch still queued first.
     ~slice_reader();
     slice_reader(const slice_reader &) = delete;
     slice_reader & operator=(const slice_reader &) = delete;
 
-    // Every read of the batch, spread over the reader threads and the calling thread; returns when
-    // all are done. false with *error (the first failure) when any failed; failed[i] then says
-    // which. One batch at a time (the engine's lock).
+    // Every read of the batch, spread over the reader threads and the calling thread, ahead of any
+    // background batch; returns when all are done. false with *error (the first failure) when any
+    // failed; failed[i] then says which. One such call at a time (the engine's lock).
     bool read(const std::vector<slice_read> & reads, std::vector<char> * failed, std::string * error);
-    // One read on the calling thread (the look-ahead prefetch worker); safe beside read().
-    bool read_one(const slice_read & r, std::string * error);
+    // A background batch (look-ahead prefetch): the reader threads take its reads after any
+    // read() batch; the caller goes on and later waits for it. nullptr for an empty batch.
+    std::shared_ptr<read_batch> submit(std::vector<slice_read> reads);
+    // Until every read of a submitted batch is done (reading what no reader took yet); false with
+    // *error when any failed.
+    bool wait(const std::shared_ptr<read_batch> & batch, std::string * error);
 
     bool direct() const { return direct_fd_ >= 0; }
     int  fd() const { return fd_; }   // the buffered descriptor
@@ -54,17 +70,16 @@ private:
     slice_reader() = default;
     void worker();
     bool run(const slice_read & r, std::string * error);
+    // Under mutex_: claim the next read of b (taking b off the queue with its last read), run it
+    // unlocked, record the result.
+    void claim_and_run(const std::shared_ptr<read_batch> & b, std::unique_lock<std::mutex> & lock);
 
     int fd_ = -1;
     int direct_fd_ = -1;
     std::vector<std::thread> threads_;
     std::mutex mutex_;
     std::condition_variable wake_, done_;
-    const std::vector<slice_read> * batch_ = nullptr;
-    std::vector<char> * failed_ = nullptr;
-    std::string first_error_;
-    size_t next_ = 0, finished_ = 0;
-    uint64_t generation_ = 0;
+    std::deque<std::shared_ptr<read_batch>> queue_;   // batches with reads left to claim, step first
     bool stop_ = false;
 };
 

@@ -19,6 +19,7 @@
 #include "slicemoe-slices.h"
 #include "slicemoe-graph.h"
 #include "slicemoe-io.h"
+#include "slicemoe-route.h"
 
 #include "llama-model.h"
 
@@ -33,7 +34,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
-#include <future>
 #include <memory>
 #include <sys/mman.h>
 #include <mutex>
@@ -81,8 +81,11 @@ struct layer {
     ggml_tensor *        lsb_mask = nullptr;  // F32 [1, n_expert, 1]: 1 = run the LSB product
     ggml_tensor *        sel_bias = nullptr;  // F32 [n_expert]: cache_prior's bias on the router logits
     ggml_tensor *        keep = nullptr;      // F32 [1, n_expert, 1]: adapmoe, 0 = dropped from the mixture
+    bool                 cpu_pools = false;   // pools in CPU memory: a use that does not run gets slot -1
+                                              // (no product; patch 0005), else slot 0 and a 0 mask
     const ggml_tensor *  next_router = nullptr;  // prefetch: the next MoE layer's router weight
-    std::future<slicemoe_cache_stats_t> pending; // prefetch into this layer, running on a worker
+    std::shared_ptr<read_batch> ahead;        // look-ahead reads into this layer, on the reader threads
+    std::vector<std::pair<int, int>> ahead_slots;   // their (expert, slot), in the order of the reads
     std::vector<char>    prefetched;          // per expert: MSB slice loaded ahead, not used yet
     std::vector<float>   last_logits;         // cache_prior + trace: this token's router logits
     double               logit_range_sum = 0.0;  // cache_prior: sum and count of (max - min) logit
@@ -152,13 +155,10 @@ struct cache {
     bool                 prompt_seen = false; // a prompt batch ran since the last release
     slicemoe_cache_stats_t totals = {};
     std::vector<int32_t> scratch_ids;
+    std::unique_ptr<forced_routes> forced;    // trace-driven routing (slicemoe_route_force)
 
     ~cache() {
-        // a prefetch still running writes into the pools and reads the file: join it first
-        for (layer & L : layers) {
-            if (L.pending.valid()) L.pending.wait();
-        }
-        io.reset();   // no read in flight from here on
+        io.reset();   // finishes any prefetch still queued: no read in flight from here on
         for (ggml_backend_buffer_t b : bufs) ggml_backend_buffer_free(b);
         for (void * m : host_memory) std::free(m);
         for (ggml_context * ctx : ctxs) ggml_free(ctx);
@@ -414,16 +414,18 @@ void release_mapped(cache & c) {
 
 // The policy for one decode token of one layer: ids are the token's experts, best first, and
 // weights their routing probabilities (0 where not observed).
-// Look-ahead prefetch worker: load the predicted experts' MSB slices into layer L's pool while the
-// previous layer computes. It touches only L, which the main thread does not serve before joining
-// it (join_prefetch), and returns its counters for the main thread to add.
-slicemoe_cache_stats_t prefetch_into(cache & c, layer & L, std::vector<int> predicted, uint64_t stamp) {
-    slicemoe_cache_stats_t got = {};
+// Look-ahead prefetch: while layer L's predecessor computes, load the predicted experts' MSB slices
+// into L's pool on the reader threads. The slots are chosen here, on the compute thread (least
+// recently used among those holding no predicted expert); the reads are waited for by join_prefetch
+// before L is served, and a slot whose read failed is emptied then (a missed chance: the miss path
+// reads and reports again).
+void start_prefetch(cache & c, layer & L, const std::vector<int> & predicted) {
     pool & p = L.msb;
     std::vector<char> keep(size_t(p.n_slots), 0);
     for (int e : predicted) {
         if (p.expert_slot[size_t(e)] >= 0) keep[size_t(p.expert_slot[size_t(e)])] = 1;
     }
+    std::vector<slice_read> reads;
     for (int e : predicted) {
         if (p.expert_slot[size_t(e)] >= 0) continue;
         int slot = -1;
@@ -435,53 +437,47 @@ slicemoe_cache_stats_t prefetch_into(cache & c, layer & L, std::vector<int> pred
         if (slot < 0) break;
         const int old = p.slot_expert[size_t(slot)];
         if (old >= 0) {
-            p.expert_slot[size_t(old)] = -1;
-            p.slot_expert[size_t(slot)] = -1;
-            got.evictions += 1;
-            if (L.lsb.n_slots > 0 && L.lsb.expert_slot[size_t(old)] >= 0) {
-                L.lsb.slot_expert[size_t(L.lsb.expert_slot[size_t(old)])] = -1;
-                L.lsb.expert_slot[size_t(old)] = -1;
-                got.evictions += 1;
-            }
+            evict(c, L, p, slot);
             if (L.prefetched[size_t(old)]) {
                 L.prefetched[size_t(old)] = 0;
-                got.prefetch_wasted_bytes += int64_t(p.slice_bytes);
+                c.totals.prefetch_wasted_bytes += int64_t(p.slice_bytes);
             }
         }
-        std::string error;
-        bool read = true;
-        for (int j = 0; j < N_PROJ && read; ++j) {   // host pools only (build_cache checks)
-            read = c.io->read_one(slice_range(p, j, e, (uint8_t *) p.t[j]->data + size_t(slot) * p.t[j]->nb[2]), &error);
-        }
-        if (!read) {
-            break;   // a failed prefetch is a missed chance; the miss path reads (and reports) again
+        for (int j = 0; j < N_PROJ; ++j) {   // host pools only (build_cache checks)
+            reads.push_back(slice_range(p, j, e, (uint8_t *) p.t[j]->data + size_t(slot) * p.t[j]->nb[2]));
         }
         p.slot_expert[size_t(slot)] = e;
         p.expert_slot[size_t(e)] = slot;
         p.uses[size_t(slot)] = 0;
-        p.last_use[size_t(slot)] = stamp;
+        p.last_use[size_t(slot)] = c.clock;
         keep[size_t(slot)] = 1;
         L.prefetched[size_t(e)] = 1;
-        got.loads += 1;
-        got.flash_bytes += int64_t(p.slice_bytes);
-        got.prefetch_loads += 1;
+        L.ahead_slots.push_back({ e, slot });
+        L.stats.loads += 1;
+        L.stats.flash_bytes += int64_t(p.slice_bytes);
+        c.totals.loads += 1;
+        c.totals.flash_bytes += int64_t(p.slice_bytes);
+        c.totals.prefetch_loads += 1;
     }
-    return got;
+    L.ahead = c.io->submit(std::move(reads));
 }
 
 void join_prefetch(cache & c, layer & L) {
-    if (!L.pending.valid()) return;
-    const slicemoe_cache_stats_t got = L.pending.get();
-    for (slicemoe_cache_stats_t * t : { &c.totals }) {
-        t->loads += got.loads;
-        t->flash_bytes += got.flash_bytes;
-        t->evictions += got.evictions;
-        t->prefetch_loads += got.prefetch_loads;
-        t->prefetch_wasted_bytes += got.prefetch_wasted_bytes;
+    if (!L.ahead) return;
+    std::string error;
+    if (!c.io->wait(L.ahead, &error)) {
+        for (size_t i = 0; i < L.ahead_slots.size(); ++i) {
+            const auto [expert, slot] = L.ahead_slots[i];
+            const bool bad = L.ahead->failed[i * N_PROJ] || L.ahead->failed[i * N_PROJ + 1] || L.ahead->failed[i * N_PROJ + 2];
+            if (bad && L.msb.slot_expert[size_t(slot)] == expert) {
+                L.msb.slot_expert[size_t(slot)] = -1;
+                L.msb.expert_slot[size_t(expert)] = -1;
+                L.prefetched[size_t(expert)] = 0;
+            }
+        }
     }
-    L.stats.loads += got.loads;
-    L.stats.flash_bytes += got.flash_bytes;
-    L.stats.evictions += got.evictions;
+    L.ahead.reset();
+    L.ahead_slots.clear();
 }
 
 // DyMoE's depth schedule: how many of a token's top-k uses run at 8 bits in MoE layer `index`,
@@ -500,7 +496,9 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
         warm_up(c, L);
         if (c.failed) return false;
     }
-    std::vector<int32_t> msb_map(c.n_expert, 0), lsb_map(c.n_expert, 0);
+    // a use that does not run (dropped, or 4-bit for the LSB product) computes nothing on CPU pools
+    const int32_t no_slot = L.cpu_pools ? -1 : 0;
+    std::vector<int32_t> msb_map(c.n_expert, no_slot), lsb_map(c.n_expert, no_slot);
     std::vector<float> mask(c.n_expert, 0.0f), keep(c.n_expert, 1.0f);
     for (int r = 0; r < c.top_k; ++r) {
         const int e = ids[r];
@@ -914,6 +912,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
             }
         }
         L.msb_map = ggml_new_tensor_3d(tables, GGML_TYPE_I32, 1, c->n_expert, 1);
+        L.cpu_pools = ggml_backend_dev_buffer_type(model->dev_layer(L.il)) == ggml_backend_cpu_buffer_type();
         if (c->prior_lambda > 0.0f) {
             L.sel_bias = ggml_new_tensor_1d(tables, GGML_TYPE_F32, c->n_expert);
         }
@@ -1080,7 +1079,7 @@ bool observe_node(cache & c, ggml_tensor * t, bool ask) {
             order.resize(size_t(c.top_k));
             layer & next = c.layers[size_t(it->second + 1)];
             join_prefetch(c, next);
-            next.pending = std::async(std::launch::async, prefetch_into, std::ref(c), std::ref(next), order, c.clock);
+            start_prefetch(c, next, order);
         }
         return true;
     }
@@ -1135,7 +1134,7 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept {
 bool end_ubatch(cache & c, std::string * failure) {
     if (!c.failed) return true;
     for (layer & L : c.layers) {
-        if (L.pending.valid()) L.pending.wait();   // the decode stopped; so do its prefetches
+        join_prefetch(c, L);   // the decode stopped; so do its prefetches
     }
     *failure = std::move(c.error);
     c.failed = false;
@@ -1154,11 +1153,21 @@ void begin_sequence(cache * c) {
     }
 }
 
-void begin_ubatch(cache & c, int32_t first_pos) {
+bool begin_ubatch(cache & c, int32_t first_pos, int64_t n_tokens, std::string * error) {
     if (first_pos == 0 && !c.sequence_fresh) {
         begin_sequence(&c);
     }
     c.sequence_fresh = false;
+    return !c.forced || c.forced->upload(first_pos, n_tokens, error);
+}
+
+int force_routes(cache & c, int32_t n_positions, const int32_t * experts, const float * weights, std::string * error) {
+    c.forced.reset();
+    if (n_positions == 0) {
+        return SLICEMOE_OK;
+    }
+    c.forced = forced_routes::create(int(c.layers.size()), c.n_expert, c.top_k, n_positions, experts, weights, error);
+    return c.forced ? SLICEMOE_OK : SLICEMOE_ERR_INVALID_ARG;
 }
 
 bool serves_decode(const cache & c) {
@@ -1227,6 +1236,10 @@ void route_fields(const route * r, int32_t * request, int32_t * layer, int32_t *
 
 int32_t top_k(const cache * c) {
     return c->top_k;
+}
+
+int32_t n_experts(const cache * c) {
+    return c->n_expert;
 }
 
 bool route_logits(const cache * c, int64_t i, float * out) {
@@ -1365,6 +1378,21 @@ ggml_tensor * slicemoe_moe_selection_bias(ggml_backend_sched_eval_callback cb_ev
     return c->layers[size_t(it->second)].sel_bias;   // nullptr unless cache_prior
 }
 
+ggml_tensor * slicemoe_moe_forced_route(ggml_context * ctx, ggml_backend_sched_eval_callback cb_eval,
+                                        void * cb_eval_user_data, int il, int64_t n_tokens, ggml_tensor ** experts) {
+    using namespace slicemoe;
+    cache * c = engine_from(cb_eval, cb_eval_user_data);
+    const auto it = c && c->forced ? c->layer_of_il.find(il) : std::unordered_map<int, int>::iterator();
+    if (!c || !c->forced || it == c->layer_of_il.end()) {
+        return nullptr;
+    }
+    ggml_tensor * probs = c->forced->probs(ctx, it->second, n_tokens);
+    if (probs) {
+        *experts = c->forced->experts(ctx, it->second, n_tokens);
+    }
+    return probs;
+}
+
 void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched_eval_callback cb_eval,
                         void * cb_eval_user_data, int il, int64_t n_tokens, slicemoe_moe_weights * w) {
     using namespace slicemoe;
@@ -1384,7 +1412,7 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
         w->gate = L.msb.t[1];
         w->down = L.msb.t[2];
         w->ids  = gather(L.msb_map);
-        if (L.keep) {
+        if (L.keep && !L.cpu_pools) {   // on CPU pools a dropped use has slot -1 and no product
             w->weight_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.keep, selected), 1, k, n_tokens);
         }
         if (L.next_router && w->input) {
@@ -1399,7 +1427,8 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
             w->gate_lsb = L.lsb.t[1];
             w->down_lsb = L.lsb.t[2];
             w->ids_lsb  = gather(L.lsb_map);
-            if (c->precision == SLICEMOE_PRECISION_AUTO) {   // fixed high precision needs no mask
+            // fixed high precision needs no mask, nor do CPU pools (slot -1 for a 4-bit use)
+            if (c->precision == SLICEMOE_PRECISION_AUTO && !L.cpu_pools) {
                 w->lsb_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.lsb_mask, selected), 1, k, n_tokens);
             }
         }

@@ -34,8 +34,11 @@ bool serves_decode(const cache & c);
 // Held for each ubatch of any context of the model (slicemoe_ubatch_scope), and by the C API when
 // it reads or clears the engine's state.
 std::mutex & compute_mutex(cache & c);
-// A ubatch starts (under the lock): one at position 0 begins a new request.
-void begin_ubatch(cache & c, int32_t first_pos);
+// A ubatch of positions [first_pos, first_pos + n_tokens) starts (under the lock): one at position
+// 0 begins a new request. false with *error when a forced route does not cover the positions.
+bool begin_ubatch(cache & c, int32_t first_pos, int64_t n_tokens, std::string * error);
+// Trace-driven routing from the next ubatch on (see slicemoe_route_force); n_positions 0 ends it.
+int  force_routes(cache & c, int32_t n_positions, const int32_t * experts, const float * weights, std::string * error);
 // A ubatch ended (under the lock): false, with *failure set, when the engine failed during it;
 // the engine is then ready for the next ubatch.
 bool end_ubatch(cache & c, std::string * failure);
@@ -72,6 +75,7 @@ void          trace_clear(cache * c);
 void          route_fields(const route * r, int32_t * request, int32_t * layer, int32_t * phase,
                            int32_t * experts, float * weights, int32_t top_k);
 int32_t       top_k(const cache * c);
+int32_t       n_experts(const cache * c);
 // The router logits stored with record i (cache_prior runs): copies n_expert values, or returns
 // false when the record has none.
 bool          route_logits(const cache * c, int64_t i, float * out);

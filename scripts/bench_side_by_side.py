@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Full-size side by side under one RAM limit: the slice cache against stock llama.cpp with mmap.
+
+The models are a full-shape checkpoint (scripts/make_full_moe.py) converted sliced (AMAT) and stock
+(--experts q8_0), plus a 4-bit stock GGUF that llama.cpp's own quantizer (llama_model_quantize, in
+our library) makes from the q8_0 file. Random routers route degenerately, so every run is
+trace-driven: the embedded trained model's routing of a real prompt, widened onto the full shape
+(slicemoe_gguf.trace.widen: the bigger router is the equal mixture of m copies of the small one)
+and forced on every MoE layer (`--route-trace`), so all rows compute and read what real routing asks.
+
+RAM: each configuration runs in its own process inside a memory cgroup (v1 memory.limit_in_bytes,
+or v2 memory.max) whose limit is the same for every row of a budget: the dense weights, the budget
+(a share of the 8-bit expert bytes, i.e. all AMAT slice bytes), and a fixed headroom for the
+runtime, KV cache and compute buffers. The cgroup charges page cache, so stock llama.cpp keeps only
+what fits of its mapped experts, as on a device whose RAM is that size. The page cache is dropped
+before every run. Before the runs, fio measures the device (O_DIRECT random reads of the model file:
+4 KiB and 1 MiB at queue depth 1 and 32, and 1 MiB at depth 8, the depth of the reader threads).
+
+Per row: decode ms/token, time to first token (the prompt's prefill), flash MB/token (bytes this
+process read from the device during decode, /proc/self/io), the effective read rate, and the
+ratio to the row's limit max(compute-only ms/token, flash bytes per token / device bandwidth),
+where compute-only is the same configuration with everything resident and the page cache warm.
+
+    python scripts/bench_side_by_side.py --hf /data/olmoe-full --work /data --prefix olmoe -o bench.md  # root
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+from benchlib import drop_page_cache, machine_line, markdown_table  # noqa: E402
+
+PROMPT = ("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
+          "Arise, fair sun, and kill the envious moon, who is already sick and pale with grief.")
+BUDGETS = (25, 50, 75, 100)
+POLICIES = (("lru8", "none"), ("dbsc", "none"), ("dbsc", "pcw"), ("hobbit", "pcw"))
+HEADROOM = 768 << 20   # runtime, libraries, KV cache and compute buffers, the same for every row
+MiB = 1 << 20
+
+
+# -- the device -------------------------------------------------------------------------------
+
+def fio(path: Path, block: str, depth: int, seconds: int = 5) -> float:
+    """Random O_DIRECT reads of `path` at one block size and queue depth, page cache dropped: GB/s."""
+    drop_page_cache()
+    out = subprocess.run(["fio", "--name=r", f"--filename={path}", "--rw=randread", f"--bs={block}",
+                          "--direct=1", "--ioengine=libaio", f"--iodepth={depth}", "--readonly",
+                          f"--runtime={seconds}", "--time_based", "--output-format=json"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["jobs"][0]["read"]["bw_bytes"] / 1e9
+
+
+# -- the models -------------------------------------------------------------------------------
+
+def quantize_4bit(src: Path, dst: Path, threads: int) -> None:
+    """llama.cpp's own Q4_K_M quantizer on the q8_0 file (what users download as '4-bit')."""
+    import slicemoe_gguf.llama  # noqa: F401  (points llama_cpp at our library)
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.allow_requantize = True
+    params.nthread = threads
+    tmp = dst.with_name(dst.name + ".partial")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"quantizing {src} failed")
+    tmp.replace(dst)
+
+
+def widened_route(amat: Path, n_decode: int, out: Path) -> dict:
+    """The embedded model's routing of PROMPT, widened onto the full model's shape, as a trace file."""
+    from slicemoe_gguf import Model, trace as traces
+    from slicemoe_gguf.embedded import embedded_gguf
+    from slicemoe_gguf.model_info import describe
+
+    small = embedded_gguf(progress=False)
+    with Model(small, record_trace=True, n_threads=2) as model:
+        model.generate(PROMPT, n_decode + 1, stop_at_eog=False)
+        recorded = model.routing_trace()
+    route = traces.request_route(recorded)
+    info = describe(amat)
+    wide = traces.widen(route, n_layers=len(info["moe_layers"]), n_experts=info["n_experts"], top_k=info["top_k"])
+    layers = info["layers"]
+    header = {"format": traces.FORMAT, "version": traces.VERSION, "n_layers": len(info["moe_layers"]),
+              "n_experts": info["n_experts"], "top_k": info["top_k"], "moe_layers": info["moe_layers"],
+              "slice_bytes": {"msb": layers[0]["msb_bytes_per_expert"], "lsb": layers[0]["lsb_bytes_per_expert"]},
+              "model": f"{small.name} widened onto {amat.name}"}
+    traces.route_trace(wide, header).write(out)
+    return {"n_prompt": wide.n_prompt, "n_decode": wide.n_decode}
+
+
+# -- one configuration, in a child process ------------------------------------------------------
+
+def read_bytes() -> int:
+    for line in open("/proc/self/io"):
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def child(config: dict) -> dict:
+    """Load, force the route, prefill, decode; the numbers of one row."""
+    from slicemoe_gguf import Model, trace as traces
+
+    route = traces.request_route(traces.read(config["trace"]))
+    kwargs = {k: config[k] for k in ("cache_budget", "policy", "warmup", "precision") if k in config}
+    t0 = time.perf_counter()
+    with Model(config["model"], n_threads=config["threads"], forced_routes=True, n_ctx=512, **kwargs) as model:
+        load_s = time.perf_counter() - t0
+        model.force_routes(route.experts, route.weights, n_experts=route.n_experts)
+        prompt = [1 + i % 1000 for i in range(route.n_prompt)]
+        before_prefill = read_bytes()
+        t1 = time.perf_counter()
+        model.eval(prompt)
+        token = int(np.argmax(model.logits()))
+        ttft_ms = 1000 * (time.perf_counter() - t1)
+        before_decode = read_bytes()
+        model.reset_cache_stats()
+        t2 = time.perf_counter()
+        for _ in range(route.n_decode):
+            model.eval([token])
+            token = int(np.argmax(model.logits()))
+        decode_ms = 1000 * (time.perf_counter() - t2) / route.n_decode
+        decode_read = (read_bytes() - before_decode) / route.n_decode
+        stats = model.cache_stats()
+    return {"load_s": load_s, "ttft_ms": ttft_ms, "decode_ms": decode_ms, "read_per_token": decode_read,
+            "prefill_read": before_decode - before_prefill,
+            "io_ms": stats["io_ms"] / route.n_decode if stats else None,
+            "engine_flash_per_token": stats["flash_bytes"] / route.n_decode if stats else None,
+            "high_share": stats["high_uses"] / max(stats["high_uses"] + stats["low_uses"], 1) if stats else None}
+
+
+class MemoryLimit:
+    """A memory cgroup (v2 if mounted as such, else v1) that a child process is started in."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.path = None
+        if limit is None:
+            return
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+        root = Path("/sys/fs/cgroup") if v2.exists() else Path("/sys/fs/cgroup/memory")
+        self.path = root / f"slicemoe-bench-{os.getpid()}"
+        self.path.mkdir(exist_ok=True)
+        (self.path / ("memory.max" if v2.exists() else "memory.limit_in_bytes")).write_text(str(limit))
+        if not v2.exists():
+            try:   # no swap here, but a swap account would let the limit leak
+                (self.path / "memory.memsw.limit_in_bytes").write_text(str(limit))
+            except OSError:
+                pass
+
+    def enter(self) -> None:
+        if self.path:
+            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def close(self) -> None:
+        if self.path:
+            for _ in range(50):
+                try:
+                    self.path.rmdir()
+                    return
+                except OSError:
+                    time.sleep(0.1)
+
+
+def run_row(config: dict, limit: int | None, cold: bool = True) -> dict:
+    cgroup = MemoryLimit(limit)
+    try:
+        if cold:
+            drop_page_cache()
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)], capture_output=True, text=True,
+                              preexec_fn=cgroup.enter, timeout=3600)
+    finally:
+        cgroup.close()
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--hf", type=Path, help="the full-shape checkpoint (make_full_moe.py)")
+    parser.add_argument("--work", type=Path, required=False, default=Path("/data"), help="where the GGUFs are made")
+    parser.add_argument("--prefix", default="full", help="file names: PREFIX-amat.gguf, PREFIX-q8_0.gguf, ... (default full)")
+    parser.add_argument("-n", "--n-decode", type=int, default=32, help="decode tokens per run (default 32)")
+    parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="percent of the 8-bit expert bytes")
+    parser.add_argument("-o", "--output", type=Path, help="also write the markdown here")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if os.geteuid() != 0:
+        print("needs root: it drops the page cache and creates memory cgroups", file=sys.stderr)
+        return 2
+    from slicemoe_gguf.model_info import describe
+
+    work = args.work
+    amat, q8, q4 = (work / f"{args.prefix}-{kind}.gguf" for kind in ("amat", "q8_0", "q4_k_m"))
+    for path, experts in ((amat, "amat"), (q8, "q8_0")):
+        if not path.exists():
+            subprocess.run(["slicemoe-convert", "-q", "--experts", experts, str(args.hf), "-o", str(path)], check=True)
+    if not q4.exists():
+        quantize_4bit(q8, q4, args.threads)
+    trace_path = work / f"{args.prefix}-route.jsonl"
+    shape = widened_route(amat, args.n_decode, trace_path)
+
+    info = describe(amat)
+    expert_bytes = sum(layer["msb_bytes_per_expert"] + layer["lsb_bytes_per_expert"] for layer in info["layers"]) \
+        * info["n_experts"]
+    dense = amat.stat().st_size - expert_bytes
+    device = {f"{bs} QD{qd}": fio(amat, bs, qd) for bs, qd in (("4k", 1), ("4k", 32), ("1m", 1), ("1m", 8), ("1m", 32))}
+    bandwidth = device["1m QD8"] * 1e9   # the reader threads' depth
+
+    base = {"trace": str(trace_path), "threads": args.threads}
+    configs = {f"{policy}{' + pcw' if warmup == 'pcw' else ''}": dict(base, model=str(amat), policy=policy, warmup=warmup)
+               for policy, warmup in POLICIES}
+    stock = {"stock q8_0 (mmap)": dict(base, model=str(q8)), "stock Q4_K_M (mmap)": dict(base, model=str(q4))}
+
+    # compute-only: everything resident, page cache warm, no limit
+    compute = {}
+    for name, config in configs.items():
+        compute[name] = run_row(dict(config, cache_budget=expert_bytes), None)
+    for name, config in stock.items():
+        run_row(config, None, cold=False)   # warms the page cache with the whole file
+        compute[name] = run_row(config, None, cold=False)
+    nocache = {"AMAT, no cache, high": run_row(dict(base, model=str(amat), precision="high"), None, cold=False),
+               "AMAT, no cache, low": run_row(dict(base, model=str(amat), precision="low"), None, cold=False)}
+
+    rows, results = [], {}
+    for percent in map(int, args.budgets.split(",")):
+        budget = expert_bytes * percent // 100
+        limit = dense + budget + HEADROOM
+        for name, config in {**configs, **stock}.items():
+            cfg = dict(config, cache_budget=budget) if name in configs else config
+            r = run_row(cfg, limit)
+            results[(percent, name)] = r
+            if "error" in r:
+                rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", "failed: " + r["error"], "", "", "", "", ""])
+                continue
+            ideal = max(compute[name].get("decode_ms", 0.0), r["read_per_token"] / bandwidth * 1000)
+            rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", f"{r['decode_ms']:.1f}", f"{r['ttft_ms']:.0f}",
+                         f"{r['read_per_token'] / 1e6:.1f}",
+                         f"{r['read_per_token'] / max(r['decode_ms'], 1e-9) / 1e6:.2f}",
+                         f"{ideal:.1f}", f"{r['decode_ms'] / max(ideal, 1e-9):.2f}x"])
+            print(" | ".join(rows[-1]), flush=True)
+
+    lines = [f"Machine: {machine_line()}. Model: {info.get('architecture', '?')} full shape, "
+             f"{info['n_experts']} experts top-{info['top_k']}, {len(info['moe_layers'])} MoE layers; AMAT "
+             f"{amat.stat().st_size / 1e9:.2f} GB, q8_0 {q8.stat().st_size / 1e9:.2f} GB, Q4_K_M "
+             f"{q4.stat().st_size / 1e9:.2f} GB. Route: the embedded model's routing of a {shape['n_prompt']}-token "
+             f"prompt and {shape['n_decode']} decode tokens, widened. {args.threads} threads; page cache dropped "
+             f"before every row; RAM limit = dense {dense / MiB:.0f} MiB + budget + {HEADROOM / MiB:.0f} MiB.",
+             "", "Device (fio, O_DIRECT random reads of the model file, GB/s): " +
+             ", ".join(f"{k} {v:.2f}" for k, v in device.items()), "",
+             "Compute-only (everything resident, warm; ms/token): " +
+             ", ".join(f"{k} {v.get('decode_ms', float('nan')):.1f}" for k, v in {**compute, **nocache}.items()), "",
+             markdown_table(["budget", "configuration", "RAM limit MiB", "decode ms/token", "TTFT ms",
+                             "flash MB/token", "read GB/s", "limit ms/token", "vs limit"], rows)]
+    text = "\n".join(lines)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
