@@ -40,8 +40,7 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 from benchlib import drop_page_cache, machine_line, markdown_table  # noqa: E402
 
-PROMPT = ("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
-          "Arise, fair sun, and kill the envious moon, who is already sick and pale with grief.")
+PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 BUDGETS = (25, 50, 75, 100)
 POLICIES = (("lru8", "none"), ("dbsc", "none"), ("dbsc", "pcw"), ("hobbit", "pcw"))
 HEADROOM = 768 << 20   # runtime, libraries, KV cache and compute buffers, the same for every row
@@ -114,7 +113,7 @@ def child(config: dict) -> dict:
     from slicemoe_gguf import Model, trace as traces
 
     route = traces.request_route(traces.read(config["trace"]))
-    kwargs = {k: config[k] for k in ("cache_budget", "policy", "warmup", "precision") if k in config}
+    kwargs = {k: config[k] for k in ("cache_budget", "policy", "warmup", "precision", "prefetch") if k in config}
     t0 = time.perf_counter()
     with Model(config["model"], n_threads=config["threads"], forced_routes=True, n_ctx=512, **kwargs) as model:
         load_s = time.perf_counter() - t0
@@ -190,13 +189,35 @@ def run_row(config: dict, limit: int | None, cold: bool = True) -> dict:
 
 # -- the table ---------------------------------------------------------------------------------
 
+def targets(results: dict, compute: dict, nocache: dict, device: dict) -> str:
+    """The issue's targets, each as the ratio measured in this run."""
+    def ms(row: dict | None) -> float:
+        return row.get("decode_ms", float("nan")) if row else float("nan")
+
+    at50 = {name: results.get((50, name)) for name in ("dbsc + pcw", "lru8", "stock q8_0 (mmap)", "stock Q4_K_M (mmap)")}
+    dbsc = at50["dbsc + pcw"] or {}
+    lines = ["Targets (measured ratios):"]
+    if dbsc.get("decode_ms"):
+        lines += [f"- 50%: lru8 / dbsc + pcw ms/token = {ms(at50['lru8']) / ms(dbsc):.2f} (target >= 1.8)",
+                  f"- 50%: stock q8_0 / dbsc + pcw = {ms(at50['stock q8_0 (mmap)']) / ms(dbsc):.2f}, "
+                  f"stock Q4_K_M / dbsc + pcw = {ms(at50['stock Q4_K_M (mmap)']) / ms(dbsc):.2f} (target > 1)"]
+        if dbsc.get("io_ms"):
+            lines.append(f"- 50%: dbsc + pcw read path {dbsc['engine_flash_per_token'] / dbsc['io_ms'] / 1e6:.2f} GB/s = "
+                         f"{dbsc['engine_flash_per_token'] / dbsc['io_ms'] / 1e6 / device['1m QD8']:.2f} of fio's 1 MiB QD8 "
+                         "(target >= 0.8)")
+    lines += [f"- 100%, compute only: dbsc + pcw / stock q8_0 = {ms(compute['dbsc + pcw']) / ms(compute['stock q8_0 (mmap)']):.2f}"
+              " (target <= 1.15)",
+              f"- 100%, fixed precision: lru8 cache / AMAT without cache (high) = "
+              f"{ms(compute['lru8']) / ms(nocache['AMAT, no cache, high']):.2f} (target <= 1.05)"]
+    return "\n".join(lines)
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--hf", type=Path, help="the full-shape checkpoint (make_full_moe.py)")
     parser.add_argument("--work", type=Path, required=False, default=Path("/data"), help="where the GGUFs are made")
     parser.add_argument("--prefix", default="full", help="file names: PREFIX-amat.gguf, PREFIX-q8_0.gguf, ... (default full)")
-    parser.add_argument("-n", "--n-decode", type=int, default=32, help="decode tokens per run (default 32)")
+    parser.add_argument("-n", "--n-decode", type=int, default=48, help="decode tokens per run (default 48)")
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="percent of the 8-bit expert bytes")
     parser.add_argument("-o", "--output", type=Path, help="also write the markdown here")
@@ -229,6 +250,8 @@ def main() -> int:
     base = {"trace": str(trace_path), "threads": args.threads}
     configs = {f"{policy}{' + pcw' if warmup == 'pcw' else ''}": dict(base, model=str(amat), policy=policy, warmup=warmup)
                for policy, warmup in POLICIES}
+    # look-ahead prefetch is off by default (see bench_prefetch.py); this row says what it does at size
+    configs["dbsc + pcw + prefetch"] = dict(configs["dbsc + pcw"], prefetch=True)
     stock = {"stock q8_0 (mmap)": dict(base, model=str(q8)), "stock Q4_K_M (mmap)": dict(base, model=str(q4))}
 
     # compute-only: everything resident, page cache warm, no limit
@@ -250,12 +273,14 @@ def main() -> int:
             r = run_row(cfg, limit)
             results[(percent, name)] = r
             if "error" in r:
-                rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", "failed: " + r["error"], "", "", "", "", ""])
+                rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", "failed: " + r["error"], "", "", "", "", "", ""])
                 continue
             ideal = max(compute[name].get("decode_ms", 0.0), r["read_per_token"] / bandwidth * 1000)
+            # the read path's own rate: the engine's bytes over the time it blocked on them
+            io_rate = f"{r['engine_flash_per_token'] / r['io_ms'] / 1e6:.2f}" if r.get("io_ms") else "-"
             rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", f"{r['decode_ms']:.1f}", f"{r['ttft_ms']:.0f}",
                          f"{r['read_per_token'] / 1e6:.1f}",
-                         f"{r['read_per_token'] / max(r['decode_ms'], 1e-9) / 1e6:.2f}",
+                         f"{r['read_per_token'] / max(r['decode_ms'], 1e-9) / 1e6:.2f}", io_rate,
                          f"{ideal:.1f}", f"{r['decode_ms'] / max(ideal, 1e-9):.2f}x"])
             print(" | ".join(rows[-1]), flush=True)
 
@@ -270,7 +295,8 @@ def main() -> int:
              "Compute-only (everything resident, warm; ms/token): " +
              ", ".join(f"{k} {v.get('decode_ms', float('nan')):.1f}" for k, v in {**compute, **nocache}.items()), "",
              markdown_table(["budget", "configuration", "RAM limit MiB", "decode ms/token", "TTFT ms",
-                             "flash MB/token", "read GB/s", "limit ms/token", "vs limit"], rows)]
+                             "flash MB/token", "read GB/s", "read path GB/s", "limit ms/token", "vs limit"], rows),
+             "", targets(results, compute, nocache, device)]
     text = "\n".join(lines)
     print(text)
     if args.output:
