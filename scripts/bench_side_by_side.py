@@ -42,16 +42,23 @@ from benchlib import drop_page_cache, machine_line, markdown_table  # noqa: E402
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 BUDGETS = (25, 50, 75, 100)
-POLICIES = (("lru8", "none"), ("dbsc", "none"), ("dbsc", "pcw"), ("hobbit", "pcw"))
+# lru4 is the sliced file's 4-bit model (MSB slices only), the like of a stock 4-bit GGUF
+POLICIES = (("lru8", "none"), ("dbsc", "none"), ("dbsc", "pcw"), ("hobbit", "pcw"), ("lru4", "pcw"))
 HEADROOM = 768 << 20   # runtime, libraries, KV cache and compute buffers, the same for every row
 MiB = 1 << 20
 
 
 # -- the device -------------------------------------------------------------------------------
 
+def cold() -> None:
+    """No dirty page left to write back (it would compete with the reads measured), none cached."""
+    os.sync()
+    drop_page_cache()
+
+
 def fio(path: Path, block: str, depth: int, seconds: int = 5) -> float:
     """Random O_DIRECT reads of `path` at one block size and queue depth, page cache dropped: GB/s."""
-    drop_page_cache()
+    cold()
     out = subprocess.run(["fio", "--name=r", f"--filename={path}", "--rw=randread", f"--bs={block}",
                           "--direct=1", "--ioengine=libaio", f"--iodepth={depth}", "--readonly",
                           f"--runtime={seconds}", "--time_based", "--output-format=json"],
@@ -173,11 +180,11 @@ class MemoryLimit:
                     time.sleep(0.1)
 
 
-def run_row(config: dict, limit: int | None, cold: bool = True) -> dict:
+def run_row(config: dict, limit: int | None, cold_start: bool = True) -> dict:
     cgroup = MemoryLimit(limit)
     try:
-        if cold:
-            drop_page_cache()
+        if cold_start:
+            cold()
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)], capture_output=True, text=True,
                               preexec_fn=cgroup.enter, timeout=3600)
     finally:
@@ -259,10 +266,10 @@ def main() -> int:
     for name, config in configs.items():
         compute[name] = run_row(dict(config, cache_budget=expert_bytes), None)
     for name, config in stock.items():
-        run_row(config, None, cold=False)   # warms the page cache with the whole file
-        compute[name] = run_row(config, None, cold=False)
-    nocache = {"AMAT, no cache, high": run_row(dict(base, model=str(amat), precision="high"), None, cold=False),
-               "AMAT, no cache, low": run_row(dict(base, model=str(amat), precision="low"), None, cold=False)}
+        run_row(config, None, cold_start=False)   # warms the page cache with the whole file
+        compute[name] = run_row(config, None, cold_start=False)
+    nocache = {"AMAT, no cache, high": run_row(dict(base, model=str(amat), precision="high"), None, cold_start=False),
+               "AMAT, no cache, low": run_row(dict(base, model=str(amat), precision="low"), None, cold_start=False)}
 
     rows, results = [], {}
     for percent in map(int, args.budgets.split(",")):

@@ -123,7 +123,7 @@ struct slicemoe_model_params {
     float   gating_t;          // adapmoe: T of the gating rule (default 0.04); 0 = never drop (the
                                // model's routing)
     bool    prefetch;          // look-ahead: apply the next MoE layer's router to this layer's input
-                               // and load the predicted MSB slices on an I/O thread meanwhile
+                               // and queue the predicted MSB slices' reads on the reader threads meanwhile
     // Whole-expert policies: slots per MoE layer (e.g. from slicemoe plan's DP allocation) instead
     // of an equal share of the budget; NULL / 0 = equal shares.
     const int32_t * layer_slots;
