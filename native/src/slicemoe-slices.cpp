@@ -7,19 +7,18 @@
 // With a cache, decode (one token per batch) runs the expert products on pools:
 //   - per MoE layer, an MSB pool and an LSB pool (one tensor per projection, [n_in, n_out, slots])
 //     allocated once in a CPU buffer; their sizes come from one byte budget;
-//   - the graph maps expert ids to slots with get_rows on two small I32 tables (and, for auto
-//     precision, multiplies each LSB product by a 0/1 mask gathered the same way);
+//   - the graph maps expert ids to slots with get_rows on two small I32 tables; a use that does
+//     not run (4-bit for the LSB product, dropped by gating) gets slot -1 on CPU pools, which runs
+//     no product (patch 0005), and slot 0 with a 0 mask on device pools;
 //   - llama.cpp's eval callback observes the layer's router probabilities and top-k node, then
-//     runs the policy before the expert products of that layer run: hits, misses (a pread of the
-//     slice's byte range from the GGUF, then POSIX_FADV_DONTNEED so the next miss is a real read),
-//     evictions, precision per use; then it rewrites the tables.
+//     runs the policy before the expert products of that layer run: hits, misses (all of a step's
+//     slice reads at once on the reader threads, slicemoe-io.h), evictions, precision per use;
+//     then it rewrites the tables.
 // Prefill (more than one token per batch) is compute-bound and touches most experts, so it runs
 // on the mapped tensors (streaming them from the file) and only records routing for warm-up.
 
-#include "slicemoe-slices.h"
+#include "slicemoe-engine.h"
 #include "slicemoe-graph.h"
-#include "slicemoe-io.h"
-#include "slicemoe-route.h"
 
 #include "llama-model.h"
 
@@ -43,127 +42,6 @@
 #include <vector>
 
 namespace slicemoe {
-
-namespace {
-
-constexpr int N_PROJ = 3;   // up, gate, down: the order of slicemoe_moe_weights
-
-struct pool {
-    ggml_tensor *          t[N_PROJ] = {};
-    int64_t                file_offset[N_PROJ] = {};   // of the model tensor's data in the GGUF
-    size_t                 expert_bytes[N_PROJ] = {};  // one expert's slice of one projection
-    size_t                 slice_bytes = 0;            // one expert's slice, all projections
-    int                    n_slots = 0;
-    std::vector<int>       slot_expert;                // -1: empty
-    std::vector<int>       expert_slot;                // -1: not cached
-    std::vector<uint64_t>  last_use;
-    std::vector<int64_t>   uses;                       // per slot, since loaded (LFU)
-    std::vector<char>      claimed;                    // per slot: a load of the current step goes there
-};
-
-} // namespace
-
-struct route {
-    int32_t request, layer, phase;   // phase: 0 prefill, 1 decode
-    std::vector<int32_t> experts;
-    std::vector<float>   weights;
-    std::vector<float>   logits;     // all router logits (cache_prior runs), else empty
-};
-
-namespace {
-
-struct layer {
-    int                  il = 0;
-    pool                 msb, lsb;
-    const ggml_tensor *  mapped[2 * N_PROJ] = {};   // the model's own MSB and LSB tensors
-    ggml_tensor *        msb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> MSB slot
-    ggml_tensor *        lsb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> LSB slot
-    ggml_tensor *        lsb_mask = nullptr;  // F32 [1, n_expert, 1]: 1 = run the LSB product
-    ggml_tensor *        sel_bias = nullptr;  // F32 [n_expert]: cache_prior's bias on the router logits
-    ggml_tensor *        keep = nullptr;      // F32 [1, n_expert, 1]: adapmoe, 0 = dropped from the mixture
-    bool                 cpu_pools = false;   // pools in CPU memory: a use that does not run gets slot -1
-                                              // (no product; patch 0005), else slot 0 and a 0 mask
-    const ggml_tensor *  next_router = nullptr;  // prefetch: the next MoE layer's router weight
-    std::shared_ptr<read_batch> ahead;        // look-ahead reads into this layer, on the reader threads
-    std::vector<std::pair<int, int>> ahead_slots;   // their (expert, slot), in the order of the reads
-    std::vector<char>    prefetched;          // per expert: MSB slice loaded ahead, not used yet
-    std::vector<float>   last_logits;         // cache_prior + trace: this token's router logits
-    double               logit_range_sum = 0.0;  // cache_prior: sum and count of (max - min) logit
-    int64_t              logit_range_n = 0;
-    std::vector<float>   probs;               // router probabilities of the current decode token
-    std::vector<double>  prompt_score;        // recency-weighted prompt routing, for PCW
-    bool                 warm_pending = false;
-    int64_t              event = 0;           // decode accesses of this layer so far
-    std::vector<std::vector<int64_t>> future; // Belady (replay): per expert, its decode access indices
-    slicemoe_layer_stats_t stats = {};
-};
-
-} // namespace
-
-// A slice read queued by a step (a decode token of a layer, a warm-up): its slot is already
-// assigned, its bytes arrive in flush_loads.
-struct pending_load {
-    layer *              L = nullptr;
-    pool *               p = nullptr;
-    int                  expert = -1, slot = -1;
-    std::vector<uint8_t> staging[N_PROJ];   // for a pool in device memory: uploaded after the read
-};
-
-// persistent reader threads per model: enough for a step's misses (top-k experts x 3 projections)
-// to be in flight together on flash that wants queue depth
-constexpr int READER_THREADS = 8;
-
-struct cache {
-    const llama_model *  model = nullptr;
-    std::unique_ptr<slice_reader> io;         // misses are read here (nullptr: no cache, or replay)
-    std::vector<pending_load> pending;
-    std::vector<std::pair<pool *, int>> claims;   // slots claimed by the current step's loads
-    int                  n_expert = 0;
-    int                  top_k = 0;
-    int                  precision = SLICEMOE_PRECISION_AUTO;
-    int                  policy = SLICEMOE_POLICY_DBSC;
-    int                  warmup = SLICEMOE_WARMUP_NONE;
-    bool                 simulated = false;   // trace replay: no pools, no reads, same decisions
-    bool                 observe_only = false;// no pools at all: only records routing
-    bool                 sliced = false;      // the model's experts are AMAT bit slices
-    bool                 precision_only = false; // a sliced model without cache or trace: only chooses
-                                              // the precision of the mapped experts
-    bool                 sequence_fresh = false; // begin_sequence ran and no ubatch since
-    std::mutex           compute_mutex;       // held by slicemoe_ubatch_scope: one ubatch at a time
-    bool                 record = false;      // keep a routing trace
-    int32_t              request = 0;
-    std::vector<route>   trace;
-    float                high_threshold = 0.25f;
-    float                max_miss_rate = 0.0f;
-    float                high_ratio = 0.5f;     // dymoe
-    float                prior_lambda = 0.0f;   // cache_prior
-    float                gating_t = 0.0f;       // adapmoe
-    bool                 prefetch = false;
-    double               miss_rate_ema = 0.0;   // slice miss rate, smoothed over decode tokens
-    int64_t              token_uses = 0, token_misses = 0;
-    int64_t              budget = 0;
-    std::vector<ggml_context *>          ctxs;   // one per buffer type the pools live in
-    std::vector<ggml_backend_buffer_t>   bufs;
-    std::vector<void *>                  host_memory;   // under the host pools' buffers (alloc_page_aligned)
-    std::vector<layer>   layers;
-    std::unordered_map<int, int> layer_of_il;
-    uint64_t             clock = 0;
-    bool                 failed = false;
-    std::string          error;
-    int64_t              reads_left = -1;     // failure injection for tests; -1 = off
-    bool                 mapped = false;      // the model's expert tensors are mapped from the file
-    bool                 prompt_seen = false; // a prompt batch ran since the last release
-    slicemoe_cache_stats_t totals = {};
-    std::vector<int32_t> scratch_ids;
-    std::unique_ptr<forced_routes> forced;    // trace-driven routing (slicemoe_route_force)
-
-    ~cache() {
-        io.reset();   // finishes any prefetch still queued: no read in flight from here on
-        for (ggml_backend_buffer_t b : bufs) ggml_backend_buffer_free(b);
-        for (void * m : host_memory) std::free(m);
-        for (ggml_context * ctx : ctxs) ggml_free(ctx);
-    }
-};
 
 namespace {
 
@@ -640,6 +518,8 @@ void set_selection_bias(cache & c, layer & L, const ggml_tensor * logits) {
     }
 }
 
+} // namespace
+
 // Replay of cache_prior: the experts the biased router picks in the replayed cache state (best
 // first), with the unbiased probabilities as weights.
 void replay_selection(const cache & c, layer & L, const float * logits, int32_t * ids, float * weights) {
@@ -658,6 +538,7 @@ void replay_selection(const cache & c, layer & L, const float * logits, int32_t 
         weights[r] = float(std::exp(double(v[size_t(ids[r])] - top)) / sum);
     }
 }
+
 
 // One routing event, live or replayed: the single place that drives the policy.
 bool access(cache & c, int index, int phase, const int32_t * ids, const float * weights) {
@@ -688,6 +569,8 @@ bool access(cache & c, int index, int phase, const int32_t * ids, const float * 
     return ok;
 }
 
+namespace {
+
 // "ffn_moe_topk-12" -> (true, 12)
 bool parse_node(const char * name, const char * prefix, int * il) {
     const size_t n = strlen(prefix);
@@ -699,6 +582,8 @@ bool parse_node(const char * name, const char * prefix, int * il) {
     return true;
 }
 
+} // namespace
+
 void init_pool(pool & p, int n_slots, int n_expert) {
     p.n_slots = n_slots;
     p.slot_expert.assign(n_slots, -1);
@@ -707,6 +592,7 @@ void init_pool(pool & p, int n_slots, int n_expert) {
     p.uses.assign(n_slots, 0);
     p.claimed.assign(n_slots, 0);
 }
+
 
 // lru8, lfu8 and belady cache whole experts at 8 bits, lru4 MSB slices only; dbsc decides per use
 // (or runs a forced precision, for tests and comparisons).
@@ -723,6 +609,7 @@ int effective_precision(int policy, int precision) {
         default:                     return precision;
     }
 }
+
 
 // Slot counts per MoE layer: the budget shared equally (split_budget within each layer), or, for
 // whole-expert policies, explicit per-layer counts (the planner's DP allocation). Checks the
@@ -768,6 +655,8 @@ bool slot_counts(const cache & c, int n_layers, size_t msb_b, size_t lsb_b, floa
     }
     return true;
 }
+
+namespace {
 
 // An engine with no pools: it records routing (tracing a run without a budget) or, for a sliced
 // model, only sets the precision of the mapped experts.
@@ -952,7 +841,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         }
     }
     if (c->prefetch && c->totals.device_pool_bytes > 0) {
-        // the prefetch worker copies into pools from its own thread; device backends are not
+        // prefetch reads land in the pools from the reader threads; device backends are not
         // known here to take uploads concurrently with a running graph
         *error = "look-ahead prefetch needs the pools on the host in this version: use it without -ngl";
         return nullptr;
@@ -1249,196 +1138,4 @@ bool route_logits(const cache * c, int64_t i, float * out) {
     return true;
 }
 
-cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
-    // the limits keep every product of counts and sizes far from int64 overflow
-    constexpr int64_t max_slice = int64_t(1) << 40;
-    if (p.n_layers <= 0 || p.n_layers > 512 || p.n_expert <= 0 || p.n_expert > 1024 || p.top_k <= 0 ||
-        p.top_k > p.n_expert || p.msb_bytes <= 0 || p.msb_bytes > max_slice || p.lsb_bytes < 0 ||
-        p.lsb_bytes > max_slice || p.budget_bytes <= 0) {
-        *error = "simulation needs 1 to 512 MoE layers, 1 to 1024 experts, 1 <= top_k <= n_expert, slice sizes in "
-                 "(0, 1 TiB] (lsb may be 0) and a budget above 0";
-        return nullptr;
-    }
-    auto c = std::make_unique<cache>();
-    c->simulated = true;
-    c->n_expert = p.n_expert;
-    c->top_k = p.top_k;
-    c->policy = p.policy;
-    c->precision = effective_precision(p.policy, p.precision);
-    c->warmup = p.warmup;
-    c->high_threshold = p.high_threshold;
-    c->max_miss_rate = p.max_miss_rate;
-    c->high_ratio = p.high_ratio > 0.0f ? p.high_ratio : 0.5f;
-    c->gating_t = p.policy == SLICEMOE_POLICY_ADAPMOE ? p.gating_t : 0.0f;
-    c->prior_lambda = p.policy == SLICEMOE_POLICY_CACHE_PRIOR ? p.prior_lambda : 0.0f;
-    c->budget = p.budget_bytes;
-    const size_t msb_b = size_t(p.msb_bytes), lsb_b = size_t(p.lsb_bytes);
-    if (c->precision != SLICEMOE_PRECISION_LOW && lsb_b == 0) {
-        *error = "this policy and precision need LSB slices (lsb_bytes > 0)";
-        return nullptr;
-    }
-    std::vector<int> msb_slots, lsb_slots;
-    if (!slot_counts(*c, p.n_layers, msb_b, lsb_b, p.msb_share, p.layer_slots, p.n_layer_slots, &msb_slots,
-                     &lsb_slots, error)) {
-        return nullptr;
-    }
-    c->layers.resize(size_t(p.n_layers));
-    for (int i = 0; i < p.n_layers; ++i) {
-        layer & L = c->layers[size_t(i)];
-        L.il = i;
-        L.stats.layer = i;
-        L.prompt_score.assign(size_t(c->n_expert), 0.0);
-        const int n_msb = msb_slots[size_t(i)], n_lsb = lsb_slots[size_t(i)];
-        init_pool(L.msb, n_msb, c->n_expert);
-        init_pool(L.lsb, n_lsb, c->n_expert);
-        L.msb.slice_bytes = msb_b;
-        L.lsb.slice_bytes = lsb_b;
-        L.stats.msb_slots = n_msb;
-        L.stats.lsb_slots = n_lsb;
-        c->totals.pool_bytes += int64_t(n_msb) * int64_t(msb_b) + int64_t(n_lsb) * int64_t(lsb_b);
-    }
-    c->totals.budget_bytes = c->budget;
-    return c.release();
-}
-
-void sim_free(cache * c) {
-    delete c;
-}
-
-int sim_run(cache * c, int64_t n, const int32_t * requests, const int32_t * layers, const int32_t * phases,
-            const int32_t * experts, const float * weights, const float * logits, std::string * error) {
-    const int n_layers = int(c->layers.size());
-    for (int64_t i = 0; i < n; ++i) {
-        if (layers[i] < 0 || layers[i] >= n_layers || (phases[i] != 0 && phases[i] != 1)) {
-            *error = "trace record " + std::to_string(i) + ": layer or phase out of range";
-            return SLICEMOE_ERR_INVALID_ARG;
-        }
-    }
-    if (c->policy == SLICEMOE_POLICY_BELADY) {
-        // the future of each layer: the decode access indices of every expert, in order
-        std::vector<int64_t> event(size_t(n_layers), 0);
-        for (layer & L : c->layers) {
-            L.future.assign(size_t(c->n_expert), {});
-        }
-        for (int64_t i = 0; i < n; ++i) {
-            if (phases[i] != 1) continue;
-            layer & L = c->layers[size_t(layers[i])];
-            const int64_t ev = L.event + event[size_t(layers[i])]++;
-            for (int r = 0; r < c->top_k; ++r) {
-                const int e = experts[i * c->top_k + r];
-                if (e >= 0 && e < c->n_expert) L.future[size_t(e)].push_back(ev);
-            }
-        }
-    }
-    for (int64_t i = 0; i < n; ++i) {
-        if (requests[i] != c->request) {
-            begin_sequence(c);
-            c->request = requests[i];
-        }
-        const int32_t * ids = experts + i * c->top_k;
-        const float * w = weights + i * c->top_k;
-        std::vector<int32_t> chosen(size_t(c->top_k));
-        std::vector<float> chosen_w(size_t(c->top_k));
-        const float * row = logits ? logits + i * c->n_expert : nullptr;
-        if (c->prior_lambda > 0.0f && phases[i] == 1 && row && !std::isnan(row[0])) {
-            replay_selection(*c, c->layers[size_t(layers[i])], row, chosen.data(), chosen_w.data());
-            // where the replayed state picks what the run picked, keep the run's own weights
-            if (!std::equal(chosen.begin(), chosen.end(), ids)) {
-                ids = chosen.data();
-                w = chosen_w.data();
-            }
-        }
-        if (!access(*c, layers[i], phases[i], ids, w)) {
-            *error = "trace record " + std::to_string(i) + ": " + c->error;
-            c->failed = false;
-            return SLICEMOE_ERR_INVALID_ARG;
-        }
-    }
-    return SLICEMOE_OK;
-}
-
 } // namespace slicemoe
-
-namespace {
-
-slicemoe::cache * engine_from(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data) {
-    return cb_eval == slicemoe::eval_callback ? static_cast<slicemoe::cache *>(cb_eval_user_data) : nullptr;
-}
-
-} // namespace
-
-ggml_tensor * slicemoe_moe_selection_bias(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data, int il,
-                                          int64_t n_tokens) {
-    using namespace slicemoe;
-    cache * c = engine_from(cb_eval, cb_eval_user_data);
-    const auto it = c ? c->layer_of_il.find(il) : std::unordered_map<int, int>::iterator();
-    if (!c || it == c->layer_of_il.end() || !serves_decode(*c) || n_tokens != 1) {
-        return nullptr;
-    }
-    return c->layers[size_t(it->second)].sel_bias;   // nullptr unless cache_prior
-}
-
-ggml_tensor * slicemoe_moe_forced_route(ggml_context * ctx, ggml_backend_sched_eval_callback cb_eval,
-                                        void * cb_eval_user_data, int il, int64_t n_tokens, ggml_tensor ** experts) {
-    using namespace slicemoe;
-    cache * c = engine_from(cb_eval, cb_eval_user_data);
-    const auto it = c && c->forced ? c->layer_of_il.find(il) : std::unordered_map<int, int>::iterator();
-    if (!c || !c->forced || it == c->layer_of_il.end()) {
-        return nullptr;
-    }
-    ggml_tensor * probs = c->forced->probs(ctx, it->second, n_tokens);
-    if (probs) {
-        *experts = c->forced->experts(ctx, it->second, n_tokens);
-    }
-    return probs;
-}
-
-void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched_eval_callback cb_eval,
-                        void * cb_eval_user_data, int il, int64_t n_tokens, slicemoe_moe_weights * w) {
-    using namespace slicemoe;
-    cache * c = engine_from(cb_eval, cb_eval_user_data);
-    const auto it = c ? c->layer_of_il.find(il) : std::unordered_map<int, int>::iterator();
-    if (!c || it == c->layer_of_il.end() || !c->sliced) {
-        return;
-    }
-    layer & L = c->layers[size_t(it->second)];
-    if (serves_decode(*c) && n_tokens == 1) {
-        ggml_tensor * selected = w->ids;
-        const int64_t k = selected->ne[0];
-        auto gather = [&](ggml_tensor * table) {
-            return ggml_reshape_2d(ctx, ggml_get_rows(ctx, table, selected), k, n_tokens);
-        };
-        w->up   = L.msb.t[0];
-        w->gate = L.msb.t[1];
-        w->down = L.msb.t[2];
-        w->ids  = gather(L.msb_map);
-        if (L.keep && !L.cpu_pools) {   // on CPU pools a dropped use has slot -1 and no product
-            w->weight_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.keep, selected), 1, k, n_tokens);
-        }
-        if (L.next_router && w->input) {
-            // look-ahead: the next MoE layer's router on this layer's input predicts its experts
-            ggml_tensor * x = ggml_reshape_2d(ctx, w->input, w->input->ne[0], n_tokens);
-            ggml_tensor * ahead = ggml_mul_mat(ctx, const_cast<ggml_tensor *>(L.next_router), x);
-            ggml_format_name(ahead, "slicemoe_lookahead-%d", L.il);
-            ggml_build_forward_expand(gf, ahead);
-        }
-        if (L.lsb.n_slots > 0) {
-            w->up_lsb   = L.lsb.t[0];
-            w->gate_lsb = L.lsb.t[1];
-            w->down_lsb = L.lsb.t[2];
-            w->ids_lsb  = gather(L.lsb_map);
-            // fixed high precision needs no mask, nor do CPU pools (slot -1 for a 4-bit use)
-            if (c->precision == SLICEMOE_PRECISION_AUTO && !L.cpu_pools) {
-                w->lsb_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.lsb_mask, selected), 1, k, n_tokens);
-            }
-        }
-        return;
-    }
-    if (c->precision == SLICEMOE_PRECISION_LOW) {
-        return;
-    }
-    w->up_lsb   = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 0]);
-    w->gate_lsb = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 1]);
-    w->down_lsb = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 2]);
-    w->ids_lsb  = w->ids;
-}

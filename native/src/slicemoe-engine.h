@@ -1,0 +1,154 @@
+// The engine's state, shared by its units: slicemoe-slices.cpp (building it, the policy, the
+// eval callback), slicemoe-replay.cpp (trace replay) and slicemoe-graph.cpp (the MoE graph hooks).
+// Internal: nothing outside native/src includes it.
+#pragma once
+
+#include "slicemoe-slices.h"
+#include "slicemoe-io.h"
+#include "slicemoe-route.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+struct llama_model;
+
+namespace slicemoe {
+
+constexpr int N_PROJ = 3;   // up, gate, down: the order of slicemoe_moe_weights
+
+struct pool {
+    ggml_tensor *          t[N_PROJ] = {};
+    int64_t                file_offset[N_PROJ] = {};   // of the model tensor's data in the GGUF
+    size_t                 expert_bytes[N_PROJ] = {};  // one expert's slice of one projection
+    size_t                 slice_bytes = 0;            // one expert's slice, all projections
+    int                    n_slots = 0;
+    std::vector<int>       slot_expert;                // -1: empty
+    std::vector<int>       expert_slot;                // -1: not cached
+    std::vector<uint64_t>  last_use;
+    std::vector<int64_t>   uses;                       // per slot, since loaded (LFU)
+    std::vector<char>      claimed;                    // per slot: a load of the current step goes there
+};
+
+
+struct route {
+    int32_t request, layer, phase;   // phase: 0 prefill, 1 decode
+    std::vector<int32_t> experts;
+    std::vector<float>   weights;
+    std::vector<float>   logits;     // all router logits (cache_prior runs), else empty
+};
+
+
+struct layer {
+    int                  il = 0;
+    pool                 msb, lsb;
+    const ggml_tensor *  mapped[2 * N_PROJ] = {};   // the model's own MSB and LSB tensors
+    ggml_tensor *        msb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> MSB slot
+    ggml_tensor *        lsb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> LSB slot
+    ggml_tensor *        lsb_mask = nullptr;  // F32 [1, n_expert, 1]: 1 = run the LSB product
+    ggml_tensor *        sel_bias = nullptr;  // F32 [n_expert]: cache_prior's bias on the router logits
+    ggml_tensor *        keep = nullptr;      // F32 [1, n_expert, 1]: adapmoe, 0 = dropped from the mixture
+    bool                 cpu_pools = false;   // pools in CPU memory: a use that does not run gets slot -1
+                                              // (no product; patch 0005), else slot 0 and a 0 mask
+    const ggml_tensor *  next_router = nullptr;  // prefetch: the next MoE layer's router weight
+    std::shared_ptr<read_batch> ahead;        // look-ahead reads into this layer, on the reader threads
+    std::vector<std::pair<int, int>> ahead_slots;   // their (expert, slot), in the order of the reads
+    std::vector<char>    prefetched;          // per expert: MSB slice loaded ahead, not used yet
+    std::vector<float>   last_logits;         // cache_prior + trace: this token's router logits
+    double               logit_range_sum = 0.0;  // cache_prior: sum and count of (max - min) logit
+    int64_t              logit_range_n = 0;
+    std::vector<float>   probs;               // router probabilities of the current decode token
+    std::vector<double>  prompt_score;        // recency-weighted prompt routing, for PCW
+    bool                 warm_pending = false;
+    int64_t              event = 0;           // decode accesses of this layer so far
+    std::vector<std::vector<int64_t>> future; // Belady (replay): per expert, its decode access indices
+    slicemoe_layer_stats_t stats = {};
+};
+
+
+// A slice read queued by a step (a decode token of a layer, a warm-up): its slot is already
+// assigned, its bytes arrive in flush_loads.
+struct pending_load {
+    layer *              L = nullptr;
+    pool *               p = nullptr;
+    int                  expert = -1, slot = -1;
+    std::vector<uint8_t> staging[N_PROJ];   // for a pool in device memory: uploaded after the read
+};
+
+// persistent reader threads per model: enough for a step's misses (top-k experts x 3 projections)
+// to be in flight together on flash that wants queue depth
+constexpr int READER_THREADS = 8;
+
+struct cache {
+    const llama_model *  model = nullptr;
+    std::unique_ptr<slice_reader> io;         // misses are read here (nullptr: no cache, or replay)
+    std::vector<pending_load> pending;
+    std::vector<std::pair<pool *, int>> claims;   // slots claimed by the current step's loads
+    int                  n_expert = 0;
+    int                  top_k = 0;
+    int                  precision = SLICEMOE_PRECISION_AUTO;
+    int                  policy = SLICEMOE_POLICY_DBSC;
+    int                  warmup = SLICEMOE_WARMUP_NONE;
+    bool                 simulated = false;   // trace replay: no pools, no reads, same decisions
+    bool                 observe_only = false;// no pools at all: only records routing
+    bool                 sliced = false;      // the model's experts are AMAT bit slices
+    bool                 precision_only = false; // a sliced model without cache or trace: only chooses
+                                              // the precision of the mapped experts
+    bool                 sequence_fresh = false; // begin_sequence ran and no ubatch since
+    std::mutex           compute_mutex;       // held by slicemoe_ubatch_scope: one ubatch at a time
+    bool                 record = false;      // keep a routing trace
+    int32_t              request = 0;
+    std::vector<route>   trace;
+    float                high_threshold = 0.25f;
+    float                max_miss_rate = 0.0f;
+    float                high_ratio = 0.5f;     // dymoe
+    float                prior_lambda = 0.0f;   // cache_prior
+    float                gating_t = 0.0f;       // adapmoe
+    bool                 prefetch = false;
+    double               miss_rate_ema = 0.0;   // slice miss rate, smoothed over decode tokens
+    int64_t              token_uses = 0, token_misses = 0;
+    int64_t              budget = 0;
+    std::vector<ggml_context *>          ctxs;   // one per buffer type the pools live in
+    std::vector<ggml_backend_buffer_t>   bufs;
+    std::vector<void *>                  host_memory;   // under the host pools' buffers (alloc_page_aligned)
+    std::vector<layer>   layers;
+    std::unordered_map<int, int> layer_of_il;
+    uint64_t             clock = 0;
+    bool                 failed = false;
+    std::string          error;
+    int64_t              reads_left = -1;     // failure injection for tests; -1 = off
+    bool                 mapped = false;      // the model's expert tensors are mapped from the file
+    bool                 prompt_seen = false; // a prompt batch ran since the last release
+    slicemoe_cache_stats_t totals = {};
+    std::vector<int32_t> scratch_ids;
+    std::unique_ptr<forced_routes> forced;    // trace-driven routing (slicemoe_route_force)
+
+    ~cache() {
+        io.reset();   // finishes any prefetch still queued: no read in flight from here on
+        for (ggml_backend_buffer_t b : bufs) ggml_backend_buffer_free(b);
+        for (void * m : host_memory) std::free(m);
+        for (ggml_context * ctx : ctxs) ggml_free(ctx);
+    }
+};
+
+// lru8, lfu8 and belady cache whole experts at 8 bits, lru4 MSB slices only, dbsc decides per use.
+int  effective_precision(int policy, int precision);
+void init_pool(pool & p, int n_slots, int n_expert);
+// Slot counts per MoE layer from the budget (or explicit per-layer counts); false with *error when
+// the budget is below the minimum or the counts do not fit.
+bool slot_counts(const cache & c, int n_layers, size_t msb_b, size_t lsb_b, float msb_share,
+                 const int32_t * layer_slots, int32_t n_layer_slots, std::vector<int> * msb,
+                 std::vector<int> * lsb, std::string * error);
+// One routing event, live or replayed: the single place that drives the policy.
+bool access(cache & c, int index, int phase, const int32_t * ids, const float * weights);
+// Replay of cache_prior: the experts the biased router picks in the replayed cache state.
+void replay_selection(const cache & c, layer & L, const float * logits, int32_t * ids, float * weights);
+
+} // namespace slicemoe

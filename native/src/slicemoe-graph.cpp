@@ -1,0 +1,89 @@
+// The MoE graph hooks of patch 0002: build_moe_ffn asks the engine for cache-aware selection bias,
+// forced routes and the weights and expert (slot) ids its expert products run on.
+
+#include "slicemoe-graph.h"
+#include "slicemoe-engine.h"
+
+namespace {
+
+slicemoe::cache * engine_from(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data) {
+    return cb_eval == slicemoe::eval_callback ? static_cast<slicemoe::cache *>(cb_eval_user_data) : nullptr;
+}
+
+} // namespace
+
+ggml_tensor * slicemoe_moe_selection_bias(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data, int il,
+                                          int64_t n_tokens) {
+    using namespace slicemoe;
+    cache * c = engine_from(cb_eval, cb_eval_user_data);
+    const auto it = c ? c->layer_of_il.find(il) : std::unordered_map<int, int>::iterator();
+    if (!c || it == c->layer_of_il.end() || !serves_decode(*c) || n_tokens != 1) {
+        return nullptr;
+    }
+    return c->layers[size_t(it->second)].sel_bias;   // nullptr unless cache_prior
+}
+
+ggml_tensor * slicemoe_moe_forced_route(ggml_context * ctx, ggml_backend_sched_eval_callback cb_eval,
+                                        void * cb_eval_user_data, int il, int64_t n_tokens, ggml_tensor ** experts) {
+    using namespace slicemoe;
+    cache * c = engine_from(cb_eval, cb_eval_user_data);
+    const auto it = c && c->forced ? c->layer_of_il.find(il) : std::unordered_map<int, int>::iterator();
+    if (!c || !c->forced || it == c->layer_of_il.end()) {
+        return nullptr;
+    }
+    ggml_tensor * probs = c->forced->probs(ctx, it->second, n_tokens);
+    if (probs) {
+        *experts = c->forced->experts(ctx, it->second, n_tokens);
+    }
+    return probs;
+}
+
+void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched_eval_callback cb_eval,
+                        void * cb_eval_user_data, int il, int64_t n_tokens, slicemoe_moe_weights * w) {
+    using namespace slicemoe;
+    cache * c = engine_from(cb_eval, cb_eval_user_data);
+    const auto it = c ? c->layer_of_il.find(il) : std::unordered_map<int, int>::iterator();
+    if (!c || it == c->layer_of_il.end() || !c->sliced) {
+        return;
+    }
+    layer & L = c->layers[size_t(it->second)];
+    if (serves_decode(*c) && n_tokens == 1) {
+        ggml_tensor * selected = w->ids;
+        const int64_t k = selected->ne[0];
+        auto gather = [&](ggml_tensor * table) {
+            return ggml_reshape_2d(ctx, ggml_get_rows(ctx, table, selected), k, n_tokens);
+        };
+        w->up   = L.msb.t[0];
+        w->gate = L.msb.t[1];
+        w->down = L.msb.t[2];
+        w->ids  = gather(L.msb_map);
+        if (L.keep && !L.cpu_pools) {   // on CPU pools a dropped use has slot -1 and no product
+            w->weight_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.keep, selected), 1, k, n_tokens);
+        }
+        if (L.next_router && w->input) {
+            // look-ahead: the next MoE layer's router on this layer's input predicts its experts
+            ggml_tensor * x = ggml_reshape_2d(ctx, w->input, w->input->ne[0], n_tokens);
+            ggml_tensor * ahead = ggml_mul_mat(ctx, const_cast<ggml_tensor *>(L.next_router), x);
+            ggml_format_name(ahead, "slicemoe_lookahead-%d", L.il);
+            ggml_build_forward_expand(gf, ahead);
+        }
+        if (L.lsb.n_slots > 0) {
+            w->up_lsb   = L.lsb.t[0];
+            w->gate_lsb = L.lsb.t[1];
+            w->down_lsb = L.lsb.t[2];
+            w->ids_lsb  = gather(L.lsb_map);
+            // fixed high precision needs no mask, nor do CPU pools (slot -1 for a 4-bit use)
+            if (c->precision == SLICEMOE_PRECISION_AUTO && !L.cpu_pools) {
+                w->lsb_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.lsb_mask, selected), 1, k, n_tokens);
+            }
+        }
+        return;
+    }
+    if (c->precision == SLICEMOE_PRECISION_LOW) {
+        return;
+    }
+    w->up_lsb   = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 0]);
+    w->gate_lsb = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 1]);
+    w->down_lsb = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 2]);
+    w->ids_lsb  = w->ids;
+}

@@ -1,0 +1,118 @@
+// Trace replay (slicemoe sim): the live engine's policy with no pools and no reads, driven by a
+// recorded trace, so that a policy is measured live and on traces by the same code.
+
+#include "slicemoe-engine.h"
+
+#include <cmath>
+
+namespace slicemoe {
+
+cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
+    // the limits keep every product of counts and sizes far from int64 overflow
+    constexpr int64_t max_slice = int64_t(1) << 40;
+    if (p.n_layers <= 0 || p.n_layers > 512 || p.n_expert <= 0 || p.n_expert > 1024 || p.top_k <= 0 ||
+        p.top_k > p.n_expert || p.msb_bytes <= 0 || p.msb_bytes > max_slice || p.lsb_bytes < 0 ||
+        p.lsb_bytes > max_slice || p.budget_bytes <= 0) {
+        *error = "simulation needs 1 to 512 MoE layers, 1 to 1024 experts, 1 <= top_k <= n_expert, slice sizes in "
+                 "(0, 1 TiB] (lsb may be 0) and a budget above 0";
+        return nullptr;
+    }
+    auto c = std::make_unique<cache>();
+    c->simulated = true;
+    c->n_expert = p.n_expert;
+    c->top_k = p.top_k;
+    c->policy = p.policy;
+    c->precision = effective_precision(p.policy, p.precision);
+    c->warmup = p.warmup;
+    c->high_threshold = p.high_threshold;
+    c->max_miss_rate = p.max_miss_rate;
+    c->high_ratio = p.high_ratio > 0.0f ? p.high_ratio : 0.5f;
+    c->gating_t = p.policy == SLICEMOE_POLICY_ADAPMOE ? p.gating_t : 0.0f;
+    c->prior_lambda = p.policy == SLICEMOE_POLICY_CACHE_PRIOR ? p.prior_lambda : 0.0f;
+    c->budget = p.budget_bytes;
+    const size_t msb_b = size_t(p.msb_bytes), lsb_b = size_t(p.lsb_bytes);
+    if (c->precision != SLICEMOE_PRECISION_LOW && lsb_b == 0) {
+        *error = "this policy and precision need LSB slices (lsb_bytes > 0)";
+        return nullptr;
+    }
+    std::vector<int> msb_slots, lsb_slots;
+    if (!slot_counts(*c, p.n_layers, msb_b, lsb_b, p.msb_share, p.layer_slots, p.n_layer_slots, &msb_slots,
+                     &lsb_slots, error)) {
+        return nullptr;
+    }
+    c->layers.resize(size_t(p.n_layers));
+    for (int i = 0; i < p.n_layers; ++i) {
+        layer & L = c->layers[size_t(i)];
+        L.il = i;
+        L.stats.layer = i;
+        L.prompt_score.assign(size_t(c->n_expert), 0.0);
+        const int n_msb = msb_slots[size_t(i)], n_lsb = lsb_slots[size_t(i)];
+        init_pool(L.msb, n_msb, c->n_expert);
+        init_pool(L.lsb, n_lsb, c->n_expert);
+        L.msb.slice_bytes = msb_b;
+        L.lsb.slice_bytes = lsb_b;
+        L.stats.msb_slots = n_msb;
+        L.stats.lsb_slots = n_lsb;
+        c->totals.pool_bytes += int64_t(n_msb) * int64_t(msb_b) + int64_t(n_lsb) * int64_t(lsb_b);
+    }
+    c->totals.budget_bytes = c->budget;
+    return c.release();
+}
+
+void sim_free(cache * c) {
+    delete c;
+}
+
+int sim_run(cache * c, int64_t n, const int32_t * requests, const int32_t * layers, const int32_t * phases,
+            const int32_t * experts, const float * weights, const float * logits, std::string * error) {
+    const int n_layers = int(c->layers.size());
+    for (int64_t i = 0; i < n; ++i) {
+        if (layers[i] < 0 || layers[i] >= n_layers || (phases[i] != 0 && phases[i] != 1)) {
+            *error = "trace record " + std::to_string(i) + ": layer or phase out of range";
+            return SLICEMOE_ERR_INVALID_ARG;
+        }
+    }
+    if (c->policy == SLICEMOE_POLICY_BELADY) {
+        // the future of each layer: the decode access indices of every expert, in order
+        std::vector<int64_t> event(size_t(n_layers), 0);
+        for (layer & L : c->layers) {
+            L.future.assign(size_t(c->n_expert), {});
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            if (phases[i] != 1) continue;
+            layer & L = c->layers[size_t(layers[i])];
+            const int64_t ev = L.event + event[size_t(layers[i])]++;
+            for (int r = 0; r < c->top_k; ++r) {
+                const int e = experts[i * c->top_k + r];
+                if (e >= 0 && e < c->n_expert) L.future[size_t(e)].push_back(ev);
+            }
+        }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        if (requests[i] != c->request) {
+            begin_sequence(c);
+            c->request = requests[i];
+        }
+        const int32_t * ids = experts + i * c->top_k;
+        const float * w = weights + i * c->top_k;
+        std::vector<int32_t> chosen(size_t(c->top_k));
+        std::vector<float> chosen_w(size_t(c->top_k));
+        const float * row = logits ? logits + i * c->n_expert : nullptr;
+        if (c->prior_lambda > 0.0f && phases[i] == 1 && row && !std::isnan(row[0])) {
+            replay_selection(*c, c->layers[size_t(layers[i])], row, chosen.data(), chosen_w.data());
+            // where the replayed state picks what the run picked, keep the run's own weights
+            if (!std::equal(chosen.begin(), chosen.end(), ids)) {
+                ids = chosen.data();
+                w = chosen_w.data();
+            }
+        }
+        if (!access(*c, layers[i], phases[i], ids, w)) {
+            *error = "trace record " + std::to_string(i) + ": " + c->error;
+            c->failed = false;
+            return SLICEMOE_ERR_INVALID_ARG;
+        }
+    }
+    return SLICEMOE_OK;
+}
+
+} // namespace slicemoe
