@@ -146,6 +146,17 @@ void init_pool(pool & p, int n_slots, int n_expert);
 bool slot_counts(const cache & c, int n_layers, size_t msb_b, size_t lsb_b, float msb_share,
                  const int32_t * layer_slots, int32_t n_layer_slots, std::vector<int> * msb,
                  std::vector<int> * lsb, std::string * error);
+// The policy settings that the model's and the simulation's parameters both carry.
+template <class params_t> void set_policy(cache & c, const params_t & p) {
+    c.policy = p.policy;
+    c.precision = effective_precision(p.policy, p.precision);
+    c.warmup = p.warmup;
+    c.high_threshold = p.high_threshold;
+    c.max_miss_rate = p.max_miss_rate;
+    c.high_ratio = p.high_ratio > 0.0f ? p.high_ratio : 0.5f;
+    c.prior_lambda = p.policy == SLICEMOE_POLICY_CACHE_PRIOR ? p.prior_lambda : 0.0f;
+    c.gating_t = p.policy == SLICEMOE_POLICY_ADAPMOE ? p.gating_t : 0.0f;
+}
 // One routing event, live or replayed: the single place that drives the policy.
 bool access(cache & c, int index, int phase, const int32_t * ids, const float * weights);
 // Replay of cache_prior: the experts the biased router picks in the replayed cache state.

@@ -21,14 +21,7 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
     c->simulated = true;
     c->n_expert = p.n_expert;
     c->top_k = p.top_k;
-    c->policy = p.policy;
-    c->precision = effective_precision(p.policy, p.precision);
-    c->warmup = p.warmup;
-    c->high_threshold = p.high_threshold;
-    c->max_miss_rate = p.max_miss_rate;
-    c->high_ratio = p.high_ratio > 0.0f ? p.high_ratio : 0.5f;
-    c->gating_t = p.policy == SLICEMOE_POLICY_ADAPMOE ? p.gating_t : 0.0f;
-    c->prior_lambda = p.policy == SLICEMOE_POLICY_CACHE_PRIOR ? p.prior_lambda : 0.0f;
+    set_policy(*c, p);
     c->budget = p.budget_bytes;
     const size_t msb_b = size_t(p.msb_bytes), lsb_b = size_t(p.lsb_bytes);
     if (c->precision != SLICEMOE_PRECISION_LOW && lsb_b == 0) {

@@ -720,15 +720,8 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->model = model;
     c->n_expert = int(model->hparams.n_expert);
     c->top_k = int(model->hparams.n_expert_used_max());
-    c->precision = effective_precision(params.policy, params.precision);
-    c->policy = params.policy;
+    set_policy(*c, params);
     c->record = params.record_trace;
-    c->warmup = params.warmup;
-    c->high_threshold = params.high_threshold;
-    c->max_miss_rate = params.max_miss_rate;
-    c->high_ratio = params.high_ratio > 0.0f ? params.high_ratio : 0.5f;
-    c->prior_lambda = params.policy == SLICEMOE_POLICY_CACHE_PRIOR ? params.prior_lambda : 0.0f;
-    c->gating_t = params.policy == SLICEMOE_POLICY_ADAPMOE ? params.gating_t : 0.0f;
     c->prefetch = params.prefetch;
     c->budget = params.cache_budget_bytes;
 
