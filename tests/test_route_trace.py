@@ -23,6 +23,14 @@ def embedded():
     return embedded_gguf(progress=False)
 
 
+@pytest.fixture(scope="module")
+def own_route(embedded):
+    """The embedded model's own routing of PROMPT, as a route to force."""
+    with Model(embedded, record_trace=True, n_threads=2) as model:
+        model.generate(PROMPT, 8, stop_at_eog=False)
+        return traces.request_route(model.routing_trace())
+
+
 @pytest.mark.parametrize("policy", ["dbsc", "lru8", "hobbit", "adapmoe"])
 def test_a_recorded_route_forced_onto_another_prompt_reproduces_the_run(embedded, tmp_path, policy):
     flags = ("--cache-budget", "40%", "--policy", policy, "-t", "2")
@@ -69,10 +77,10 @@ def test_a_route_of_another_shape_is_refused_with_both_shapes(embedded, sliced_g
     assert "Traceback" not in proc.stderr
 
 
-def test_a_batch_beyond_the_route_fails_and_the_model_routes_itself_again(embedded):
+def test_a_batch_beyond_the_route_fails_and_the_model_routes_itself_again(embedded, own_route):
     with Model(embedded, cache_budget=embedded.stat().st_size // 3, n_threads=2) as model:
         expected = model.generate(PROMPT, 8, stop_at_eog=False).tokens
-        route = traces.request_route(_own_trace(embedded))
+        route = own_route
         model.force_routes(route.experts[:5], route.weights[:5])
         with pytest.raises(SliceMoEError, match="covers positions 0 to 4"):
             model.generate(PROMPT, 8, stop_at_eog=False)
@@ -80,9 +88,9 @@ def test_a_batch_beyond_the_route_fails_and_the_model_routes_itself_again(embedd
         assert model.generate(PROMPT, 8, stop_at_eog=False).tokens == expected
 
 
-def test_bad_routes_are_refused(embedded):
+def test_bad_routes_are_refused(embedded, own_route):
     with Model(embedded, n_threads=2) as model:
-        route = traces.request_route(_own_trace(embedded))
+        route = own_route
         experts = route.experts.copy()
         experts[3, 2, 1] = 32
         with pytest.raises(SliceMoEError, match="position 3, MoE layer 2: expert 32"):
@@ -114,8 +122,3 @@ def test_widening_maps_each_copy_onto_its_own_experts():
     with pytest.raises(ValueError, match="same integer factor"):
         traces.widen(traces.RequestRoute(1, 3, 2, experts, weights, 32), n_layers=16, n_experts=64, top_k=6)
 
-
-def _own_trace(path):
-    with Model(path, record_trace=True, n_threads=2) as model:
-        model.generate(PROMPT, 8, stop_at_eog=False)
-        return model.routing_trace()
