@@ -318,6 +318,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     profiles = _profiles(args)
     trace = _read_trace(args.trace)
     budget = _parse_budget(args.cache_budget, traces.total_slice_bytes(trace))
+    if args.policy == "optimal":
+        return _print_optimal(args, trace, budget)
     stats = traces.replay(trace, budget=budget, **_cache_settings(args))
     decode_tokens = max(stats["decode_tokens"], 1)
     msb_uses = stats["msb_hits"] + stats["msb_misses"]
@@ -350,6 +352,34 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         m = summary["modelled"][p.name]
         print(f"modelled on {p.name} ({p.description}): {m['energy_mj_per_token']:.4g} mJ/token of expert "
               f"traffic and MACs, {m['latency_ms_per_token']:.4g} ms/token of expert memory traffic")
+    return 0
+
+
+def _print_optimal(args: argparse.Namespace, trace, budget: int) -> int:
+    from .optimum import compare
+
+    try:
+        result = compare(trace, budget, _cache_settings(args))
+    except ValueError as exc:
+        raise SliceMoEError(str(exc), 1) from exc
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    reference = result["optima"][result["reference_rule"]]
+    tokens = max(reference["decode_tokens"], 1)
+    kind = "exact: one slice size" if reference["exact"] else \
+        f"lower bound; a feasible schedule reads {format_size(reference['upper'] / tokens)}/token"
+    print(f"{args.trace}: {reference['decode_tokens']} decode tokens, budget {format_size(budget)}")
+    print(f"optimal slice cache at precision {result['reference_rule']} ({reference['demanded_high']} of "
+          f"{reference['demanded_uses']} uses at 8 bits): {format_size(reference['lower'] / tokens)}/token of flash "
+          f"({kind})")
+    print("| policy | flash/token | 8-bit uses | x optimum of its own demand | x optimum above |")
+    print("|---|---|---|---|---|")
+    for row in result["policies"]:
+        own = "-" if row["vs_own_optimum"] is None else f"{row['vs_own_optimum']:.2f}" + \
+            ("" if row["serves_demand"] else " (served fewer 8-bit uses)")
+        print(f"| {row['policy']} | {format_size(row['flash_bytes'] / tokens)} | {row['high_uses']} | {own} | "
+              f"{row['vs_reference']:.2f} |")
     return 0
 
 
@@ -478,7 +508,7 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None
     else:
         cache.add_argument("--cache-budget", required=True, metavar="SIZE",
                            help="bytes with a unit (300MB, 2GiB) or a percentage of all slice bytes (50%%)")
-    policies = LIVE_POLICIES if live else LIVE_POLICIES + ("belady",)
+    policies = LIVE_POLICIES if live else LIVE_POLICIES + ("belady", "optimal")
     cache.add_argument("--policy", choices=policies, default=d.POLICY,
                        help="cache policy: dbsc (SliceMoE: bit slices, precision per use), lru8 / "
                             "lfu8 (whole experts at 8 bits, least recently / frequently used out), lru4 "
@@ -487,7 +517,9 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None
                             "cache_prior (dbsc plus cache-aware routing, --prior-lambda; changes outputs), "
                             "adapmoe (8-bit LRU with adaptive gating, --gating-t; changes outputs)"
                             + ("" if live else ", belady (whole experts, farthest next use out: the offline "
-                                                "optimum of whole-expert caching)")
+                                                "optimum of whole-expert caching), optimal (the offline optimum "
+                                                "of any slice cache of the budget, serving the precision "
+                                                "--precision asks for; prints every policy against it)")
                             + f" (default {d.POLICY})")
     cache.add_argument("--warmup", choices=["pcw", "none"], default=d.WARMUP,
                        help="pcw: load the slices the prompt used most before the first decode token "
