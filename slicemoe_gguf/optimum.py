@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .trace import Trace
+from .trace import Trace, layer_slice_bytes
 
 INFINITY = 1 << 62
 # precision rules an optimum can be asked for: the demand of a policy whose precision does not
@@ -52,21 +52,6 @@ class Optimum:
     def bytes(self) -> float:
         """The figure to compare against: the optimum when exact, else the lower bound."""
         return self.lower
-
-
-def layer_slice_bytes(header: dict) -> tuple[list[int], list[int]]:
-    """(MSB bytes, LSB bytes) of one expert's slice in each MoE layer."""
-    n_layers = int(header["n_layers"])
-    sizes = header["slice_bytes"]
-
-    def per_layer(value) -> list[int]:
-        if isinstance(value, list):
-            if len(value) != n_layers:
-                raise ValueError(f"slice_bytes lists {len(value)} sizes for {n_layers} MoE layers")
-            return [int(v) for v in value]
-        return [int(value)] * n_layers
-
-    return per_layer(sizes["msb"]), per_layer(sizes.get("lsb", 0))
 
 
 def demand_high(trace: Trace, decode: np.ndarray, rule: str, *, high_threshold: float, high_ratio: float,

@@ -28,7 +28,8 @@ _CACHE_FIELDS = ("budget_bytes", "pool_bytes", "msb_hits", "msb_misses", "lsb_hi
                  "decode_tokens", "io_ms", "high_threshold", "dropped_uses", "prefetch_loads",
                  "prefetch_useful_bytes", "prefetch_wasted_bytes", "device_pool_bytes", "io_direct")
 _LAYER_FIELDS = ("layer", "msb_slots", "lsb_slots", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses",
-                 "loads", "evictions", "flash_bytes", "ram_bytes", "io_ms")
+                 "loads", "evictions", "flash_bytes", "ram_bytes", "io_ms", "shared_slots", "msb_resident",
+                 "lsb_resident")
 
 
 @dataclass
@@ -176,9 +177,14 @@ class Model:
             raise SliceMoEError("no routing was recorded: load the model with record_trace=True", 1)
         info = describe(self.path)
         layers = info["layers"]
+        msb = [row["msb_bytes_per_expert"] for row in layers]
+        lsb = [row["lsb_bytes_per_expert"] for row in layers]
+        # one size when every layer has it (the common case), else a list: replay and the optimum
+        # then use each layer's own
         header = {"format": FORMAT, "version": VERSION, "n_layers": len(layers), "n_experts": info["n_experts"],
                   "top_k": k, "moe_layers": info["moe_layers"],
-                  "slice_bytes": {"msb": layers[0]["msb_bytes_per_expert"], "lsb": layers[0]["lsb_bytes_per_expert"]},
+                  "slice_bytes": {"msb": msb[0] if len(set(msb)) == 1 else msb,
+                                  "lsb": lsb[0] if len(set(lsb)) == 1 else lsb},
                   "model": str(self.path.name)}
         request, layer, phase = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
         experts, weights = ffi.new("int32_t[]", k), ffi.new("float[]", k)

@@ -169,11 +169,26 @@ def _check_header(header, path, line: str) -> None:
                              f"not {value!r}")
 
 
+def layer_slice_bytes(header: dict) -> tuple[list[int], list[int]]:
+    """(MSB bytes, LSB bytes) of one expert's slice in each MoE layer (a header may give one size
+    for all layers or a list)."""
+    n_layers = int(header["n_layers"])
+    sizes = header["slice_bytes"]
+
+    def per_layer(value) -> list[int]:
+        if isinstance(value, list):
+            if len(value) != n_layers:
+                raise TraceError(f"slice_bytes lists {len(value)} sizes for {n_layers} MoE layers")
+            return [int(v) for v in value]
+        return [int(value)] * n_layers
+
+    return per_layer(sizes["msb"]), per_layer(sizes.get("lsb", 0))
+
+
 def _slice_bytes(header: dict) -> tuple[int, int]:
-    sb = header["slice_bytes"]
-    msb, lsb = sb["msb"], sb.get("lsb", 0)
-    # per layer sizes may differ; the engine shares one size, so take the largest
-    return (int(max(msb)) if isinstance(msb, list) else int(msb), int(max(lsb)) if isinstance(lsb, list) else int(lsb))
+    """The largest MSB and LSB slice of any layer (one figure for summaries)."""
+    msb, lsb = layer_slice_bytes(header)
+    return max(msb), max(lsb)
 
 
 def replay(trace: Trace, *, budget: int, policy: str = defaults.POLICY, precision: str = defaults.PRECISION,
@@ -194,6 +209,10 @@ def replay(trace: Trace, *, budget: int, policy: str = defaults.POLICY, precisio
     params.msb_bytes = msb
     params.lsb_bytes = lsb
     params.budget_bytes = int(budget)
+    layer_msb, layer_lsb = layer_slice_bytes(trace.header)
+    if len(set(layer_msb)) > 1 or len(set(layer_lsb)) > 1:
+        sizes = (ffi.new("int64_t[]", layer_msb), ffi.new("int64_t[]", layer_lsb))  # kept alive to the run
+        params.layer_msb_bytes, params.layer_lsb_bytes = sizes
     slots = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,  # noqa: F841 (kept alive)
                              high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
                              high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
@@ -217,8 +236,8 @@ def msb_slice_bytes(trace: Trace) -> int:
 
 
 def total_slice_bytes(trace: Trace) -> int:
-    msb, lsb = _slice_bytes(trace.header)
-    return int(trace.header["n_layers"]) * int(trace.header["n_experts"]) * (msb + lsb)
+    msb, lsb = layer_slice_bytes(trace.header)
+    return int(trace.header["n_experts"]) * (sum(msb) + sum(lsb))
 
 
 def miss_rate(stats: dict) -> float:

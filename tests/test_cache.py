@@ -64,9 +64,11 @@ def test_pools_never_exceed_the_budget(sliced):
             assert 0 < stats["pool_bytes"] <= budget
             slots = stats["layers"]
             info = describe(path)["layers"][0]
-            allocated = sum(m * info["msb_bytes_per_expert"] + l * info["lsb_bytes_per_expert"]
-                            for m, l in zip(slots["msb_slots"], slots["lsb_slots"]))
+            # shared slots (dbsc's adaptive split below 100%) hold an MSB or an LSB slice each
+            allocated = sum(m * info["msb_bytes_per_expert"] + (0 if shared else l * info["lsb_bytes_per_expert"])
+                            for m, l, shared in zip(slots["msb_slots"], slots["lsb_slots"], slots["shared_slots"]))
             assert allocated == stats["pool_bytes"]
+            assert all(slots["shared_slots"]) == (fraction < 1.0)
 
 
 def test_auto_precision_mixes_8bit_and_4bit_uses_and_misses_read_the_file(sliced):

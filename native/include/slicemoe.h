@@ -117,7 +117,8 @@ struct slicemoe_model_params {
     int32_t policy;            // enum slicemoe_policy (precision follows it except for dbsc)
     bool    record_trace;      // keep the routing of every MoE layer (see slicemoe_trace_*); works
                                // for stock MoE models too
-    float   msb_share;         // dbsc: share of each layer's budget for MSB slots; 0 = 2/3
+    float   msb_share;         // dbsc: a fixed share of each layer's budget for MSB slots; 0 = adaptive:
+                               // one pool whose slots hold MSB or LSB slices (see the README)
     float   high_ratio;        // dymoe: share of 8-bit uses in the first MoE layer (0 = 0.5)
     float   prior_lambda;      // cache_prior (default 0.5): 0 = the model's own routing
     float   gating_t;          // adapmoe: T of the gating rule (default 0.04); 0 = never drop (the
@@ -152,6 +153,8 @@ struct slicemoe_sim_params {
     float   prior_lambda;      // as in slicemoe_model_params
     const int32_t * layer_slots;  // as in slicemoe_model_params
     int32_t n_layer_slots;
+    const int64_t * layer_msb_bytes;  // NULL, or n_layers sizes: MoE layers of different shapes
+    const int64_t * layer_lsb_bytes;  // NULL, or n_layers sizes (with layer_msb_bytes)
 };
 
 // Counters of the slice cache, summed over layers (or of one layer). "Hits" and "misses" count
@@ -182,6 +185,8 @@ typedef struct slicemoe_layer_stats {
     int64_t msb_hits, msb_misses, lsb_hits, lsb_misses;
     int64_t loads, evictions, flash_bytes, ram_bytes;
     double  io_ms;
+    int32_t shared_slots;      // 1: msb_slots (= lsb_slots) slots, each holding an MSB or an LSB slice
+    int32_t msb_resident, lsb_resident;   // slices held now
 } slicemoe_layer_stats_t;
 
 struct slicemoe_context_params {

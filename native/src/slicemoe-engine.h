@@ -35,6 +35,8 @@ struct pool {
     std::vector<uint64_t>  last_use;
     std::vector<int64_t>   uses;                       // per slot, since loaded (LFU)
     std::vector<char>      claimed;                    // per slot: a load of the current step goes there
+    std::vector<double>    heat;                       // per expert, cached or not: decayed uses (dbsc)
+    std::vector<int64_t>   heat_at;                    // per expert: the layer's decode token of that count
 };
 
 
@@ -49,6 +51,8 @@ struct route {
 struct layer {
     int                  il = 0;
     pool                 msb, lsb;
+    bool                 shared_slots = false;   // msb and lsb are one set of slots, each slot holding
+                                                 // an MSB or an LSB slice (dbsc's adaptive split)
     const ggml_tensor *  mapped[2 * N_PROJ] = {};   // the model's own MSB and LSB tensors
     ggml_tensor *        msb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> MSB slot
     ggml_tensor *        lsb_map = nullptr;   // I32 [1, n_expert, 1]: expert -> LSB slot
@@ -141,11 +145,20 @@ struct cache {
 // lru8, lfu8 and belady cache whole experts at 8 bits, lru4 MSB slices only, dbsc decides per use.
 int  effective_precision(int policy, int precision);
 void init_pool(pool & p, int n_slots, int n_expert);
-// Slot counts per MoE layer from the budget (or explicit per-layer counts); false with *error when
-// the budget is below the minimum or the counts do not fit.
-bool slot_counts(const cache & c, int n_layers, size_t msb_b, size_t lsb_b, float msb_share,
-                 const int32_t * layer_slots, int32_t n_layer_slots, std::vector<int> * msb,
-                 std::vector<int> * lsb, std::string * error);
+// One MoE layer's slice sizes: one expert's MSB and LSB slice, all projections.
+struct slice_sizes {
+    size_t msb = 0, lsb = 0;
+};
+// Slot counts of every MoE layer; shared: the layer's MSB and LSB pools are one set of slots.
+struct slot_plan {
+    std::vector<int>  msb, lsb;
+    std::vector<char> shared;
+};
+// Slot counts per MoE layer from the budget (or explicit per-layer counts). slices_alike: every
+// layer's MSB and LSB slices have one shape, so a slot can hold either (dbsc's adaptive split).
+// false with *error when the budget is below the minimum or the counts do not fit.
+bool slot_counts(const cache & c, const std::vector<slice_sizes> & sizes, bool slices_alike, float msb_share,
+                 const int32_t * layer_slots, int32_t n_layer_slots, slot_plan * out, std::string * error);
 // The policy settings that the model's and the simulation's parameters both carry.
 template <class params_t> void set_policy(cache & c, const params_t & p) {
     c.policy = p.policy;

@@ -23,14 +23,29 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
     c->top_k = p.top_k;
     set_policy(*c, p);
     c->budget = p.budget_bytes;
-    const size_t msb_b = size_t(p.msb_bytes), lsb_b = size_t(p.lsb_bytes);
-    if (c->precision != SLICEMOE_PRECISION_LOW && lsb_b == 0) {
-        *error = "this policy and precision need LSB slices (lsb_bytes > 0)";
+    std::vector<slice_sizes> sizes(size_t(p.n_layers), slice_sizes{ size_t(p.msb_bytes), size_t(p.lsb_bytes) });
+    if ((p.layer_msb_bytes == nullptr) != (p.layer_lsb_bytes == nullptr)) {
+        *error = "per-layer slice sizes need both layer_msb_bytes and layer_lsb_bytes";
         return nullptr;
     }
-    std::vector<int> msb_slots, lsb_slots;
-    if (!slot_counts(*c, p.n_layers, msb_b, lsb_b, p.msb_share, p.layer_slots, p.n_layer_slots, &msb_slots,
-                     &lsb_slots, error)) {
+    for (int i = 0; p.layer_msb_bytes && i < p.n_layers; ++i) {
+        if (p.layer_msb_bytes[i] <= 0 || p.layer_msb_bytes[i] > max_slice || p.layer_lsb_bytes[i] < 0 ||
+            p.layer_lsb_bytes[i] > max_slice) {
+            *error = "layer " + std::to_string(i) + ": slice sizes must be in (0, 1 TiB] (lsb may be 0)";
+            return nullptr;
+        }
+        sizes[size_t(i)] = { size_t(p.layer_msb_bytes[i]), size_t(p.layer_lsb_bytes[i]) };
+    }
+    bool alike = true;
+    for (const slice_sizes & size : sizes) {
+        if (c->precision != SLICEMOE_PRECISION_LOW && size.lsb == 0) {
+            *error = "this policy and precision need LSB slices (lsb_bytes > 0)";
+            return nullptr;
+        }
+        alike = alike && size.msb == size.lsb;
+    }
+    slot_plan plan;
+    if (!slot_counts(*c, sizes, alike, p.msb_share, p.layer_slots, p.n_layer_slots, &plan, error)) {
         return nullptr;
     }
     c->layers.resize(size_t(p.n_layers));
@@ -39,14 +54,16 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
         L.il = i;
         L.stats.layer = i;
         L.prompt_score.assign(size_t(c->n_expert), 0.0);
-        const int n_msb = msb_slots[size_t(i)], n_lsb = lsb_slots[size_t(i)];
+        const int n_msb = plan.msb[size_t(i)], n_lsb = plan.lsb[size_t(i)];
+        L.shared_slots = plan.shared[size_t(i)];
         init_pool(L.msb, n_msb, c->n_expert);
         init_pool(L.lsb, n_lsb, c->n_expert);
-        L.msb.slice_bytes = msb_b;
-        L.lsb.slice_bytes = lsb_b;
+        L.msb.slice_bytes = sizes[size_t(i)].msb;
+        L.lsb.slice_bytes = sizes[size_t(i)].lsb;
         L.stats.msb_slots = n_msb;
         L.stats.lsb_slots = n_lsb;
-        c->totals.pool_bytes += int64_t(n_msb) * int64_t(msb_b) + int64_t(n_lsb) * int64_t(lsb_b);
+        c->totals.pool_bytes += int64_t(n_msb) * int64_t(sizes[size_t(i)].msb) +
+                                (L.shared_slots ? 0 : int64_t(n_lsb) * int64_t(sizes[size_t(i)].lsb));
     }
     c->totals.budget_bytes = c->budget;
     return c.release();

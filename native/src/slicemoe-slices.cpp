@@ -54,18 +54,27 @@ std::string format_bytes(int64_t n) {
     return buf;
 }
 
-// Slot counts of one layer from its share of the budget (see the README for the rule).
-void split_budget(int64_t budget, int precision, int n_expert, int top_k, size_t msb_b, size_t lsb_b,
-                  float msb_share, int * n_msb, int * n_lsb) {
+// Slot counts of one layer from its share of the budget (see the README for the rule). shared:
+// the layer's MSB and LSB slices take their slots from one set (the adaptive split), which needs
+// slices of one size (share_slots).
+void split_budget(int64_t budget, int precision, int n_expert, int top_k, slice_sizes size, float msb_share,
+                  bool share_slots, int * n_msb, int * n_lsb, bool * shared) {
+    const size_t msb_b = size.msb, lsb_b = size.lsb == 0 ? 1 : size.lsb;
     const int64_t whole = int64_t(n_expert) * int64_t(msb_b + lsb_b);
+    *shared = false;
     if (precision == SLICEMOE_PRECISION_LOW) {
         *n_msb = (int) std::min<int64_t>(n_expert, budget / int64_t(msb_b));
         *n_lsb = 0;
     } else if (precision == SLICEMOE_PRECISION_HIGH || budget >= whole) {
         *n_msb = *n_lsb = (int) std::min<int64_t>(n_expert, budget / int64_t(msb_b + lsb_b));
+    } else if (share_slots && msb_share <= 0.0f) {
+        // DBSC's adaptive split: every slot may hold either kind, and the policy's eviction
+        // order decides how many of each the layer keeps
+        *n_msb = *n_lsb = (int) std::min<int64_t>(2 * int64_t(n_expert), budget / int64_t(msb_b));
+        *shared = true;
     } else {
-        // DBSC: a share of the layer's bytes (two thirds unless asked otherwise) for MSB slots
-        // (every use needs one), the rest for the LSB slices of the uses that run at 8 bits.
+        // a fixed split: a share of the layer's bytes (two thirds unless asked otherwise) for MSB
+        // slots (every use needs one), the rest for the LSB slices of the uses that run at 8 bits
         const double share = msb_share > 0.0f ? double(msb_share) : 2.0 / 3.0;
         const int64_t for_msb = std::max<int64_t>(int64_t(top_k) * int64_t(msb_b), int64_t(double(budget) * share));
         *n_msb = (int) std::min<int64_t>(n_expert, for_msb / int64_t(msb_b));
@@ -73,8 +82,8 @@ void split_budget(int64_t budget, int precision, int n_expert, int top_k, size_t
     }
 }
 
-int64_t min_layer_budget(int precision, int top_k, size_t msb_b, size_t lsb_b) {
-    return int64_t(top_k) * int64_t(precision == SLICEMOE_PRECISION_HIGH ? msb_b + lsb_b : msb_b);
+int64_t min_layer_budget(int precision, int top_k, slice_sizes size) {
+    return int64_t(top_k) * int64_t(precision == SLICEMOE_PRECISION_HIGH ? size.msb + size.lsb : size.msb);
 }
 
 bool tensor_source(gguf_context * g, const ggml_tensor * t, int64_t * offset, std::string * error) {
@@ -205,26 +214,67 @@ int64_t next_use(const layer & L, int e) {
     return it == f.end() ? INT64_MAX : *it;
 }
 
+// dbsc's eviction order: a slice's uses, each decayed by HEAT_DECAY per decode token of its layer
+// since (a half-life of about 140 tokens). Counts are kept for every expert, cached or not, so a
+// slice evicted too early comes back with its history, and an MSB and an LSB slice compete for a
+// shared slot on what each has been worth lately: the split between them follows the routing.
+// 0.995 read the fewest bytes of 0.5 .. 1 on held-out traces of both trained models (README).
+constexpr double HEAT_DECAY = 0.995;
+
+double heat(const layer & L, const pool & p, int expert) {
+    return p.heat[size_t(expert)] * std::pow(HEAT_DECAY, double(L.event - p.heat_at[size_t(expert)]));
+}
+
+void add_use(const layer & L, pool & p, int expert) {
+    p.heat[size_t(expert)] = heat(L, p, expert) + 1.0;
+    p.heat_at[size_t(expert)] = L.event;
+}
+
+// The pool whose slice is in slot s: p, or with shared slots the MSB or the LSB pool.
+const pool & owner(const layer & L, const pool & p, int s) {
+    if (!L.shared_slots) return p;
+    return L.lsb.slot_expert[size_t(s)] >= 0 ? L.lsb : L.msb;
+}
+
+pool & owner(layer & L, pool & p, int s) {
+    return const_cast<pool &>(owner(static_cast<const layer &>(L), static_cast<const pool &>(p), s));
+}
+
 // The slot to replace for the current token (empty slots first, never one the token already
-// uses): least recently used, least frequently used (ties: LRU), or for Belady the one whose
-// next use is farthest away. -1 if none.
+// uses): the coldest slice for dbsc, least recently used, least frequently used (ties: LRU), or
+// for Belady the one whose next use is farthest away. -1 if none.
 int victim(const cache & c, const layer & L, const pool & p) {
     int best = -1;
     int64_t best_next = -1;
+    double best_heat = 0.0;
     for (int s = 0; s < p.n_slots; ++s) {
-        if (p.slot_expert[s] < 0) return s;
-        if (p.last_use[s] == c.clock || p.claimed[s]) continue;
+        const pool & q = owner(L, p, s);
+        if (q.slot_expert[s] < 0) return s;
+        if (q.last_use[s] == c.clock || q.claimed[s]) continue;
         if (c.policy == SLICEMOE_POLICY_BELADY && !L.future.empty()) {
-            const int64_t n = next_use(L, p.slot_expert[s]);
+            const int64_t n = next_use(L, q.slot_expert[s]);
             if (best < 0 || n > best_next) { best = s; best_next = n; }
             continue;
         }
+        if (c.policy == SLICEMOE_POLICY_DBSC) {
+            const double h = heat(L, q, q.slot_expert[s]);
+            if (best < 0 || h < best_heat || (h == best_heat && q.last_use[s] < owner(L, p, best).last_use[best])) {
+                best = s;
+                best_heat = h;
+            }
+            continue;
+        }
         const bool better = best < 0 ||
-            (c.policy == SLICEMOE_POLICY_LFU8 && p.uses[s] != p.uses[best] ? p.uses[s] < p.uses[best]
-                                                                          : p.last_use[s] < p.last_use[best]);
+            (c.policy == SLICEMOE_POLICY_LFU8 && q.uses[s] != q.uses[best] ? q.uses[s] < q.uses[best]
+                                                                          : q.last_use[s] < q.last_use[best]);
         if (better) best = s;
     }
     return best;
+}
+
+// Give slot s of pool p (or of the pool sharing its slots) to a new slice.
+void free_slot(cache & c, layer & L, pool & p, int slot) {
+    evict(c, L, owner(L, p, slot), slot);
 }
 
 // Make `expert`'s slice resident in pool p; false if no slot is free for it or the read failed.
@@ -234,7 +284,7 @@ bool ensure(cache & c, layer & L, pool & p, int expert, bool * hit) {
     if (slot < 0) {
         slot = victim(c, L, p);
         if (slot < 0) return false;
-        evict(c, L, p, slot);
+        free_slot(c, L, p, slot);
         queue_load(c, L, p, expert, slot);
     }
     p.last_use[slot] = c.clock;
@@ -255,14 +305,14 @@ void warm_up(cache & c, layer & L) {
         if (rank < L.msb.n_slots && L.msb.expert_slot[e] < 0) {
             const int slot = victim(c, L, L.msb);
             if (slot < 0) break;
-            evict(c, L, L.msb, slot);
+            free_slot(c, L, L.msb, slot);
             queue_load(c, L, L.msb, e, slot);
             c.totals.warmup_loads += 1;
         }
         if (rank < L.lsb.n_slots && rank < c.top_k && L.lsb.expert_slot[e] < 0 && L.msb.expert_slot[e] >= 0) {
             const int slot = victim(c, L, L.lsb);
             if (slot < 0) continue;
-            evict(c, L, L.lsb, slot);
+            free_slot(c, L, L.lsb, slot);
             queue_load(c, L, L.lsb, e, slot);
             c.totals.warmup_loads += 1;
         }
@@ -308,7 +358,7 @@ void start_prefetch(cache & c, layer & L, const std::vector<int> & predicted) {
         if (p.expert_slot[size_t(e)] >= 0) continue;
         int slot = -1;
         for (int s = 0; s < p.n_slots; ++s) {
-            if (keep[size_t(s)]) continue;
+            if (keep[size_t(s)] || (L.shared_slots && L.lsb.slot_expert[size_t(s)] >= 0)) continue;
             if (p.slot_expert[size_t(s)] < 0) { slot = s; break; }
             if (slot < 0 || p.last_use[size_t(s)] < p.last_use[size_t(slot)]) slot = s;
         }
@@ -378,6 +428,9 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
     const int32_t no_slot = L.cpu_pools ? -1 : 0;
     std::vector<int32_t> msb_map(c.n_expert, no_slot), lsb_map(c.n_expert, no_slot);
     std::vector<float> mask(c.n_expert, 0.0f), keep(c.n_expert, 1.0f);
+    // MSB slices first, for every use: each use needs one, and with shared slots an LSB slice
+    // loaded earlier must not take the slot a later use's MSB slice needs
+    std::vector<char> msb_hit(size_t(c.top_k), 0), kept(size_t(c.top_k), 0);
     for (int r = 0; r < c.top_k; ++r) {
         const int e = ids[r];
         if (e < 0 || e >= c.n_expert) {
@@ -402,6 +455,9 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
             abandon_loads(c);
             return false;
         }
+        kept[size_t(r)] = 1;
+        msb_hit[size_t(r)] = hit;
+        add_use(L, L.msb, e);
         (hit ? L.stats.msb_hits : L.stats.msb_misses) += 1;
         (hit ? c.totals.msb_hits : c.totals.msb_misses) += 1;
         c.token_uses += 1;
@@ -409,12 +465,15 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
         msb_map[e] = L.msb.expert_slot[e];
         L.stats.ram_bytes += int64_t(L.msb.slice_bytes);
         c.totals.ram_bytes += int64_t(L.msb.slice_bytes);
-
-        const bool msb_hit = hit;
         if (!L.prefetched.empty() && L.prefetched[size_t(e)]) {
             L.prefetched[size_t(e)] = 0;
             c.totals.prefetch_useful_bytes += int64_t(L.msb.slice_bytes);
         }
+    }
+    // then the LSB slices of the uses that run at 8 bits
+    for (int r = 0; r < c.top_k; ++r) {
+        if (!kept[size_t(r)]) continue;
+        const int e = ids[r];
         const bool important = r == 0 || weights[r] >= c.high_threshold;
         bool high = c.precision == SLICEMOE_PRECISION_HIGH || (c.precision == SLICEMOE_PRECISION_AUTO && important);
         if (c.policy == SLICEMOE_POLICY_DYMOE) {
@@ -422,10 +481,12 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
         }
         if (c.policy == SLICEMOE_POLICY_HOBBIT) {
             // hits run at the precision cached; a miss loads what the use's importance asks for
-            high = msb_hit ? L.lsb.n_slots > 0 && L.lsb.expert_slot[e] >= 0 : important;
+            high = msb_hit[size_t(r)] ? L.lsb.n_slots > 0 && L.lsb.expert_slot[e] >= 0 : important;
         }
+        bool hit = false;
         if (high && L.lsb.n_slots > 0) {
             if (ensure(c, L, L.lsb, e, &hit)) {
+                add_use(L, L.lsb, e);
                 (hit ? L.stats.lsb_hits : L.stats.lsb_misses) += 1;
                 (hit ? c.totals.lsb_hits : c.totals.lsb_misses) += 1;
                 c.token_uses += 1;
@@ -591,6 +652,8 @@ void init_pool(pool & p, int n_slots, int n_expert) {
     p.last_use.assign(n_slots, 0);
     p.uses.assign(n_slots, 0);
     p.claimed.assign(n_slots, 0);
+    p.heat.assign(n_expert, 0.0);
+    p.heat_at.assign(n_expert, 0);
 }
 
 
@@ -611,27 +674,44 @@ int effective_precision(int policy, int precision) {
 }
 
 
-// Slot counts per MoE layer: the budget shared equally (split_budget within each layer), or, for
-// whole-expert policies, explicit per-layer counts (the planner's DP allocation). Checks the
-// minimum and the budget; false with *error set otherwise.
-bool slot_counts(const cache & c, int n_layers, size_t msb_b, size_t lsb_b, float msb_share,
-                 const int32_t * layer_slots, int32_t n_layer_slots, std::vector<int> * msb,
-                 std::vector<int> * lsb, std::string * error) {
-    const int64_t minimum = int64_t(n_layers) * min_layer_budget(c.precision, c.top_k, msb_b, lsb_b);
-    if (c.budget < minimum) {
+// Slot counts per MoE layer: each layer gets the minimum it needs to run, and the rest of the
+// budget in proportion to what the layer could still use (split_budget within each layer), so
+// layers of different sizes keep the same fraction; or, for whole-expert policies, explicit
+// per-layer counts (the planner's DP allocation). Checks the minimum and the budget; false with
+// *error set otherwise.
+bool slot_counts(const cache & c, const std::vector<slice_sizes> & sizes, bool slices_alike, float msb_share,
+                 const int32_t * layer_slots, int32_t n_layer_slots, slot_plan * out, std::string * error) {
+    const int n_layers = int(sizes.size());
+    const bool low = c.precision == SLICEMOE_PRECISION_LOW;
+    std::vector<int64_t> minimum((size_t) n_layers), room((size_t) n_layers);
+    int64_t min_total = 0, room_total = 0;
+    for (int i = 0; i < n_layers; ++i) {
+        const slice_sizes & size = sizes[size_t(i)];
+        minimum[size_t(i)] = min_layer_budget(c.precision, c.top_k, size);
+        room[size_t(i)] = int64_t(c.n_expert) * int64_t(size.msb + (low ? 0 : size.lsb)) - minimum[size_t(i)];
+        min_total += minimum[size_t(i)];
+        room_total += room[size_t(i)];
+    }
+    if (c.budget < min_total) {
         *error = "cache budget " + format_bytes(c.budget) + " is below the minimum that can run, " +
-                 format_bytes(minimum) + " (" + std::to_string(c.top_k) + " " +
+                 format_bytes(min_total) + " (" + std::to_string(c.top_k) + " " +
                  (c.precision == SLICEMOE_PRECISION_HIGH ? "MSB+LSB" : "MSB") + " expert slices in each of " +
                  std::to_string(n_layers) + " MoE layers)";
         return false;
     }
-    msb->assign(size_t(n_layers), 0);
-    lsb->assign(size_t(n_layers), 0);
+    out->msb.assign(size_t(n_layers), 0);
+    out->lsb.assign(size_t(n_layers), 0);
+    out->shared.assign(size_t(n_layers), 0);
     if (layer_slots == nullptr || n_layer_slots == 0) {
-        int m = 0, l = 0;
-        split_budget(c.budget / n_layers, c.precision, c.n_expert, c.top_k, msb_b, lsb_b == 0 ? 1 : lsb_b, msb_share, &m, &l);
-        std::fill(msb->begin(), msb->end(), m);
-        std::fill(lsb->begin(), lsb->end(), l);
+        const int64_t spare = c.budget - min_total;
+        const bool share_slots = c.policy == SLICEMOE_POLICY_DBSC && slices_alike;
+        for (int i = 0; i < n_layers; ++i) {
+            const int64_t extra = room_total > 0 ? int64_t((long double) spare * room[size_t(i)] / room_total) : 0;
+            bool shared = false;
+            split_budget(minimum[size_t(i)] + extra, c.precision, c.n_expert, c.top_k, sizes[size_t(i)], msb_share,
+                         share_slots, &out->msb[size_t(i)], &out->lsb[size_t(i)], &shared);
+            out->shared[size_t(i)] = shared;
+        }
         return true;
     }
     if (n_layer_slots != n_layers || c.precision != SLICEMOE_PRECISION_HIGH) {
@@ -646,8 +726,8 @@ bool slot_counts(const cache & c, int n_layers, size_t msb_b, size_t lsb_b, floa
                      std::to_string(c.top_k) + " to " + std::to_string(c.n_expert);
             return false;
         }
-        (*msb)[size_t(i)] = (*lsb)[size_t(i)] = layer_slots[i];
-        bytes += int64_t(layer_slots[i]) * int64_t(msb_b + lsb_b);
+        out->msb[size_t(i)] = out->lsb[size_t(i)] = layer_slots[i];
+        bytes += int64_t(layer_slots[i]) * int64_t(sizes[size_t(i)].msb + sizes[size_t(i)].lsb);
     }
     if (bytes > c.budget) {
         *error = "per-layer slots need " + format_bytes(bytes) + ", more than the budget " + format_bytes(c.budget);
@@ -731,18 +811,24 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         *error = std::string("cannot read the tensor index of '") + path + "'";
         return nullptr;
     }
-    const llama_layer & first = *moe[0];
-    const ggml_tensor * msb_t[N_PROJ] = { first.ffn_up_exps, first.ffn_gate_exps, first.ffn_down_exps };
-    const ggml_tensor * lsb_t[N_PROJ] = { first.ffn_up_exps_lsb, first.ffn_gate_exps_lsb, first.ffn_down_exps_lsb };
-    size_t msb_b = 0, lsb_b = 0;
-    for (int j = 0; j < N_PROJ; ++j) {
-        msb_b += msb_t[j]->nb[2];
-        lsb_b += lsb_t[j]->nb[2];
-    }
+    // each MoE layer's own slice sizes (layers may differ); a slot can hold an MSB or an LSB slice
+    // when the two have one type and shape in every projection of every layer
     const int64_t n_layers = int64_t(moe.size());
-    std::vector<int> msb_slots, lsb_slots;
-    if (!slot_counts(*c, int(n_layers), msb_b, lsb_b, params.msb_share, params.layer_slots, params.n_layer_slots,
-                     &msb_slots, &lsb_slots, error)) {
+    std::vector<slice_sizes> sizes((size_t) n_layers);
+    bool alike = true;
+    for (int64_t i = 0; i < n_layers; ++i) {
+        const llama_layer & ml = *moe[size_t(i)];
+        const ggml_tensor * msb_t[N_PROJ] = { ml.ffn_up_exps, ml.ffn_gate_exps, ml.ffn_down_exps };
+        const ggml_tensor * lsb_t[N_PROJ] = { ml.ffn_up_exps_lsb, ml.ffn_gate_exps_lsb, ml.ffn_down_exps_lsb };
+        for (int j = 0; j < N_PROJ; ++j) {
+            sizes[size_t(i)].msb += msb_t[j]->nb[2];
+            sizes[size_t(i)].lsb += lsb_t[j]->nb[2];
+            alike = alike && lsb_t[j]->type == msb_t[j]->type && lsb_t[j]->ne[0] == msb_t[j]->ne[0] &&
+                    lsb_t[j]->ne[1] == msb_t[j]->ne[1];
+        }
+    }
+    slot_plan plan;
+    if (!slot_counts(*c, sizes, alike, params.msb_share, params.layer_slots, params.n_layer_slots, &plan, error)) {
         gguf_free(g);
         return nullptr;
     }
@@ -772,7 +858,8 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         L.prompt_score.assign(c->n_expert, 0.0);
         const ggml_tensor * msb[N_PROJ] = { ml.ffn_up_exps, ml.ffn_gate_exps, ml.ffn_down_exps };
         const ggml_tensor * lsb[N_PROJ] = { ml.ffn_up_exps_lsb, ml.ffn_gate_exps_lsb, ml.ffn_down_exps_lsb };
-        const int n_msb = msb_slots[size_t(i)], n_lsb = lsb_slots[size_t(i)];
+        const int n_msb = plan.msb[size_t(i)], n_lsb = plan.lsb[size_t(i)];
+        L.shared_slots = plan.shared[size_t(i)];
         ggml_context * ctx = ctx_for(L.il, false);
         ggml_context * tables = ctx_for(L.il, true);
         init_pool(L.msb, n_msb, c->n_expert);
@@ -787,7 +874,9 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
             L.msb.slice_bytes += msb[j]->nb[2];
             ok = tensor_source(g, msb[j], &L.msb.file_offset[j], error);
             if (n_lsb > 0 && ok) {
-                L.lsb.t[j] = ggml_new_tensor_3d(ctx, lsb[j]->type, lsb[j]->ne[0], lsb[j]->ne[1], n_lsb);
+                // shared slots: one tensor, which the LSB products index with their own slot table
+                L.lsb.t[j] = L.shared_slots ? L.msb.t[j]
+                                            : ggml_new_tensor_3d(ctx, lsb[j]->type, lsb[j]->ne[0], lsb[j]->ne[1], n_lsb);
                 L.lsb.expert_bytes[j] = lsb[j]->nb[2];
                 L.lsb.slice_bytes += lsb[j]->nb[2];
                 ok = tensor_source(g, lsb[j], &L.lsb.file_offset[j], error);
@@ -848,7 +937,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     for (const layer & L : c->layers) {
         for (int j = 0; j < N_PROJ; ++j) {
             c->totals.pool_bytes += int64_t(ggml_nbytes(L.msb.t[j]));
-            if (L.lsb.t[j]) c->totals.pool_bytes += int64_t(ggml_nbytes(L.lsb.t[j]));
+            if (L.lsb.t[j] && !L.shared_slots) c->totals.pool_bytes += int64_t(ggml_nbytes(L.lsb.t[j]));
         }
     }
     c->totals.budget_bytes = c->budget;
@@ -1071,7 +1160,11 @@ int32_t n_layers(const cache * c) {
 
 int read_layer_stats(const cache * c, int32_t i, slicemoe_layer_stats_t * out) {
     if (i < 0 || size_t(i) >= c->layers.size()) return SLICEMOE_ERR_INVALID_ARG;
-    *out = c->layers[size_t(i)].stats;
+    const layer & L = c->layers[size_t(i)];
+    *out = L.stats;
+    out->shared_slots = L.shared_slots;
+    out->msb_resident = int32_t(std::count_if(L.msb.slot_expert.begin(), L.msb.slot_expert.end(), [](int e) { return e >= 0; }));
+    out->lsb_resident = int32_t(std::count_if(L.lsb.slot_expert.begin(), L.lsb.slot_expert.end(), [](int e) { return e >= 0; }));
     return SLICEMOE_OK;
 }
 
