@@ -383,12 +383,71 @@ def _print_optimal(args: argparse.Namespace, trace, budget: int) -> int:
     return 0
 
 
+def _plan_precision(args: argparse.Namespace, trace, budget: int) -> int:
+    from . import trace as traces
+
+    result = traces.plan_precision(trace, budget=budget, max_miss_rate=args.max_miss_rate, warmup=args.warmup)
+    if not result:
+        raise SliceMoEError(f"no dbsc configuration at {format_size(budget)} meets a slice miss rate of "
+                            f"{args.max_miss_rate} on this trace, not even every use at 4 bits (or the budget is "
+                            "below the minimum that can run)", 1)
+    flags = f"--policy dbsc --cache-budget {budget}B --warmup {args.warmup} " + \
+        (f"--high-threshold {result['high_threshold']}" if result["precision"] == "auto" else "--precision low")
+    result["flags"] = flags
+    if args.accuracy:
+        result["accuracy"] = _plan_accuracy(args, budget / traces.total_slice_bytes(trace), result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    stats = result["stats"]
+    print(f"budget {format_size(budget)}: {100 * result['high_share']:.1f}% of expert uses at 8 bits "
+          f"({'threshold ' + str(result['high_threshold']) if result['precision'] == 'auto' else 'every use at 4 bits'}), "
+          f"slice miss rate {100 * result['miss_rate']:.2f}% (target {100 * args.max_miss_rate:.2f}%), "
+          f"flash {format_size(stats['flash_bytes'] / max(stats['decode_tokens'], 1))}/token")
+    if args.accuracy:
+        acc = result["accuracy"]
+        print(f"accuracy against the 8-bit model on {acc['positions']} held-out positions: KL {acc['kl']:.4g} nats, "
+              f"top-1 agreement {100 * acc['top1']:.2f}% ({100 * acc['high_share']:.1f}% of uses at 8 bits there)")
+    print(f"run it with: slicemoe run {flags}")
+    return 0
+
+
+def _plan_accuracy(args: argparse.Namespace, fraction: float, result: dict) -> dict:
+    """The planned configuration's KL and top-1 against the 8-bit model; the budget is the same
+    fraction of the model's slices as of the trace's."""
+    from dataclasses import asdict
+
+    from . import accuracy
+    from .embedded import EMBEDDED_CHECKPOINT, embedded_gguf
+    from .model_info import describe
+
+    path = Path(args.model) if args.model else embedded_gguf(progress=False)
+    text_path = Path(args.text) if args.text else EMBEDDED_CHECKPOINT / "heldout.txt"
+    try:
+        text = text_path.read_text(encoding="utf-8")
+        windows = accuracy.heldout_windows(path, text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SliceMoEError(f"--accuracy: {exc}", 1) from exc
+    info = describe(path)
+    model_budget = int((info["expert_msb_bytes"] + info["expert_lsb_bytes"]) * fraction)
+    ref = accuracy.reference(path, windows)
+    measured = accuracy.evaluate(path, windows, ref, cache_budget=model_budget, policy="dbsc", warmup=args.warmup,
+                                 precision=result["precision"], high_threshold=result["high_threshold"])
+    return asdict(measured)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from . import trace as traces
 
     trace = _read_trace(args.trace)
     total = traces.total_slice_bytes(trace)
+    if args.max_miss_rate is None and args.cache_budget is None:
+        raise SliceMoEError("slicemoe plan needs --max-miss-rate, --cache-budget or both", 2)
     budget = None if args.cache_budget is None else _parse_budget(args.cache_budget, total)
+    if budget is not None and args.max_miss_rate is not None and not args.per_layer:
+        return _plan_precision(args, trace, budget)
+    if args.accuracy:
+        raise SliceMoEError("--accuracy needs both --cache-budget and --max-miss-rate", 2)
     if args.per_layer:
         if budget is None:
             raise SliceMoEError("--per-layer needs --cache-budget", 1)
@@ -693,15 +752,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one JSON object, with the counter names of slicemoe run --json's cache object")
     sim.set_defaults(func=_cmd_sim)
 
-    plan = sub.add_parser("plan", help="smallest budget and MSB/LSB split meeting a miss-rate target",
-                          description="Miss-rate-constrained deployment on a trace: with --max-miss-rate, the "
-                                      "smallest dbsc budget (and the MSB share of it) whose slice miss rate meets "
-                                      "the target; with --cache-budget, the MSB share with the lowest miss rate at "
-                                      "that budget (ties: least flash traffic).")
+    plan = sub.add_parser("plan", help="a dbsc deployment meeting a miss-rate target, with what it costs in accuracy",
+                          description="Miss-rate-constrained deployment on a trace. With --cache-budget and "
+                                      "--max-miss-rate: the configuration with the most 8-bit uses (the lowest "
+                                      "--high-threshold, else every use at 4 bits) whose slice miss rate meets the "
+                                      "target at that budget, with its share of 8-bit uses (and with --accuracy, its "
+                                      "KL and top-1 agreement against the 8-bit model on held-out text). With "
+                                      "--max-miss-rate alone: the smallest budget (and MSB split) that meets it. With "
+                                      "--cache-budget alone: the MSB split with the lowest miss rate at that budget.")
     plan.add_argument("trace", help="a slicemoe-trace .jsonl file")
-    goal = plan.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--max-miss-rate", type=float, metavar="R", help="target slice miss rate, e.g. 0.05")
-    goal.add_argument("--cache-budget", metavar="SIZE", help="a fixed budget (bytes with a unit, or %% of slices)")
+    plan.add_argument("--max-miss-rate", type=float, metavar="R", help="target slice miss rate, e.g. 0.05")
+    plan.add_argument("--cache-budget", metavar="SIZE", help="a fixed budget (bytes with a unit, or %% of slices)")
+    plan.add_argument("--accuracy", action="store_true",
+                      help="with both targets: measure the answer's KL and top-1 agreement against the 8-bit model "
+                           "(teacher-forced, held-out text; see --model and --text)")
+    plan.add_argument("-m", "--model", metavar="GGUF",
+                      help="--accuracy: the sliced model the trace is of (default: the embedded model)")
+    plan.add_argument("--text", metavar="FILE",
+                      help="--accuracy: held-out text (default: the embedded model's held-out plays)")
     plan.add_argument("--high-threshold", type=float, default=defaults.HIGH_THRESHOLD, metavar="W",
                       help=f"as slicemoe run (default {defaults.HIGH_THRESHOLD})")
     plan.add_argument("--per-layer", action="store_true",

@@ -244,7 +244,34 @@ def miss_rate(stats: dict) -> float:
     return stats["misses"] / max(stats["hits"] + stats["misses"], 1)
 
 
-SHARES = (0.4, 0.5, 0.6, 2 / 3, 0.75, 0.85, 1.0)
+# MSB shares of a fixed split the planner tries; 0 is dbsc's adaptive split (shared slots)
+SHARES = (0.0, 0.4, 0.5, 0.6, 2 / 3, 0.75, 0.85, 1.0)
+# auto-precision thresholds, most 8-bit uses first: 0 runs every use at 8 bits, above 1 only the
+# top-ranked use of each token
+THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.01)
+
+
+def high_share(stats: dict) -> float:
+    """The share of expert uses that ran at 8 bits."""
+    return stats["high_uses"] / max(stats["high_uses"] + stats["low_uses"], 1)
+
+
+def plan_precision(trace: Trace, *, budget: int, max_miss_rate: float, warmup: str = defaults.WARMUP) -> dict:
+    """The dbsc configuration at `budget` with the most 8-bit uses whose slice miss rate meets
+    `max_miss_rate`: the lowest threshold of THRESHOLDS that meets it, else every use at 4 bits
+    (precision low). Returns the settings, the replay's 8-bit share, miss rate and counters, or {}
+    when not even 4-bit uses meet the target (or the budget is below the minimum)."""
+    candidates = [("auto", t) for t in THRESHOLDS] + [("low", defaults.HIGH_THRESHOLD)]
+    for precision, threshold in candidates:
+        try:
+            stats = replay(trace, budget=budget, policy="dbsc", precision=precision, high_threshold=threshold,
+                           warmup=warmup)
+        except SliceMoEError:   # below the minimum that can run
+            return {}
+        if miss_rate(stats) <= max_miss_rate:
+            return {"budget_bytes": int(budget), "precision": precision, "high_threshold": threshold,
+                    "high_share": high_share(stats), "miss_rate": miss_rate(stats), "stats": stats}
+    return {}
 
 
 def plan(trace: Trace, *, max_miss_rate: float | None = None, budget: int | None = None,

@@ -112,17 +112,19 @@ def test_the_minimum_budget_counts_each_layers_own_slices():
         traces.replay(trace, budget=minimum - 1, policy="dbsc")
 
 
-def test_shared_slots_run_the_same_tokens_as_every_slice_resident(sliced_gguf):
+@pytest.mark.parametrize("fraction", [0.4, 0.5])
+def test_shared_slots_run_the_same_tokens_as_every_slice_resident(sliced_gguf, fraction):
     # the LSB products index the same pool tensor as the MSB products: a wrong slot would show in
-    # the logits. At 100% every slice is resident (no sharing); at 40% the slots are shared.
+    # the logits. At 100% every slice is resident (no sharing); below, the slots are shared (at 50%
+    # there are as many slots as experts, the count at which every MSB slice would fit).
     path = sliced_gguf("qwen2_moe")
     info = describe(path)
     total = info["expert_msb_bytes"] + info["expert_lsb_bytes"]
     runs = {}
-    for fraction in (1.0, 0.4):
-        with Model(path, cache_budget=int(total * fraction), policy="dbsc", high_threshold=0.1) as model:
-            runs[fraction] = (model.generate(PROMPT, 24, keep_logits=True, stop_at_eog=False), model.cache_stats())
-    (full, full_stats), (shared, shared_stats) = runs[1.0], runs[0.4]
+    for share in (1.0, fraction):
+        with Model(path, cache_budget=int(total * share), policy="dbsc", high_threshold=0.1) as model:
+            runs[share] = (model.generate(PROMPT, 24, keep_logits=True, stop_at_eog=False), model.cache_stats())
+    (full, full_stats), (shared, shared_stats) = runs[1.0], runs[fraction]
     assert all(shared_stats["layers"]["shared_slots"]) and not any(full_stats["layers"]["shared_slots"])
     assert shared_stats["misses"] > 0 and shared_stats["high_uses"] == full_stats["high_uses"]
     assert shared.tokens == full.tokens

@@ -944,7 +944,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     // A budget that holds every slice needs no policy: load them all now, in file order, as the
     // stock path would, so decode starts with no compulsory misses.
     for (layer & L : c->layers) {
-        const bool everything = L.msb.n_slots == c->n_expert &&
+        const bool everything = !L.shared_slots && L.msb.n_slots == c->n_expert &&
                                 (L.lsb.n_slots == c->n_expert || c->precision == SLICEMOE_PRECISION_LOW);
         for (int e = 0; everything && e < c->n_expert; ++e) {
             queue_load(*c, L, L.msb, e, e);
