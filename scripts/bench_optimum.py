@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from benchlib import machine_line, markdown_table  # noqa: E402
 
 FRACTIONS = (0.25, 0.5, 0.75)
-THRESHOLDS = (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 1.01)   # 1.01: the top-ranked use only
+THRESHOLDS = (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 1.0)   # 1: the top-ranked use only (weights < 1)
 DYMOE_RATIOS = (0.5, 0.75, 1.0)
 
 
@@ -69,7 +69,7 @@ def rule_table(path: Path, trace: traces.Trace, windows: list[list[int]]) -> str
     half = traces.total_slice_bytes(trace) // 2
     ref = accuracy.reference(path, windows)
     lru8 = traces.replay(trace, budget=half, policy="lru8")["flash_bytes"]
-    configs = [(f"dbsc, weight >= {t}" if t <= 1 else "dbsc, top-ranked use only",
+    configs = [(f"dbsc, weight >= {t}" if t < 1 else "dbsc, top-ranked use only",
                 {"policy": "dbsc", "high_threshold": t}) for t in THRESHOLDS]
     configs += [(f"dymoe, rank schedule {r}", {"policy": "dymoe", "high_ratio": r}) for r in DYMOE_RATIOS]
     configs += [("lru4 (every use 4-bit)", {"policy": "lru4"})]

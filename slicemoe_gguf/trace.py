@@ -246,9 +246,9 @@ def miss_rate(stats: dict) -> float:
 
 # MSB shares of a fixed split the planner tries; 0 is dbsc's adaptive split (shared slots)
 SHARES = (0.0, 0.4, 0.5, 0.6, 2 / 3, 0.75, 0.85, 1.0)
-# auto-precision thresholds, most 8-bit uses first: 0 runs every use at 8 bits, above 1 only the
+# auto-precision thresholds, most 8-bit uses first: 0 runs every use at 8 bits, 1 only the
 # top-ranked use of each token
-THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.01)
+THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)
 
 
 def high_share(stats: dict) -> float:
