@@ -90,8 +90,33 @@ struct pending_load {
 // to be in flight together on flash that wants queue depth
 constexpr int READER_THREADS = 8;
 
+struct cache;
+
+// A cache policy, in the spirit of llama.cpp's llama_sampler_i: what a use wants and which slice
+// goes. One table per policy (slicemoe-policy.cpp); the engine never switches on the policy.
+struct policy_i {
+    const char * name;
+    int          precision;      // SLICEMOE_PRECISION_HIGH / LOW: fixed; AUTO: follows --precision
+    bool         shares_slots;   // an MSB or an LSB slice per slot (the adaptive split), where the
+                                 // two have one shape and the budget holds less than everything
+    // a use after the first, of routing weight w: left out (neither loaded nor run)? nullptr: never
+    bool   (*drop_use)(const cache & c, float weight);
+    // auto precision: does use `rank` (best first, routing weight w) of `expert` run at 8 bits?
+    // msb_hit: its MSB slice was resident before this token. nullptr: never
+    bool   (*high_use)(const cache & c, const layer & L, int rank, float weight, int expert, bool msb_hit);
+    // eviction order: the slice in slot s of pool p with the lowest key goes (ties: least recently used)
+    double (*evict_key)(const cache & c, const layer & L, const pool & p, int slot);
+};
+
+const policy_i & policy_of(int policy);   // dbsc for an unknown id (parameters are validated first)
+
+// dbsc's eviction key: expert's decayed use count in pool p (kept for cached and evicted experts)
+double heat(const layer & L, const pool & p, int expert);
+void   add_use(const layer & L, pool & p, int expert);
+
 struct cache {
     const llama_model *  model = nullptr;
+    const policy_i *     iface = &policy_of(SLICEMOE_POLICY_DBSC);
     std::unique_ptr<slice_reader> io;         // misses are read here (nullptr: no cache, or replay)
     std::vector<pending_load> pending;
     std::vector<std::pair<pool *, int>> claims;   // slots claimed by the current step's loads
@@ -142,7 +167,7 @@ struct cache {
     }
 };
 
-// lru8, lfu8 and belady cache whole experts at 8 bits, lru4 MSB slices only, dbsc decides per use.
+// The precision a policy runs: its own (whole experts at 8 bits, lru4 at 4), else `precision`.
 int  effective_precision(int policy, int precision);
 void init_pool(pool & p, int n_slots, int n_expert);
 // One MoE layer's slice sizes: one expert's MSB and LSB slice, all projections.
@@ -162,6 +187,7 @@ bool slot_counts(const cache & c, const std::vector<slice_sizes> & sizes, bool s
 // The policy settings that the model's and the simulation's parameters both carry.
 template <class params_t> void set_policy(cache & c, const params_t & p) {
     c.policy = p.policy;
+    c.iface = &policy_of(p.policy);
     c.precision = effective_precision(p.policy, p.precision);
     c.warmup = p.warmup;
     c.high_threshold = p.high_threshold;

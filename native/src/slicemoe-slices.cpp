@@ -207,29 +207,6 @@ void evict(cache & c, layer & L, pool & p, int slot) {
     }
 }
 
-// Belady: the index of expert e's next decode access in layer L (INT64_MAX if none).
-int64_t next_use(const layer & L, int e) {
-    const std::vector<int64_t> & f = L.future[size_t(e)];
-    const auto it = std::upper_bound(f.begin(), f.end(), L.event);
-    return it == f.end() ? INT64_MAX : *it;
-}
-
-// dbsc's eviction order: a slice's uses, each decayed by HEAT_DECAY per decode token of its layer
-// since (a half-life of about 140 tokens). Counts are kept for every expert, cached or not, so a
-// slice evicted too early comes back with its history, and an MSB and an LSB slice compete for a
-// shared slot on what each has been worth lately: the split between them follows the routing.
-// 0.995 read the fewest bytes of 0.5 .. 1 on held-out traces of both trained models (README).
-constexpr double HEAT_DECAY = 0.995;
-
-double heat(const layer & L, const pool & p, int expert) {
-    return p.heat[size_t(expert)] * std::pow(HEAT_DECAY, double(L.event - p.heat_at[size_t(expert)]));
-}
-
-void add_use(const layer & L, pool & p, int expert) {
-    p.heat[size_t(expert)] = heat(L, p, expert) + 1.0;
-    p.heat_at[size_t(expert)] = L.event;
-}
-
 // The pool whose slice is in slot s: p, or with shared slots the MSB or the LSB pool.
 const pool & owner(const layer & L, const pool & p, int s) {
     if (!L.shared_slots) return p;
@@ -240,34 +217,23 @@ pool & owner(layer & L, pool & p, int s) {
     return const_cast<pool &>(owner(static_cast<const layer &>(L), static_cast<const pool &>(p), s));
 }
 
-// The slot to replace for the current token (empty slots first, never one the token already
-// uses): the coldest slice for dbsc, least recently used, least frequently used (ties: LRU), or
-// for Belady the one whose next use is farthest away. -1 if none.
+// The slot to replace for the current token: an empty one first, never one the token already
+// uses or a load of this step claimed, else the lowest key of the policy's eviction order (ties:
+// least recently used). -1 if none.
 int victim(const cache & c, const layer & L, const pool & p) {
     int best = -1;
-    int64_t best_next = -1;
-    double best_heat = 0.0;
+    double best_key = 0.0;
+    uint64_t best_use = 0;
     for (int s = 0; s < p.n_slots; ++s) {
         const pool & q = owner(L, p, s);
         if (q.slot_expert[s] < 0) return s;
         if (q.last_use[s] == c.clock || q.claimed[s]) continue;
-        if (c.policy == SLICEMOE_POLICY_BELADY && !L.future.empty()) {
-            const int64_t n = next_use(L, q.slot_expert[s]);
-            if (best < 0 || n > best_next) { best = s; best_next = n; }
-            continue;
+        const double key = c.iface->evict_key(c, L, q, s);
+        if (best < 0 || key < best_key || (key == best_key && q.last_use[s] < best_use)) {
+            best = s;
+            best_key = key;
+            best_use = q.last_use[s];
         }
-        if (c.policy == SLICEMOE_POLICY_DBSC) {
-            const double h = heat(L, q, q.slot_expert[s]);
-            if (best < 0 || h < best_heat || (h == best_heat && q.last_use[s] < owner(L, p, best).last_use[best])) {
-                best = s;
-                best_heat = h;
-            }
-            continue;
-        }
-        const bool better = best < 0 ||
-            (c.policy == SLICEMOE_POLICY_LFU8 && q.uses[s] != q.uses[best] ? q.uses[s] < q.uses[best]
-                                                                          : q.last_use[s] < q.last_use[best]);
-        if (better) best = s;
     }
     return best;
 }
@@ -408,17 +374,7 @@ void join_prefetch(cache & c, layer & L) {
     L.ahead_slots.clear();
 }
 
-// DyMoE's depth schedule: how many of a token's top-k uses run at 8 bits in MoE layer `index`,
-// ratio * k at the first MoE layer falling by a half cosine to 0 at the last.
-int dymoe_high_uses(const cache & c, int index) {
-    const int n = int(c.layers.size());
-    const double depth = n > 1 ? double(index) / double(n - 1) : 0.0;
-    const double share = c.high_ratio * 0.5 * (1.0 + std::cos(M_PI * depth));
-    return int(std::lround(share * c.top_k));
-}
-
 bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weights) {
-    const int dymoe_high = c.policy == SLICEMOE_POLICY_DYMOE ? dymoe_high_uses(c, int(&L - c.layers.data())) : 0;
     c.clock += 1;
     if (L.warm_pending) {
         warm_up(c, L);
@@ -439,9 +395,7 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
             abandon_loads(c);
             return false;
         }
-        // AdapMoE's gating with a uniform sensitivity S_l = 1 (no calibration data): a use after the
-        // first is dropped when its routing weight is below sqrt(T); it is neither loaded nor run
-        if (c.gating_t > 0.0f && r > 0 && weights[r] < std::sqrt(c.gating_t)) {
+        if (r > 0 && c.iface->drop_use && c.iface->drop_use(c, weights[r])) {
             keep[e] = 0.0f;
             c.totals.dropped_uses += 1;
             continue;
@@ -474,15 +428,9 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
     for (int r = 0; r < c.top_k; ++r) {
         if (!kept[size_t(r)]) continue;
         const int e = ids[r];
-        const bool important = r == 0 || weights[r] >= c.high_threshold;
-        bool high = c.precision == SLICEMOE_PRECISION_HIGH || (c.precision == SLICEMOE_PRECISION_AUTO && important);
-        if (c.policy == SLICEMOE_POLICY_DYMOE) {
-            high = r < dymoe_high;   // importance by routing rank (the ids come best first)
-        }
-        if (c.policy == SLICEMOE_POLICY_HOBBIT) {
-            // hits run at the precision cached; a miss loads what the use's importance asks for
-            high = msb_hit[size_t(r)] ? L.lsb.n_slots > 0 && L.lsb.expert_slot[e] >= 0 : important;
-        }
+        bool high = c.precision == SLICEMOE_PRECISION_HIGH ||
+                    (c.precision == SLICEMOE_PRECISION_AUTO && c.iface->high_use &&
+                     c.iface->high_use(c, L, r, weights[r], e, msb_hit[size_t(r)]));
         bool hit = false;
         if (high && L.lsb.n_slots > 0) {
             if (ensure(c, L, L.lsb, e, &hit)) {
@@ -657,23 +605,6 @@ void init_pool(pool & p, int n_slots, int n_expert) {
 }
 
 
-// lru8, lfu8 and belady cache whole experts at 8 bits, lru4 MSB slices only; dbsc decides per use
-// (or runs a forced precision, for tests and comparisons).
-int effective_precision(int policy, int precision) {
-    switch (policy) {
-        case SLICEMOE_POLICY_LRU8:
-        case SLICEMOE_POLICY_LFU8:
-        case SLICEMOE_POLICY_BELADY:
-        case SLICEMOE_POLICY_ADAPMOE: return SLICEMOE_PRECISION_HIGH;
-        case SLICEMOE_POLICY_LRU4:   return SLICEMOE_PRECISION_LOW;
-        case SLICEMOE_POLICY_HOBBIT:
-        case SLICEMOE_POLICY_DYMOE:
-        case SLICEMOE_POLICY_CACHE_PRIOR: return SLICEMOE_PRECISION_AUTO;
-        default:                     return precision;
-    }
-}
-
-
 // Slot counts per MoE layer: each layer gets the minimum it needs to run, and the rest of the
 // budget in proportion to what the layer could still use (split_budget within each layer), so
 // layers of different sizes keep the same fraction; or, for whole-expert policies, explicit
@@ -704,7 +635,7 @@ bool slot_counts(const cache & c, const std::vector<slice_sizes> & sizes, bool s
     out->shared.assign(size_t(n_layers), 0);
     if (layer_slots == nullptr || n_layer_slots == 0) {
         const int64_t spare = c.budget - min_total;
-        const bool share_slots = c.policy == SLICEMOE_POLICY_DBSC && slices_alike;
+        const bool share_slots = c.iface->shares_slots && slices_alike;
         for (int i = 0; i < n_layers; ++i) {
             const int64_t extra = room_total > 0 ? int64_t((long double) spare * room[size_t(i)] / room_total) : 0;
             bool shared = false;
