@@ -27,6 +27,7 @@ class Accuracy:
     top1: float         # share of decode positions whose most likely token is the 8-bit model's
     high_share: float   # share of the configuration's expert uses that ran at 8 bits
     positions: int
+    dropped_uses: int = 0   # uses left out of the mixture (adapmoe)
 
 
 def heldout_windows(path: str | Path, text: str, n_windows: int = N_WINDOWS, length: int = WINDOW) -> list[list[int]]:
@@ -77,4 +78,5 @@ def evaluate(path: str | Path, windows: list[list[int]], ref: list[np.ndarray], 
         top1 += int((r.argmax(-1) == g.argmax(-1)).sum())
         n += len(r)
     uses = stats["high_uses"] + stats["low_uses"] if stats else 0
-    return Accuracy(kl / n, top1 / n, stats["high_uses"] / uses if uses else 1.0, n)
+    return Accuracy(kl / n, top1 / n, stats["high_uses"] / uses if uses else 1.0, n,
+                    stats["dropped_uses"] if stats else 0)

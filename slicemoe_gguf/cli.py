@@ -270,6 +270,13 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _read_trace(path: str):
     from . import trace as traces
 
@@ -480,7 +487,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     decode_tokens = max(stats["decode_tokens"], 1)
     energy = ", ".join(f"{p.name} {result['modelled'][p.name]['energy_mj_per_token']:.4g} mJ/token" for p in profiles)
     print(f"budget {format_size(result['budget_bytes'])} ({100 * result['budget_fraction']:.1f}% of slice bytes), "
-          f"MSB share {result['msb_share']:.2f}: slice miss rate {100 * result['miss_rate']:.2f}%, "
+          f"{'adaptive split' if result['msb_share'] == 0 else 'MSB share ' + format(result['msb_share'], '.2f')}: slice miss rate {100 * result['miss_rate']:.2f}%, "
           f"flash {format_size(stats['flash_bytes'] / decode_tokens)}/token; modelled {energy}")
     print(f"run it with: slicemoe run --policy dbsc --cache-budget {result['budget_bytes']}B "
           f"--msb-share {result['msb_share']:.4f} --high-threshold {args.high_threshold}")
@@ -590,8 +597,9 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None
                        help="auto precision: adapt the threshold at run time to keep the slice miss rate "
                             "near R (e.g. 0.05); default 0 = fixed threshold")
     cache.add_argument("--msb-share", type=float, default=d.MSB_SHARE, metavar="F",
-                       help="dbsc: share of each layer's budget for MSB slots (slicemoe plan chooses it); "
-                            "default 0 = two thirds")
+                       help="a fixed share of each layer's budget for MSB slots, the rest for LSB slots; "
+                            "default 0 = dbsc's adaptive split (one set of slots for both kinds), two thirds for "
+                            "hobbit, dymoe and cache_prior")
     cache.add_argument("--high-ratio", type=float, default=d.HIGH_RATIO, metavar="F",
                        help="dymoe: share of a token's uses at 8 bits in the first MoE layer, falling by a half "
                             "cosine to 0 at the last (default 0 = 0.5)")
@@ -606,6 +614,12 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None
     cache.add_argument("--layer-slots", type=_int_list, metavar="N,N,...",
                        help="whole-expert policies: slots per MoE layer (slicemoe plan --per-layer finds them); "
                             "default: an equal share of the budget")
+    cache.add_argument("--layer-sensitivity", type=_float_list, metavar="S,S,...",
+                       help="adapmoe: calibrated sensitivity S_l per MoE layer (a use is dropped when its weight < "
+                            "sqrt(T / S_l); scripts/calibrate_policies.py measures them); default: 1 for every layer")
+    cache.add_argument("--layer-high-uses", type=_int_list, metavar="N,N,...",
+                       help="dymoe: how many best-ranked uses run at 8 bits in each MoE layer (calibrated by "
+                            "scripts/calibrate_policies.py); default: the cosine depth schedule of --high-ratio")
     if live:
         cache.add_argument("--prefetch", action="store_true", default=d.PREFETCH,
                            help="look-ahead prefetch: apply the next MoE layer's router to this layer's input and "
@@ -621,6 +635,8 @@ def _cache_settings(args: argparse.Namespace) -> dict:
     """The policy settings of the shared cache flags, as keyword arguments of Model and replay."""
     settings = {name: getattr(args, name) for name in defaults.CACHE_SETTINGS}
     settings["layer_slots"] = args.layer_slots
+    settings["layer_sensitivity"] = args.layer_sensitivity
+    settings["layer_high_uses"] = args.layer_high_uses
     return settings
 
 

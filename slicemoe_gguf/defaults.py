@@ -19,7 +19,7 @@ PRECISION = "auto"      # per use by the policy (high without a cache)
 WARMUP = "pcw"          # SliceMoE's prefill-time cache warm-up
 HIGH_THRESHOLD = 0.25   # auto precision: a use runs at 8 bits if its routing weight >= this
 MAX_MISS_RATE = 0.0     # 0 = a fixed threshold
-MSB_SHARE = 0.0         # dbsc: 0 = two thirds of each layer's budget for MSB slots
+MSB_SHARE = 0.0         # 0 = dbsc's adaptive split (two thirds for MSB slots in hobbit, dymoe, cache_prior)
 HIGH_RATIO = 0.0        # dymoe: 0 = 0.5
 PRIOR_LAMBDA = 0.5      # cache_prior: bias of a cached expert's logit, in mean logit ranges
 GATING_T = 0.04         # adapmoe: a use after the first is dropped when its weight < sqrt(T) = 0.2

@@ -221,10 +221,12 @@ def compare(trace: Trace, budget: int, settings: dict) -> dict:
     reference = optimum_of(reference_rule)
     rows = []
     replay_settings = {k: v for k, v in settings.items() if k not in ("policy", "precision", "layer_slots")}
+    # the demand of a calibrated dymoe or adapmoe is not the rule's: compare those on their own only
+    calibrated = {"dymoe": bool(settings.get("layer_high_uses")), "adapmoe": bool(settings.get("layer_sensitivity"))}
     policies = [p for p in POLICY_DEMAND if p != "cache_prior" or trace.logits is not None]
     for policy in policies:
         stats = replay(trace, budget=budget, policy=policy, **replay_settings)
-        rule = POLICY_DEMAND[policy]
+        rule = None if calibrated.get(policy) else POLICY_DEMAND[policy]
         own = optimum_of(rule) if rule else None
         # an online policy that ran fewer 8-bit uses than its rule asks (dbsc when every LSB slot
         # serves the token already) served less than the demand, and the optimum does not bound it

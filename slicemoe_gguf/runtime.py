@@ -82,7 +82,8 @@ class Model:
                  high_ratio: float = defaults.HIGH_RATIO, prior_lambda: float = defaults.PRIOR_LAMBDA,
                  gating_t: float = defaults.GATING_T, prefetch: bool = defaults.PREFETCH,
                  layer_slots: list[int] | None = None, io_mode: str = defaults.IO_MODE,
-                 forced_routes: bool = False):
+                 forced_routes: bool = False, layer_sensitivity: list[float] | None = None,
+                 layer_high_uses: list[int] | None = None):
         self.path = Path(path)
         if io_mode not in IO_MODES:
             raise ValueError(f"io_mode must be one of {', '.join(IO_MODES)}")
@@ -98,7 +99,8 @@ class Model:
         slots = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,
                                  high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
                                  high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
-                                 layer_slots=layer_slots)
+                                 layer_slots=layer_slots, layer_sensitivity=layer_sensitivity,
+                                 layer_high_uses=layer_high_uses)
         out = ffi.new("slicemoe_model **")
         check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
         self._model = out[0]
@@ -350,9 +352,10 @@ class Model:
 
 def set_cache_params(params, *, policy: str, precision: str, warmup: str, high_threshold: float,
                      max_miss_rate: float, msb_share: float, high_ratio: float, prior_lambda: float,
-                     gating_t: float, layer_slots: list[int] | None):
+                     gating_t: float, layer_slots: list[int] | None,
+                     layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None):
     """Fill the policy fields shared by the live cache's and the replay's parameter structs; returns
-    the layer-slot array, which must stay alive until the native call has read it."""
+    the per-layer arrays, which must stay alive until the native call has read them."""
     from .trace import POLICIES
 
     for value, table, name in ((policy, POLICIES, "policy"), (precision, PRECISIONS, "precision"),
@@ -371,7 +374,13 @@ def set_cache_params(params, *, policy: str, precision: str, warmup: str, high_t
     slots = ffi.new("int32_t[]", list(layer_slots)) if layer_slots else ffi.NULL
     params.layer_slots = slots
     params.n_layer_slots = len(layer_slots) if layer_slots else 0
-    return slots
+    sensitivity = ffi.new("float[]", [float(v) for v in layer_sensitivity]) if layer_sensitivity else ffi.NULL
+    params.layer_sensitivity = sensitivity
+    params.n_layer_sensitivity = len(layer_sensitivity) if layer_sensitivity else 0
+    high_uses = ffi.new("int32_t[]", [int(v) for v in layer_high_uses]) if layer_high_uses else ffi.NULL
+    params.layer_high_uses = high_uses
+    params.n_layer_high_uses = len(layer_high_uses) if layer_high_uses else 0
+    return slots, sensitivity, high_uses
 
 
 def read_cache_stats(get_totals, get_layer, n_layers: int, *, live: bool = False) -> dict:

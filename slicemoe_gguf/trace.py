@@ -195,7 +195,8 @@ def replay(trace: Trace, *, budget: int, policy: str = defaults.POLICY, precisio
            warmup: str = defaults.WARMUP, high_threshold: float = defaults.HIGH_THRESHOLD,
            max_miss_rate: float = defaults.MAX_MISS_RATE, msb_share: float = defaults.MSB_SHARE,
            high_ratio: float = defaults.HIGH_RATIO, gating_t: float = defaults.GATING_T,
-           prior_lambda: float = defaults.PRIOR_LAMBDA, layer_slots: list[int] | None = None) -> dict:
+           prior_lambda: float = defaults.PRIOR_LAMBDA, layer_slots: list[int] | None = None,
+           layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None) -> dict:
     """Drive the native cache manager with the trace (no compute) and return its counters, with the
     same names as `slicemoe run --json`'s `cache` object."""
     from .runtime import read_cache_stats, set_cache_params
@@ -216,7 +217,8 @@ def replay(trace: Trace, *, budget: int, policy: str = defaults.POLICY, precisio
     slots = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,  # noqa: F841 (kept alive)
                              high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
                              high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
-                             layer_slots=layer_slots)
+                             layer_slots=layer_slots, layer_sensitivity=layer_sensitivity,
+                             layer_high_uses=layer_high_uses)
     out = ffi.new("slicemoe_sim **")
     check(native.slicemoe_sim_create(ffi.new("struct slicemoe_sim_params *", params), out))
     sim = ffi.gc(out[0], native.slicemoe_sim_free)

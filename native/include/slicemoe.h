@@ -132,6 +132,14 @@ struct slicemoe_model_params {
     int32_t io_mode;           // enum slicemoe_io_mode (default auto)
     bool    forced_routes;     // the routing will come from slicemoe_route_force: a stock model gets
                                // an engine for it too (a sliced model always has one)
+    // Calibrated policies (scripts/calibrate_policies.py measures them), one value per MoE layer;
+    // NULL / 0 = the calibration-free rules. adapmoe: the sensitivity S_l in its gating rule (a use
+    // is dropped when its weight < sqrt(T / S_l)); dymoe: how many of a token's best-ranked uses run
+    // at 8 bits in each layer, instead of the cosine depth schedule.
+    const float *   layer_sensitivity;
+    int32_t n_layer_sensitivity;
+    const int32_t * layer_high_uses;
+    int32_t n_layer_high_uses;
 };
 
 // Trace replay with no model: the same cache manager with no pools and no reads.
@@ -155,6 +163,10 @@ struct slicemoe_sim_params {
     int32_t n_layer_slots;
     const int64_t * layer_msb_bytes;  // NULL, or n_layers sizes: MoE layers of different shapes
     const int64_t * layer_lsb_bytes;  // NULL, or n_layers sizes (with layer_msb_bytes)
+    const float *   layer_sensitivity;  // as in slicemoe_model_params
+    int32_t n_layer_sensitivity;
+    const int32_t * layer_high_uses;    // as in slicemoe_model_params
+    int32_t n_layer_high_uses;
 };
 
 // Counters of the slice cache, summed over layers (or of one layer). "Hits" and "misses" count

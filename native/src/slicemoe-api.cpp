@@ -239,6 +239,10 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     p.n_layer_slots  = 0;
     p.io_mode        = SLICEMOE_IO_AUTO;
     p.forced_routes  = false;
+    p.layer_sensitivity   = nullptr;
+    p.n_layer_sensitivity = 0;
+    p.layer_high_uses     = nullptr;
+    p.n_layer_high_uses   = 0;
     return p;
 }
 

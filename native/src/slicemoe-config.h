@@ -45,7 +45,15 @@ bool policy_params_valid(const P & p, std::string * error) {
     else if (!in(p.prior_lambda, 0.0f, 1e6f)) problem = "prior_lambda must be in [0, 1e6]";
     else if (!in(p.gating_t, 0.0f, 1.0f)) problem = "gating_t must be in [0, 1] (a squared routing weight)";
     else if (p.n_layer_slots < 0 || (p.n_layer_slots > 0 && !p.layer_slots)) problem = "layer_slots: NULL with a count above 0";
+    else if (p.n_layer_sensitivity < 0 || (p.n_layer_sensitivity > 0 && !p.layer_sensitivity)) problem = "layer_sensitivity: NULL with a count above 0";
+    else if (p.n_layer_high_uses < 0 || (p.n_layer_high_uses > 0 && !p.layer_high_uses)) problem = "layer_high_uses: NULL with a count above 0";
     else if (!io_mode_valid(p)) problem = "io_mode: auto (0), direct (1) or buffered (2)";
+    for (int32_t i = 0; !problem && i < p.n_layer_sensitivity; ++i) {
+        if (!in(p.layer_sensitivity[i], 1e-6f, 1e6f)) problem = "layer_sensitivity: every S_l must be in [1e-6, 1e6]";
+    }
+    for (int32_t i = 0; !problem && i < p.n_layer_high_uses; ++i) {
+        if (p.layer_high_uses[i] < 0) problem = "layer_high_uses: counts must be >= 0";
+    }
     if (problem) {
         *error = problem;
         return false;

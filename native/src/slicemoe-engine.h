@@ -100,7 +100,7 @@ struct policy_i {
     bool         shares_slots;   // an MSB or an LSB slice per slot (the adaptive split), where the
                                  // two have one shape and the budget holds less than everything
     // a use after the first, of routing weight w: left out (neither loaded nor run)? nullptr: never
-    bool   (*drop_use)(const cache & c, float weight);
+    bool   (*drop_use)(const cache & c, const layer & L, float weight);
     // auto precision: does use `rank` (best first, routing weight w) of `expert` run at 8 bits?
     // msb_hit: its MSB slice was resident before this token. nullptr: never
     bool   (*high_use)(const cache & c, const layer & L, int rank, float weight, int expert, bool msb_hit);
@@ -140,6 +140,8 @@ struct cache {
     float                high_ratio = 0.5f;     // dymoe
     float                prior_lambda = 0.0f;   // cache_prior
     float                gating_t = 0.0f;       // adapmoe
+    std::vector<float>   sensitivity;           // adapmoe, per MoE layer: calibrated S_l (empty: 1)
+    std::vector<int>     high_uses;             // dymoe, per MoE layer: 8-bit ranks (empty: cosine schedule)
     bool                 prefetch = false;
     double               miss_rate_ema = 0.0;   // slice miss rate, smoothed over decode tokens
     int64_t              token_uses = 0, token_misses = 0;
@@ -195,7 +197,11 @@ template <class params_t> void set_policy(cache & c, const params_t & p) {
     c.high_ratio = p.high_ratio > 0.0f ? p.high_ratio : 0.5f;
     c.prior_lambda = p.policy == SLICEMOE_POLICY_CACHE_PRIOR ? p.prior_lambda : 0.0f;
     c.gating_t = p.policy == SLICEMOE_POLICY_ADAPMOE ? p.gating_t : 0.0f;
+    c.sensitivity.assign(p.layer_sensitivity, p.layer_sensitivity + p.n_layer_sensitivity);
+    c.high_uses.assign(p.layer_high_uses, p.layer_high_uses + p.n_layer_high_uses);
 }
+// false with *error when a per-layer setting does not have one value per MoE layer.
+bool layer_settings_fit(const cache & c, int n_layers, std::string * error);
 // One routing event, live or replayed: the single place that drives the policy.
 bool access(cache & c, int index, int phase, const int32_t * ids, const float * weights);
 // Replay of cache_prior: the experts the biased router picks in the replayed cache state.

@@ -35,9 +35,14 @@ bool important(const cache & c, const layer &, int rank, float weight, int, bool
     return rank == 0 || weight >= c.high_threshold;
 }
 
-// DyMoE's depth schedule: the first round(ratio * k) ranks at the first MoE layer, falling by a
-// half cosine to none at the last
+// DyMoE: the best-ranked uses run at 8 bits, as many as the layer's calibrated count, else by the
+// depth schedule: round(ratio * k) ranks at the first MoE layer, falling by a half cosine to none
+// at the last
 bool dymoe_rank(const cache & c, const layer & L, int rank, float, int, bool) {
+    const size_t index = size_t(&L - c.layers.data());
+    if (!c.high_uses.empty()) {
+        return rank < c.high_uses[index];
+    }
     const int n = int(c.layers.size());
     const double depth = n > 1 ? double(&L - c.layers.data()) / double(n - 1) : 0.0;
     const double share = c.high_ratio * 0.5 * (1.0 + std::cos(M_PI * depth));
@@ -52,10 +57,11 @@ bool hobbit_use(const cache & c, const layer & L, int rank, float weight, int ex
     return important(c, L, rank, weight, expert, msb_hit);
 }
 
-// AdapMoE's gating with a uniform sensitivity S_l = 1: a use after the first whose weight is
-// below sqrt(T) is left out
-bool adapmoe_drop(const cache & c, float weight) {
-    return weight < std::sqrt(c.gating_t);
+// AdapMoE's gating: a use after the first whose weight is below sqrt(T / S_l) is left out, S_l the
+// layer's calibrated sensitivity (1 without calibration)
+bool adapmoe_drop(const cache & c, const layer & L, float weight) {
+    const float sensitivity = c.sensitivity.empty() ? 1.0f : c.sensitivity[size_t(&L - c.layers.data())];
+    return weight < std::sqrt(c.gating_t / sensitivity);
 }
 
 // ---- eviction order (lowest key first; ties: least recently used) ----
@@ -109,6 +115,15 @@ const policy_i & policy_of(int policy) {
 }
 
 // Whole-expert policies run at 8 bits, lru4 at 4; the others follow --precision (auto: per use).
+bool layer_settings_fit(const cache & c, int n_layers, std::string * error) {
+    const auto fits = [&](size_t n, const char * name) {
+        if (n == 0 || n == size_t(n_layers)) return true;
+        *error = std::string(name) + ": " + std::to_string(n) + " values for " + std::to_string(n_layers) + " MoE layers";
+        return false;
+    };
+    return fits(c.sensitivity.size(), "layer_sensitivity") && fits(c.high_uses.size(), "layer_high_uses");
+}
+
 int effective_precision(int policy, int precision) {
     const int fixed = policy_of(policy).precision;
     return fixed == AUTO ? precision : fixed;

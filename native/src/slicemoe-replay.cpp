@@ -45,7 +45,8 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
         alike = alike && size.msb == size.lsb;
     }
     slot_plan plan;
-    if (!slot_counts(*c, sizes, alike, p.msb_share, p.layer_slots, p.n_layer_slots, &plan, error)) {
+    if (!layer_settings_fit(*c, p.n_layers, error) ||
+        !slot_counts(*c, sizes, alike, p.msb_share, p.layer_slots, p.n_layer_slots, &plan, error)) {
         return nullptr;
     }
     c->layers.resize(size_t(p.n_layers));

@@ -395,7 +395,7 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
             abandon_loads(c);
             return false;
         }
-        if (r > 0 && c.iface->drop_use && c.iface->drop_use(c, weights[r])) {
+        if (r > 0 && c.iface->drop_use && c.iface->drop_use(c, L, weights[r])) {
             keep[e] = 0.0f;
             c.totals.dropped_uses += 1;
             continue;
@@ -759,7 +759,8 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         }
     }
     slot_plan plan;
-    if (!slot_counts(*c, sizes, alike, params.msb_share, params.layer_slots, params.n_layer_slots, &plan, error)) {
+    if (!layer_settings_fit(*c, int(n_layers), error) ||
+        !slot_counts(*c, sizes, alike, params.msb_share, params.layer_slots, params.n_layer_slots, &plan, error)) {
         gguf_free(g);
         return nullptr;
     }
