@@ -333,38 +333,32 @@ def plan_layers(trace: Trace, budget: int, *, policy: str = "lru8", gating_t: fl
                 warmup: str = defaults.WARMUP) -> dict:
     """AdapMoE's allocation of whole-expert slots across layers: each layer's misses as a function
     of its slot count (replaying that layer alone), then a dynamic program over layers that
-    minimizes the total misses with at most budget // (MSB + LSB bytes) slots in all."""
-    msb, lsb = _slice_bytes(trace.header)
-    per_slot = msb + lsb
+    minimizes the total misses with slots whose bytes (each layer's own MSB + LSB size) fit the
+    budget. The program keeps, per layer, the Pareto front of (bytes, misses) over the layers so
+    far, so layers of different sizes cost what they weigh."""
+    msb, lsb = layer_slice_bytes(trace.header)
+    per_slot = [m + l for m, l in zip(msb, lsb)]
     n_layers, k, n_experts = int(trace.header["n_layers"]), trace.top_k, int(trace.header["n_experts"])
-    total_slots = int(budget) // per_slot
-    if total_slots < n_layers * k:
-        raise ValueError(f"the budget holds {total_slots} whole experts, below the minimum of {n_layers * k}")
+    minimum = k * sum(per_slot)
+    if budget < minimum:
+        raise ValueError(f"the budget holds less than {k} whole experts in every layer ({minimum} bytes)")
     curves = []
     for layer in range(n_layers):
         sub = layer_trace(trace, layer)
-        curves.append({s: replay(sub, policy=policy, budget=s * per_slot, gating_t=gating_t, warmup=warmup)["misses"]
-                       for s in range(k, n_experts + 1)})
-    # best[i][t]: fewest misses of layers < i using t slots; choice[i][t]: the slots of layer i - 1
-    inf = float("inf")
-    best = [[inf] * (total_slots + 1) for _ in range(n_layers + 1)]
-    choice = [[0] * (total_slots + 1) for _ in range(n_layers + 1)]
-    best[0][0] = 0
-    for i in range(n_layers):
-        for used in range(total_slots + 1):
-            if best[i][used] == inf:
-                continue
-            for s, misses in curves[i].items():
-                t = used + s
-                if t <= total_slots and best[i][used] + misses < best[i + 1][t]:
-                    best[i + 1][t] = best[i][used] + misses
-                    choice[i + 1][t] = s
-    t = min(range(total_slots + 1), key=lambda u: (best[n_layers][u], u))
-    slots = []
-    for i in range(n_layers, 0, -1):
-        slots.append(choice[i][t])
-        t -= choice[i][t]
-    slots.reverse()
+        sub.header["slice_bytes"] = {"msb": msb[layer], "lsb": lsb[layer]}
+        curves.append({s: replay(sub, policy=policy, budget=s * per_slot[layer], gating_t=gating_t,
+                                 warmup=warmup)["misses"] for s in range(k, n_experts + 1)})
+    # front: (bytes, misses, slots per layer so far), bytes ascending, misses strictly falling
+    front = [(0, 0, [])]
+    for layer in range(n_layers):
+        grown = sorted((used + s * per_slot[layer], misses + m, slots + [s])
+                       for used, misses, slots in front for s, m in curves[layer].items()
+                       if used + s * per_slot[layer] <= budget)
+        front = []
+        for entry in grown:
+            if not front or entry[1] < front[-1][1]:
+                front.append(entry)
+    _, misses, slots = min(front, key=lambda e: (e[1], e[0]))
     stats = replay(trace, policy=policy, budget=budget, gating_t=gating_t, warmup=warmup, layer_slots=slots)
     return {"layer_slots": slots, "misses": stats["misses"], "stats": stats}
 

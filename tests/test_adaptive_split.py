@@ -129,3 +129,19 @@ def test_shared_slots_run_the_same_tokens_as_every_slice_resident(sliced_gguf, f
     assert shared_stats["misses"] > 0 and shared_stats["high_uses"] == full_stats["high_uses"]
     assert shared.tokens == full.tokens
     np.testing.assert_array_equal(shared.logits, full.logits)
+
+
+def test_the_per_layer_planner_spends_each_layers_own_bytes():
+    import itertools
+
+    msb, lsb = [1000, 3000, 2000], [1000, 3000, 2000]
+    trace = layered_trace(msb, lsb)
+    budget = int(traces.total_slice_bytes(trace) * 0.5)
+    result = traces.plan_layers(trace, budget)
+    cost = [m + l for m, l in zip(msb, lsb)]
+    assert sum(s * c for s, c in zip(result["layer_slots"], cost)) <= budget
+    # the fewest misses of every allocation that fits (each layer's pools are its own)
+    best = min(traces.replay(trace, budget=budget, policy="lru8", layer_slots=list(slots))["misses"]
+               for slots in itertools.product(range(2, 9), repeat=3)
+               if sum(s * c for s, c in zip(slots, cost)) <= budget)
+    assert result["misses"] == best
