@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from slicemoe_gguf import Model
+from slicemoe_gguf.accuracy import log_softmax
 from slicemoe_gguf.embedded import EMBEDDED_CHECKPOINT
 from slicemoe_gguf.energy import load_profile, per_token
 
@@ -31,12 +32,6 @@ def heldout_windows(n_windows: int, length: int, checkpoint: Path = EMBEDDED_CHE
     ids = tokenizer.encode((checkpoint / "heldout.txt").read_text(encoding="utf-8")).ids
     step = (len(ids) - length) // n_windows
     return [ids[i * step:i * step + length] for i in range(n_windows)]
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def hf_reference(windows: list[list[int]], n_prompt: int, checkpoint: Path = EMBEDDED_CHECKPOINT,
@@ -184,3 +179,10 @@ def save_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, yla
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def emit(report: str, output: Path | None) -> None:
+    """Print a markdown report and, with an output path, write it there too."""
+    print(report)
+    if output:
+        output.write_text(report)

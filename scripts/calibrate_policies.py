@@ -36,7 +36,7 @@ from slicemoe_gguf.embedded import EMBEDDED_CHECKPOINT, embedded_gguf
 from slicemoe_gguf.model_info import describe
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchlib import machine_line, markdown_table  # noqa: E402
+from benchlib import emit, machine_line, markdown_table  # noqa: E402
 from train_tiny_moe import HELD_OUT, fetch_corpus  # noqa: E402
 
 NEVER = 1e6   # a sensitivity that keeps every use (sqrt(T / 1e6) is below any routing weight of note)
@@ -161,9 +161,7 @@ def main() -> int:
              "flags: `--layer-sensitivity " + ",".join(f"{v:.3f}" for v in sensitivity) + "`, `--layer-high-uses " +
              ",".join(map(str, high_uses)) + "`", "", f"({time.perf_counter() - start:.0f} s)"]
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.output:
-        args.output.write_text(report)
+    emit(report, args.output)
     return 0
 
 

@@ -40,7 +40,7 @@ def heldout_windows(path: str | Path, text: str, n_windows: int = N_WINDOWS, len
     return [ids[i * step:i * step + length] for i in range(n_windows)]
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -56,7 +56,7 @@ def teacher_forced(model: Model, windows: list[list[int]], n_prompt: int = N_PRO
         for token in window[n_prompt:-1]:
             model.eval([token])
             rows.append(model.logits())
-        out.append(_log_softmax(np.stack(rows)))
+        out.append(log_softmax(np.stack(rows)))
     return out
 
 
