@@ -225,9 +225,13 @@ int victim(const cache & c, const layer & L, const pool & p) {
     double best_key = 0.0;
     uint64_t best_use = 0;
     for (int s = 0; s < p.n_slots; ++s) {
+        // a slot a load of this step goes to is never given again within the step, even when the
+        // slice it receives was evicted since (an LSB slice dropped with its MSB slice): its read
+        // is in flight, and a second read into it would race
+        if (p.claimed[s] || (L.shared_slots && (L.msb.claimed[s] || L.lsb.claimed[s]))) continue;
         const pool & q = owner(L, p, s);
         if (q.slot_expert[s] < 0) return s;
-        if (q.last_use[s] == c.clock || q.claimed[s]) continue;
+        if (q.last_use[s] == c.clock) continue;
         const double key = c.iface->evict_key(c, L, q, s);
         if (best < 0 || key < best_key || (key == best_key && q.last_use[s] < best_use)) {
             best = s;
