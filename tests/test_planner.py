@@ -49,9 +49,18 @@ def test_a_tighter_target_gives_fewer_8bit_uses(embedded_trace):
 
 
 def test_the_stated_accuracy_is_measured_against_the_8bit_model(embedded_trace):
-    # any miss rate meets a target of 0.99: every use runs at 8 bits, the same logits as the 8-bit model
-    loose = run_json("plan", str(embedded_trace), "--cache-budget", "40%", "--max-miss-rate", "0.99", "--accuracy",
-                     "--json")
+    import json
+    import os
+
+    from helpers import run_cli
+
+    # any miss rate meets a target of 0.99: every use runs at 8 bits, the same logits as the 8-bit
+    # model. Exactly the same on one backend: with a GPU device visible (CI's lavapipe), llama.cpp
+    # offloads 32-token prompt batches to it, and the prompt's last row then differs in rounding
+    # between the cached run (pools on the CPU) and the reference, so the device is hidden here
+    cpu_only = {k: v for k, v in os.environ.items() if k != "GGML_VK_VISIBLE_DEVICES"}
+    loose = json.loads(run_cli("plan", str(embedded_trace), "--cache-budget", "40%", "--max-miss-rate", "0.99",
+                               "--accuracy", "--json", env=cpu_only).stdout)
     assert loose["high_threshold"] == 0.0 and loose["high_share"] == 1.0
     assert loose["accuracy"]["kl"] == 0.0 and loose["accuracy"]["top1"] == 1.0
     tight = run_json("plan", str(embedded_trace), "--cache-budget", "40%", "--max-miss-rate", "0.15", "--accuracy",
