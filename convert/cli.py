@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from slicemoe_gguf import amat
+
 from .architectures import ARCHITECTURES
 from .checkpoint import CheckpointError
 from .converter import DENSE_TYPES, EXPERT_TYPES, Converter
@@ -27,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True, help="the GGUF file to write")
     parser.add_argument("--experts", choices=EXPERT_TYPES, default="amat",
                         help="routed expert encoding (default: amat)")
+    parser.add_argument("--grid", choices=amat.GRIDS, default=amat.DEFAULT_GRID,
+                        help="AMAT grid of --experts amat (default: %(default)s): searched = each group's 4-bit "
+                             "step and offset searched for the least error (MSB slice more accurate than stock "
+                             "Q4_1); aligned = Q4_1's own 4-bit levels (faster to convert); paper = the grid of "
+                             "arXiv 2512.12990, for reproducing its results (format version 1)")
     parser.add_argument("--dense-type", choices=DENSE_TYPES, default="q8_0",
                         help="attention, embeddings, shared experts (default: q8_0; routers and norms stay f32)")
     parser.add_argument("--tokenizer-pre", metavar="NAME",
@@ -42,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         conv = Converter(args.hf_dir, experts=args.experts, dense_type=args.dense_type,
-                         tokenizer_pre=args.tokenizer_pre)
+                         tokenizer_pre=args.tokenizer_pre, grid=args.grid)
         roles = conv.bytes_by_role()
         if args.dry_run:
             for t in conv.tensors():

@@ -26,14 +26,14 @@ from .architectures import ATTENTION_TENSORS, DENSE_FFN_TENSORS, Architecture, a
 from .checkpoint import Checkpoint, CheckpointError
 from .tokenizer import write_tokenizer
 
-FORMAT_VERSION = 1
 LSB_SUFFIX = "lsb"
 Q = gguf.GGMLQuantizationType
 EXPERT_TYPES = ("amat", "q8_0", "f16", "f32")
 SLICE_ALIGNMENT = 4096   # general.alignment of sliced files: O_DIRECT's block size
 # Bumped whenever the bytes written for the same checkpoint change, so that converted files cached
-# by that key (the embedded model's) are made again (2: sliced files aligned to 4 KiB).
-FILE_REVISION = 2
+# by that key (the embedded model's) are made again (2: sliced files aligned to 4 KiB; 3: the
+# searched AMAT grid by default).
+FILE_REVISION = 3
 DENSE_TYPES = ("q8_0", "f16", "f32")
 
 
@@ -135,9 +135,11 @@ def _check_loads(path: Path) -> None:
 
 class Converter:
     def __init__(self, hf_dir: str | os.PathLike, experts: str = "amat", dense_type: str = "q8_0",
-                 tokenizer_pre: str | None = None):
+                 tokenizer_pre: str | None = None, grid: str = amat.DEFAULT_GRID):
         if experts not in EXPERT_TYPES:
             raise CheckpointError(f"--experts must be one of {', '.join(EXPERT_TYPES)}")
+        if grid not in amat.GRIDS:
+            raise CheckpointError(f"--grid must be one of {', '.join(amat.GRIDS)}")
         if dense_type not in DENSE_TYPES:
             raise CheckpointError(f"--dense-type must be one of {', '.join(DENSE_TYPES)}")
         self.ckpt = Checkpoint(hf_dir)
@@ -145,6 +147,7 @@ class Converter:
         self.arch: Architecture = architecture_for(self.config)
         self.experts = experts
         self.dense_type = dense_type
+        self.grid = grid
         self.tokenizer_pre = tokenizer_pre
         self.plan = self._make_plan()
         # embedding rows: config.json's vocab_size, often padded beyond the tokenizer
@@ -267,8 +270,7 @@ class Converter:
 
     # -- encoding ----------------------------------------------------------------------------
 
-    @staticmethod
-    def _encode(item: PlanItem, data: np.ndarray) -> list[np.ndarray]:
+    def _encode(self, item: PlanItem, data: np.ndarray) -> list[np.ndarray]:
         arrays = item.transform(data) if item.transform is not None else [data]
         for t, a in zip(item.outputs, arrays):
             if tuple(a.shape) != t.shape:
@@ -280,7 +282,7 @@ class Converter:
             msb = np.empty((*data.shape[:-1], row_bytes), dtype=np.uint8)
             lsb = np.empty_like(msb)
             for e in range(data.shape[0]):
-                msb[e], lsb[e] = amat.slice_blocks(amat.quantize(data[e], name=first.name))
+                msb[e], lsb[e] = amat.slice_blocks(amat.quantize(data[e], name=first.name, grid=self.grid))
             return [msb, lsb]
         return [_encode_plain(t, a) for t, a in zip(item.outputs, arrays)]
 
@@ -303,7 +305,10 @@ class Converter:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_tokenizer(w, self.ckpt.path, self.n_rows, self.tokenizer_pre)
         if self.experts == "amat":
-            w.add_uint32("slicemoe.format_version", FORMAT_VERSION)
+            # The paper's grid is written as version 1, byte for byte what earlier versions wrote.
+            w.add_uint32("slicemoe.format_version", amat.format_version(self.grid))
+            if amat.format_version(self.grid) >= 2:
+                w.add_string("slicemoe.grid", self.grid)
             w.add_uint32("slicemoe.bits_high", 8)
             w.add_uint32("slicemoe.bits_low", 4)
             w.add_uint32("slicemoe.group_size", amat.GROUP_SIZE)

@@ -58,7 +58,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"layers {info['n_layers']}, MoE layers {len(info['moe_layers'])}, experts {info['n_experts']}, "
           f"top-k {info['top_k']}")
     if info["sliced"]:
-        print(f"AMAT slices: MSB {mib(info['expert_msb_bytes'])}, LSB {mib(info['expert_lsb_bytes'])}; "
+        print(f"AMAT slices ({info['grid']} grid): MSB {mib(info['expert_msb_bytes'])}, LSB {mib(info['expert_lsb_bytes'])}; "
               f"other tensors {mib(info['other_bytes'])}")
         print("layer  MSB/expert  LSB/expert  MSB total   LSB total")
         for p in info["layers"]:

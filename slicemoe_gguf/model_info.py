@@ -157,6 +157,8 @@ def describe(path: str | Path) -> dict:
         "top_k": fields.get(f"{arch}.expert_used_count"),
         "moe_layers": [p["layer"] for p in per_layer],
         "sliced": sliced,
+        # the AMAT grid of the slices: named by format version 2, implied (the paper's) by version 1
+        "grid": (fields.get("slicemoe.grid") or "paper") if sliced else None,
         "expert_msb_bytes": sum(p["msb_bytes"] for p in per_layer),
         "expert_lsb_bytes": sum(p["lsb_bytes"] for p in per_layer),
         # the engine sizes every layer's slots by the largest slice (the energy model's MAC count)

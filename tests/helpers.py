@@ -83,16 +83,23 @@ def convert(hf_dir: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def hf_logits_with_gguf_experts(hf_dir: Path, gguf_path: Path, precision: str, tokens: list[int], n_prompt: int):
-    """Teacher-forced transformers logits [len(tokens) - n_prompt + 1, n_vocab] of the model whose
-    routed experts are replaced by the AMAT slices stored in gguf_path, dequantized independently in
-    numpy: MSB + LSB for precision "high", MSB only for "low"."""
+def gguf_dequantize(tensor) -> "np.ndarray":
+    """float32 values of a tensor read by gguf.GGUFReader, decoded by gguf-py itself."""
     import gguf
     import numpy as np
+
+    return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
+
+
+def hf_logits_with_gguf_experts(hf_dir: Path, gguf_path: Path, precision: str, tokens: list[int], n_prompt: int,
+                                return_margins: bool = False):
+    """Teacher-forced transformers logits [len(tokens) - n_prompt + 1, n_vocab] of the model whose
+    routed experts are replaced by the AMAT slices stored in gguf_path, dequantized by gguf-py (an
+    implementation independent of ours): MSB + LSB for precision "high", MSB only for "low".
+    With return_margins, also each position's routing margin (_routing_margins)."""
+    import gguf
     import torch
     import transformers
-
-    from slicemoe_gguf import amat
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     params = dict(model.named_parameters())
@@ -101,9 +108,9 @@ def hf_logits_with_gguf_experts(hf_dir: Path, gguf_path: Path, precision: str, t
     def experts(layer: int, proj: str) -> torch.Tensor:
         msb = tensors[f"blk.{layer}.ffn_{proj}_exps.weight"]
         shape = tuple(int(d) for d in reversed(msb.shape))
-        w = amat.dequantize_q4_1(np.asarray(msb.data), shape)
+        w = gguf_dequantize(msb).reshape(shape)
         if precision == "high":
-            w = w + amat.dequantize_q4_1(np.asarray(tensors[f"blk.{layer}.ffn_{proj}_exps.lsb"].data), shape)
+            w = w + gguf_dequantize(tensors[f"blk.{layer}.ffn_{proj}_exps.lsb"]).reshape(shape)
         return torch.from_numpy(w)
 
     with torch.no_grad():
@@ -113,5 +120,26 @@ def hf_logits_with_gguf_experts(hf_dir: Path, gguf_path: Path, precision: str, t
             prefix = f"model.layers.{layer}.mlp.experts"
             params[f"{prefix}.gate_up_proj"].copy_(torch.cat([experts(layer, "gate"), experts(layer, "up")], dim=1))
             params[f"{prefix}.down_proj"].copy_(experts(layer, "down"))
-        logits = model(torch.tensor([tokens])).logits[0]
-    return logits[n_prompt - 1:].float().numpy()
+        out = model(torch.tensor([tokens]), output_router_logits=True)
+    logits = out.logits[0][n_prompt - 1:].float().numpy()
+    if not return_margins:
+        return logits
+    return logits, _routing_margins(out, model.config, len(tokens))[n_prompt - 1:]
+
+
+def _routing_margins(out, config, n_tokens: int):
+    """Per position, the smallest gap over MoE layers between the router probabilities of the k-th
+    and the (k+1)-th expert: near 0, a rounding difference can pick another expert (a routing flip),
+    which no tolerance on the logits should have to absorb. +inf where the model reports no router
+    logits."""
+    import numpy as np
+    import torch
+
+    margins = np.full(n_tokens, np.inf)
+    k = config.num_experts_per_tok
+    for router in getattr(out, "router_logits", None) or ():
+        if router is None:
+            continue
+        probs = torch.softmax(router.reshape(n_tokens, -1).float(), dim=-1).sort(dim=-1, descending=True).values
+        margins = np.minimum(margins, (probs[:, k - 1] - probs[:, k]).numpy())
+    return margins

@@ -93,7 +93,7 @@ VALIDATOR_CASES = [
     ("olmoe.rope.freq_base", float("nan"), "rope.freq_base"),
     ("tokenizer.ggml.model", b"none", "no vocabulary"),             # tokenizing would assert
     ("output.weight offset", 1 << 40, "output.weight"),   # the tensor named (a truncated file: test_cache)
-    ("slicemoe.format_version", 2, "format_version"),
+    ("slicemoe.format_version", 3, "format_version 3"),
     ("slicemoe.group_size", 16, "group_size"),
     ("blk.2.attn_norm.weight type", 3, "quantized type q4_1"),   # a norm in Q4_1: ggml's mul asserts
 ]

@@ -31,8 +31,11 @@ namespace {
 // Limits of the pinned llama.cpp (src/llama-hparams.h): LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS.
 constexpr uint64_t MAX_LAYERS  = 512;
 constexpr uint64_t MAX_EXPERTS = 1024;
-// The sliced format this engine reads (slicemoe-convert, FORMAT_VERSION).
-constexpr uint64_t FORMAT_VERSION = 1;
+// The sliced formats this engine reads (slicemoe-convert, amat.GRIDS): version 1 holds the paper's
+// AMAT grid; version 2 names its grid in 'slicemoe.grid'. Every grid is a pair of Q4_1 slices whose
+// sum is the 8-bit value, so the engine runs all versions alike.
+constexpr uint64_t FORMAT_VERSION_MIN = 1;
+constexpr uint64_t FORMAT_VERSION_MAX = 2;
 
 struct gguf_deleter {
     void operator()(gguf_context * g) const { gguf_free(g); }
@@ -337,12 +340,32 @@ bool uint_key_equals(const gguf_context * g, const char * key, uint64_t expected
     return true;
 }
 
+bool format_version_known(const gguf_context * g, std::string * error) {
+    const int64_t id = gguf_find_key(g, "slicemoe.format_version");
+    if (!is_integer(gguf_get_kv_type(g, id))) {
+        *error = "sliced model: metadata 'slicemoe.format_version' is not an integer";
+        return false;
+    }
+    const int64_t version = integer_at(g, id, gguf_get_kv_type(g, id), 0, false);
+    if (version < int64_t(FORMAT_VERSION_MIN) || version > int64_t(FORMAT_VERSION_MAX)) {
+        *error = "sliced model: slicemoe.format_version " + std::to_string(version) + " is not one this version reads (" +
+                 std::to_string(FORMAT_VERSION_MIN) + " to " + std::to_string(FORMAT_VERSION_MAX) + ")";
+        return false;
+    }
+    const int64_t grid = gguf_find_key(g, "slicemoe.grid");
+    if (version >= 2 && (grid < 0 || gguf_get_kv_type(g, grid) != GGUF_TYPE_STRING)) {
+        *error = "sliced model: format version 2 needs the string 'slicemoe.grid' (the AMAT grid it holds)";
+        return false;
+    }
+    return true;
+}
+
 // A sliced model: the format version this engine reads, and every LSB slice tensor the twin of
 // its MSB tensor (same shape, both Q4_1, one expert per slice along ne[2]).
 bool check_slices(const file_view & f, std::string * error) {
     const gguf_context * g = f.gguf.get();
     if (gguf_find_key(g, "slicemoe.format_version") < 0) return true;
-    if (!uint_key_equals(g, "slicemoe.format_version", FORMAT_VERSION, error) ||
+    if (!format_version_known(g, error) ||
         !uint_key_equals(g, "slicemoe.bits_high", 8, error) || !uint_key_equals(g, "slicemoe.bits_low", 4, error) ||
         !uint_key_equals(g, "slicemoe.group_size", 32, error)) {
         return false;
