@@ -22,6 +22,7 @@ from slicemoe_gguf.model_info import read_header
 ARCHS = ["olmoe", "qwen2_moe", "deepseek_v2", "mixtral", "qwen3_moe"]
 LAYOUTS = ["save_pretrained", "state_dict"]
 PROMPT = "Once upon a time there was a small village"
+F32_FIDELITY = 1e-3   # largest logit difference over the largest logit, f32 conversion vs transformers
 TEXTS = [PROMPT, "Hello wörld 123!", " two  spaces", "fish, sea and stars!\nnew line", "naïve café — ok?",
          "1234567 apples, 89 pears"]
 
@@ -62,7 +63,10 @@ def test_f32_conversion_matches_transformers(arch, layout, tiny_checkpoints, tmp
     # the reference always loads the save_pretrained copy: the same weights, transformers' own reader
     hf_tokens, hf_logits = hf_greedy(tiny_checkpoints(arch), result["prompt_tokens"], n)
     assert result["tokens"] == hf_tokens
-    np.testing.assert_allclose(np.load(logits_path), hf_logits, atol=2e-2, rtol=0)
+    # within 1e-3 of the largest logit: measured 7.6e-4 (qwen2_moe) to 9.5e-4 (mixtral), which is
+    # llama.cpp's f16 KV cache; a wrong tensor or hyperparameter is 10x that
+    logits = np.load(logits_path)
+    assert np.abs(logits - hf_logits).max() <= F32_FIDELITY * np.abs(hf_logits).max()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
