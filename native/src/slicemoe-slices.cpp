@@ -378,6 +378,12 @@ void join_prefetch(cache & c, layer & L) {
     L.ahead_slots.clear();
 }
 
+// A resident slice of `expert` is not a victim within the current step (victim skips last_use == clock).
+void protect_for_step(cache & c, pool & p, int expert) {
+    const int slot = p.n_slots > 0 ? p.expert_slot[size_t(expert)] : -1;
+    if (slot >= 0) p.last_use[size_t(slot)] = c.clock;
+}
+
 bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weights) {
     c.clock += 1;
     if (L.warm_pending) {
@@ -391,6 +397,15 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
     // MSB slices first, for every use: each use needs one, and with shared slots an LSB slice
     // loaded earlier must not take the slot a later use's MSB slice needs
     std::vector<char> msb_hit(size_t(c.top_k), 0), kept(size_t(c.top_k), 0);
+    // The token's resident slices are in use this step before any of its misses picks a victim:
+    // otherwise a miss of a better-ranked use could evict the slice a later use hits, and read it
+    // again. LSB slices only where they have their own pool: shared slots must stay free for MSB
+    // slices, which every use needs.
+    for (int r = 0; r < c.top_k; ++r) {
+        if (ids[r] < 0 || ids[r] >= c.n_expert) continue;
+        protect_for_step(c, L.msb, ids[r]);
+        if (!L.shared_slots) protect_for_step(c, L.lsb, ids[r]);
+    }
     for (int r = 0; r < c.top_k; ++r) {
         const int e = ids[r];
         if (e < 0 || e >= c.n_expert) {
