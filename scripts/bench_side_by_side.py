@@ -38,7 +38,7 @@ import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
-from benchlib import drop_page_cache, machine_line, markdown_table  # noqa: E402
+from benchlib import drop_page_cache, llama_quantize, machine_line, markdown_table  # noqa: E402
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 BUDGETS = (25, 50, 75, 100)
@@ -70,18 +70,7 @@ def fio(path: Path, block: str, depth: int, seconds: int = 5) -> float:
 
 def quantize_4bit(src: Path, dst: Path, threads: int) -> None:
     """llama.cpp's own Q4_K_M quantizer on the q8_0 file (what users download as '4-bit')."""
-    import slicemoe_gguf.llama  # noqa: F401  (points llama_cpp at our library)
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.allow_requantize = True
-    params.nthread = threads
-    tmp = dst.with_name(dst.name + ".partial")
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"quantizing {src} failed")
-    tmp.replace(dst)
+    llama_quantize(src, dst, "Q4_K_M", threads)
 
 
 def widened_route(amat: Path, n_decode: int, out: Path) -> dict:

