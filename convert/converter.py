@@ -13,6 +13,7 @@ import fcntl
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -281,8 +282,14 @@ class Converter:
             row_bytes = data.shape[-1] // amat.GROUP_SIZE * amat.Q4_1_BLOCK_BYTES
             msb = np.empty((*data.shape[:-1], row_bytes), dtype=np.uint8)
             lsb = np.empty_like(msb)
-            for e in range(data.shape[0]):
+
+            def encode_expert(e: int) -> None:
                 msb[e], lsb[e] = amat.slice_blocks(amat.quantize(data[e], name=first.name, grid=self.grid))
+
+            # experts on every core: numpy releases the GIL in its loops, and the searched grid's
+            # search is most of a conversion's time
+            with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, data.shape[0])) as pool:
+                list(pool.map(encode_expert, range(data.shape[0])))
             return [msb, lsb]
         return [_encode_plain(t, a) for t, a in zip(item.outputs, arrays)]
 

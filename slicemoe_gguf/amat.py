@@ -18,13 +18,14 @@ engine runs all grids alike. GRIDS:
 
 - ``paper`` (arXiv 2512.12990; format version 1): ``lo = min``, ``s = (max - min) / 255``. Its 4-bit
   levels run from min + 7.5 s to max - 7.5 s and never reach the group's extremes, so the largest
-  weights of every group shrink together: on the embedded model its MSB-only KL is 1.2x stock
-  Q4_1's at the same storage (3.4x on a model trained on other text).
+  weights of every group shrink together: its MSB-only KL is 1.2x stock Q4_1's at the same
+  storage on the embedded model, 1.9x on a model trained on other text (scripts/bench_grid.py).
 - ``aligned`` (format version 2): ``s = (max - min) / 240``, ``lo = min - 7.5 s``. The 4-bit levels
   are min + 16 s h: exactly Q4_1's levels (min to max in 15 steps), at Q4_1's accuracy.
 - ``searched`` (format version 2; the default): the 4-bit step and offset of each group searched
   for the least squared error (search_msb_grid), under the constraint that keeps the 8-bit value
-  from clipping; then as ``aligned``. On the embedded model its MSB-only KL is 0.8x Q4_1's.
+  from clipping; then as ``aligned``. Its MSB-only KL is 0.83x and 0.93x Q4_1's on those two
+  models, its 8-bit KL 0.62x and 0.52x Q8_0's.
 
 The aligned and searched grids put a group's min and max on half steps of the 8-bit grid; those
 ties are rounded toward the middle code (round-half-to-even would move both extremes up, a bias
