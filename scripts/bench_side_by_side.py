@@ -42,8 +42,12 @@ from benchlib import drop_page_cache, llama_quantize, machine_line, markdown_tab
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 BUDGETS = (25, 50, 75, 100)
-# lru4 is the sliced file's 4-bit model (MSB slices only), the like of a stock 4-bit GGUF
-POLICIES = (("lru8", "none"), ("dbsc", "none"), ("dbsc", "pcw"), ("hobbit", "pcw"), ("lru4", "pcw"))
+# lru4 is the sliced file's 4-bit model (MSB slices only), the like of a stock 4-bit GGUF; look-ahead
+# prefetch is off by default (see bench_prefetch.py), its row says what it does at size
+CONFIGS = {"lru8": {"policy": "lru8", "warmup": "none"}, "dbsc": {"policy": "dbsc", "warmup": "none"},
+           "dbsc + pcw": {"policy": "dbsc", "warmup": "pcw"}, "hobbit + pcw": {"policy": "hobbit", "warmup": "pcw"},
+           "lru4 + pcw": {"policy": "lru4", "warmup": "pcw"},
+           "dbsc + pcw + prefetch": {"policy": "dbsc", "warmup": "pcw", "prefetch": True}}
 HEADROOM = 768 << 20   # runtime, libraries, KV cache and compute buffers, the same for every row
 MiB = 1 << 20
 
@@ -67,11 +71,6 @@ def fio(path: Path, block: str, depth: int, seconds: int = 5) -> float:
 
 
 # -- the models -------------------------------------------------------------------------------
-
-def quantize_4bit(src: Path, dst: Path, threads: int) -> None:
-    """llama.cpp's own Q4_K_M quantizer on the q8_0 file (what users download as '4-bit')."""
-    llama_quantize(src, dst, "Q4_K_M", threads)
-
 
 def widened_route(amat: Path, n_decode: int, out: Path) -> dict:
     """The embedded model's routing of PROMPT, widened onto the full model's shape, as a trace file."""
@@ -109,7 +108,8 @@ def child(config: dict) -> dict:
     from slicemoe_gguf import Model, trace as traces
 
     route = traces.request_route(traces.read(config["trace"]))
-    kwargs = {k: config[k] for k in ("cache_budget", "policy", "warmup", "precision", "prefetch") if k in config}
+    kwargs = {k: config[k] for k in ("cache_budget", "policy", "warmup", "precision", "prefetch", "high_threshold")
+              if k in config}
     t0 = time.perf_counter()
     with Model(config["model"], n_threads=config["threads"], forced_routes=True, n_ctx=512, **kwargs) as model:
         load_s = time.perf_counter() - t0
@@ -201,10 +201,10 @@ def targets(results: dict, compute: dict, nocache: dict, device: dict) -> str:
             lines.append(f"- 50%: dbsc + pcw read path {dbsc['engine_flash_per_token'] / dbsc['io_ms'] / 1e6:.2f} GB/s = "
                          f"{dbsc['engine_flash_per_token'] / dbsc['io_ms'] / 1e6 / device['1m QD8']:.2f} of fio's 1 MiB QD8 "
                          "(target >= 0.8)")
-    lines += [f"- 100%, compute only: dbsc + pcw / stock q8_0 = {ms(compute['dbsc + pcw']) / ms(compute['stock q8_0 (mmap)']):.2f}"
+    lines += [f"- 100%, compute only: dbsc + pcw / stock q8_0 = {ms(compute.get('dbsc + pcw')) / ms(compute.get('stock q8_0 (mmap)')):.2f}"
               " (target <= 1.15)",
               f"- 100%, fixed precision: lru8 cache / AMAT without cache (high) = "
-              f"{ms(compute['lru8']) / ms(nocache['AMAT, no cache, high']):.2f} (target <= 1.05)"]
+              f"{ms(compute.get('lru8')) / ms(nocache['AMAT, no cache, high']):.2f} (target <= 1.05)"]
     return "\n".join(lines)
 
 def main() -> int:
@@ -216,6 +216,13 @@ def main() -> int:
     parser.add_argument("-n", "--n-decode", type=int, default=48, help="decode tokens per run (default 48)")
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="percent of the 8-bit expert bytes")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"cache configurations of the sliced file (default all: {', '.join(CONFIGS)})")
+    parser.add_argument("--thresholds", default="",
+                        help="also dbsc + pcw at these 8-bit thresholds (comma-separated), for the accuracy-speed front")
+    parser.add_argument("--stock", default="Q4_K_M",
+                        help="stock files made by llama.cpp's quantizer from the q8_0 file, besides it (default Q4_K_M; "
+                             "the front: Q4_0,Q4_K_M,Q5_K_M,Q6_K)")
     parser.add_argument("-o", "--output", type=Path, help="also write the markdown here")
     args = parser.parse_args()
     if args.child:
@@ -227,12 +234,15 @@ def main() -> int:
     from slicemoe_gguf.model_info import describe
 
     work = args.work
-    amat, q8, q4 = (work / f"{args.prefix}-{kind}.gguf" for kind in ("amat", "q8_0", "q4_k_m"))
+    amat, q8 = (work / f"{args.prefix}-{kind}.gguf" for kind in ("amat", "q8_0"))
     for path, experts in ((amat, "amat"), (q8, "q8_0")):
         if not path.exists():
             subprocess.run(["slicemoe-convert", "-q", "--experts", experts, str(args.hf), "-o", str(path)], check=True)
-    if not q4.exists():
-        quantize_4bit(q8, q4, args.threads)
+    quantized = {}
+    for ftype in filter(None, args.stock.split(",")):
+        quantized[ftype] = work / f"{args.prefix}-{ftype.lower()}.gguf"
+        if not quantized[ftype].exists():
+            llama_quantize(q8, quantized[ftype], ftype, args.threads)
     trace_path = work / f"{args.prefix}-route.jsonl"
     shape = widened_route(amat, args.n_decode, trace_path)
 
@@ -244,11 +254,16 @@ def main() -> int:
     bandwidth = device["1m QD8"] * 1e9   # the reader threads' depth
 
     base = {"trace": str(trace_path), "threads": args.threads}
-    configs = {f"{policy}{' + pcw' if warmup == 'pcw' else ''}": dict(base, model=str(amat), policy=policy, warmup=warmup)
-               for policy, warmup in POLICIES}
-    # look-ahead prefetch is off by default (see bench_prefetch.py); this row says what it does at size
-    configs["dbsc + pcw + prefetch"] = dict(configs["dbsc + pcw"], prefetch=True)
-    stock = {"stock q8_0 (mmap)": dict(base, model=str(q8)), "stock Q4_K_M (mmap)": dict(base, model=str(q4))}
+    configs = {}
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            parser.error(f"unknown configuration {name!r} (one of {', '.join(CONFIGS)})")
+        configs[name] = dict(base, model=str(amat), **CONFIGS[name])
+    for threshold in filter(None, args.thresholds.split(",")):
+        configs[f"dbsc + pcw, threshold {threshold}"] = dict(base, model=str(amat), **CONFIGS["dbsc + pcw"],
+                                                             high_threshold=float(threshold))
+    stock = {"stock q8_0 (mmap)": dict(base, model=str(q8))}
+    stock.update({f"stock {ftype} (mmap)": dict(base, model=str(path)) for ftype, path in quantized.items()})
 
     # compute-only: everything resident, page cache warm, no limit
     compute = {}
@@ -282,8 +297,9 @@ def main() -> int:
 
     lines = [f"Machine: {machine_line()}. Model: {info.get('architecture', '?')} full shape, "
              f"{info['n_experts']} experts top-{info['top_k']}, {len(info['moe_layers'])} MoE layers; AMAT "
-             f"{amat.stat().st_size / 1e9:.2f} GB, q8_0 {q8.stat().st_size / 1e9:.2f} GB, Q4_K_M "
-             f"{q4.stat().st_size / 1e9:.2f} GB. Route: the embedded model's routing of a {shape['n_prompt']}-token "
+             f"{amat.stat().st_size / 1e9:.2f} GB, q8_0 {q8.stat().st_size / 1e9:.2f} GB" +
+             "".join(f", {t} {p.stat().st_size / 1e9:.2f} GB" for t, p in quantized.items()) +
+             f". Route: the embedded model's routing of a {shape['n_prompt']}-token "
              f"prompt and {shape['n_decode']} decode tokens, widened. {args.threads} threads; page cache dropped "
              f"before every row; RAM limit = dense {dense / MiB:.0f} MiB + budget + {HEADROOM / MiB:.0f} MiB.",
              "", "Device (fio, O_DIRECT random reads of the model file, GB/s): " +
