@@ -151,19 +151,23 @@ def search_msb_grid(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _msb_codes(x: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
-    inv = np.divide(1, d, out=np.zeros_like(d), where=d > 0)
-    codes = x - m[:, None]
-    codes *= inv[:, None]
+    # A subnormal step's inverse overflows: that candidate's codes and error are NaN, and the
+    # search never prefers it (NaN < error is false), so the range/15 start stays.
+    with np.errstate(over="ignore", invalid="ignore"):
+        inv = np.divide(1, d, out=np.zeros_like(d), where=d > 0)
+        codes = x - m[:, None]
+        codes *= inv[:, None]
     np.rint(codes, out=codes)
     return np.clip(codes, 0, 15, out=codes)
 
 
 def _msb_error(x: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
     residual = _msb_codes(x, d, m)
-    residual *= d[:, None]
-    residual += m[:, None]
-    residual -= x
-    return np.einsum("ij,ij->i", residual, residual)
+    with np.errstate(invalid="ignore"):
+        residual *= d[:, None]
+        residual += m[:, None]
+        residual -= x
+        return np.einsum("ij,ij->i", residual, residual)
 
 
 def _refit(x, sum_x, codes, lo, hi, span, d, m):

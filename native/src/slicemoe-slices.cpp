@@ -384,6 +384,13 @@ void protect_for_step(cache & c, pool & p, int expert) {
     if (slot >= 0) p.last_use[size_t(slot)] = c.clock;
 }
 
+// Whether the use of rank r runs at 8 bits (before LSB slots are counted).
+bool wants_high(const cache & c, const layer & L, int r, float weight, int expert, bool msb_hit) {
+    return c.precision == SLICEMOE_PRECISION_HIGH ||
+           (c.precision == SLICEMOE_PRECISION_AUTO && c.iface->high_use &&
+            c.iface->high_use(c, L, r, weight, expert, msb_hit));
+}
+
 bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weights) {
     c.clock += 1;
     if (L.warm_pending) {
@@ -399,12 +406,16 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
     std::vector<char> msb_hit(size_t(c.top_k), 0), kept(size_t(c.top_k), 0);
     // The token's resident slices are in use this step before any of its misses picks a victim:
     // otherwise a miss of a better-ranked use could evict the slice a later use hits, and read it
-    // again. LSB slices only where they have their own pool: shared slots must stay free for MSB
-    // slices, which every use needs.
+    // again. LSB slices only of the uses that run at 8 bits (a 4-bit use's LSB slice is no use to
+    // this step, and holding it could push an 8-bit use down to 4 bits), and only where they have
+    // their own pool: shared slots must stay free for MSB slices, which every use needs.
     for (int r = 0; r < c.top_k; ++r) {
-        if (ids[r] < 0 || ids[r] >= c.n_expert) continue;
-        protect_for_step(c, L.msb, ids[r]);
-        if (!L.shared_slots) protect_for_step(c, L.lsb, ids[r]);
+        const int e = ids[r];
+        if (e < 0 || e >= c.n_expert || (r > 0 && c.iface->drop_use && c.iface->drop_use(c, L, weights[r]))) continue;
+        protect_for_step(c, L.msb, e);
+        if (!L.shared_slots && L.lsb.n_slots > 0 && wants_high(c, L, r, weights[r], e, L.msb.expert_slot[size_t(e)] >= 0)) {
+            protect_for_step(c, L.lsb, e);
+        }
     }
     for (int r = 0; r < c.top_k; ++r) {
         const int e = ids[r];
@@ -447,9 +458,7 @@ bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weight
     for (int r = 0; r < c.top_k; ++r) {
         if (!kept[size_t(r)]) continue;
         const int e = ids[r];
-        bool high = c.precision == SLICEMOE_PRECISION_HIGH ||
-                    (c.precision == SLICEMOE_PRECISION_AUTO && c.iface->high_use &&
-                     c.iface->high_use(c, L, r, weights[r], e, msb_hit[size_t(r)]));
+        bool high = wants_high(c, L, r, weights[r], e, msb_hit[size_t(r)]);
         bool hit = false;
         if (high && L.lsb.n_slots > 0) {
             if (ensure(c, L, L.lsb, e, &hit)) {
