@@ -96,6 +96,13 @@ enum slicemoe_io_mode {
     SLICEMOE_IO_BUFFERED = 2,  // pread through the page cache, then POSIX_FADV_DONTNEED
 };
 
+// The kernels of the fused expert product (native/src/slicemoe-product.h).
+enum slicemoe_kernel {
+    SLICEMOE_KERNEL_AUTO   = 0,  // the best this CPU runs (what the MoE graph uses)
+    SLICEMOE_KERNEL_SCALAR = 1,
+    SLICEMOE_KERNEL_AVX2   = 2,
+};
+
 enum slicemoe_warmup {
     SLICEMOE_WARMUP_NONE = 0,
     SLICEMOE_WARMUP_PCW  = 1,  // predictive cache warm-up from the prompt's routing
@@ -225,6 +232,13 @@ struct slicemoe_timings {
 SLICEMOE_API const char * slicemoe_version(void);             // this package, e.g. "0.1.0"
 SLICEMOE_API const char * slicemoe_llama_cpp_version(void);   // e.g. "llama-cpp-python 0.3.36 (llama.cpp 0c1e570)"
 SLICEMOE_API const char * slicemoe_system_info(void);         // llama.cpp's CPU feature line
+SLICEMOE_API const char * slicemoe_kernel_name(int32_t kernel);   // "avx2", "scalar"; NULL if this CPU lacks it
+// One expert's fused product, as the MoE graph runs it (for tests and benchmarks): y[n_out] =
+// (MSB + LSB) x, or MSB x when lsb is NULL. msb and lsb hold n_out rows of n_in / 32 Q4_1 blocks
+// (20 bytes each: fp16 d, fp16 m, 16 bytes of nibbles); x is quantized to 8 bits per 32 values as
+// llama.cpp's Q8_1 does. ERR_INVALID_ARG for a kernel this CPU lacks or n_in not a multiple of 32.
+SLICEMOE_API int          slicemoe_expert_product(int32_t kernel, const void * msb, const void * lsb, int64_t n_in,
+                                                  int64_t n_out, const float * x, float * y);
 SLICEMOE_API const char * slicemoe_last_error(void);          // "" when the last call succeeded
 // Verbose mode forwards llama.cpp's log to stderr; otherwise only its errors are kept (as the
 // message of the failing call).

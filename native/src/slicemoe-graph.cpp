@@ -3,6 +3,10 @@
 
 #include "slicemoe-graph.h"
 #include "slicemoe-engine.h"
+#include "slicemoe-product.h"
+
+#include <cstdlib>
+#include <cstring>
 
 namespace {
 
@@ -86,4 +90,13 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
     w->gate_lsb = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 1]);
     w->down_lsb = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 2]);
     w->ids_lsb  = w->ids;
+}
+
+ggml_tensor * slicemoe_moe_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
+                                   const slicemoe_moe_weights * sw) {
+    const char * choice = std::getenv("SLICEMOE_PRODUCT");
+    if (sw->lsb_mask || (choice && std::strcmp(choice, "ggml") == 0)) {
+        return nullptr;
+    }
+    return slicemoe::build_expert_product(ctx, w, w_lsb, x, sw->ids, sw->ids_lsb);
 }

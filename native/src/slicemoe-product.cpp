@@ -1,0 +1,255 @@
+// The fused expert product (slicemoe-product.h): block kernels, scalar and AVX2 (chosen at run time,
+// as ggml chooses its own: libllama is built for the baseline ISA), and the ggml custom op that runs
+// a layer's expert products on ggml's thread pool.
+//
+// The arithmetic. An AMAT weight is d_msb h + m_msb + d_lsb l + m_lsb (h, l the two nibbles), and the
+// grids store d_msb = 16 d_lsb exactly, so with the code c = 16 h + l - 128 (a signed byte) and s = d_lsb:
+//     w = s c + (128 s + m_msb + m_lsb)
+//     sum_j w_j x_j ~ s d_x sum_j c_j q_j + (128 s + m_msb + m_lsb) d_x sum_j q_j
+// one signed 8 x 8-bit dot product per block, as Q8_0 x Q8_0. A block whose steps are not nested
+// (a file this project did not write) takes the two-product form, h and l separately.
+
+#include "slicemoe-product.h"
+
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SLICEMOE_X86 1
+#endif
+
+namespace slicemoe {
+
+namespace {
+
+float fp16(ggml_fp16_t h) {
+    return ggml_fp16_to_fp32(h);
+}
+
+// The exact two-product form of one block, for blocks whose steps are not nested.
+float block_dot_general(const q4_1_block & msb, const q4_1_block * lsb, const act_block & x) {
+    int32_t sum_h = 0, sum_l = 0;
+    for (int j = 0; j < 16; ++j) {
+        sum_h += int32_t(msb.qs[j] & 15) * x.q[j] + int32_t(msb.qs[j] >> 4) * x.q[j + 16];
+        if (lsb) sum_l += int32_t(lsb->qs[j] & 15) * x.q[j] + int32_t(lsb->qs[j] >> 4) * x.q[j + 16];
+    }
+    float result = fp16(msb.d) * x.d * float(sum_h) + fp16(msb.m) * x.d_sum;
+    if (lsb) result += fp16(lsb->d) * x.d * float(sum_l) + fp16(lsb->m) * x.d_sum;
+    return result;
+}
+
+bool nested(const q4_1_block & msb, const q4_1_block & lsb) {
+    return fp16(msb.d) == 16.0f * fp16(lsb.d);
+}
+
+float row_dot_scalar(const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks) {
+    float sum = 0.0f;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        if (!lsb || !nested(msb[b], lsb[b])) {
+            sum += block_dot_general(msb[b], lsb ? &lsb[b] : nullptr, x[b]);
+            continue;
+        }
+        int32_t dot = 0;
+        for (int j = 0; j < 16; ++j) {
+            const int32_t c_lo = int32_t((msb[b].qs[j] & 15) << 4 | (lsb[b].qs[j] & 15)) - 128;
+            const int32_t c_hi = int32_t((msb[b].qs[j] >> 4) << 4 | (lsb[b].qs[j] >> 4)) - 128;
+            dot += c_lo * x[b].q[j] + c_hi * x[b].q[j + 16];
+        }
+        const float s = fp16(lsb[b].d);
+        sum += s * x[b].d * float(dot) + (128.0f * s + fp16(msb[b].m) + fp16(lsb[b].m)) * x[b].d_sum;
+    }
+    return sum;
+}
+
+#ifdef SLICEMOE_X86
+
+#define SLICEMOE_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+SLICEMOE_AVX2 inline __m256i nibbles_in_order(const uint8_t * qs) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    return _mm256_and_si256(both, _mm256_set1_epi8(15));
+}
+
+SLICEMOE_AVX2 inline float fp16_avx2(ggml_fp16_t h) {
+    return _cvtsh_ss(h);
+}
+
+SLICEMOE_AVX2 inline float horizontal_sum(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+// signed bytes a . b, 32 pairs, as 8 int32 sums (|a| <= 128, |b| <= 127: no int16 saturation)
+SLICEMOE_AVX2 inline __m256i dot_i8(__m256i a, __m256i b) {
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+SLICEMOE_AVX2 float row_dot_avx2(const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks) {
+    __m256 acc = _mm256_setzero_ps();
+    float offsets = 0.0f;
+    float general = 0.0f;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[b].q));
+        const __m256i h = nibbles_in_order(msb[b].qs);
+        if (!lsb) {
+            // h <= 15 is an unsigned byte: one maddubs without the sign trick
+            const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(h, q), _mm256_set1_epi16(1));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(fp16_avx2(msb[b].d) * x[b].d), acc);
+            offsets += fp16_avx2(msb[b].m) * x[b].d_sum;
+            continue;
+        }
+        const float s = fp16_avx2(lsb[b].d);
+        if (fp16_avx2(msb[b].d) != 16.0f * s) {
+            general += block_dot_general(msb[b], &lsb[b], x[b]);
+            continue;
+        }
+        // h << 4 within 16-bit lanes stays in its byte (h <= 15)
+        const __m256i code = _mm256_or_si256(_mm256_slli_epi16(h, 4), nibbles_in_order(lsb[b].qs));
+        const __m256i centred = _mm256_xor_si256(code, _mm256_set1_epi8(char(0x80)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(centred, q)), _mm256_set1_ps(s * x[b].d), acc);
+        offsets += (128.0f * s + fp16_avx2(msb[b].m) + fp16_avx2(lsb[b].m)) * x[b].d_sum;
+    }
+    return horizontal_sum(acc) + offsets + general;
+}
+
+#endif // SLICEMOE_X86
+
+} // namespace
+
+bool kernel_available(kernel_id kernel) {
+    switch (kernel) {
+        case KERNEL_AUTO:
+        case KERNEL_SCALAR:
+            return true;
+        case KERNEL_AVX2:
+#ifdef SLICEMOE_X86
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+            return false;
+#endif
+    }
+    return false;
+}
+
+kernel_id best_kernel() {
+    static const kernel_id best = kernel_available(KERNEL_AVX2) ? KERNEL_AVX2 : KERNEL_SCALAR;
+    return best;
+}
+
+const char * kernel_name(kernel_id kernel) {
+    switch (kernel) {
+        case KERNEL_AUTO:   return kernel_name(best_kernel());
+        case KERNEL_SCALAR: return "scalar";
+        case KERNEL_AVX2:   return "avx2";
+    }
+    return "unknown";
+}
+
+void quantize_activations(const float * x, int64_t n_in, act_block * out) {
+    for (int64_t b = 0; b < n_in / 32; ++b) {
+        const float * v = x + b * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+        const float d = amax / 127.0f;
+        const float inverse = d != 0.0f ? 1.0f / d : 0.0f;
+        int32_t sum = 0;
+        for (int j = 0; j < 32; ++j) {
+            out[b].q[j] = int8_t(std::round(v[j] * inverse));
+            sum += out[b].q[j];
+        }
+        out[b].d = d;
+        out[b].d_sum = d * float(sum);
+    }
+}
+
+float row_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks) {
+    if (kernel == KERNEL_AUTO) kernel = best_kernel();
+#ifdef SLICEMOE_X86
+    if (kernel == KERNEL_AVX2) return row_dot_avx2(msb, lsb, x, n_blocks);
+#endif
+    return row_dot_scalar(msb, lsb, x, n_blocks);
+}
+
+namespace {
+
+const char * row_of(const ggml_tensor * t, int64_t i1, int64_t i2) {
+    return static_cast<const char *>(t->data) + i1 * t->nb[1] + i2 * t->nb[2];
+}
+
+int32_t id_at(const ggml_tensor * ids, int64_t use, int64_t token) {
+    return *reinterpret_cast<const int32_t *>(static_cast<const char *>(ids->data) + use * ids->nb[0] + token * ids->nb[1]);
+}
+
+// dst [n_out, k, n_tokens] = for each use u of token t: W[ids[u, t]] x[:, u or 0, t], plus
+// W_lsb[ids_lsb[u, t]] x when that id is >= 0. A negative MSB id (a dropped use) gives a zero row.
+// Threads split the n_tokens * k * n_out output rows evenly; each quantizes the activations of the
+// uses its rows belong to (a few KiB, against the MiB of weights each use reads).
+void expert_product_op(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * w = dst->src[0];        // Q4_1 [n_in, n_out, n_slots]
+    const ggml_tensor * w_lsb = dst->src[1];    // Q4_1 [n_in, n_out, n_slots_lsb]
+    const ggml_tensor * x = dst->src[2];        // F32  [n_in, k or 1, n_tokens]
+    const ggml_tensor * ids = dst->src[3];      // I32  [k, n_tokens]
+    const ggml_tensor * ids_lsb = dst->src[4];  // I32  [k, n_tokens]
+    const int64_t n_in = w->ne[0], n_out = w->ne[1], k = ids->ne[0];
+    const int64_t total = n_out * k * ids->ne[1];
+    const int64_t end = total * (ith + 1) / nth;
+    thread_local std::vector<act_block> act;
+    act.resize(size_t(n_in / 32));
+    int64_t quantized = -1;   // the (token, activation column) now in act
+    for (int64_t row = total * ith / nth; row < end;) {
+        const int64_t use = (row / n_out) % k, token = row / (n_out * k);
+        const int64_t first = row % n_out, last = std::min(n_out, first + (end - row));
+        row += last - first;
+        float * out = reinterpret_cast<float *>(const_cast<char *>(row_of(dst, use, token)));
+        const int32_t slot = id_at(ids, use, token);
+        if (slot < 0) {
+            std::memset(out + first, 0, size_t(last - first) * sizeof(float));
+            continue;
+        }
+        const int32_t slot_lsb = id_at(ids_lsb, use, token);
+        const int64_t column = x->ne[1] == 1 ? 0 : use;
+        if (token * x->ne[1] + column != quantized) {
+            quantize_activations(reinterpret_cast<const float *>(row_of(x, column, token)), n_in, act.data());
+            quantized = token * x->ne[1] + column;
+        }
+        for (int64_t r = first; r < last; ++r) {
+            const auto * msb = reinterpret_cast<const q4_1_block *>(row_of(w, r, slot));
+            const auto * lsb = slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, r, slot_lsb)) : nullptr;
+            out[r] = row_dot(KERNEL_AUTO, msb, lsb, act.data(), n_in / 32);
+        }
+    }
+}
+
+bool host_q4_1(const ggml_tensor * t) {
+    return t->type == GGML_TYPE_Q4_1 && t->buffer && ggml_backend_buffer_is_host(t->buffer);
+}
+
+} // namespace
+
+ggml_tensor * build_expert_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
+                                   ggml_tensor * ids, ggml_tensor * ids_lsb) {
+    const bool fits = host_q4_1(w) && host_q4_1(w_lsb) && w->ne[0] == w_lsb->ne[0] && w->ne[1] == w_lsb->ne[1] &&
+                      w->ne[0] % 32 == 0 && x->type == GGML_TYPE_F32 && x->nb[0] == sizeof(float) &&
+                      x->ne[0] == w->ne[0] && ids->type == GGML_TYPE_I32 && ids_lsb && ids_lsb->type == GGML_TYPE_I32 &&
+                      ids_lsb->ne[0] == ids->ne[0] && ids_lsb->ne[1] == ids->ne[1] && x->ne[2] == ids->ne[1] &&
+                      (x->ne[1] == 1 || x->ne[1] == ids->ne[0]);
+    if (!fits) {
+        return nullptr;
+    }
+    ggml_tensor * args[] = { w, w_lsb, x, ids, ids_lsb };
+    ggml_tensor * product = ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, 5,
+                                           expert_product_op, GGML_N_TASKS_MAX, nullptr);
+    ggml_format_name(product, "slicemoe_product");
+    return product;
+}
+
+} // namespace slicemoe

@@ -1,0 +1,52 @@
+// The fused expert product: one pass over an expert's MSB and LSB slices (Q4_1 blocks each) with
+// 8-bit activations. An 8-bit use rejoins each block's two nibbles into AMAT's 8-bit code and does
+// one integer dot product per block; a 4-bit use reads the MSB block only. It replaces the two
+// Q4_1 mul_mat_id passes of an 8-bit use on CPU pools and mapped CPU weights (patch 0002 asks
+// slicemoe_moe_product, slicemoe-graph.h).
+#pragma once
+
+#include "ggml.h"
+
+#include <cstdint>
+
+namespace slicemoe {
+
+// A Q4_1 block as ggml stores it (ggml-common.h's block_q4_1, which is not a public header):
+// value j = d * nibble_j + m, nibble j in the low half of qs[j], nibble j + 16 in the high half.
+struct q4_1_block {
+    ggml_fp16_t d;
+    ggml_fp16_t m;
+    uint8_t     qs[16];
+};
+static_assert(sizeof(q4_1_block) == 20, "a Q4_1 block is 20 bytes");
+
+// 32 activations quantized as llama.cpp's Q8_1 does (d = max |x| / 127, q = round(x / d)), with
+// d * sum(q) kept for the blocks' offsets. Kept in float: the offsets of AMAT blocks are large
+// relative to their steps, and a fp16 sum would round away what Q8_1's does not need.
+struct act_block {
+    int8_t q[32];
+    float  d;
+    float  d_sum;
+};
+
+enum kernel_id { KERNEL_AUTO = 0, KERNEL_SCALAR = 1, KERNEL_AVX2 = 2 };
+
+// The kernel AUTO runs on this CPU.
+kernel_id best_kernel();
+bool kernel_available(kernel_id kernel);
+const char * kernel_name(kernel_id kernel);
+
+// x [n_in] -> n_in / 32 blocks
+void quantize_activations(const float * x, int64_t n_in, act_block * out);
+
+// One row: sum over blocks of (msb + lsb) . x, or msb . x when lsb is nullptr; n_blocks = n_in / 32.
+float row_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks);
+
+// The op over a layer's uses: [n_out, k, n_tokens] F32 from Q4_1 weights w and w_lsb
+// [n_in, n_out, slots] in host memory, activations x [n_in, k or 1, n_tokens] and slot ids
+// [k, n_tokens] (MSB id < 0: a dropped use, zeros; LSB id < 0: a 4-bit use). nullptr where the
+// tensors do not fit that description (device pools, other types): the caller keeps ggml's products.
+ggml_tensor * build_expert_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
+                                   ggml_tensor * ids, ggml_tensor * ids_lsb);
+
+} // namespace slicemoe

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""The expert product with everything resident: the fused one-pass product against ggml's two Q4_1
+passes and against stock llama.cpp files, at full size, on compute alone.
+
+Every row runs in its own process on the same forced routing (the side-by-side's widened trace,
+bench_side_by_side.widened_route), page cache warm, no memory limit, each row measured in
+--rounds alternating rounds (the best round is reported: the others only add noise from the
+machine). Rows: stock q8_0 and Q4_K_M (llama.cpp's own kernels, repacked where ggml repacks), the
+AMAT file without a cache at 8 and 4 bits, dbsc and lru4 with a budget of 100% of the expert bytes;
+the 8-bit AMAT rows twice, fused and with SLICEMOE_PRODUCT=ggml (ggml's two mul_mat_id passes).
+
+Then a kernel microbenchmark at the published expert shapes: one expert's product for one token
+(fused 8-bit, MSB only), in GB/s of the slice bytes read.
+
+    python scripts/bench_product.py --amat /data/olmoe-amat.gguf --stock /data/olmoe-q8_0.gguf \\
+        --stock /data/olmoe-q4_k_m.gguf --trace /data/olmoe-route.jsonl -o results/product.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+from benchlib import emit, machine_line, markdown_table  # noqa: E402
+
+# (name, expert width, hidden size) of the published models' routed experts
+SHAPES = (("OLMoE-1B-7B", 1024, 2048), ("Qwen1.5-MoE-A2.7B", 1408, 2048), ("Qwen3-30B-A3B", 768, 2048),
+          ("DeepSeek-V2-Lite", 1408, 2048), ("Mixtral-8x7B", 14336, 4096))
+
+
+def rows(amat: Path, stock: list[Path]) -> list[tuple[str, dict, dict]]:
+    """(row name, child config, environment) of every configuration."""
+    fused, two_pass = {}, {"SLICEMOE_PRODUCT": "ggml"}
+    out = [(f"stock {path.stem}", {"model": str(path)}, fused) for path in stock]
+    out += [("AMAT 8-bit, no cache (fused)", {"model": str(amat), "precision": "high"}, fused),
+            ("AMAT 8-bit, no cache (ggml x2)", {"model": str(amat), "precision": "high"}, two_pass),
+            ("AMAT 4-bit, no cache", {"model": str(amat), "precision": "low"}, fused),
+            ("dbsc @ 100% (fused)", {"model": str(amat), "cache_budget": "100%", "policy": "dbsc", "warmup": "none"}, fused),
+            ("dbsc @ 100% (ggml x2)", {"model": str(amat), "cache_budget": "100%", "policy": "dbsc", "warmup": "none"},
+             two_pass),
+            ("lru8 @ 100% (fused)", {"model": str(amat), "cache_budget": "100%", "policy": "lru8", "warmup": "none"}, fused),
+            ("lru4 @ 100%", {"model": str(amat), "cache_budget": "100%", "policy": "lru4", "warmup": "none"}, fused)]
+    return out
+
+
+def run_child(config: dict, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_side_by_side.py"), "--child", json.dumps(config)],
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=3600)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def kernel_table(repeats: int) -> str:
+    from slicemoe_gguf import amat, kernels
+
+    rng = np.random.default_rng(0)
+    table = []
+    for name, n_ff, n_embd in SHAPES:
+        for label, n_out, n_in in (("gate/up", n_ff, n_embd), ("down", n_embd, n_ff)):
+            w = rng.standard_normal((n_out, n_in)).astype(np.float32) * np.float32(0.02)
+            msb, lsb = amat.slice_blocks(amat.quantize(w, grid="paper"))   # the grid changes no byte count
+            x = rng.standard_normal(n_in).astype(np.float32)
+            cells = [name, label, f"{n_out} x {n_in}"]
+            for kernel in kernels.available():
+                for high in (True, False):
+                    best = float("inf")
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        kernels.expert_product(msb, lsb if high else None, x, kernel)
+                        best = min(best, time.perf_counter() - t0)
+                    nbytes = msb.nbytes + (lsb.nbytes if high else 0)
+                    cells.append(f"{nbytes / best / 1e9:.1f}")
+            table.append(cells)
+    header = ["model", "projection", "rows x columns"]
+    header += [f"{kernel} {bits} (GB/s)" for kernel in kernels.available() for bits in ("8-bit", "MSB")]
+    return markdown_table(header, table)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--amat", type=Path, required=True, help="the sliced (AMAT) full-size GGUF")
+    ap.add_argument("--stock", type=Path, action="append", default=[], help="a stock GGUF of the same model (repeatable)")
+    ap.add_argument("--trace", type=Path, required=True, help="route trace (bench_side_by_side's widened routing)")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds over all rows (default 2)")
+    ap.add_argument("--kernel-repeats", type=int, default=20)
+    ap.add_argument("--skip-models", action="store_true", help="only the kernel microbenchmark")
+    ap.add_argument("-o", "--output", type=Path)
+    args = ap.parse_args()
+
+    report = [f"# The expert product, everything resident\n\n{machine_line()}, {args.threads} threads.\n"]
+    if not args.skip_models:
+        configs = rows(args.amat, args.stock)
+        best: dict[str, dict] = {}
+        for round_index in range(args.rounds):
+            for name, config, env in configs:
+                result = run_child({**config, "trace": str(args.trace), "threads": args.threads}, env)
+                print(f"round {round_index + 1}: {name}: {result.get('decode_ms', result.get('error'))}", file=sys.stderr)
+                if "error" in result:
+                    best.setdefault(name, result)
+                elif result["decode_ms"] < best.get(name, {}).get("decode_ms", float("inf")):
+                    best[name] = result
+        q8 = next((r["decode_ms"] for n, r in best.items() if "q8_0" in n.lower() and "decode_ms" in r), None)
+        table = []
+        for name, _, _ in configs:
+            r = best[name]
+            if "error" in r:
+                table.append([name, r["error"], "", "", ""])
+                continue
+            table.append([name, f"{r['decode_ms']:.1f}", f"{r['ttft_ms']:.0f}",
+                          f"{r['decode_ms'] / q8:.2f}x" if q8 else "", f"{r['read_per_token'] / 1e6:.1f}"])
+        report.append(f"Full size: {args.amat.name}, routing forced from {args.trace.name}, page cache warm, "
+                      f"best of {args.rounds} alternating rounds.\n")
+        report.append(markdown_table(["configuration", "decode ms/token", "prefill ms", "vs stock q8_0",
+                                     "read from disk (MB/token)"], table))
+        report.append("\nA nonzero read column means the page cache did not hold that row's file: its time "
+                      "includes disk reads."))
+    report.append("\n## Kernels: one expert, one token\n\nBest of "
+                  f"{args.kernel_repeats}, one thread, through the C API (activation quantization included).\n")
+    report.append(kernel_table(args.kernel_repeats))
+    emit("\n".join(report) + "\n", args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

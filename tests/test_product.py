@@ -1,0 +1,127 @@
+"""The fused expert product: one pass over an expert's MSB and LSB slices.
+
+The reference is independent of the kernels: gguf-py's Q4_1 `dequantize` of each slice (8-bit: the
+two summed), times the activations in float64. The kernels quantize the activations to 8 bits per 32
+values, as llama.cpp's Q8_1 does, so the result may differ from the float product by at most that
+rounding (half an activation step per value, times |w|); against the same rounding done in numpy it
+agrees to float32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import gguf
+import numpy as np
+import pytest
+
+from slicemoe_gguf import amat, kernels
+
+Q4_1 = gguf.GGMLQuantizationType.Q4_1
+
+
+def _dequantize(rows: np.ndarray) -> np.ndarray:
+    return gguf.quants.dequantize(rows, Q4_1).astype(np.float64)
+
+
+def _quantized_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x as the kernels see it, each value's rounding bound): llama.cpp's Q8_1 rule per 32 values,
+    d = max|x| / 127, q = round half away from zero of x / d, in float32."""
+    blocks = x.reshape(-1, 32).astype(np.float32)
+    d = np.abs(blocks).max(axis=1) / np.float32(127)
+    inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    scaled = blocks * inverse[:, None]
+    q = np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))
+    seen = (q * d[:, None]).astype(np.float64).reshape(-1)
+    return seen, np.repeat(d.astype(np.float64) / 2, 32)
+
+
+def _slices(w: np.ndarray, grid: str) -> tuple[np.ndarray, np.ndarray]:
+    return amat.slice_blocks(amat.quantize(w, grid=grid))
+
+
+def _random_blocks(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:
+    """Q4_1 rows of random nibbles and random finite fp16 steps and minimums (steps that are not
+    nested: the kernels' general form)."""
+    n_blocks = n_out * n_in // 32
+    blocks = np.empty((n_blocks, 20), dtype=np.uint8)
+    blocks[:, 0:2] = rng.uniform(0, 0.05, n_blocks).astype("<f2").view(np.uint8).reshape(-1, 2)
+    blocks[:, 2:4] = rng.uniform(-0.5, 0.5, n_blocks).astype("<f2").view(np.uint8).reshape(-1, 2)
+    blocks[:, 4:] = rng.integers(0, 256, (n_blocks, 16), dtype=np.uint8)
+    return blocks.reshape(n_out, -1)
+
+
+def _weights(kind: str, rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32) * np.float32(0.02)
+    if kind == "constant groups":
+        w[:, :32] = np.float32(0.25)
+        w[::2, 32:64] = np.float32(-3e-3)
+    elif kind == "extreme scales":
+        w[0] *= np.float32(1e4)
+        w[1] *= np.float32(1e-5)
+    elif kind == "denormal minimums":
+        w[:, :64] = rng.uniform(0, 1e-6, (n_out, 64)).astype(np.float32)   # fp16 minimums below 6.1e-5
+        w[:, 64:96] = np.float32(3e-7)
+    return w
+
+
+def _check(y: np.ndarray, msb: np.ndarray, lsb: np.ndarray | None, x: np.ndarray) -> None:
+    w = _dequantize(msb) + (_dequantize(lsb) if lsb is not None else 0.0)
+    seen, rounding = _quantized_activations(x)
+    # within the activations' rounding of the float product
+    assert (np.abs(y - w @ x.astype(np.float64)) <= np.abs(w) @ rounding * (1 + 1e-5) + 1e-30).all()
+    # and, with that rounding done independently, within float32 arithmetic (each block's offsets
+    # are of the order of its largest weight, whose rounding the tolerance scales with)
+    scale = np.abs(w).reshape(w.shape[0], -1, 32).max(axis=2) @ np.abs(seen).reshape(-1, 32).sum(axis=1)
+    np.testing.assert_array_less(np.abs(y - w @ seen), 1e-5 * scale + 1e-30)
+
+
+@pytest.mark.parametrize("kernel", kernels.available())
+@pytest.mark.parametrize("grid", amat.GRIDS)
+@pytest.mark.parametrize("kind", ["random", "constant groups", "extreme scales", "denormal minimums"])
+def test_fused_product_is_the_product_of_the_decoded_slices(kernel, grid, kind):
+    rng = np.random.default_rng(zlib.crc32(f"{grid} {kind}".encode()))
+    n_out, n_in = 24, 256
+    msb, lsb = _slices(_weights(kind, rng, n_out, n_in), grid)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    x[:32] *= np.float32(1e3)   # one block of large activations
+    _check(kernels.expert_product(msb, lsb, x, kernel), msb, lsb, x)      # an 8-bit use
+    _check(kernels.expert_product(msb, None, x, kernel), msb, None, x)    # a 4-bit use: the MSB slice
+
+
+@pytest.mark.parametrize("kernel", kernels.available())
+def test_blocks_whose_steps_are_not_nested_take_the_two_product_form(kernel):
+    rng = np.random.default_rng(7)
+    msb, lsb = _random_blocks(rng, 16, 128), _random_blocks(rng, 16, 128)
+    x = rng.standard_normal(128).astype(np.float32)
+    _check(kernels.expert_product(msb, lsb, x, kernel), msb, lsb, x)
+
+
+def test_each_nibble_lands_on_its_own_weight():
+    """One nonzero activation at a time: the product reads exactly that weight's two nibbles
+    (a swap of nibble halves or of slices would read another weight's)."""
+    rng = np.random.default_rng(3)
+    msb, lsb = _slices(rng.standard_normal((4, 64)).astype(np.float32), "searched")
+    w = _dequantize(msb) + _dequantize(lsb)
+    for kernel in kernels.available():
+        for j in range(64):
+            x = np.zeros(64, dtype=np.float32)
+            x[j] = 1.0
+            np.testing.assert_allclose(kernels.expert_product(msb, lsb, x, kernel), w[:, j], rtol=1e-5, atol=1e-7)
+
+
+def test_every_kernel_agrees_with_the_scalar_one():
+    rng = np.random.default_rng(11)
+    msb, lsb = _slices(rng.standard_normal((64, 2048)).astype(np.float32) * np.float32(0.03), "searched")
+    x = rng.standard_normal(2048).astype(np.float32)
+    scalar = kernels.expert_product(msb, lsb, x, "scalar")
+    for kernel in kernels.available():
+        np.testing.assert_allclose(kernels.expert_product(msb, lsb, x, kernel), scalar, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_are_refused():
+    msb = np.zeros((2, 20), dtype=np.uint8)
+    with pytest.raises(ValueError, match="activations"):
+        kernels.expert_product(msb, None, np.zeros(64, dtype=np.float32))
+    with pytest.raises(ValueError, match="unknown kernel"):
+        kernels.expert_product(msb, None, np.zeros(32, dtype=np.float32), "neon")
