@@ -124,7 +124,7 @@ def main() -> int:
         report.append(markdown_table(["configuration", "decode ms/token", "prefill ms", "vs stock q8_0",
                                      "read from disk (MB/token)"], table))
         report.append("\nA nonzero read column means the page cache did not hold that row's file: its time "
-                      "includes disk reads."))
+                      "includes disk reads.")
     report.append("\n## Kernels: one expert, one token\n\nBest of "
                   f"{args.kernel_repeats}, one thread, through the C API (activation quantization included).\n")
     report.append(kernel_table(args.kernel_repeats))
