@@ -39,16 +39,21 @@ SHAPES = (("OLMoE-1B-7B", 1024, 2048), ("Qwen1.5-MoE-A2.7B", 1408, 2048), ("Qwen
 
 def rows(amat: Path, stock: list[Path]) -> list[tuple[str, dict, dict]]:
     """(row name, child config, environment) of every configuration."""
+    from slicemoe_gguf.model_info import describe
+
+    info = describe(amat)
+    everything = sum(layer["msb_bytes_per_expert"] + layer["lsb_bytes_per_expert"] for layer in info["layers"]) \
+        * info["n_experts"]
     fused, two_pass = {}, {"SLICEMOE_PRODUCT": "ggml"}
     out = [(f"stock {path.stem}", {"model": str(path)}, fused) for path in stock]
     out += [("AMAT 8-bit, no cache (fused)", {"model": str(amat), "precision": "high"}, fused),
             ("AMAT 8-bit, no cache (ggml x2)", {"model": str(amat), "precision": "high"}, two_pass),
             ("AMAT 4-bit, no cache", {"model": str(amat), "precision": "low"}, fused),
-            ("dbsc @ 100% (fused)", {"model": str(amat), "cache_budget": "100%", "policy": "dbsc", "warmup": "none"}, fused),
-            ("dbsc @ 100% (ggml x2)", {"model": str(amat), "cache_budget": "100%", "policy": "dbsc", "warmup": "none"},
+            ("dbsc @ 100% (fused)", {"model": str(amat), "cache_budget": everything, "policy": "dbsc", "warmup": "none"}, fused),
+            ("dbsc @ 100% (ggml x2)", {"model": str(amat), "cache_budget": everything, "policy": "dbsc", "warmup": "none"},
              two_pass),
-            ("lru8 @ 100% (fused)", {"model": str(amat), "cache_budget": "100%", "policy": "lru8", "warmup": "none"}, fused),
-            ("lru4 @ 100%", {"model": str(amat), "cache_budget": "100%", "policy": "lru4", "warmup": "none"}, fused)]
+            ("lru8 @ 100% (fused)", {"model": str(amat), "cache_budget": everything, "policy": "lru8", "warmup": "none"}, fused),
+            ("lru4 @ 100%", {"model": str(amat), "cache_budget": everything, "policy": "lru4", "warmup": "none"}, fused)]
     return out
 
 

@@ -26,12 +26,12 @@ def _dequantize(rows: np.ndarray) -> np.ndarray:
 
 def _quantized_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(x as the kernels see it, each value's rounding bound): llama.cpp's Q8_1 rule per 32 values,
-    d = max|x| / 127, q = round half away from zero of x / d, in float32."""
+    d = max|x| / 127, q = x / d rounded to nearest (ties to even, as its x86 path), in float32."""
     blocks = x.reshape(-1, 32).astype(np.float32)
     d = np.abs(blocks).max(axis=1) / np.float32(127)
     inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
     scaled = blocks * inverse[:, None]
-    q = np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))
+    q = np.rint(scaled)
     seen = (q * d[:, None]).astype(np.float64).reshape(-1)
     return seen, np.repeat(d.astype(np.float64) / 2, 32)
 

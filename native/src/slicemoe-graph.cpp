@@ -94,8 +94,11 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
 
 ggml_tensor * slicemoe_moe_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
                                    const slicemoe_moe_weights * sw) {
+    // Decode only: the op computes each token's uses one after the other, so a prompt batch would
+    // stream an expert's weights once per token that uses it, where ggml's mul_mat_id groups a
+    // batch's tokens by expert and reads them once.
     const char * choice = std::getenv("SLICEMOE_PRODUCT");
-    if (sw->lsb_mask || (choice && std::strcmp(choice, "ggml") == 0)) {
+    if (sw->lsb_mask || sw->ids->ne[1] != 1 || (choice && std::strcmp(choice, "ggml") == 0)) {
         return nullptr;
     }
     return slicemoe::build_expert_product(ctx, w, w_lsb, x, sw->ids, sw->ids_lsb);

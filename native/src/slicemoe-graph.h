@@ -78,8 +78,9 @@ ggml_tensor * slicemoe_moe_selection_bias(ggml_backend_sched_eval_callback cb_ev
                                           int64_t n_tokens);
 
 // The product of an 8-bit-capable expert projection (w with its LSB slices w_lsb) for patch 0002:
-// one fused pass over both slices (slicemoe-product.h) where the weights are Q4_1 in host memory
-// and no mask is needed, else nullptr for ggml's two mul_mat_id products (device pools).
+// one fused pass over both slices (slicemoe-product.h) for a one-token ubatch (decode) whose
+// weights are Q4_1 in host memory and need no mask, else nullptr for ggml's two mul_mat_id
+// products (prompt batches, device pools).
 // SLICEMOE_PRODUCT=ggml keeps ggml's two products everywhere (to measure one against the other).
 ggml_tensor * slicemoe_moe_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
                                    const slicemoe_moe_weights * sw);

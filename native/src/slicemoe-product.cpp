@@ -1,4 +1,4 @@
-// The fused expert product (slicemoe-product.h): block kernels, scalar and AVX2 (chosen at run time,
+// The fused expert product (slicemoe-product.h): block kernels, scalar, AVX2 and AVX512-VNNI (chosen at run time,
 // as ggml chooses its own: libllama is built for the baseline ISA), and the ggml custom op that runs
 // a layer's expert products on ggml's thread pool.
 //
@@ -14,6 +14,7 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -26,6 +27,12 @@
 namespace slicemoe {
 
 namespace {
+
+// 1 / d of an activation block, capped: below d = 1 / FLT_MAX the inverse would overflow to inf
+// (and x * inf to NaN), while x * FLT_MAX still lands within the 8-bit range (|x| <= 127 d).
+float inverse_step(float d) {
+    return d != 0.0f ? std::min(1.0f / d, FLT_MAX) : 0.0f;
+}
 
 float fp16(ggml_fp16_t h) {
     return ggml_fp16_to_fp32(h);
@@ -121,7 +128,90 @@ SLICEMOE_AVX2 float row_dot_avx2(const q4_1_block * msb, const q4_1_block * lsb,
     return horizontal_sum(acc) + offsets + general;
 }
 
+// AVX512-VNNI (256-bit vectors, AVX512VL): vpdpbusd multiplies unsigned by signed bytes and sums
+// four products into 32 bits without saturation, so the 8-bit code needs no centring.
+#define SLICEMOE_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+SLICEMOE_VNNI float row_dot_vnni(const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks) {
+    __m256 acc = _mm256_setzero_ps();
+    float offsets = 0.0f;
+    float general = 0.0f;
+    const __m256i low_nibbles = _mm256_set1_epi8(15);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[b].q));
+        const __m128i packed_h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(msb[b].qs));
+        const __m256i h = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed_h, 4), packed_h), low_nibbles);
+        if (!lsb) {
+            const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), h, q);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(_cvtsh_ss(msb[b].d) * x[b].d), acc);
+            offsets += _cvtsh_ss(msb[b].m) * x[b].d_sum;
+            continue;
+        }
+        const float s = _cvtsh_ss(lsb[b].d);
+        if (_cvtsh_ss(msb[b].d) != 16.0f * s) {
+            general += block_dot_general(msb[b], &lsb[b], x[b]);
+            continue;
+        }
+        const __m128i packed_l = _mm_loadu_si128(reinterpret_cast<const __m128i *>(lsb[b].qs));
+        const __m256i l = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed_l, 4), packed_l), low_nibbles);
+        const __m256i code = _mm256_or_si256(_mm256_slli_epi16(h, 4), l);
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), code, q);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * x[b].d), acc);
+        offsets += (_cvtsh_ss(msb[b].m) + _cvtsh_ss(lsb[b].m)) * x[b].d_sum;
+    }
+    return horizontal_sum(acc) + offsets + general;
+}
+
+// quantize_activations for AVX2 machines: the same values as the scalar loop (ties to even)
+SLICEMOE_AVX2 void quantize_activations_avx2(const float * x, int64_t n_in, act_block * out) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < n_in / 32; ++b) {
+        __m256 v[4];
+        __m256 amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; ++i) {
+            v[i] = _mm256_loadu_ps(x + b * 32 + i * 8);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float d = _mm_cvtss_f32(m4) / 127.0f;
+        const __m256 inverse = _mm256_set1_ps(inverse_step(d));
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) {
+            q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        const __m256i sum4 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(sum4), _mm256_extracti128_si256(sum4, 1));
+        sum = _mm_hadd_epi32(sum, sum);
+        sum = _mm_hadd_epi32(sum, sum);
+        // packs work within 128-bit lanes: the permute puts the 32 bytes back in order
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(out[b].q), ordered);
+        out[b].d = d;
+        out[b].d_sum = d * float(_mm_cvtsi128_si32(sum));
+    }
+}
+
 #endif // SLICEMOE_X86
+
+void quantize_activations_scalar(const float * x, int64_t n_in, act_block * out) {
+    for (int64_t b = 0; b < n_in / 32; ++b) {
+        const float * v = x + b * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+        const float d = amax / 127.0f;
+        const float inverse = inverse_step(d);
+        int32_t sum = 0;
+        for (int j = 0; j < 32; ++j) {
+            out[b].q[j] = int8_t(std::nearbyint(v[j] * inverse));
+            sum += out[b].q[j];
+        }
+        out[b].d = d;
+        out[b].d_sum = d * float(sum);
+    }
+}
 
 } // namespace
 
@@ -136,12 +226,22 @@ bool kernel_available(kernel_id kernel) {
 #else
             return false;
 #endif
+        case KERNEL_AVX512_VNNI:
+#ifdef SLICEMOE_X86
+            return kernel_available(KERNEL_AVX2) && __builtin_cpu_supports("avx512f") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vnni");
+#else
+            return false;
+#endif
     }
     return false;
 }
 
 kernel_id best_kernel() {
-    static const kernel_id best = kernel_available(KERNEL_AVX2) ? KERNEL_AVX2 : KERNEL_SCALAR;
+    static const kernel_id best = kernel_available(KERNEL_AVX512_VNNI) ? KERNEL_AVX512_VNNI
+                                : kernel_available(KERNEL_AVX2)        ? KERNEL_AVX2
+                                                                       : KERNEL_SCALAR;
     return best;
 }
 
@@ -150,31 +250,24 @@ const char * kernel_name(kernel_id kernel) {
         case KERNEL_AUTO:   return kernel_name(best_kernel());
         case KERNEL_SCALAR: return "scalar";
         case KERNEL_AVX2:   return "avx2";
+        case KERNEL_AVX512_VNNI: return "avx512vnni";
     }
     return "unknown";
 }
 
-void quantize_activations(const float * x, int64_t n_in, act_block * out) {
-    for (int64_t b = 0; b < n_in / 32; ++b) {
-        const float * v = x + b * 32;
-        float amax = 0.0f;
-        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
-        const float d = amax / 127.0f;
-        const float inverse = d != 0.0f ? 1.0f / d : 0.0f;
-        int32_t sum = 0;
-        for (int j = 0; j < 32; ++j) {
-            out[b].q[j] = int8_t(std::round(v[j] * inverse));
-            sum += out[b].q[j];
-        }
-        out[b].d = d;
-        out[b].d_sum = d * float(sum);
-    }
+void quantize_activations(kernel_id kernel, const float * x, int64_t n_in, act_block * out) {
+    if (kernel == KERNEL_AUTO) kernel = best_kernel();
+#ifdef SLICEMOE_X86
+    if (kernel != KERNEL_SCALAR) return quantize_activations_avx2(x, n_in, out);
+#endif
+    quantize_activations_scalar(x, n_in, out);
 }
 
 float row_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks) {
     if (kernel == KERNEL_AUTO) kernel = best_kernel();
 #ifdef SLICEMOE_X86
     if (kernel == KERNEL_AVX2) return row_dot_avx2(msb, lsb, x, n_blocks);
+    if (kernel == KERNEL_AVX512_VNNI) return row_dot_vnni(msb, lsb, x, n_blocks);
 #endif
     return row_dot_scalar(msb, lsb, x, n_blocks);
 }
@@ -189,23 +282,15 @@ int32_t id_at(const ggml_tensor * ids, int64_t use, int64_t token) {
     return *reinterpret_cast<const int32_t *>(static_cast<const char *>(ids->data) + use * ids->nb[0] + token * ids->nb[1]);
 }
 
-// dst [n_out, k, n_tokens] = for each use u of token t: W[ids[u, t]] x[:, u or 0, t], plus
-// W_lsb[ids_lsb[u, t]] x when that id is >= 0. A negative MSB id (a dropped use) gives a zero row.
-// Threads split the n_tokens * k * n_out output rows evenly; each quantizes the activations of the
-// uses its rows belong to (a few KiB, against the MiB of weights each use reads).
-void expert_product_op(ggml_tensor * dst, int ith, int nth, void *) {
+// The rows [begin, end) of dst; *quantized says which activations act holds (-1: none yet).
+void product_rows(ggml_tensor * dst, int64_t begin, int64_t end, std::vector<act_block> & act, int64_t * quantized) {
     const ggml_tensor * w = dst->src[0];        // Q4_1 [n_in, n_out, n_slots]
     const ggml_tensor * w_lsb = dst->src[1];    // Q4_1 [n_in, n_out, n_slots_lsb]
     const ggml_tensor * x = dst->src[2];        // F32  [n_in, k or 1, n_tokens]
     const ggml_tensor * ids = dst->src[3];      // I32  [k, n_tokens]
     const ggml_tensor * ids_lsb = dst->src[4];  // I32  [k, n_tokens]
     const int64_t n_in = w->ne[0], n_out = w->ne[1], k = ids->ne[0];
-    const int64_t total = n_out * k * ids->ne[1];
-    const int64_t end = total * (ith + 1) / nth;
-    thread_local std::vector<act_block> act;
-    act.resize(size_t(n_in / 32));
-    int64_t quantized = -1;   // the (token, activation column) now in act
-    for (int64_t row = total * ith / nth; row < end;) {
+    for (int64_t row = begin; row < end;) {
         const int64_t use = (row / n_out) % k, token = row / (n_out * k);
         const int64_t first = row % n_out, last = std::min(n_out, first + (end - row));
         row += last - first;
@@ -217,15 +302,50 @@ void expert_product_op(ggml_tensor * dst, int ith, int nth, void *) {
         }
         const int32_t slot_lsb = id_at(ids_lsb, use, token);
         const int64_t column = x->ne[1] == 1 ? 0 : use;
-        if (token * x->ne[1] + column != quantized) {
-            quantize_activations(reinterpret_cast<const float *>(row_of(x, column, token)), n_in, act.data());
-            quantized = token * x->ne[1] + column;
+        if (token * x->ne[1] + column != *quantized) {
+            quantize_activations(KERNEL_AUTO, reinterpret_cast<const float *>(row_of(x, column, token)), n_in, act.data());
+            *quantized = token * x->ne[1] + column;
         }
         for (int64_t r = first; r < last; ++r) {
             const auto * msb = reinterpret_cast<const q4_1_block *>(row_of(w, r, slot));
             const auto * lsb = slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, r, slot_lsb)) : nullptr;
             out[r] = row_dot(KERNEL_AUTO, msb, lsb, act.data(), n_in / 32);
         }
+    }
+}
+
+// The op's work queue lives in the node's own op_params, after the custom op's parameters (a
+// function, a count and a pointer): the next chunk to claim and how many threads have found the
+// queue empty. The last of those resets both, so the node's next run (ggml reuses graphs) starts
+// at zero; ggml's barrier after every node orders that reset before the next run.
+constexpr size_t QUEUE_OFFSET = 32;
+static_assert(QUEUE_OFFSET >= 3 * sizeof(void *) && QUEUE_OFFSET + 2 * sizeof(int64_t) <= GGML_MAX_OP_PARAMS,
+              "the queue fits in op_params after ggml_custom_op_params");
+
+int64_t * queue_of(ggml_tensor * dst) {
+    return reinterpret_cast<int64_t *>(reinterpret_cast<char *>(dst->op_params) + QUEUE_OFFSET);
+}
+
+// dst [n_out, k, n_tokens] = for each use u of token t: W[ids[u, t]] x[:, u or 0, t], plus
+// W_lsb[ids_lsb[u, t]] x when that id is >= 0. A negative MSB id (a dropped use) gives a zero row.
+// Threads claim chunks of output rows as they go (as ggml's mul_mat does: a thread slowed by the
+// machine takes fewer), and each quantizes the activations of the uses its rows belong to (a few
+// KiB, against the MiB of weights each use reads).
+void expert_product_op(ggml_tensor * dst, int ith, int nth, void *) {
+    const int64_t n_in = dst->src[0]->ne[0];
+    const int64_t total = dst->ne[0] * dst->ne[1] * dst->ne[2];
+    const int64_t chunk = std::max<int64_t>(16, total / (int64_t(nth) * 8));
+    const int64_t n_chunks = (total + chunk - 1) / chunk;
+    int64_t * queue = queue_of(dst);   // [0]: chunks claimed beyond the first nth, [1]: threads done
+    thread_local std::vector<act_block> act;
+    act.resize(size_t(n_in / 32));
+    int64_t quantized = -1;
+    for (int64_t c = ith; c < n_chunks; c = nth + __atomic_fetch_add(&queue[0], 1, __ATOMIC_RELAXED)) {
+        product_rows(dst, c * chunk, std::min(total, (c + 1) * chunk), act, &quantized);
+    }
+    if (__atomic_add_fetch(&queue[1], 1, __ATOMIC_ACQ_REL) == nth) {
+        __atomic_store_n(&queue[0], 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&queue[1], 0, __ATOMIC_RELEASE);
     }
 }
 

@@ -29,15 +29,16 @@ struct act_block {
     float  d_sum;
 };
 
-enum kernel_id { KERNEL_AUTO = 0, KERNEL_SCALAR = 1, KERNEL_AVX2 = 2 };
+enum kernel_id { KERNEL_AUTO = 0, KERNEL_SCALAR = 1, KERNEL_AVX2 = 2, KERNEL_AVX512_VNNI = 3 };
 
 // The kernel AUTO runs on this CPU.
 kernel_id best_kernel();
 bool kernel_available(kernel_id kernel);
 const char * kernel_name(kernel_id kernel);
 
-// x [n_in] -> n_in / 32 blocks
-void quantize_activations(const float * x, int64_t n_in, act_block * out);
+// x [n_in] -> n_in / 32 blocks; every kernel gives the same values (rounding ties to even, as
+// ggml's x86 Q8_1 path does)
+void quantize_activations(kernel_id kernel, const float * x, int64_t n_in, act_block * out);
 
 // One row: sum over blocks of (msb + lsb) . x, or msb . x when lsb is nullptr; n_blocks = n_in / 32.
 float row_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks);
