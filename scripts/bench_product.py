@@ -4,8 +4,8 @@ passes and against stock llama.cpp files, at full size, on compute alone.
 
 Every row runs in its own process on the same forced routing (the side-by-side's widened trace,
 bench_side_by_side.widened_route), page cache warm, no memory limit, each row measured in
---rounds alternating rounds (the best round is reported: the others only add noise from the
-machine). Rows: stock q8_0 and Q4_K_M (llama.cpp's own kernels, repacked where ggml repacks), the
+--rounds alternating rounds (the best round is reported, every round beside it), with a pause
+between rows. Rows: stock q8_0 and Q4_K_M (llama.cpp's own kernels, repacked where ggml repacks), the
 AMAT file without a cache at 8 and 4 bits, dbsc and lru4 with a budget of 100% of the expert bytes;
 the 8-bit AMAT rows twice, fused and with SLICEMOE_PRODUCT=ggml (ggml's two mul_mat_id passes).
 
@@ -57,6 +57,15 @@ def rows(amat: Path, stock: list[Path]) -> list[tuple[str, dict, dict]]:
     return out
 
 
+def warm(path: Path) -> None:
+    """Read the file through once, so that the row finds it in the page cache as the table says
+    (after a row with GiB of pools, part of the next row's file has been evicted, and re-reading
+    it by page faults would be counted as that row's compute)."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(16 << 20):
+            pass
+
+
 def run_child(config: dict, env: dict) -> dict:
     proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_side_by_side.py"), "--child", json.dumps(config)],
                           capture_output=True, text=True, env={**os.environ, **env}, timeout=3600)
@@ -98,6 +107,9 @@ def main() -> int:
     ap.add_argument("--trace", type=Path, required=True, help="route trace (bench_side_by_side's widened routing)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds over all rows (default 2)")
+    ap.add_argument("--settle", type=float, default=10.0,
+                    help="seconds between rows (default 10): the kernel is still freeing the last row's GiB of "
+                         "pools when the next starts, and the first row after one runs up to 1.8x slower")
     ap.add_argument("--kernel-repeats", type=int, default=20)
     ap.add_argument("--skip-models", action="store_true", help="only the kernel microbenchmark")
     ap.add_argument("-o", "--output", type=Path)
@@ -107,9 +119,13 @@ def main() -> int:
     if not args.skip_models:
         configs = rows(args.amat, args.stock)
         best: dict[str, dict] = {}
+        every: dict[str, list[str]] = {name: [] for name, _, _ in configs}
         for round_index in range(args.rounds):
             for name, config, env in configs:
+                time.sleep(args.settle)
+                warm(Path(config["model"]))
                 result = run_child({**config, "trace": str(args.trace), "threads": args.threads}, env)
+                every[name].append(f"{result['decode_ms']:.0f}" if "decode_ms" in result else "error")
                 print(f"round {round_index + 1}: {name}: {result.get('decode_ms', result.get('error'))}", file=sys.stderr)
                 if "error" in result:
                     best.setdefault(name, result)
@@ -120,14 +136,15 @@ def main() -> int:
         for name, _, _ in configs:
             r = best[name]
             if "error" in r:
-                table.append([name, r["error"], "", "", ""])
+                table.append([name, r["error"], "", "", "", " / ".join(every[name])])
                 continue
             table.append([name, f"{r['decode_ms']:.1f}", f"{r['ttft_ms']:.0f}",
-                          f"{r['decode_ms'] / q8:.2f}x" if q8 else "", f"{r['read_per_token'] / 1e6:.1f}"])
+                          f"{r['decode_ms'] / q8:.2f}x" if q8 else "", f"{r['read_per_token'] / 1e6:.1f}",
+                          " / ".join(every[name])])
         report.append(f"Full size: {args.amat.name}, routing forced from {args.trace.name}, page cache warm, "
                       f"best of {args.rounds} alternating rounds.\n")
         report.append(markdown_table(["configuration", "decode ms/token", "prefill ms", "vs stock q8_0",
-                                     "read from disk (MB/token)"], table))
+                                     "read from disk (MB/token)", "every round (ms/token)"], table))
         report.append("\nA nonzero read column means the page cache did not hold that row's file: its time "
                       "includes disk reads.")
     report.append("\n## Kernels: one expert, one token\n\nBest of "
