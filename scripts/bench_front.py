@@ -77,15 +77,10 @@ def replace_from(tensors: dict, with_lsb: bool):
 
 
 def main() -> int:
-    from slicemoe_gguf.embedded import EMBEDDED_CHECKPOINT
     from slicemoe_gguf.model_info import describe
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=EMBEDDED_CHECKPOINT,
-                        help="trained HF checkpoint with heldout.txt (default: the embedded model)")
-    parser.add_argument("--windows", type=int, default=24)
-    parser.add_argument("--length", type=int, default=128, help="tokens per window")
-    parser.add_argument("--prompt", type=int, default=8, help="leading tokens per window not scored")
+    benchlib.add_heldout_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="where the GGUFs go (default: a temporary directory)")
     parser.add_argument("-o", "--output", type=Path, help="also write the report here (markdown)")

@@ -58,14 +58,9 @@ def amat_round_trip(grid: str, half: str):
 
 def main() -> int:
     from slicemoe_gguf import amat
-    from slicemoe_gguf.embedded import EMBEDDED_CHECKPOINT
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=EMBEDDED_CHECKPOINT,
-                        help="trained HF checkpoint with heldout.txt (default: the embedded model)")
-    parser.add_argument("--windows", type=int, default=24)
-    parser.add_argument("--length", type=int, default=128, help="tokens per window")
-    parser.add_argument("--prompt", type=int, default=8, help="leading tokens per window not scored")
+    benchlib.add_heldout_arguments(parser)
     parser.add_argument("--grids", default=",".join(amat.GRIDS), help="comma-separated AMAT grids")
     parser.add_argument("-o", "--output", type=Path, help="also write the table here (markdown)")
     args = parser.parse_args()

@@ -34,6 +34,15 @@ def heldout_windows(n_windows: int, length: int, checkpoint: Path = EMBEDDED_CHE
     return [ids[i * step:i * step + length] for i in range(n_windows)]
 
 
+def add_heldout_arguments(parser) -> None:
+    """--checkpoint, --windows, --length, --prompt: the held-out text an accuracy benchmark scores."""
+    parser.add_argument("--checkpoint", type=Path, default=EMBEDDED_CHECKPOINT,
+                        help="trained HF checkpoint with heldout.txt (default: the embedded model)")
+    parser.add_argument("--windows", type=int, default=24)
+    parser.add_argument("--length", type=int, default=128, help="tokens per window")
+    parser.add_argument("--prompt", type=int, default=8, help="leading tokens per window not scored")
+
+
 def hf_reference(windows: list[list[int]], n_prompt: int, checkpoint: Path = EMBEDDED_CHECKPOINT,
                  replace_experts=None) -> list[np.ndarray]:
     """transformers' fp32 log-probabilities at each decode position of each window
