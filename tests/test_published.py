@@ -69,6 +69,36 @@ def test_f32_conversion_matches_transformers(arch, layout, tiny_checkpoints, tmp
     assert np.abs(logits - hf_logits).max() <= F32_FIDELITY * np.abs(hf_logits).max()
 
 
+def test_an_all_zero_shared_expert_gate_scales_the_shared_expert_by_one_half(tiny_checkpoints, tmp_path):
+    """Qwen1.5-MoE scales its shared expert by sigmoid(gate . x). A gate of zeros (zero-initialized,
+    or pruned) scales it by 0.5; upstream llama.cpp computed that sigmoid as silu(x) / x, 0 / 0 there,
+    and every logit was NaN (patch 0006)."""
+    import torch
+    import transformers
+
+    source = tiny_checkpoints("qwen2_moe")
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    gates = [p for name, p in model.named_parameters() if name.endswith("shared_expert_gate.weight")]
+    assert gates
+    with torch.no_grad():
+        for gate in gates:
+            gate.zero_()
+    hf_dir = tmp_path / "zero-gate"
+    model.save_pretrained(hf_dir)
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(hf_dir)
+    out = tmp_path / "f32.gguf"
+    proc = convert(hf_dir, out, "--experts", "f32", "--dense-type", "f32")
+    assert proc.returncode == 0, proc.stderr
+    logits_path = tmp_path / "logits.npy"
+    result = run_json("run", "-m", str(out), "-p", PROMPT, "-n", "4", "--ignore-eos", "--json",
+                      "--logits-out", str(logits_path))
+    hf_tokens, hf_logits = hf_greedy(hf_dir, result["prompt_tokens"], 4)
+    logits = np.load(logits_path)
+    assert np.isfinite(logits).all()
+    assert result["tokens"] == hf_tokens
+    assert np.abs(logits - hf_logits).max() <= F32_FIDELITY * np.abs(hf_logits).max()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_amat_conversion_of_both_layouts_is_the_same_file_content(arch, tiny_checkpoints, tmp_path):
     outs = []
