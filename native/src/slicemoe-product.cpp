@@ -1,13 +1,15 @@
-// The fused expert product (slicemoe-product.h): block kernels, scalar, AVX2 and AVX512-VNNI (chosen at run time,
-// as ggml chooses its own: libllama is built for the baseline ISA), and the ggml custom op that runs
-// a layer's expert products on ggml's thread pool.
+// The fused expert product (slicemoe-product.h): block kernels (scalar, AVX2, AVX512-VNNI, chosen at
+// run time as ggml chooses its own: libllama is built for the baseline ISA) and the ggml custom op
+// that runs a layer's expert products on ggml's thread pool.
 //
-// The arithmetic. An AMAT weight is d_msb h + m_msb + d_lsb l + m_lsb (h, l the two nibbles), and the
-// grids store d_msb = 16 d_lsb exactly, so with the code c = 16 h + l - 128 (a signed byte) and s = d_lsb:
-//     w = s c + (128 s + m_msb + m_lsb)
-//     sum_j w_j x_j ~ s d_x sum_j c_j q_j + (128 s + m_msb + m_lsb) d_x sum_j q_j
-// one signed 8 x 8-bit dot product per block, as Q8_0 x Q8_0. A block whose steps are not nested
-// (a file this project did not write) takes the two-product form, h and l separately.
+// The arithmetic. An AMAT weight is d_msb h + m_msb + d_lsb l + m_lsb (h, l its two nibbles), and
+// every grid stores d_msb = 16 d_lsb exactly, so with s = d_lsb and the 8-bit code 16 h + l:
+//     w = s (16 h + l) + (m_msb + m_lsb)
+//     sum_j w_j x_j ~ s d_x sum_j (16 h_j + l_j) q_j + (m_msb + m_lsb) d_x sum_j q_j
+// one 8 x 8-bit dot product per block, as Q8_0 x Q8_0: vpdpbusd takes the unsigned code as it is;
+// AVX2's maddubs would saturate on it, so there the code is centred (c - 128, the offset gaining
+// 128 s). A block whose steps are not nested (a file this project did not write) takes the exact
+// two-product form, h and l separately.
 
 #include "slicemoe-product.h"
 
