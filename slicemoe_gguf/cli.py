@@ -30,6 +30,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"library         {info['library']}")
     print("devices         " + ", ".join(f"{d['name']} ({d['description']})" for d in info["devices"]))
     print(f"cpu features    {info['system_info']}")
+    print(f"expert product  {info['product_kernel']} (the fused MSB + LSB kernel decode runs)")
     return 0
 
 

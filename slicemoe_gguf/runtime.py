@@ -420,6 +420,7 @@ def library_info() -> dict:
         "llama_cpp": string(native.slicemoe_llama_cpp_version()),
         "devices": devices,
         "system_info": string(native.slicemoe_system_info()).strip(),
+        "product_kernel": string(native.slicemoe_kernel_name(0)),   # the fused expert product's
         "library": str(library_path()),
         "build": build_info(),
     }

@@ -23,6 +23,8 @@ def test_info_reports_versions_devices_and_library():
     assert any(d["name"] == "CPU" for d in info["devices"])
     assert Path(info["library"]).is_file()
     assert "AVX" in info["system_info"] or "NEON" in info["system_info"]
+    from slicemoe_gguf import kernels   # the kernel decode runs is the best this CPU has
+    assert info["product_kernel"] == kernels.available()[-1] == kernels.best()
     assert Path(info["build"]["llama_cpp_source"], "src", "llama-graph.cpp").is_file()
 
 
