@@ -97,8 +97,12 @@ ggml_tensor * slicemoe_moe_product(ggml_context * ctx, ggml_tensor * w, ggml_ten
     // Decode only: the op computes each token's uses one after the other, so a prompt batch would
     // stream an expert's weights once per token that uses it, where ggml's mul_mat_id groups a
     // batch's tokens by expert and reads them once.
-    const char * choice = std::getenv("SLICEMOE_PRODUCT");
-    if (sw->lsb_mask || sw->ids->ne[1] != 1 || (choice && std::strcmp(choice, "ggml") == 0)) {
+    // read once: graphs are built for every decode token
+    static const bool two_passes = [] {
+        const char * choice = std::getenv("SLICEMOE_PRODUCT");
+        return choice && std::strcmp(choice, "ggml") == 0;
+    }();
+    if (sw->lsb_mask || sw->ids->ne[1] != 1 || two_passes) {
         return nullptr;
     }
     return slicemoe::build_expert_product(ctx, w, w_lsb, x, sw->ids, sw->ids_lsb);

@@ -131,35 +131,33 @@ SLICEMOE_AVX2 float row_dot_avx2(const q4_1_block * msb, const q4_1_block * lsb,
 }
 
 // AVX512-VNNI (256-bit vectors, AVX512VL): vpdpbusd multiplies unsigned by signed bytes and sums
-// four products into 32 bits without saturation, so the 8-bit code needs no centring.
+// four products into 32 bits without saturation, so the 8-bit code needs no centring. The loop is
+// row_dot_avx2's with other products: one template for both would need its body compiled for two
+// targets, which GCC's target attributes do not give a template.
 #define SLICEMOE_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
 SLICEMOE_VNNI float row_dot_vnni(const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks) {
     __m256 acc = _mm256_setzero_ps();
     float offsets = 0.0f;
     float general = 0.0f;
-    const __m256i low_nibbles = _mm256_set1_epi8(15);
     for (int64_t b = 0; b < n_blocks; ++b) {
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[b].q));
-        const __m128i packed_h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(msb[b].qs));
-        const __m256i h = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed_h, 4), packed_h), low_nibbles);
+        const __m256i h = nibbles_in_order(msb[b].qs);
         if (!lsb) {
             const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), h, q);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(_cvtsh_ss(msb[b].d) * x[b].d), acc);
-            offsets += _cvtsh_ss(msb[b].m) * x[b].d_sum;
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(fp16_avx2(msb[b].d) * x[b].d), acc);
+            offsets += fp16_avx2(msb[b].m) * x[b].d_sum;
             continue;
         }
-        const float s = _cvtsh_ss(lsb[b].d);
-        if (_cvtsh_ss(msb[b].d) != 16.0f * s) {
+        const float s = fp16_avx2(lsb[b].d);
+        if (fp16_avx2(msb[b].d) != 16.0f * s) {
             general += block_dot_general(msb[b], &lsb[b], x[b]);
             continue;
         }
-        const __m128i packed_l = _mm_loadu_si128(reinterpret_cast<const __m128i *>(lsb[b].qs));
-        const __m256i l = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed_l, 4), packed_l), low_nibbles);
-        const __m256i code = _mm256_or_si256(_mm256_slli_epi16(h, 4), l);
+        const __m256i code = _mm256_or_si256(_mm256_slli_epi16(h, 4), nibbles_in_order(lsb[b].qs));
         const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), code, q);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * x[b].d), acc);
-        offsets += (_cvtsh_ss(msb[b].m) + _cvtsh_ss(lsb[b].m)) * x[b].d_sum;
+        offsets += (fp16_avx2(msb[b].m) + fp16_avx2(lsb[b].m)) * x[b].d_sum;
     }
     return horizontal_sum(acc) + offsets + general;
 }
