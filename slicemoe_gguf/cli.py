@@ -709,11 +709,18 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve the model over HTTP with the OpenAI API: /v1/models, /v1/completions "
                                        "and /v1/chat/completions (streaming too), /metrics (Prometheus text). Each "
                                        "response carries its cache counters under \"slicemoe\". One request runs "
-                                       "at a time.")
+                                       "at a time; the others wait in arrival order. A parameter the server does not "
+                                       "honour (tools, n > 1, ...) is a 400 that names it. SIGTERM or Ctrl-C stops "
+                                       "every decode at its next token and exits.")
     _add_model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     serve.add_argument("--alias", metavar="NAME", help="model id in the API (default: the file name)")
+    serve.add_argument("--max-queue", type=int, default=defaults.MAX_QUEUE, metavar="N",
+                       help=f"requests that may wait for the model; more get 503 with Retry-After "
+                            f"(default {defaults.MAX_QUEUE})")
+    serve.add_argument("--max-wait", type=float, default=defaults.MAX_WAIT_S, metavar="SECONDS",
+                       help=f"the longest a request waits for the model before a 503 (default {defaults.MAX_WAIT_S} s)")
     _add_cache_arguments(serve, live=True)
     serve.set_defaults(func=_cmd_serve)
 
@@ -815,7 +822,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     with _open_model(args) as model:
-        serve(model, host=args.host, port=args.port, name=args.alias)
+        serve(model, host=args.host, port=args.port, name=args.alias, max_queue=args.max_queue,
+              max_wait_s=args.max_wait)
     return 0
 
 
@@ -852,6 +860,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
                          "--max-miss-rate in [0, 1), --prior-lambda in [0, 1e6]")
     if args.command == "serve" and not 0 <= args.port < 65536:
         parser.error("--port must be in [0, 65535]")
+    if args.command == "serve" and (args.max_queue < 0 or not args.max_wait > 0):
+        parser.error("--max-queue must be >= 0 and --max-wait > 0 (seconds)")
     if args.command == "run":
         if args.prompt is None and args.file is None and not args.route_trace:
             parser.error("one of -p/--prompt, -f/--file or --route-trace is required")

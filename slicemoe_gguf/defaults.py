@@ -26,6 +26,10 @@ GATING_T = 0.04         # adapmoe: a use after the first is dropped when its wei
 PREFETCH = False        # look-ahead prefetch (see the README for why it is off)
 IO_MODE = "auto"        # misses read with O_DIRECT where the file system has it, else buffered
 
+# slicemoe serve
+MAX_QUEUE = 16          # requests that may wait for the model; more get a 503
+MAX_WAIT_S = 300.0      # the longest a request waits for the model before a 503
+
 # the values of the policy settings above, by name, as Model, replay and the CLI take them
 CACHE_SETTINGS = {
     "policy": POLICY, "precision": PRECISION, "warmup": WARMUP, "high_threshold": HIGH_THRESHOLD,

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
+
 from .runtime import Model, Sampling
 
 # the cache counters a reply reports as its own (the difference over the request)
@@ -26,6 +28,10 @@ class Reply:
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     cache: dict | None = None       # COUNTERS over this reply, None without a cache
+    offsets: list[int] = field(default_factory=list)   # where each token's text starts in `text`
+    # with top_logprobs: per token (its logprob, [(alternative, logprob), ...] most likely first), the
+    # log-softmax of the model's logits (before penalties, biases, grammar and temperature)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     @property
     def ms_per_token(self) -> float:
@@ -46,10 +52,22 @@ def _counters(model: Model) -> dict | None:
     return None if stats is None else {name: stats[name] for name in COUNTERS}
 
 
+def token_logprobs(logits: np.ndarray, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-softmax of `logits` at `token`, and the n_top most likely tokens with theirs."""
+    shifted = logits.astype(np.float64) - float(logits.max())
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    top = np.argpartition(-logprobs, n_top)[:n_top] if 0 < n_top < len(logprobs) else np.arange(min(n_top, len(logprobs)))
+    top = top[np.argsort(-logprobs[top], kind="stable")]
+    return float(logprobs[token]), [(int(t), float(logprobs[t])) for t in top]
+
+
 def stream_reply(model: Model, prompt: list[int], max_tokens: int, sampling: Sampling, reply: Reply,
-                 stop: list[str] | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
+                 stop: list[str] | None = None, cancel: threading.Event | None = None,
+                 top_logprobs: int | None = None) -> Iterator[str]:
     """Yields the reply's text in pieces and fills `reply` as it goes (complete when exhausted).
-    Setting `cancel` ends the reply before the next token (finish_reason "cancelled")."""
+    Setting `cancel` ends the reply before the next token (finish_reason "cancelled"). With
+    top_logprobs (0 or more alternatives) each token's logprobs are kept in reply.logprobs, filled
+    before the piece that carries the token is yielded."""
     started = time.perf_counter()
     before = _counters(model)
     stop = [s for s in (stop or []) if s]
@@ -57,7 +75,7 @@ def stream_reply(model: Model, prompt: list[int], max_tokens: int, sampling: Sam
     reply.prompt_tokens = len(prompt)
     shown = 0
     try:
-        for token, _ in model.stream(prompt, max_tokens, sampling):
+        for token, logits in model.stream(prompt, max_tokens, sampling):
             if cancel is not None and cancel.is_set():
                 reply.finish_reason = "cancelled"
                 break
@@ -66,6 +84,9 @@ def stream_reply(model: Model, prompt: list[int], max_tokens: int, sampling: Sam
             if model.is_eog(token):
                 reply.finish_reason = "stop"
                 break
+            reply.offsets.append(len(reply.text))
+            if top_logprobs is not None:
+                reply.logprobs.append(token_logprobs(logits, token, top_logprobs))
             reply.tokens.append(token)
             text = model.detokenize(reply.tokens)
             cut = min((i for i in (text.find(s, max(shown - hold, 0)) for s in stop) if i >= 0), default=-1)

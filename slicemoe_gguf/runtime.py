@@ -34,11 +34,21 @@ _LAYER_FIELDS = ("layer", "msb_slots", "lsb_slots", "msb_hits", "msb_misses", "l
 
 @dataclass
 class Sampling:
-    """temperature <= 0 is greedy decoding; otherwise top-p then temperature then a seeded draw."""
+    """llama.cpp's sampler chain: logit biases, penalties and a grammar, then greedy decoding when
+    temperature <= 0, else top-k, top-p, min-p, temperature and a seeded draw. The defaults
+    disable everything but the draw."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0                 # 0: off
+    min_p: float = 0.0             # 0: off
+    repeat_penalty: float = 1.0    # 1: off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64       # the sampled tokens the penalties look back on; -1: all of them
+    grammar: str | None = None     # GBNF with a "root" rule the text must match
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -285,6 +295,19 @@ class Model:
             check(status)
             return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token (special tokens written out); may be part of a UTF-8 character."""
+        n_out = ffi.new("int32_t *")
+        capacity = 32
+        while True:
+            buf = ffi.new("char[]", capacity)
+            status = self._lib.slicemoe_token_piece(self._model, token, buf, capacity, n_out)
+            if status == STATUS_BUFFER_TOO_SMALL:
+                capacity = n_out[0]
+                continue
+            check(status)
+            return ffi.unpack(buf, n_out[0])
+
     # -- evaluation -------------------------------------------------------------------------
 
     def reset(self) -> None:
@@ -307,6 +330,26 @@ class Model:
         self._lib.slicemoe_timings_get(self._ctx, t)
         return float(t.prefill_ms), float(t.decode_ms)
 
+    def sampler(self, sampling: Sampling):
+        """A native sampler for `sampling` (freed with the returned object). Raises SliceMoEError
+        for a grammar that does not parse or a value out of range."""
+        params = self._lib.slicemoe_sampling_default_params()
+        for name in ("temperature", "top_p", "seed", "top_k", "min_p", "repeat_penalty", "frequency_penalty",
+                     "presence_penalty", "penalty_last_n"):
+            setattr(params, name, getattr(sampling, name))
+        keep = []   # what the params point at, alive until the sampler is made
+        if sampling.grammar:
+            keep.append(ffi.new("char[]", sampling.grammar.encode("utf-8")))
+            params.grammar = keep[-1]
+        if sampling.logit_bias:
+            keep.append(ffi.new("int32_t[]", [int(t) for t in sampling.logit_bias]))
+            keep.append(ffi.new("float[]", [float(v) for v in sampling.logit_bias.values()]))
+            params.logit_bias_tokens, params.logit_bias_values = keep[-2], keep[-1]
+            params.n_logit_bias = len(sampling.logit_bias)
+        out = ffi.new("slicemoe_sampler **")
+        check(self._lib.slicemoe_sampler_create(self._model, ffi.new("struct slicemoe_sampling_params *", params), out))
+        return ffi.gc(out[0], self._lib.slicemoe_sampler_free)
+
     def stream(self, prompt: str | list[int], n_predict: int, sampling: Sampling | None = None,
                *, stop_at_eog: bool = True) -> Iterator[tuple[int, np.ndarray]]:
         """Reset, evaluate the prompt, then yield (token, logits it was sampled from) per step."""
@@ -315,14 +358,7 @@ class Model:
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise ValueError("the prompt is empty (no tokens)")
-        sampling = sampling or Sampling()
-        params = self._lib.slicemoe_sampling_default_params()
-        params.temperature = sampling.temperature
-        params.top_p = sampling.top_p
-        params.seed = sampling.seed
-        out = ffi.new("slicemoe_sampler **")
-        check(self._lib.slicemoe_sampler_create(ffi.new("struct slicemoe_sampling_params *", params), out))
-        sampler = ffi.gc(out[0], self._lib.slicemoe_sampler_free)
+        sampler = self.sampler(sampling or Sampling())
         self.reset()
         self.eval(tokens)
         token = ffi.new("int32_t *")

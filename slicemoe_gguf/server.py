@@ -1,47 +1,137 @@
 """`slicemoe serve`: an OpenAI-compatible HTTP server on the engine (Starlette on uvicorn).
 
 Endpoints: GET /v1/models, POST /v1/completions and /v1/chat/completions (both with "stream": true
-as server-sent events), GET /metrics (Prometheus text: requests, tokens and the cache's counters
-since start), GET /health. Every response carries its own cache counters and timings under
-"slicemoe" (in the last chunk of a stream). Requests run one at a time on one context: the cache
-and the RAM budget are the model's, and a laptop has one of each.
+as server-sent events), GET /metrics (Prometheus text: requests, tokens, the queue and the cache's
+counters since start), GET /health. Every response carries its own cache counters and timings under
+"slicemoe" (in the last chunk of a stream).
+
+A request's life: it is checked first (openai_request.parse: a bad one is a 400 at once), then waits
+in arrival order for the model's one context (at most --max-queue waiting, each at most
+--max-wait seconds, else a 503 with Retry-After), then decodes on a thread of its own. A client
+that goes away, or a SIGTERM / SIGINT, stops its decode at the next token; a stream ends with a
+finish reason and the server exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import math
+import signal
 import threading
 import time
 import uuid
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
+from . import defaults
 from ._native import SliceMoEError
+from .openai_request import BadRequest, Job, parse
 from .replies import Reply, stream_reply
-from .runtime import Model, Sampling
-
-DEFAULT_MAX_TOKENS = 16   # OpenAI's default for completions
+from .runtime import Model
 
 
-class BadRequest(Exception):
-    pass
+class Busy(Exception):
+    """No room: the queue is full, the wait ran out, or the server is stopping (a 503)."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Admission:
+    """The model's slots, handed to waiting requests in arrival order (an asyncio object: every
+    method runs on the event loop). A request holds its slot until its decode has ended."""
+
+    def __init__(self, slots: int, max_queue: int, max_wait_s: float):
+        self.free = slots
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.closed = False
+        self.admitted = 0
+        self.rejected = 0
+        self.wait_s_total = 0.0
+        self.wait_s_max = 0.0
+        self.recent_hold_s = 10.0   # how long a slot was held, smoothed: what Retry-After says
+
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self.recent_hold_s * (len(self.waiting) + 1)))
+
+    async def enter(self) -> None:
+        if self.closed:
+            raise Busy("the server is stopping", 5)
+        started = time.monotonic()
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+        else:
+            if len(self.waiting) >= self.max_queue:
+                self.rejected += 1
+                raise Busy(f"{len(self.waiting)} requests are waiting for the model (--max-queue {self.max_queue})",
+                           self._retry_after())
+            turn = asyncio.get_running_loop().create_future()
+            self.waiting.append(turn)
+            try:   # a closed queue fails its waiters with Busy, raised here
+                await asyncio.wait_for(asyncio.shield(turn), self.max_wait_s)
+            except asyncio.TimeoutError:
+                self._give_up(turn)
+                self.rejected += 1
+                raise Busy(f"waited {self.max_wait_s:g} s for the model (--max-wait)", self._retry_after()) from None
+            except asyncio.CancelledError:   # the client went away while waiting
+                self._give_up(turn)
+                raise
+        waited = time.monotonic() - started
+        self.admitted += 1
+        self.wait_s_total += waited
+        self.wait_s_max = max(self.wait_s_max, waited)
+
+    def _give_up(self, turn: asyncio.Future) -> None:
+        if turn.done() and not turn.cancelled() and turn.exception() is None:
+            self.leave(0.0)   # the slot was handed over just as the wait ended: pass it on
+            return
+        turn.cancel()
+        if turn in self.waiting:
+            self.waiting.remove(turn)
+
+    def leave(self, held_s: float) -> None:
+        if held_s > 0:
+            self.recent_hold_s = 0.8 * self.recent_hold_s + 0.2 * held_s
+        while self.waiting:
+            turn = self.waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)   # the slot goes straight to the next in line
+                return
+        self.free += 1
+
+    def close(self) -> None:
+        """Refuse new requests and fail the waiting ones (the server is stopping)."""
+        self.closed = True
+        while self.waiting:
+            turn = self.waiting.popleft()
+            if not turn.done():
+                turn.set_exception(Busy("the server is stopping", 5))
 
 
 class Service:
-    """The model, its one context, and the totals /metrics reports."""
+    """The model, its one context, the queue in front of it and the totals /metrics reports."""
 
-    def __init__(self, model: Model, name: str):
+    def __init__(self, model: Model, name: str, *, max_queue: int = defaults.MAX_QUEUE,
+                 max_wait_s: float = defaults.MAX_WAIT_S):
         self.model = model
         self.name = name
-        self.lock = threading.Lock()
         self.created = int(time.time())
+        self.admission = Admission(1, max_queue, max_wait_s)
+        self.lock = threading.Lock()   # the context; Admission already runs one request at a time
         self.totals = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
+        self.running: set[threading.Event] = set()   # the cancel events of the decodes under way
+        self.workers: set[threading.Thread] = set()
+        self.stopping = threading.Event()
 
     def account(self, reply: Reply) -> None:
         self.totals["requests"] += 1
@@ -50,48 +140,17 @@ class Service:
         self.totals["prefill_ms"] += reply.prefill_ms
         self.totals["decode_ms"] += reply.decode_ms
 
+    def stop(self) -> None:
+        """Every decode stops at its next token; nothing new starts. Safe from a signal handler."""
+        self.stopping.set()
+        for cancel in list(self.running):
+            cancel.set()
 
-def _options(body: dict, n_ctx: int, n_prompt: int, default_max: int | None) -> tuple[int, Sampling, list[str]]:
-    if body.get("n", 1) != 1:
-        raise BadRequest("n: one choice per request (n = 1)")
-    room = n_ctx - n_prompt
-    if room < 1:
-        raise BadRequest(f"the prompt has {n_prompt} tokens, the context holds {n_ctx}")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", default_max))
-    max_tokens = room if max_tokens is None else max_tokens
-    if not isinstance(max_tokens, int) or max_tokens < 0:
-        raise BadRequest("max_tokens must be an integer >= 0")
-    temperature = body.get("temperature", 1.0)
-    top_p = body.get("top_p", 1.0)
-    seed = body.get("seed", 0)
-    if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-        raise BadRequest("temperature must be a number in [0, 2]")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise BadRequest("top_p must be a number in (0, 1]")
-    if not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise BadRequest("seed must be an integer in [0, 2^32)")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise BadRequest("stop must be a string or a list of strings")
-    return min(max_tokens, room), Sampling(temperature=float(temperature), top_p=float(top_p), seed=seed), stop
-
-
-def _prompt(service: Service, body: dict, chat: bool) -> list[int]:
-    model = service.model
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise BadRequest("messages must be a non-empty list of {role, content} objects with text content")
-        return model.chat_tokens(messages)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise BadRequest("prompt must be a non-empty string")
-    return model.tokenize(prompt)
+    def join(self, timeout_s: float) -> None:
+        """Waits for the decode threads to let go of the model (before it is closed)."""
+        deadline = time.monotonic() + timeout_s
+        for worker in list(self.workers):
+            worker.join(max(0.0, deadline - time.monotonic()))
 
 
 def _usage(reply: Reply) -> dict:
@@ -99,15 +158,15 @@ def _usage(reply: Reply) -> dict:
             "total_tokens": reply.prompt_tokens + len(reply.tokens)}
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}},
+                        status_code=status, headers=headers)
 
 
-def _start(service: Service, body: dict, chat: bool, reply: Reply, cancel: threading.Event) -> asyncio.Queue:
-    """Runs the request on a thread of its own, which holds the model for the whole request
-    (tokenizing included: one context, one request) and hands the event loop ("piece", text) items,
-    then ("piece", None); ("bad" | "error", exception) on a failure. It stops at the next token once
-    `cancel` is set, so that a client that goes away frees the model at once."""
+def _start(service: Service, job: Job, reply: Reply, cancel: threading.Event) -> asyncio.Queue:
+    """Runs the job's decode on a thread of its own, which hands the event loop ("piece", text) items,
+    then ("piece", None), or ("error", exception) on a failure. It holds the request's slot until
+    the decode has ended and stops at the next token once `cancel` is set."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
 
@@ -118,89 +177,169 @@ def _start(service: Service, body: dict, chat: bool, reply: Reply, cancel: threa
             cancel.set()
 
     def work() -> None:
+        started = time.monotonic()
         try:
             with service.lock:
-                prompt = _prompt(service, body, chat)
-                max_tokens, sampling, stop = _options(body, service.model.n_ctx, len(prompt),
-                                                      None if chat else DEFAULT_MAX_TOKENS)
                 try:
-                    for piece in stream_reply(service.model, prompt, max_tokens, sampling, reply, stop, cancel):
+                    for piece in stream_reply(service.model, job.prompt, job.max_tokens, job.sampling, reply,
+                                              job.stop, cancel, job.top_logprobs):
                         put(("piece", piece))
                 finally:
                     service.account(reply)
             put(("piece", None))
-        except BadRequest as exc:
-            put(("bad", exc))
         except Exception as exc:   # noqa: BLE001 - reported to the client as a server error
             put(("error", exc if isinstance(exc, SliceMoEError) else SliceMoEError(f"internal error: {exc!r}", 8)))
+        finally:
+            service.running.discard(cancel)
+            service.workers.discard(threading.current_thread())
+            held = time.monotonic() - started
+            try:
+                loop.call_soon_threadsafe(service.admission.leave, held)
+            except RuntimeError:
+                pass
 
-    threading.Thread(target=work, name="slicemoe-request", daemon=True).start()
+    service.running.add(cancel)
+    if service.stopping.is_set():
+        cancel.set()
+    worker = threading.Thread(target=work, name="slicemoe-request", daemon=True)
+    service.workers.add(worker)
+    worker.start()
     return items
 
 
-def build_app(service: Service) -> Starlette:
-    def envelope(chat: bool, ident: str, chunk: bool) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
-        return {"id": ident, "object": kind, "created": int(time.time()), "model": service.name}
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (it has sent its whole body before this is awaited)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
-    def choice(chat: bool, text: str, finish: str | None, chunk: bool, first: bool = False) -> dict:
-        if not chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+class _Format:
+    """The OpenAI shapes of responses, chunks and logprobs for one request."""
+
+    def __init__(self, service: Service, job: Job, reply: Reply):
+        self.model, self.job, self.reply, self.chat = service.model, job, reply, job.chat
+        self.ident = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.name = service.name
+        self.sent_logprobs = 0   # tokens whose logprobs a chunk has carried
+
+    def envelope(self, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.ident, "object": kind, "created": int(time.time()), "model": self.name}
+
+    def _token(self, token: int) -> tuple[str, list[int]]:
+        data = self.model.token_bytes(token)
+        return data.decode("utf-8", "replace"), list(data)
+
+    def logprobs(self, upto_chars: int | None) -> dict | None:
+        """The logprobs of the tokens not yet sent whose text starts before upto_chars (None: all)."""
+        if self.job.top_logprobs is None:
+            return None
+        reply, start = self.reply, self.sent_logprobs
+        end = start
+        while end < len(reply.logprobs) and (upto_chars is None or reply.offsets[end] < upto_chars):
+            end += 1
+        self.sent_logprobs = end
+        rows = [(reply.tokens[i], *reply.logprobs[i], reply.offsets[i]) for i in range(start, end)]
+        if self.chat:
+            def entry(token: int, logprob: float) -> dict:
+                text, data = self._token(token)
+                return {"token": text, "logprob": logprob, "bytes": data}
+
+            return {"content": [{**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}
+                                for token, logprob, top, _ in rows], "refusal": None}
+        return {"tokens": [self._token(token)[0] for token, *_ in rows],
+                "token_logprobs": [logprob for _, logprob, _, _ in rows],
+                "top_logprobs": [{self._token(t)[0]: lp for t, lp in top} for _, _, top, _ in rows],
+                "text_offset": [offset for *_, offset in rows]}
+
+    def choice(self, text: str, finish: str | None, *, chunk: bool, first: bool = False,
+               upto_chars: int | None = None) -> dict:
+        logprobs = self.logprobs(upto_chars)
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         if chunk:
             delta = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish}
 
+    def chunk(self, text: str, shown: int, first: bool) -> str:
+        body = {**self.envelope(True), "choices": [self.choice(text, None, chunk=True, first=first, upto_chars=shown)]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def last_chunk(self) -> str:
+        body = {**self.envelope(True), "choices": [self.choice("", self.reply.finish_reason, chunk=True)],
+                "usage": _usage(self.reply), "slicemoe": self.reply.summary()}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def response(self) -> dict:
+        return {**self.envelope(False), "choices": [self.choice(self.reply.text, self.reply.finish_reason, chunk=False)],
+                "usage": _usage(self.reply), "slicemoe": self.reply.summary()}
+
+
+def build_app(service: Service) -> Starlette:
     async def complete(request: Request, chat: bool) -> Response:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "the request body is not JSON")
-        if not isinstance(body, dict):
-            return _error(400, "the request body must be a JSON object")
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        reply = Reply()
+        try:   # off the event loop: tokenizing a long prompt takes a while
+            job = await run_in_threadpool(parse, service.model, body, chat)
+        except BadRequest as exc:
+            return _error(400, str(exc))
 
-        cancel = threading.Event()
-        pieces = _start(service, body, chat, reply, cancel)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            entering = asyncio.ensure_future(service.admission.enter())
+            await asyncio.wait({entering, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not entering.done():   # the client left while waiting: its place goes to the next
+                entering.cancel()
+                await asyncio.gather(entering, return_exceptions=True)
+                return Response(status_code=499)
+            entering.result()
+        except Busy as exc:
+            gone.cancel()
+            return _error(503, str(exc), "server_busy", {"Retry-After": str(exc.retry_after_s)})
+        except BaseException:
+            gone.cancel()
+            raise
 
-        async def next_piece():
+        reply, cancel = Reply(), threading.Event()
+        gone.add_done_callback(lambda _: cancel.set())   # a client that goes away stops its decode
+        pieces = _start(service, job, reply, cancel)
+        out = _Format(service, job, reply)
+
+        async def next_piece() -> str | None:
             kind, value = await pieces.get()
-            if kind in ("bad", "error"):
+            if kind == "error":
                 raise value
             return value   # None when the reply is complete
 
-        try:
-            # the prompt runs before a response starts, so that a bad request is a 400
+        try:   # the prompt runs before a response starts, so that a failure at prefill is a 500
             first_piece = await next_piece()
-        except BadRequest as exc:
-            return _error(400, str(exc))
         except SliceMoEError as exc:
+            gone.cancel()
             return _error(500, str(exc), "server_error")
         except BaseException:
-            cancel.set()   # the client went away (the task is cancelled): stop decoding for it
+            cancel.set()
+            gone.cancel()
             raise
 
-        if body.get("stream"):
+        if job.stream:
             async def events():
                 try:
-                    piece, first = first_piece, True
-                    asked = time.monotonic()
+                    piece, first, shown = first_piece, True, 0
                     while piece is not None:
-                        yield f"data: {json.dumps({**envelope(chat, ident, True), 'choices': [choice(chat, piece, None, True, first)]})}\n\n"
-                        if time.monotonic() - asked > 0.1:   # (Starlette only listens for it under ASGI < 2.4)
-                            asked = time.monotonic()
-                            if await request.is_disconnected():
-                                return
+                        shown += len(piece)
+                        yield out.chunk(piece, shown, first)
                         piece, first = await next_piece(), False
-                    last = {**envelope(chat, ident, True), "choices": [choice(chat, "", reply.finish_reason, True)],
-                            "usage": _usage(reply), "slicemoe": reply.summary()}
-                    yield f"data: {json.dumps(last)}\n\n"
+                    yield out.last_chunk()
                     yield "data: [DONE]\n\n"
                 except SliceMoEError:
                     return   # the stream has started: ending it is all that is left to say
                 finally:
-                    cancel.set()   # a client that disconnects ends here too: the decode stops
+                    cancel.set()
+                    gone.cancel()
 
             return StreamingResponse(events(), media_type="text/event-stream")
         try:
@@ -211,8 +350,8 @@ def build_app(service: Service) -> Starlette:
             return _error(500, str(exc), "server_error")
         finally:
             cancel.set()
-        return JSONResponse({**envelope(chat, ident, False), "choices": [choice(chat, reply.text, reply.finish_reason, False)],
-                             "usage": _usage(reply), "slicemoe": reply.summary()})
+            gone.cancel()
+        return JSONResponse(out.response())
 
     async def completions(request: Request) -> Response:
         return await complete(request, chat=False)
@@ -225,6 +364,8 @@ def build_app(service: Service) -> Starlette:
             {"id": service.name, "object": "model", "created": service.created, "owned_by": "slicemoe-gguf"}]})
 
     async def health(request: Request) -> Response:
+        if service.stopping.is_set():
+            return _error(503, "the server is stopping", "server_busy")
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
@@ -251,12 +392,19 @@ def prometheus_text(service: Service) -> str:
             lines.append(f"# TYPE slicemoe_{name} {kind}")
         lines.append(f"slicemoe_{name}{labels} {value}")
 
-    totals = service.totals
+    totals, admission = service.totals, service.admission
     metric("requests_total", "counter", "Completion requests served.", totals["requests"])
     metric("prompt_tokens_total", "counter", "Prompt tokens evaluated.", totals["prompt_tokens"])
     metric("completion_tokens_total", "counter", "Tokens generated.", totals["completion_tokens"])
     metric("prefill_seconds_total", "counter", "Time spent evaluating prompts.", totals["prefill_ms"] / 1000)
     metric("decode_seconds_total", "counter", "Time spent decoding.", totals["decode_ms"] / 1000)
+    metric("queue_depth", "gauge", "Requests waiting for the model now.", len(admission.waiting))
+    metric("queue_admitted_total", "counter", "Requests that got the model.", admission.admitted)
+    metric("queue_rejected_total", "counter", "Requests refused with a 503 (queue full or wait too long).",
+           admission.rejected)
+    metric("queue_wait_seconds_total", "counter", "Time admitted requests waited for the model.",
+           round(admission.wait_s_total, 6))
+    metric("queue_wait_seconds_max", "gauge", "The longest wait of an admitted request.", round(admission.wait_s_max, 6))
     stats = service.model.cache_stats()
     if stats is not None:
         for part in ("msb", "lsb"):
@@ -272,15 +420,36 @@ def prometheus_text(service: Service) -> str:
     return "\n".join(lines) + "\n"
 
 
-def serve(model: Model, *, host: str, port: int, name: str | None = None) -> None:
+def serve(model: Model, *, host: str, port: int, name: str | None = None, max_queue: int = defaults.MAX_QUEUE,
+          max_wait_s: float = defaults.MAX_WAIT_S) -> None:
     import uvicorn
 
-    service = Service(model, name or Path(model.path).name)
-    config = uvicorn.Config(build_app(service), host=host, port=port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
+    service = Service(model, name or Path(model.path).name, max_queue=max_queue, max_wait_s=max_wait_s)
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose first SIGTERM or SIGINT also stops every decode at its next token
+        (uvicorn alone waits for open streams to end) and is the normal end: exit status 0."""
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.should_exit:
+                self.force_exit = True   # a second signal: stop without waiting
+                return
+            self.should_exit = True
+            service.stop()
+            loop = getattr(self, "loop", None)
+            if loop is not None:
+                loop.call_soon_threadsafe(service.admission.close)
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+    # streams end at their next token once stopping; the timeout only bounds a stuck client
+    config = uvicorn.Config(build_app(service), host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=3)
+    server = Server(config)
     print(f"slicemoe serve: {service.name} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass   # uvicorn has shut down gracefully and re-raises the signal; stopping is the normal end
+    server.run()
+    service.stop()
+    service.join(10.0)
     print("slicemoe serve: stopped", flush=True)

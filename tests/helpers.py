@@ -143,3 +143,47 @@ def _routing_margins(out, config, n_tokens: int):
         probs = torch.softmax(router.reshape(n_tokens, -1).float(), dim=-1).sort(dim=-1, descending=True).values
         margins = np.minimum(margins, (probs[:, k - 1] - probs[:, k]).numpy())
     return margins
+
+
+class Server:
+    """`slicemoe serve` running on 127.0.0.1 (a real process, a real port): .base is its URL, .proc
+    the process, .log its output so far."""
+
+    def __init__(self, model: Path, workdir: Path, *flags: str):
+        import socket
+        import time
+        import urllib.request
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.log_path = workdir / f"serve-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(["slicemoe", "serve", "-m", str(model), "--port", str(self.port), *flags],
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir)
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.base + "/health", timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError(f"slicemoe serve did not start:\n{self.log}") from None
+                time.sleep(0.2)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int | None = None) -> int:
+        """Sends `sig` (default SIGINT, Ctrl-C) and returns the exit status."""
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self._log.close()

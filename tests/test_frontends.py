@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_json
+from helpers import Server, run_json
 from slicemoe_gguf import Model
 from slicemoe_gguf._native import check, ffi, lib
 from slicemoe_gguf.embedded import embedded_gguf
@@ -46,34 +45,12 @@ def reference(embedded):
     return plain, chat
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(embedded, tmp_path):
     """`slicemoe serve` on 127.0.0.1 with the cache flags; yields its base URL, stopped by SIGINT."""
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(["slicemoe", "serve", "-m", str(embedded), "--port", str(port), "-c", "2048", *CACHE_FLAGS],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(base + "/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"slicemoe serve did not start:\n{log.read()}")
-            time.sleep(0.2)
-    yield base
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0, "slicemoe serve must stop cleanly on Ctrl-C"
-    log.close()
+    running = Server(embedded, tmp_path, "-c", "2048", *CACHE_FLAGS)
+    yield running.base
+    assert running.stop() == 0, "slicemoe serve must stop cleanly on Ctrl-C"
 
 
 def _metrics(base: str) -> dict[str, float]:
@@ -261,8 +238,9 @@ def _decode(model: Model, prompt: list[int], n: int) -> list[int]:
     check(native.slicemoe_context_create(model._model, ffi.new("struct slicemoe_context_params *", params), ctx_out))
     ctx = ffi.gc(ctx_out[0], native.slicemoe_context_free)
     sampler_out = ffi.new("slicemoe_sampler **")
-    check(native.slicemoe_sampler_create(ffi.new("struct slicemoe_sampling_params *",
-                                                 native.slicemoe_sampling_default_params()), sampler_out))
+    check(native.slicemoe_sampler_create(model._model, ffi.new("struct slicemoe_sampling_params *",
+                                                               native.slicemoe_sampling_default_params()),
+                                         sampler_out))
     sampler = ffi.gc(sampler_out[0], native.slicemoe_sampler_free)
     check(native.slicemoe_eval(ctx, ffi.new("int32_t[]", prompt), len(prompt)))
     token = ffi.new("int32_t *")

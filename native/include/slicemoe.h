@@ -215,10 +215,22 @@ struct slicemoe_context_params {
     int32_t  n_threads;  // compute threads; 0 = all cores
 };
 
+// The sampler chain, in the order llama-server applies it: logit bias, penalties, grammar, then
+// greedy, or top-k, top-p, min-p, temperature and a seeded draw.
 struct slicemoe_sampling_params {
     float    temperature;  // <= 0: greedy (argmax)
     float    top_p;        // nucleus sampling; 1 disables it
     uint32_t seed;
+    int32_t  top_k;              // keep the k most likely tokens; 0 disables it
+    float    min_p;              // drop tokens below min_p x the most likely one's probability; 0 disables it
+    float    repeat_penalty;     // divides a repeated token's positive logit (multiplies a negative one); 1 disables it
+    float    frequency_penalty;  // subtracted once per earlier occurrence; 0 disables it
+    float    presence_penalty;   // subtracted once if the token occurred; 0 disables it
+    int32_t  penalty_last_n;     // the tokens the penalties look at: the last n sampled ones (-1: all of the context)
+    const char * grammar;        // GBNF the output must match (start symbol "root"); NULL or "" for none
+    const int32_t * logit_bias_tokens;  // n_logit_bias token ids, each with the bias added to its logit
+    const float   * logit_bias_values;
+    int32_t  n_logit_bias;
 };
 
 struct slicemoe_timings {
@@ -334,6 +346,10 @@ SLICEMOE_API int slicemoe_chat_apply(const slicemoe_model * model, const char * 
                                      int32_t n_messages, bool add_assistant, char * buf, int32_t size, int32_t * n_out);
 SLICEMOE_API int slicemoe_detokenize(const slicemoe_model * model, const int32_t * tokens, int32_t n_tokens,
                                      char * text, int32_t text_len_max, int32_t * n_out);
+// The bytes of one token as the vocabulary stores them (special tokens written out), which may be
+// part of a UTF-8 character: what a token's logprob entry names. Not NUL-terminated.
+SLICEMOE_API int slicemoe_token_piece(const slicemoe_model * model, int32_t token, char * buf, int32_t size,
+                                      int32_t * n_out);
 
 // --- context -------------------------------------------------------------------------------
 
@@ -372,7 +388,11 @@ SLICEMOE_API void slicemoe_timings_get(const slicemoe_context * ctx, struct slic
 // --- sampling ------------------------------------------------------------------------------
 
 SLICEMOE_API struct slicemoe_sampling_params slicemoe_sampling_default_params(void);
-SLICEMOE_API int  slicemoe_sampler_create(const struct slicemoe_sampling_params * params, slicemoe_sampler ** out);
+// The model gives the vocabulary that a grammar, penalties and logit biases need. Fails with
+// SLICEMOE_ERR_INVALID_ARG (and the reason) for a grammar that does not parse, a token id outside
+// the vocabulary or a value out of its range.
+SLICEMOE_API int  slicemoe_sampler_create(const slicemoe_model * model, const struct slicemoe_sampling_params * params,
+                                          slicemoe_sampler ** out);
 SLICEMOE_API void slicemoe_sampler_free(slicemoe_sampler * sampler);
 // Choose the next token from the last logits (does not evaluate it).
 SLICEMOE_API int  slicemoe_sample(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token);

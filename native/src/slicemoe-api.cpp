@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -747,6 +748,24 @@ int slicemoe_detokenize(const slicemoe_model * model, const int32_t * tokens, in
     });
 }
 
+int slicemoe_token_piece(const slicemoe_model * model, int32_t token, char * buf, int32_t size, int32_t * n_out) {
+    return guard([&]() -> int {
+        if (!model || !n_out || size < 0 || (!buf && size > 0)) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_token_piece: bad arguments");
+        }
+        if (token < 0 || token >= llama_vocab_n_tokens(model->vocab)) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "token id " + std::to_string(token) + " is outside the vocabulary");
+        }
+        const int32_t n = llama_token_to_piece(model->vocab, token, buf, size, /*lstrip*/ 0, /*special*/ true);
+        if (n < 0) {
+            *n_out = -n;
+            return fail(SLICEMOE_ERR_BUFFER_TOO_SMALL, "piece buffer too small");
+        }
+        *n_out = n;
+        return ok();
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // context
 
@@ -1007,13 +1026,97 @@ void slicemoe_timings_get(const slicemoe_context * ctx, slicemoe_timings * out) 
 
 slicemoe_sampling_params slicemoe_sampling_default_params(void) {
     slicemoe_sampling_params p;
-    p.temperature = 0.0f;
-    p.top_p       = 1.0f;
-    p.seed        = 0;
+    p.temperature       = 0.0f;
+    p.top_p             = 1.0f;
+    p.seed              = 0;
+    p.top_k             = 0;
+    p.min_p             = 0.0f;
+    p.repeat_penalty    = 1.0f;
+    p.frequency_penalty = 0.0f;
+    p.presence_penalty  = 0.0f;
+    p.penalty_last_n    = 64;   // llama.cpp's default window
+    p.grammar           = nullptr;
+    p.logit_bias_tokens = nullptr;
+    p.logit_bias_values = nullptr;
+    p.n_logit_bias      = 0;
     return p;
 }
 
-int slicemoe_sampler_create(const slicemoe_sampling_params * params, slicemoe_sampler ** out) {
+// The reason the parameters cannot make a sampler, or "" when they can.
+static std::string sampling_params_error(const slicemoe_model * model, const slicemoe_sampling_params & p) {
+    if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
+        return "top_p must be in (0, 1]";
+    }
+    if (p.top_k < 0 || !(p.min_p >= 0.0f && p.min_p <= 1.0f)) {
+        return "top_k must be >= 0 and min_p in [0, 1]";
+    }
+    if (!(p.repeat_penalty > 0.0f) || !std::isfinite(p.repeat_penalty) || !std::isfinite(p.frequency_penalty) ||
+        !std::isfinite(p.presence_penalty) || p.penalty_last_n < -1) {
+        return "repeat_penalty must be > 0, the other penalties finite and penalty_last_n >= -1";
+    }
+    const bool needs_model = (p.grammar && p.grammar[0]) || p.n_logit_bias > 0 || p.repeat_penalty != 1.0f ||
+                             p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
+    if (needs_model && !model) {
+        return "a grammar, penalties and logit biases need the model (its vocabulary)";
+    }
+    if (p.n_logit_bias < 0 || (p.n_logit_bias > 0 && (!p.logit_bias_tokens || !p.logit_bias_values))) {
+        return "logit_bias: n_logit_bias tokens and values";
+    }
+    const int32_t n_vocab = model ? llama_vocab_n_tokens(model->vocab) : 0;
+    for (int32_t i = 0; i < p.n_logit_bias; i++) {
+        if (p.logit_bias_tokens[i] < 0 || p.logit_bias_tokens[i] >= n_vocab) {
+            return "logit_bias: token " + std::to_string(p.logit_bias_tokens[i]) + " is not in the vocabulary of " +
+                   std::to_string(n_vocab) + " tokens";
+        }
+    }
+    return "";
+}
+
+// logit bias -> penalties -> grammar -> (greedy | top-k -> top-p -> min-p -> temperature -> draw)
+static llama_sampler * build_sampler_chain(const slicemoe_model * model, const slicemoe_sampling_params & p) {
+    llama_sampler * chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+    if (p.n_logit_bias > 0) {
+        std::vector<llama_logit_bias> biases(p.n_logit_bias);
+        for (int32_t i = 0; i < p.n_logit_bias; i++) {
+            biases[i] = {p.logit_bias_tokens[i], p.logit_bias_values[i]};
+        }
+        llama_sampler_chain_add(chain, llama_sampler_init_logit_bias(llama_vocab_n_tokens(model->vocab),
+                                                                     p.n_logit_bias, biases.data()));
+    }
+    if (p.repeat_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f) {
+        const int32_t last_n = p.penalty_last_n >= 0 ? p.penalty_last_n : llama_model_n_ctx_train(model->model);
+        llama_sampler_chain_add(chain, llama_sampler_init_penalties(llama_vocab_n_tokens(model->vocab), last_n,
+                                                                    p.repeat_penalty, p.frequency_penalty,
+                                                                    p.presence_penalty));
+    }
+    if (p.grammar && p.grammar[0]) {
+        llama_sampler * grammar = llama_sampler_init_grammar(model->vocab, p.grammar, "root");
+        if (!grammar) {
+            llama_sampler_free(chain);
+            return nullptr;
+        }
+        llama_sampler_chain_add(chain, grammar);
+    }
+    if (p.temperature <= 0.0f) {
+        llama_sampler_chain_add(chain, llama_sampler_init_greedy());
+        return chain;
+    }
+    if (p.top_k > 0) {
+        llama_sampler_chain_add(chain, llama_sampler_init_top_k(p.top_k));
+    }
+    if (p.top_p < 1.0f) {
+        llama_sampler_chain_add(chain, llama_sampler_init_top_p(p.top_p, 1));
+    }
+    if (p.min_p > 0.0f) {
+        llama_sampler_chain_add(chain, llama_sampler_init_min_p(p.min_p, 1));
+    }
+    llama_sampler_chain_add(chain, llama_sampler_init_temp(p.temperature));
+    llama_sampler_chain_add(chain, llama_sampler_init_dist(p.seed));
+    return chain;
+}
+
+int slicemoe_sampler_create(const slicemoe_model * model, const slicemoe_sampling_params * params,
+                            slicemoe_sampler ** out) {
     return guard([&]() -> int {
         init_once();
         if (!out) {
@@ -1021,18 +1124,13 @@ int slicemoe_sampler_create(const slicemoe_sampling_params * params, slicemoe_sa
         }
         *out = nullptr;
         const slicemoe_sampling_params p = params ? *params : slicemoe_sampling_default_params();
-        if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
-            return fail(SLICEMOE_ERR_INVALID_ARG, "top_p must be in (0, 1]");
+        const std::string error = sampling_params_error(model, p);
+        if (!error.empty()) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, error);
         }
-        llama_sampler * chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
-        if (p.temperature <= 0.0f) {
-            llama_sampler_chain_add(chain, llama_sampler_init_greedy());
-        } else {
-            if (p.top_p < 1.0f) {
-                llama_sampler_chain_add(chain, llama_sampler_init_top_p(p.top_p, 1));
-            }
-            llama_sampler_chain_add(chain, llama_sampler_init_temp(p.temperature));
-            llama_sampler_chain_add(chain, llama_sampler_init_dist(p.seed));
+        llama_sampler * chain = build_sampler_chain(model, p);
+        if (!chain) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "the grammar does not parse (llama.cpp's log says where)");
         }
         *out = new slicemoe_sampler{chain};
         return ok();
