@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -517,12 +518,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     budget = _parse_budget(args.cache_budget, total)
     msb_slice = info["msb_slice_bytes"]
     profiles = _profiles(args)
-    rows = []
-    for label, policy, warmup in (("SliceMoE: dbsc + pcw", "dbsc", "pcw"), ("lru8 (whole 8-bit experts)", "lru8", "none")):
-        with Model(path, n_threads=args.threads, cache_budget=budget, policy=policy, warmup=warmup) as model:
-            result = model.generate(args.prompt, args.n_predict, Sampling(), stop_at_eog=False)
-            stats = model.cache_stats()
-        rows.append((label, result, stats, _modelled(stats, profiles, msb_slice)))
+    setups = (("SliceMoE: dbsc + pcw", "dbsc", "pcw"), ("lru8 (whole 8-bit experts)", "lru8", "none"))
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    timings: dict[str, list[float]] = {label: [] for label, _, _ in setups}
+    firsts = {}
+    # the rows alternate, run after run, so that a change in the machine's load hits both alike;
+    # each run starts from an empty cache, so the counters are the same every run
+    for _ in range(args.runs):
+        for label, policy, warmup in setups:
+            with Model(path, n_threads=args.threads, cache_budget=budget, policy=policy, warmup=warmup) as model:
+                result = model.generate(args.prompt, args.n_predict, Sampling(), stop_at_eog=False)
+                firsts.setdefault(label, (result, model.cache_stats()))
+            timings[label].append(result.decode_ms_per_token)
+    rows = [(label, firsts[label][0], firsts[label][1], _modelled(firsts[label][1], profiles, msb_slice),
+             float(np.median(timings[label]))) for label, _, _ in setups]
     print(f"{info['name'] or 'embedded model'}: {len(info['layers'])} MoE layers x {info['n_experts']} experts "
           f"(top-{info['top_k']}), {format_size(total)} of expert slices; budget {format_size(budget)} "
           f"({100 * budget / total:.0f}%)\n")
@@ -530,18 +539,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     energy_cols = " | ".join(f"{p.name} mJ/token" for p in profiles)
     print(f"| policy | hits | misses | flash MB/token | {energy_cols} | ms/token (this machine) |")
     print("|---|---|---|---|" + "---|" * len(profiles) + "---|")
-    for label, result, stats, modelled in rows:
+    for label, _, stats, modelled, ms_per_token in rows:
         tokens = max(stats["decode_tokens"], 1)
         energies = " | ".join(f"{modelled[p.name]['energy_mj_per_token']:.4f}" for p in profiles)
         print(f"| {label} | {stats['hits']} | {stats['misses']} | {stats['flash_bytes'] / tokens / 1e6:.3f} | "
-              f"{energies} | {result.decode_ms_per_token:.2f} |")
-    (_, fast, mine, mine_m), (_, slow, base, base_m) = rows
+              f"{energies} | {ms_per_token:.2f} |")
+    (_, _, mine, mine_m, fast), (_, _, base, base_m, slow) = rows
     first = profiles[0].name
     print(f"\nSliceMoE against lru8 at the same budget: {base['flash_bytes'] / max(mine['flash_bytes'], 1):.2f}x less "
           f"flash traffic, {base_m[first]['energy_mj_per_token'] / mine_m[first]['energy_mj_per_token']:.2f}x less "
-          f"modelled energy ({first}), {slow.decode_ms_per_token / fast.decode_ms_per_token:.2f}x decode speed here. "
-          f"Energy is modelled from the counters with the device profiles (see README); ms/token is measured.")
+          f"modelled energy ({first}), {slow / fast:.2f}x decode speed here. Energy is modelled from the counters "
+          f"with the device profiles (see README); ms/token is measured: the median of {args.runs} alternating "
+          f"runs per policy.")
+    print(_timing_verdict(timings, load_before))
     return 0
+
+
+def _timing_verdict(timings: dict[str, list[float]], load_before: float) -> str:
+    """One line on whether the machine was quiet enough for the ms/token column to mean something."""
+    cores = os.cpu_count() or 1
+    spread = max((max(runs) - min(runs)) / max(float(np.median(runs)), 1e-9) for runs in timings.values())
+    busy = load_before > 0.5 * cores or (len(next(iter(timings.values()))) > 1 and spread > 0.25)
+    measured = f"load average {load_before:.1f} on {cores} cores before the runs; runs of one policy differ by " \
+               f"up to {100 * spread:.0f}%"
+    if busy:
+        return (f"The machine was busy ({measured}): do not trust the ms/token column; the counters, flash "
+                f"traffic and energy are exact. Run again on an idle machine, or with more --runs.")
+    return f"Timings are steady ({measured})."
 
 
 def _add_profile_argument(parser: argparse.ArgumentParser) -> None:
@@ -749,6 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-budget", default="25%", metavar="SIZE",
                       help="bytes with a unit or a percentage of all expert slice bytes (default 25%%)")
     demo.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS, help="compute threads (default: all cores)")
+    demo.add_argument("--runs", type=int, default=3,
+                      help="runs per policy, alternating; ms/token is their median (default 3)")
     _add_profile_argument(demo)
     demo.set_defaults(func=_cmd_demo)
 
@@ -852,6 +878,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("--max-miss-rate must be in [0, 1)")
     if args.command in ("trace", "demo") and args.n_predict < 1:
         parser.error("-n/--n-predict must be >= 1")
+    if args.command == "demo" and args.runs < 1:
+        parser.error("--runs must be >= 1")
     if args.command in ("run", "trace", "sim", "serve", "chat"):
         if not 0.0 <= args.high_threshold <= 1.0 or not 0.0 <= args.max_miss_rate < 1.0 or \
                 not 0.0 <= args.high_ratio <= 1.0 or not 0.0 <= args.msb_share <= 1.0 or \

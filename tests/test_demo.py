@@ -72,6 +72,21 @@ def test_demo_prints_text_and_the_side_by_side_table(model_path, cache_env):
     assert "| SliceMoE: dbsc + pcw |" in out and "| lru8 (whole 8-bit experts) |" in out
     assert "phone mJ/token" in out and "laptop mJ/token" in out and "ms/token (this machine)" in out
     assert "less flash traffic" in out
+    assert "the median of 3 alternating runs per policy" in out
+    assert "Timings are steady" in out or "The machine was busy" in out
+
+
+@pytest.mark.parametrize("runs, load, busy", [
+    ([2.0, 2.1, 1.95], 0.1, False),
+    ([2.0, 6.0, 2.1], 0.1, True),      # one run three times slower: another job took the cores
+    ([2.0, 2.1, 1.95], 64.0, True),    # a loaded machine before the runs
+])
+def test_the_demo_says_when_its_timings_cannot_be_trusted(runs, load, busy):
+    from slicemoe_gguf.cli import _timing_verdict
+
+    verdict = _timing_verdict({"dbsc": runs, "lru8": [3.0, 3.05, 3.1]}, load)
+    assert verdict.startswith("The machine was busy" if busy else "Timings are steady")
+    assert "do not trust the ms/token column" in verdict if busy else "differ by up to" in verdict
 
 
 def test_demo_refuses_a_budget_below_the_minimum(cache_env):
