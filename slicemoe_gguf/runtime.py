@@ -93,7 +93,7 @@ class Model:
                  gating_t: float = defaults.GATING_T, prefetch: bool = defaults.PREFETCH,
                  layer_slots: list[int] | None = None, io_mode: str = defaults.IO_MODE,
                  forced_routes: bool = False, layer_sensitivity: list[float] | None = None,
-                 layer_high_uses: list[int] | None = None):
+                 layer_high_uses: list[int] | None = None, n_seq: int = 1):
         self.path = Path(path)
         if io_mode not in IO_MODES:
             raise ValueError(f"io_mode must be one of {', '.join(IO_MODES)}")
@@ -120,6 +120,7 @@ class Model:
             cparams.n_ctx = n_ctx
             cparams.n_batch = n_batch
             cparams.n_threads = n_threads
+            cparams.n_seq = n_seq
             cout = ffi.new("slicemoe_context **")
             check(self._lib.slicemoe_context_create(self._model, ffi.new("struct slicemoe_context_params *", cparams), cout))
             self._ctx = cout[0]
@@ -128,7 +129,9 @@ class Model:
             raise
         self.n_vocab = int(self._lib.slicemoe_model_n_vocab(self._model))
         self.n_layer = int(self._lib.slicemoe_model_n_layer(self._model))
-        self.n_ctx = int(self._lib.slicemoe_context_n_ctx(self._ctx))
+        self.n_seq = n_seq
+        # per sequence: llama.cpp splits the context evenly between the sequences
+        self.n_ctx = int(self._lib.slicemoe_context_n_ctx(self._ctx)) // n_seq
         self.n_sliced_layers = int(self._lib.slicemoe_model_n_sliced_layers(self._model))
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -323,6 +326,37 @@ class Model:
         if ptr == ffi.NULL:
             raise SliceMoEError("no logits yet: evaluate a prompt first", 1)
         return np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32).copy()
+
+    # -- several sequences (n_seq > 1) --------------------------------------------------------
+
+    def eval_seq(self, seq: int, tokens: list[int]) -> None:
+        """Append tokens to sequence `seq` (a prompt) and run the model over them."""
+        check(self._lib.slicemoe_eval_seq(self._ctx, seq, ffi.new("int32_t[]", tokens), len(tokens)))
+
+    def decode_batch(self, seqs: list[int], tokens: list[int]) -> None:
+        """One token for each of the sequences `seqs`, in one batch: the slice cache serves the union
+        of the experts they select (a missing slice is read once for all of them)."""
+        if len(seqs) != len(tokens):
+            raise ValueError("one token per sequence")
+        check(self._lib.slicemoe_decode_batch(self._ctx, len(seqs), ffi.new("int32_t[]", seqs),
+                                              ffi.new("int32_t[]", tokens)))
+
+    def logits_seq(self, seq: int) -> np.ndarray:
+        """A copy of the logits of sequence `seq`'s last token, float32 [n_vocab]."""
+        ptr = self._lib.slicemoe_logits_seq(self._ctx, seq)
+        if ptr == ffi.NULL:
+            raise SliceMoEError(f"sequence {seq} has no logits from the last evaluation", 1)
+        return np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32).copy()
+
+    def sample(self, sampler, seq: int = 0) -> int:
+        """The next token of sequence `seq` from its logits (a sampler from Model.sampler)."""
+        token = ffi.new("int32_t *")
+        check(self._lib.slicemoe_sample_seq(sampler, self._ctx, seq, token))
+        return int(token[0])
+
+    def reset_seq(self, seq: int) -> None:
+        """Forget sequence `seq`'s tokens (it is free for a new prompt)."""
+        self._lib.slicemoe_seq_reset(self._ctx, seq)
 
     def timings(self) -> tuple[float, float]:
         """(prefill_ms, decode_ms) since the last reset."""

@@ -207,26 +207,32 @@ def test_the_environment_configures_a_stock_load_and_a_bad_value_is_refused(embe
     assert "REFUSED" in bad.stdout and "SLICEMOE_POLICY: 'fastest' is not one of" in bad.stderr
 
 
-def test_a_batch_of_two_sequences_is_refused_under_a_cache(embedded, tmp_path):
+def test_under_a_cache_a_batch_of_sequences_decodes_one_token_each_and_mixed_batches_are_refused(embedded, tmp_path):
     proc = _python(f"""
         from slicemoe_gguf.llama import Llama
         import llama_cpp
         llm = Llama({str(embedded)!r}, cache_budget="50%", n_ctx=256, verbose=True)
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx, params.n_seq_max = 256, 2
+        # one KV stream for both sequences: llama.cpp then splits a batch in order, not sequence by sequence
+        params.n_ctx, params.n_seq_max, params.kv_unified = 256, 2, True
         ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
-        batch = llama_cpp.llama_batch_init(2, 0, 2)
-        for i in range(2):   # one decode token for each of two sequences
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = 100 + i, 0, 1, True
-            batch.seq_id[i][0] = i
-        batch.n_tokens = 2
-        print("RC", llama_cpp.llama_decode(ctx, batch))
-        one = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(100), 1)
-        print("SINGLE", llama_cpp.llama_decode(ctx, one))
+
+        def decode(rows):   # (token, position, sequence) per row
+            batch = llama_cpp.llama_batch_init(len(rows), 0, 1)
+            for i, (token, pos, seq) in enumerate(rows):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, True
+                batch.seq_id[i][0] = seq
+            batch.n_tokens = len(rows)
+            return llama_cpp.llama_decode(ctx, batch)
+
+        print("ONE_EACH", decode([(100, 0, 0), (101, 0, 1)]))              # a decode step of two sequences
+        print("MIXED", decode([(102, 1, 0), (103, 2, 0), (104, 1, 1)]))    # a prompt beside a decode token
+        print("AFTER", decode([(105, 1, 0), (106, 1, 1)]))
     """, tmp_path)
-    assert "RC -3" in proc.stdout, proc.stdout + proc.stderr
-    assert "serves one sequence per batch" in proc.stderr
-    assert "SINGLE 0" in proc.stdout, "the context stays usable"
+    assert "ONE_EACH 0" in proc.stdout, proc.stdout + proc.stderr
+    assert "MIXED -3" in proc.stdout
+    assert "the slice cache serves a prompt of one sequence, or one decode token of each sequence" in proc.stderr
+    assert "AFTER 0" in proc.stdout, "the context stays usable"
 
 
 def _decode(model: Model, prompt: list[int], n: int) -> list[int]:

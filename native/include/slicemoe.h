@@ -213,6 +213,7 @@ struct slicemoe_context_params {
     uint32_t n_ctx;      // context length in tokens; 0 = the model's training context
     uint32_t n_batch;    // tokens per llama_decode call during prompt evaluation
     int32_t  n_threads;  // compute threads; 0 = all cores
+    int32_t  n_seq;      // sequences decoded together (slicemoe_decode_batch); each gets n_ctx / n_seq tokens
 };
 
 // The sampler chain, in the order llama-server applies it: logit bias, penalties, grammar, then
@@ -383,6 +384,20 @@ SLICEMOE_API void slicemoe_context_reset(slicemoe_context * ctx);
 SLICEMOE_API int  slicemoe_eval(slicemoe_context * ctx, const int32_t * tokens, int32_t n_tokens);
 // The n_vocab logits of the last evaluated token, or NULL before any evaluation.
 SLICEMOE_API const float * slicemoe_logits(slicemoe_context * ctx);
+
+// Several sequences on one context (n_seq > 1), decoded together so that the slice cache serves the
+// union of the experts their tokens select: each missing slice is read once per step, for every
+// sequence routed to it. Sequence ids are 0 .. n_seq - 1; slicemoe_eval is slicemoe_eval_seq of 0.
+// Append tokens to one sequence (a prompt, in n_batch chunks); its last token's logits follow.
+SLICEMOE_API int  slicemoe_eval_seq(slicemoe_context * ctx, int32_t seq, const int32_t * tokens, int32_t n_tokens);
+// One token for each of n sequences (distinct ids) in one batch; each one's logits follow. A failed
+// call leaves every sequence as it was.
+SLICEMOE_API int  slicemoe_decode_batch(slicemoe_context * ctx, int32_t n, const int32_t * seqs, const int32_t * tokens);
+// The logits of a sequence's last token when the last evaluation computed them, else NULL.
+SLICEMOE_API const float * slicemoe_logits_seq(slicemoe_context * ctx, int32_t seq);
+// Tokens of a sequence so far; forgetting them frees the sequence for a new prompt.
+SLICEMOE_API int32_t slicemoe_seq_n_past(const slicemoe_context * ctx, int32_t seq);
+SLICEMOE_API void slicemoe_seq_reset(slicemoe_context * ctx, int32_t seq);
 SLICEMOE_API void slicemoe_timings_get(const slicemoe_context * ctx, struct slicemoe_timings * out);
 
 // --- sampling ------------------------------------------------------------------------------
@@ -396,6 +411,8 @@ SLICEMOE_API int  slicemoe_sampler_create(const slicemoe_model * model, const st
 SLICEMOE_API void slicemoe_sampler_free(slicemoe_sampler * sampler);
 // Choose the next token from the last logits (does not evaluate it).
 SLICEMOE_API int  slicemoe_sample(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token);
+// Choose a sequence's next token from its logits (a sampler per sequence: samplers keep state).
+SLICEMOE_API int  slicemoe_sample_seq(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t seq, int32_t * token);
 // Decode one token: sample from the last logits, then evaluate the chosen token so the next
 // logits are ready. *token receives the chosen id.
 SLICEMOE_API int  slicemoe_decode_next(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token);

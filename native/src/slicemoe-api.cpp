@@ -55,8 +55,8 @@ static std::unique_lock<std::mutex> hold(slicemoe::cache * c) {
 struct slicemoe_context {
     slicemoe_model  * model;
     llama_context   * lctx;
-    int32_t           n_past;
-    bool              has_logits;
+    std::vector<int32_t> n_past;        // [n_seq] tokens of each sequence
+    std::vector<int32_t> logits_index;  // [n_seq] its token's index in the last llama_decode's batch, -1: none
     slicemoe_timings  timings;
 };
 
@@ -803,6 +803,7 @@ slicemoe_context_params slicemoe_context_default_params(void) {
     p.n_ctx     = 2048;
     p.n_batch   = 512;
     p.n_threads = 0;
+    p.n_seq     = 1;
     return p;
 }
 
@@ -816,7 +817,7 @@ static llama_context_params to_llama_context_params(const slicemoe_context_param
     cp.n_ctx           = p.n_ctx;
     cp.n_batch         = p.n_batch;
     cp.n_ubatch        = p.n_batch;
-    cp.n_seq_max       = 1;
+    cp.n_seq_max       = (uint32_t) std::max(p.n_seq, 1);
     cp.n_threads       = p.n_threads > 0 ? p.n_threads : default_threads();
     cp.n_threads_batch = cp.n_threads;
     return cp;
@@ -884,8 +885,9 @@ int slicemoe_context_create(slicemoe_model * model, const slicemoe_context_param
         }
         *out = nullptr;
         const slicemoe_context_params p = params ? *params : slicemoe_context_default_params();
-        if (p.n_batch == 0) {
-            return fail(SLICEMOE_ERR_INVALID_ARG, "n_batch must be at least 1");
+        if (p.n_batch == 0 || p.n_seq < 1 || p.n_seq > LLAMA_MAX_SEQ) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "n_batch must be at least 1 and n_seq in [1, " +
+                        std::to_string(LLAMA_MAX_SEQ) + "]");
         }
 
         llama_context_params cp = to_llama_context_params(p);
@@ -902,11 +904,13 @@ int slicemoe_context_create(slicemoe_model * model, const slicemoe_context_param
         if (!lctx) {
             return fail_llama(SLICEMOE_ERR_NO_MEMORY, "llama.cpp could not create a context");
         }
-        slicemoe_context * c = new (std::nothrow) slicemoe_context{model, lctx, 0, false, {}};
+        slicemoe_context * c = new (std::nothrow) slicemoe_context{model, lctx, {}, {}, {}};
         if (!c) {
             llama_free(lctx);
             return fail(SLICEMOE_ERR_NO_MEMORY, "out of memory");
         }
+        c->n_past.assign(size_t(std::max(p.n_seq, 1)), 0);
+        c->logits_index.assign(c->n_past.size(), -1);
         *out = c;
         return ok();
     });
@@ -929,8 +933,12 @@ uint32_t slicemoe_context_n_ctx(const slicemoe_context * ctx) {
 }
 
 int32_t slicemoe_context_n_past(const slicemoe_context * ctx) {
+    return slicemoe_seq_n_past(ctx, 0);
+}
+
+int32_t slicemoe_seq_n_past(const slicemoe_context * ctx, int32_t seq) {
     return guard_value<int32_t>(0, [&]() -> int32_t {
-        return ctx ? ctx->n_past : 0;
+        return ctx && seq >= 0 && size_t(seq) < ctx->n_past.size() ? ctx->n_past[size_t(seq)] : 0;
     });
 }
 
@@ -941,54 +949,102 @@ void slicemoe_context_reset(slicemoe_context * ctx) {
         }
         // (the next ubatch starts at position 0, which begins a new request for the engine)
         llama_memory_clear(llama_get_memory(ctx->lctx), true);
-        ctx->n_past     = 0;
-        ctx->has_logits = false;
-        ctx->timings    = {};
+        std::fill(ctx->n_past.begin(), ctx->n_past.end(), 0);
+        std::fill(ctx->logits_index.begin(), ctx->logits_index.end(), -1);
+        ctx->timings = {};
         return 0;
     });
 }
 
-int slicemoe_eval(slicemoe_context * ctx, const int32_t * tokens, int32_t n_tokens) {
+void slicemoe_seq_reset(slicemoe_context * ctx, int32_t seq) {
+    guard_value(0, [&]() -> int {
+        if (ctx && seq >= 0 && size_t(seq) < ctx->n_past.size()) {
+            llama_memory_seq_rm(llama_get_memory(ctx->lctx), seq, -1, -1);
+            ctx->n_past[size_t(seq)] = 0;
+            ctx->logits_index[size_t(seq)] = -1;
+        }
+        return 0;
+    });
+}
+
+static bool valid_tokens(const slicemoe_context * ctx, const int32_t * tokens, int32_t n_tokens, std::string * error) {
+    const int32_t n_vocab = llama_vocab_n_tokens(ctx->model->vocab);
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+            *error = "token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " + std::to_string(n_vocab);
+            return false;
+        }
+    }
+    return true;
+}
+
+// One llama_decode under the engine; on failure every sequence of the batch is rolled back to
+// where it was, so the context stays usable.
+static int decode_or_roll_back(slicemoe_context * ctx, llama_batch batch, const std::vector<int32_t> & seqs) {
+    const int32_t rc = llama_decode(ctx->lctx, batch);
+    std::string cache_error;
+    const bool cache_failed = slicemoe::take_error(&cache_error);
+    if (!cache_failed && rc == 0) {
+        return SLICEMOE_OK;
+    }
+    for (int32_t seq : seqs) {
+        llama_memory_seq_rm(llama_get_memory(ctx->lctx), seq, ctx->n_past[size_t(seq)], -1);
+    }
+    std::fill(ctx->logits_index.begin(), ctx->logits_index.end(), -1);
+    if (cache_failed) {
+        return fail(SLICEMOE_ERR_IO, cache_error);
+    }
+    return fail_llama(SLICEMOE_ERR_COMPUTE, "llama_decode failed with code " + std::to_string(rc));
+}
+
+// The sequence's context size: llama.cpp splits n_ctx evenly between the sequences.
+static uint32_t seq_capacity(const slicemoe_context * ctx) {
+    return llama_n_ctx(ctx->lctx) / uint32_t(ctx->n_past.size());
+}
+
+int slicemoe_eval_seq(slicemoe_context * ctx, int32_t seq, const int32_t * tokens, int32_t n_tokens) {
     return guard([&]() -> int {
         if (!ctx || !tokens || n_tokens <= 0) {
             return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_eval: NULL context or no tokens");
         }
-        const int32_t n_vocab = llama_vocab_n_tokens(ctx->model->vocab);
-        for (int32_t i = 0; i < n_tokens; ++i) {
-            if (tokens[i] < 0 || tokens[i] >= n_vocab) {
-                return fail(SLICEMOE_ERR_INVALID_ARG, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " + std::to_string(n_vocab));
-            }
+        if (seq < 0 || size_t(seq) >= ctx->n_past.size()) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "sequence " + std::to_string(seq) + " outside [0, " +
+                        std::to_string(ctx->n_past.size()) + ")");
         }
-        std::string changed;
-        if (!file_unchanged(*ctx->model, &changed)) {
-            return fail(SLICEMOE_ERR_IO, changed);
+        std::string error;
+        if (!valid_tokens(ctx, tokens, n_tokens, &error)) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, error);
         }
-        const uint32_t n_ctx = llama_n_ctx(ctx->lctx);
-        if ((uint32_t) ctx->n_past + (uint32_t) n_tokens > n_ctx) {
-            return fail(SLICEMOE_ERR_CONTEXT_FULL, "context full: " + std::to_string(ctx->n_past) + " evaluated + " +
-                        std::to_string(n_tokens) + " new tokens > n_ctx " + std::to_string(n_ctx));
+        if (!file_unchanged(*ctx->model, &error)) {
+            return fail(SLICEMOE_ERR_IO, error);
         }
-
+        int32_t & n_past = ctx->n_past[size_t(seq)];
+        if ((uint32_t) n_past + (uint32_t) n_tokens > seq_capacity(ctx)) {
+            return fail(SLICEMOE_ERR_CONTEXT_FULL, "context full: " + std::to_string(n_past) + " evaluated + " +
+                        std::to_string(n_tokens) + " new tokens > n_ctx " + std::to_string(seq_capacity(ctx)));
+        }
         const int32_t n_batch = (int32_t) llama_n_batch(ctx->lctx);
         const auto t0 = std::chrono::steady_clock::now();
         clear_llama_errors();
+        llama_batch batch = llama_batch_init(std::min(n_batch, n_tokens), 0, 1);
         for (int32_t i = 0; i < n_tokens; i += n_batch) {
             const int32_t n = std::min(n_batch, n_tokens - i);
-            llama_batch batch = llama_batch_get_one(const_cast<int32_t *>(tokens) + i, n);
-            int32_t rc = llama_decode(ctx->lctx, batch);
-            std::string cache_error;
-            if (slicemoe::take_error(&cache_error)) {
-                llama_memory_seq_rm(llama_get_memory(ctx->lctx), 0, ctx->n_past, -1);
-                ctx->has_logits = false;
-                return fail(SLICEMOE_ERR_IO, cache_error);
+            batch.n_tokens = n;
+            for (int32_t j = 0; j < n; ++j) {
+                batch.token[j] = tokens[i + j];
+                batch.pos[j] = n_past + i + j;
+                batch.n_seq_id[j] = 1;
+                batch.seq_id[j][0] = seq;
+                batch.logits[j] = i + j == n_tokens - 1;
             }
-            if (rc != 0) {
-                // roll the sequence back so the context stays usable
-                llama_memory_seq_rm(llama_get_memory(ctx->lctx), 0, ctx->n_past, -1);
-                ctx->has_logits = false;
-                return fail_llama(SLICEMOE_ERR_COMPUTE, "llama_decode failed with code " + std::to_string(rc));
+            const int status = decode_or_roll_back(ctx, batch, {seq});
+            if (status != SLICEMOE_OK) {
+                llama_batch_free(batch);
+                return status;
             }
         }
+        const int32_t last_row = batch.n_tokens - 1;   // the last chunk's last token
+        llama_batch_free(batch);
         const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
         if (n_tokens > 1) {
             ctx->timings.prefill_ms += ms;
@@ -997,19 +1053,80 @@ int slicemoe_eval(slicemoe_context * ctx, const int32_t * tokens, int32_t n_toke
             ctx->timings.decode_ms += ms;
             ctx->timings.n_decode  += 1;
         }
-        ctx->n_past    += n_tokens;
-        ctx->has_logits = true;
+        n_past += n_tokens;
+        std::fill(ctx->logits_index.begin(), ctx->logits_index.end(), -1);
+        ctx->logits_index[size_t(seq)] = last_row;
         return ok();
     });
 }
 
-const float * slicemoe_logits(slicemoe_context * ctx) {
+int slicemoe_eval(slicemoe_context * ctx, const int32_t * tokens, int32_t n_tokens) {
+    return slicemoe_eval_seq(ctx, 0, tokens, n_tokens);
+}
+
+int slicemoe_decode_batch(slicemoe_context * ctx, int32_t n, const int32_t * seqs, const int32_t * tokens) {
+    return guard([&]() -> int {
+        if (!ctx || !seqs || !tokens || n <= 0 || size_t(n) > ctx->n_past.size()) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_decode_batch: NULL argument, or n outside [1, n_seq]");
+        }
+        std::vector<int32_t> order(seqs, seqs + n);
+        std::vector<char> seen(ctx->n_past.size(), 0);
+        for (int32_t seq : order) {
+            if (seq < 0 || size_t(seq) >= ctx->n_past.size() || seen[size_t(seq)]) {
+                return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_decode_batch: sequence ids must be distinct, in [0, " +
+                            std::to_string(ctx->n_past.size()) + ")");
+            }
+            seen[size_t(seq)] = 1;
+            if ((uint32_t) ctx->n_past[size_t(seq)] + 1 > seq_capacity(ctx)) {
+                return fail(SLICEMOE_ERR_CONTEXT_FULL, "context full: sequence " + std::to_string(seq) + " holds " +
+                            std::to_string(ctx->n_past[size_t(seq)]) + " tokens of " + std::to_string(seq_capacity(ctx)));
+            }
+        }
+        std::string error;
+        if (!valid_tokens(ctx, tokens, n, &error)) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, error);
+        }
+        if (!file_unchanged(*ctx->model, &error)) {
+            return fail(SLICEMOE_ERR_IO, error);
+        }
+        const auto t0 = std::chrono::steady_clock::now();
+        clear_llama_errors();
+        llama_batch batch = llama_batch_init(n, 0, 1);
+        batch.n_tokens = n;
+        for (int32_t i = 0; i < n; ++i) {
+            batch.token[i] = tokens[i];
+            batch.pos[i] = ctx->n_past[size_t(seqs[i])];
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = seqs[i];
+            batch.logits[i] = true;
+        }
+        const int status = decode_or_roll_back(ctx, batch, order);
+        llama_batch_free(batch);
+        if (status != SLICEMOE_OK) {
+            return status;
+        }
+        ctx->timings.decode_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        ctx->timings.n_decode += n;
+        std::fill(ctx->logits_index.begin(), ctx->logits_index.end(), -1);
+        for (int32_t i = 0; i < n; ++i) {
+            ctx->n_past[size_t(seqs[i])] += 1;
+            ctx->logits_index[size_t(seqs[i])] = i;
+        }
+        return ok();
+    });
+}
+
+const float * slicemoe_logits_seq(slicemoe_context * ctx, int32_t seq) {
     return guard_value<const float *>(nullptr, [&]() -> const float * {
-        if (!ctx || !ctx->has_logits) {
+        if (!ctx || seq < 0 || size_t(seq) >= ctx->n_past.size() || ctx->logits_index[size_t(seq)] < 0) {
             return nullptr;
         }
-        return llama_get_logits_ith(ctx->lctx, -1);
+        return llama_get_logits_ith(ctx->lctx, ctx->logits_index[size_t(seq)]);
     });
+}
+
+const float * slicemoe_logits(slicemoe_context * ctx) {
+    return slicemoe_logits_seq(ctx, 0);
 }
 
 void slicemoe_timings_get(const slicemoe_context * ctx, slicemoe_timings * out) {
@@ -1147,17 +1264,21 @@ void slicemoe_sampler_free(slicemoe_sampler * sampler) {
     });
 }
 
-int slicemoe_sample(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token) {
+int slicemoe_sample_seq(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t seq, int32_t * token) {
     return guard([&]() -> int {
-        if (!sampler || !ctx || !token) {
-            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sample: NULL argument");
+        if (!sampler || !ctx || !token || seq < 0 || size_t(seq) >= ctx->n_past.size()) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sample: NULL argument or no such sequence");
         }
-        if (!ctx->has_logits) {
+        if (ctx->logits_index[size_t(seq)] < 0) {
             return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_sample: no logits yet, evaluate a prompt first");
         }
-        *token = llama_sampler_sample(sampler->chain, ctx->lctx, -1);
+        *token = llama_sampler_sample(sampler->chain, ctx->lctx, ctx->logits_index[size_t(seq)]);
         return ok();
     });
+}
+
+int slicemoe_sample(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token) {
+    return slicemoe_sample_seq(sampler, ctx, 0, token);
 }
 
 int slicemoe_decode_next(slicemoe_sampler * sampler, slicemoe_context * ctx, int32_t * token) {

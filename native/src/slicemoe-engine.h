@@ -131,6 +131,8 @@ struct cache {
     bool                 precision_only = false; // a sliced model without cache or trace: only chooses
                                               // the precision of the mapped experts
     bool                 sequence_fresh = false; // begin_sequence ran and no ubatch since
+    bool                 decode_batch = false;   // the ubatch running is one decode token of each of
+                                                 // several sequences (served from the pools together)
     std::mutex           compute_mutex;       // held by slicemoe_ubatch_scope: one ubatch at a time
     bool                 record = false;      // keep a routing trace
     int32_t              request = 0;
@@ -202,8 +204,16 @@ template <class params_t> void set_policy(cache & c, const params_t & p) {
 }
 // false with *error when a per-layer setting does not have one value per MoE layer.
 bool layer_settings_fit(const cache & c, int n_layers, std::string * error);
-// One routing event, live or replayed: the single place that drives the policy.
-bool access(cache & c, int index, int phase, const int32_t * ids, const float * weights);
+// The routing events of one step of a layer, live or replayed: the single place that drives the
+// policy. n_tokens tokens, their top-k ids `stride` apart and weights [n_tokens, top_k]; phase 0 is a
+// prompt (each token recorded for warm-up), phase 1 a decode step: one token, or one token of each
+// sequence of a batch, served together (the union of their slices resident at once).
+bool access(cache & c, int index, int phase, int64_t n_tokens, const int32_t * ids, int64_t stride,
+            const float * weights);
+// One token's routing event.
+inline bool access(cache & c, int index, int phase, const int32_t * ids, const float * weights) {
+    return access(c, index, phase, 1, ids, c.top_k, weights);
+}
 // Replay of cache_prior: the experts the biased router picks in the replayed cache state.
 void replay_selection(const cache & c, layer & L, const float * logits, int32_t * ids, float * weights);
 

@@ -51,9 +51,10 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
         return;
     }
     layer & L = c->layers[size_t(it->second)];
-    if (serves_decode(*c) && n_tokens == 1) {
-        ggml_tensor * selected = w->ids;
-        const int64_t k = selected->ne[0];
+    if (serves_decode(*c) && (n_tokens == 1 || c->decode_batch)) {
+        // the expert ids [k, n_tokens] as one row of ids, to look up per-expert tables
+        const int64_t k = w->ids->ne[0];
+        ggml_tensor * selected = n_tokens == 1 ? w->ids : ggml_reshape_1d(ctx, ggml_cont(ctx, w->ids), k * n_tokens);
         auto gather = [&](ggml_tensor * table) {
             return ggml_reshape_2d(ctx, ggml_get_rows(ctx, table, selected), k, n_tokens);
         };
@@ -61,6 +62,7 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
         w->gate = L.msb.t[1];
         w->down = L.msb.t[2];
         w->ids  = gather(L.msb_map);
+        w->decode = true;
         if (L.keep && !L.cpu_pools) {   // on CPU pools a dropped use has slot -1 and no product
             w->weight_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.keep, selected), 1, k, n_tokens);
         }
@@ -94,15 +96,16 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
 
 ggml_tensor * slicemoe_moe_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
                                    const slicemoe_moe_weights * sw) {
-    // Decode only: the op computes each token's uses one after the other, so a prompt batch would
-    // stream an expert's weights once per token that uses it, where ggml's mul_mat_id groups a
-    // batch's tokens by expert and reads them once.
+    // Decode tokens only (one, or one per sequence of a batch): the op computes each token's uses
+    // one after the other, so a prompt batch would stream an expert's weights once per token that
+    // uses it, where ggml's mul_mat_id groups a batch's tokens by expert and reads them once. A
+    // decode batch takes it too, so that a sequence computes the same in a batch as alone.
     // read once: graphs are built for every decode token
     static const bool two_passes = [] {
         const char * choice = std::getenv("SLICEMOE_PRODUCT");
         return choice && std::strcmp(choice, "ggml") == 0;
     }();
-    if (sw->lsb_mask || sw->ids->ne[1] != 1 || two_passes) {
+    if (sw->lsb_mask || !(sw->decode || sw->ids->ne[1] == 1) || two_passes) {
         return nullptr;
     }
     return slicemoe::build_expert_product(ctx, w, w_lsb, x, sw->ids, sw->ids_lsb);

@@ -28,6 +28,8 @@ struct slicemoe_moe_weights {
     ggml_tensor * lsb_mask;  // optional [1, n_expert_used, n_tokens] F32 of 1 (use the LSB) or 0
     ggml_tensor * weight_mask;  // optional, same shape: 0 drops the use from the mixture (AdapMoE)
     ggml_tensor * input;     // the layer's FFN input [n_embd, 1, n_tokens] (for look-ahead prefetch)
+    bool          decode = false;  // set by slicemoe_moe_graph: the products run on the pools for
+                                   // decode tokens (one, or one per sequence of a batch)
 };
 
 // After a successful load from a path (every entry point: llama_model_load_from_file too). A

@@ -121,16 +121,7 @@ slicemoe_ubatch_scope::slicemoe_ubatch_scope(ggml_backend_sched_eval_callback cb
     }
     engine_ = static_cast<slicemoe::cache *>(cb_eval_user_data);
     lock_ = std::unique_lock<std::mutex>(slicemoe::compute_mutex(*engine_));
-    if (n_seqs > 1 && slicemoe::serves_decode(*engine_)) {
-        // each sequence's decode token would select its own experts, more than a layer's slots
-        // may hold; a batch of several is refused rather than silently run from the mapped file
-        slicemoe::t_failure = "a batch with tokens of " + std::to_string(n_seqs) + " sequences: the slice cache "
-                              "serves one sequence per batch (decode each sequence with its own llama_decode call)";
-        LLAMA_LOG_ERROR("slicemoe: %s\n", slicemoe::t_failure.c_str());
-        admitted_ = false;
-        return;
-    }
-    if (!slicemoe::begin_ubatch(*engine_, first_pos, n_tokens, &slicemoe::t_failure)) {
+    if (!slicemoe::begin_ubatch(*engine_, first_pos, n_tokens, n_seqs, &slicemoe::t_failure)) {
         LLAMA_LOG_ERROR("slicemoe: %s\n", slicemoe::t_failure.c_str());
         admitted_ = false;
     }

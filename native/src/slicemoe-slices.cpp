@@ -391,98 +391,122 @@ bool wants_high(const cache & c, const layer & L, int r, float weight, int exper
             c.iface->high_use(c, L, r, weight, expert, msb_hit));
 }
 
-bool serve_token(cache & c, layer & L, const int32_t * ids, const float * weights) {
+// One decode step of a layer: the uses of n_tokens tokens (one per sequence of a batch), their ids
+// `stride` apart and weights [n_tokens, top_k]. Every slice the step needs is resident at once: an
+// expert two sequences use is read once and counts one miss and one hit. The slot tables are per
+// expert, so in a batch a use runs at 8 bits when any use of its expert in the step does.
+bool serve_step(cache & c, layer & L, int64_t n_tokens, const int32_t * ids, int64_t stride, const float * weights) {
     c.clock += 1;
     if (L.warm_pending) {
         warm_up(c, L);
         if (c.failed) return false;
     }
+    const int k = c.top_k;
+    auto id = [&](int64_t tok, int r) { return ids[tok * stride + r]; };
+    auto weight = [&](int64_t tok, int r) { return weights[tok * k + r]; };
+    auto dropped = [&](int64_t tok, int r) {
+        return r > 0 && c.iface->drop_use && c.iface->drop_use(c, L, weight(tok, r));
+    };
     // a use that does not run (dropped, or 4-bit for the LSB product) computes nothing on CPU pools
     const int32_t no_slot = L.cpu_pools ? -1 : 0;
     std::vector<int32_t> msb_map(c.n_expert, no_slot), lsb_map(c.n_expert, no_slot);
-    std::vector<float> mask(c.n_expert, 0.0f), keep(c.n_expert, 1.0f);
+    std::vector<float> mask(c.n_expert, 0.0f), keep(c.n_expert, n_tokens > 1 ? 0.0f : 1.0f);
     // MSB slices first, for every use: each use needs one, and with shared slots an LSB slice
     // loaded earlier must not take the slot a later use's MSB slice needs
-    std::vector<char> msb_hit(size_t(c.top_k), 0), kept(size_t(c.top_k), 0);
-    // The token's resident slices are in use this step before any of its misses picks a victim:
-    // otherwise a miss of a better-ranked use could evict the slice a later use hits, and read it
-    // again. LSB slices only of the uses that run at 8 bits (a 4-bit use's LSB slice is no use to
-    // this step, and holding it could push an 8-bit use down to 4 bits), and only where they have
-    // their own pool: shared slots must stay free for MSB slices, which every use needs.
-    for (int r = 0; r < c.top_k; ++r) {
-        const int e = ids[r];
-        if (e < 0 || e >= c.n_expert || (r > 0 && c.iface->drop_use && c.iface->drop_use(c, L, weights[r]))) continue;
-        protect_for_step(c, L.msb, e);
-        if (!L.shared_slots && L.lsb.n_slots > 0 && wants_high(c, L, r, weights[r], e, L.msb.expert_slot[size_t(e)] >= 0)) {
-            protect_for_step(c, L.lsb, e);
+    const size_t n_uses = size_t(n_tokens) * size_t(k);
+    std::vector<char> msb_hit(n_uses, 0), kept(n_uses, 0);
+    // The step's resident slices are in use before any of its misses picks a victim: otherwise a
+    // miss of a better-ranked use could evict the slice a later use hits, and read it again. LSB
+    // slices only of the uses that run at 8 bits (a 4-bit use's LSB slice is no use to this step,
+    // and holding it could push an 8-bit use down to 4 bits), and only where they have their own
+    // pool: shared slots must stay free for MSB slices, which every use needs.
+    for (int64_t tok = 0; tok < n_tokens; ++tok) {
+        for (int r = 0; r < k; ++r) {
+            const int e = id(tok, r);
+            if (e < 0 || e >= c.n_expert || dropped(tok, r)) continue;
+            protect_for_step(c, L.msb, e);
+            if (!L.shared_slots && L.lsb.n_slots > 0 &&
+                wants_high(c, L, r, weight(tok, r), e, L.msb.expert_slot[size_t(e)] >= 0)) {
+                protect_for_step(c, L.lsb, e);
+            }
         }
     }
-    for (int r = 0; r < c.top_k; ++r) {
-        const int e = ids[r];
-        if (e < 0 || e >= c.n_expert) {
-            c.failed = true;
-            c.error = "router selected expert " + std::to_string(e) + " outside [0, " + std::to_string(c.n_expert) + ")";
-            abandon_loads(c);
-            return false;
-        }
-        if (r > 0 && c.iface->drop_use && c.iface->drop_use(c, L, weights[r])) {
-            keep[e] = 0.0f;
-            c.totals.dropped_uses += 1;
-            continue;
-        }
-        bool hit = false;
-        if (!ensure(c, L, L.msb, e, &hit)) {
-            if (!c.failed) {
+    for (int64_t tok = 0; tok < n_tokens; ++tok) {
+        for (int r = 0; r < k; ++r) {
+            const int e = id(tok, r);
+            const size_t use = size_t(tok) * size_t(k) + size_t(r);
+            if (e < 0 || e >= c.n_expert) {
                 c.failed = true;
-                c.error = "no MSB slot free in layer " + std::to_string(L.il) + " (budget below top-k slices)";
+                c.error = "router selected expert " + std::to_string(e) + " outside [0, " + std::to_string(c.n_expert) + ")";
+                abandon_loads(c);
+                return false;
             }
-            abandon_loads(c);
-            return false;
-        }
-        kept[size_t(r)] = 1;
-        msb_hit[size_t(r)] = hit;
-        add_use(L, L.msb, e);
-        (hit ? L.stats.msb_hits : L.stats.msb_misses) += 1;
-        (hit ? c.totals.msb_hits : c.totals.msb_misses) += 1;
-        c.token_uses += 1;
-        c.token_misses += !hit;
-        msb_map[e] = L.msb.expert_slot[e];
-        L.stats.ram_bytes += int64_t(L.msb.slice_bytes);
-        c.totals.ram_bytes += int64_t(L.msb.slice_bytes);
-        if (!L.prefetched.empty() && L.prefetched[size_t(e)]) {
-            L.prefetched[size_t(e)] = 0;
-            c.totals.prefetch_useful_bytes += int64_t(L.msb.slice_bytes);
+            if (dropped(tok, r)) {
+                if (n_tokens == 1) keep[e] = 0.0f;
+                c.totals.dropped_uses += 1;
+                continue;
+            }
+            keep[e] = 1.0f;
+            bool hit = false;
+            if (!ensure(c, L, L.msb, e, &hit)) {
+                if (!c.failed) {
+                    c.failed = true;
+                    c.error = "no MSB slot free in layer " + std::to_string(L.il) + (n_tokens > 1
+                        ? " for the experts of a batch of " + std::to_string(n_tokens) + " sequences (fewer "
+                          "sequences per batch, or a larger budget)"
+                        : std::string(" (budget below top-k slices)"));
+                }
+                abandon_loads(c);
+                return false;
+            }
+            kept[use] = 1;
+            msb_hit[use] = hit;
+            add_use(L, L.msb, e);
+            (hit ? L.stats.msb_hits : L.stats.msb_misses) += 1;
+            (hit ? c.totals.msb_hits : c.totals.msb_misses) += 1;
+            c.token_uses += 1;
+            c.token_misses += !hit;
+            msb_map[e] = L.msb.expert_slot[e];
+            L.stats.ram_bytes += int64_t(L.msb.slice_bytes);
+            c.totals.ram_bytes += int64_t(L.msb.slice_bytes);
+            if (!L.prefetched.empty() && L.prefetched[size_t(e)]) {
+                L.prefetched[size_t(e)] = 0;
+                c.totals.prefetch_useful_bytes += int64_t(L.msb.slice_bytes);
+            }
         }
     }
     // then the LSB slices of the uses that run at 8 bits
-    for (int r = 0; r < c.top_k; ++r) {
-        if (!kept[size_t(r)]) continue;
-        const int e = ids[r];
-        bool high = wants_high(c, L, r, weights[r], e, msb_hit[size_t(r)]);
-        bool hit = false;
-        if (high && L.lsb.n_slots > 0) {
-            if (ensure(c, L, L.lsb, e, &hit)) {
-                add_use(L, L.lsb, e);
-                (hit ? L.stats.lsb_hits : L.stats.lsb_misses) += 1;
-                (hit ? c.totals.lsb_hits : c.totals.lsb_misses) += 1;
-                c.token_uses += 1;
-                c.token_misses += !hit;
-                lsb_map[e] = L.lsb.expert_slot[e];
-                mask[e] = 1.0f;
-                L.stats.ram_bytes += int64_t(L.lsb.slice_bytes);
-                c.totals.ram_bytes += int64_t(L.lsb.slice_bytes);
-            } else if (c.failed) {
-                abandon_loads(c);
-                return false;
+    for (int64_t tok = 0; tok < n_tokens; ++tok) {
+        for (int r = 0; r < k; ++r) {
+            const size_t use = size_t(tok) * size_t(k) + size_t(r);
+            if (!kept[use]) continue;
+            const int e = id(tok, r);
+            bool high = wants_high(c, L, r, weight(tok, r), e, msb_hit[use]);
+            bool hit = false;
+            if (high && L.lsb.n_slots > 0) {
+                if (ensure(c, L, L.lsb, e, &hit)) {
+                    add_use(L, L.lsb, e);
+                    (hit ? L.stats.lsb_hits : L.stats.lsb_misses) += 1;
+                    (hit ? c.totals.lsb_hits : c.totals.lsb_misses) += 1;
+                    c.token_uses += 1;
+                    c.token_misses += !hit;
+                    lsb_map[e] = L.lsb.expert_slot[e];
+                    mask[e] = 1.0f;
+                    L.stats.ram_bytes += int64_t(L.lsb.slice_bytes);
+                    c.totals.ram_bytes += int64_t(L.lsb.slice_bytes);
+                } else if (c.failed) {
+                    abandon_loads(c);
+                    return false;
+                } else {
+                    high = false;   // every LSB slot serves this step already: run at 4 bits
+                }
             } else {
-                high = false;   // every LSB slot serves this token already: run at 4 bits
+                high = false;
             }
-        } else {
-            high = false;
+            (high ? c.totals.high_uses : c.totals.low_uses) += 1;
         }
-        (high ? c.totals.high_uses : c.totals.low_uses) += 1;
     }
-    if (!flush_loads(c)) {   // all the token's misses at once
+    if (!flush_loads(c)) {   // all the step's misses at once
         return false;
     }
     for (char & f : L.prefetched) {
@@ -577,31 +601,37 @@ void replay_selection(const cache & c, layer & L, const float * logits, int32_t 
 }
 
 
-// One routing event, live or replayed: the single place that drives the policy.
-bool access(cache & c, int index, int phase, const int32_t * ids, const float * weights) {
+bool access(cache & c, int index, int phase, int64_t n_tokens, const int32_t * ids, int64_t stride,
+            const float * weights) {
     layer & L = c.layers[size_t(index)];
     if (c.record) {
-        c.trace.push_back({ c.request, index, phase, std::vector<int32_t>(ids, ids + c.top_k),
-                            std::vector<float>(weights, weights + c.top_k), std::move(L.last_logits) });
-        L.last_logits.clear();
+        for (int64_t tok = 0; tok < n_tokens; ++tok) {
+            const int32_t * row = ids + tok * stride;
+            const float * w = weights + tok * c.top_k;
+            c.trace.push_back({ c.request, index, phase, std::vector<int32_t>(row, row + c.top_k),
+                                std::vector<float>(w, w + c.top_k), std::move(L.last_logits) });
+            L.last_logits.clear();
+        }
     }
     if (c.observe_only) {
         return true;
     }
     if (phase == 0) {
-        record_prompt_token(c, L, ids);
+        for (int64_t tok = 0; tok < n_tokens; ++tok) {
+            record_prompt_token(c, L, ids + tok * stride);
+        }
         c.prompt_seen = true;
         return true;
     }
     if (index == 0) {
-        c.totals.decode_tokens += 1;
+        c.totals.decode_tokens += n_tokens;
         adapt_threshold(c);
         if (c.prompt_seen) {
             c.prompt_seen = false;
             release_mapped(c);   // the prompt streamed the experts through the mapping
         }
     }
-    const bool ok = serve_token(c, L, ids, weights);
+    const bool ok = serve_step(c, L, n_tokens, ids, stride, weights);
     L.event += 1;
     return ok;
 }
@@ -1030,19 +1060,19 @@ bool observe_node(cache & c, ggml_tensor * t, bool ask) {
     c.scratch_ids.resize(size_t((n_tokens - 1) * int64_t(row_stride) + c.top_k));
     ggml_backend_tensor_get(t, c.scratch_ids.data(), 0, c.scratch_ids.size() * sizeof(int32_t));
     const bool have_probs = L.probs.size() == size_t(c.n_expert * n_tokens);
-    std::vector<float> weights(size_t(c.top_k), 0.0f);
+    std::vector<float> weights(size_t(n_tokens * c.top_k), 0.0f);
     for (int64_t tok = 0; tok < n_tokens; ++tok) {
         const int32_t * ids = c.scratch_ids.data() + tok * int64_t(row_stride);
         for (int r = 0; r < c.top_k; ++r) {
             const bool valid = have_probs && ids[r] >= 0 && ids[r] < c.n_expert;
-            weights[size_t(r)] = valid ? L.probs[size_t(tok * c.n_expert + ids[r])] : 0.0f;
-        }
-        if (!access(c, it->second, n_tokens > 1 ? 0 : 1, ids, weights.data())) {
-            return false;
+            weights[size_t(tok * c.top_k + r)] = valid ? L.probs[size_t(tok * c.n_expert + ids[r])] : 0.0f;
         }
     }
     L.probs.clear();
-    return true;
+    // a prompt's tokens are recorded for warm-up; a decode token, or a batch of one decode token
+    // per sequence, is served from the pools
+    const int phase = (n_tokens == 1 || c.decode_batch) ? 1 : 0;
+    return access(c, it->second, phase, n_tokens, c.scratch_ids.data(), int64_t(row_stride), weights.data());
 }
 
 } // namespace
@@ -1063,6 +1093,7 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept {
 }
 
 bool end_ubatch(cache & c, std::string * failure) {
+    c.decode_batch = false;
     if (!c.failed) return true;
     for (layer & L : c.layers) {
         join_prefetch(c, L);   // the decode stopped; so do its prefetches
@@ -1084,7 +1115,20 @@ void begin_sequence(cache * c) {
     }
 }
 
-bool begin_ubatch(cache & c, int32_t first_pos, int64_t n_tokens, std::string * error) {
+bool begin_ubatch(cache & c, int32_t first_pos, int64_t n_tokens, int64_t n_seqs, std::string * error) {
+    c.decode_batch = false;
+    if (n_seqs > 1 && serves_decode(c)) {
+        // a prompt's experts stream through the mapping and a decode step's through the pools;
+        // a batch that mixes them, or a forced route (one sequence's positions), is not served
+        if (n_tokens != n_seqs || c.forced) {
+            *error = "a batch with " + std::to_string(n_tokens) + " tokens of " + std::to_string(n_seqs) +
+                     " sequences: the slice cache serves a prompt of one sequence, or one decode token of each "
+                     "sequence" + (c.forced ? std::string(" (and forced routes one sequence)") : std::string());
+            return false;
+        }
+        c.decode_batch = true;
+        return true;
+    }
     if (first_pos == 0 && !c.sequence_fresh) {
         begin_sequence(&c);
     }

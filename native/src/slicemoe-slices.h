@@ -34,9 +34,11 @@ bool serves_decode(const cache & c);
 // Held for each ubatch of any context of the model (slicemoe_ubatch_scope), and by the C API when
 // it reads or clears the engine's state.
 std::mutex & compute_mutex(cache & c);
-// A ubatch of positions [first_pos, first_pos + n_tokens) starts (under the lock): one at position
-// 0 begins a new request. false with *error when a forced route does not cover the positions.
-bool begin_ubatch(cache & c, int32_t first_pos, int64_t n_tokens, std::string * error);
+// A ubatch of n_tokens tokens of n_seqs sequences starts (under the lock), the first at first_pos:
+// one at position 0 begins a new request. Several sequences are served only as a decode batch (one
+// token each): false with *error for any other batch of several sequences, or when a forced route
+// does not cover the positions.
+bool begin_ubatch(cache & c, int32_t first_pos, int64_t n_tokens, int64_t n_seqs, std::string * error);
 // Trace-driven routing from the next ubatch on (see slicemoe_route_force); n_positions 0 ends it.
 int  force_routes(cache & c, int32_t n_positions, const int32_t * experts, const float * weights, std::string * error);
 // A ubatch ended (under the lock): false, with *failure set, when the engine failed during it;
