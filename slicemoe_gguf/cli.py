@@ -732,14 +732,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
                            description="Serve the model over HTTP with the OpenAI API: /v1/models, /v1/completions "
                                        "and /v1/chat/completions (streaming too), /metrics (Prometheus text). Each "
-                                       "response carries its cache counters under \"slicemoe\". One request runs "
-                                       "at a time; the others wait in arrival order. A parameter the server does not "
+                                       "response carries its cache counters under \"slicemoe\". --parallel requests "
+                                       "decode together; the others wait in arrival order. A parameter the server does not "
                                        "honour (tools, n > 1, ...) is a 400 that names it. SIGTERM or Ctrl-C stops "
                                        "every decode at its next token and exits.")
     _add_model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     serve.add_argument("--alias", metavar="NAME", help="model id in the API (default: the file name)")
+    serve.add_argument("-np", "--parallel", type=int, default=1, metavar="N",
+                       help="requests decoded together in one batch per token, the cache serving the union of "
+                            "their experts; each gets --ctx-size / N tokens of context (default 1)")
     serve.add_argument("--max-queue", type=int, default=defaults.MAX_QUEUE, metavar="N",
                        help=f"requests that may wait for the model; more get 503 with Retry-After "
                             f"(default {defaults.MAX_QUEUE})")
@@ -836,18 +839,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open_model(args: argparse.Namespace):
+def _open_model(args: argparse.Namespace, n_seq: int = 1):
     from .runtime import Model
 
     return Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
                  n_threads=args.threads, cache_budget=_cache_budget(args), prefetch=args.prefetch, io_mode=args.io_mode,
-                 **_cache_settings(args))
+                 n_seq=n_seq, **_cache_settings(args))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    with _open_model(args) as model:
+    with _open_model(args, n_seq=args.parallel) as model:
         serve(model, host=args.host, port=args.port, name=args.alias, max_queue=args.max_queue,
               max_wait_s=args.max_wait)
     return 0
@@ -888,8 +891,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
                          "--max-miss-rate in [0, 1), --prior-lambda in [0, 1e6]")
     if args.command == "serve" and not 0 <= args.port < 65536:
         parser.error("--port must be in [0, 65535]")
-    if args.command == "serve" and (args.max_queue < 0 or not args.max_wait > 0):
-        parser.error("--max-queue must be >= 0 and --max-wait > 0 (seconds)")
+    if args.command == "serve" and (args.max_queue < 0 or not args.max_wait > 0 or not 1 <= args.parallel <= 64):
+        parser.error("--max-queue must be >= 0, --max-wait > 0 (seconds) and --parallel in [1, 64]")
     if args.command == "run":
         if args.prompt is None and args.file is None and not args.route_trace:
             parser.error("one of -p/--prompt, -f/--file or --route-trace is required")

@@ -28,6 +28,7 @@ class Reply:
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     cache: dict | None = None       # COUNTERS over this reply, None without a cache
+    shared: bool = False            # decoded in batches with other requests: `cache` counts theirs too
     offsets: list[int] = field(default_factory=list)   # where each token's text starts in `text`
     # with top_logprobs: per token (its logprob, [(alternative, logprob), ...] most likely first), the
     # log-softmax of the model's logits (before penalties, biases, grammar and temperature)
@@ -43,7 +44,8 @@ class Reply:
                "ttft_ms": round(self.ttft_ms, 3), "prefill_ms": round(self.prefill_ms, 3),
                "decode_ms_per_token": round(self.ms_per_token, 3)}
         if self.cache is not None:
-            out["cache"] = {**self.cache, "flash_bytes_per_token": self.cache["flash_bytes"] / max(len(self.tokens), 1)}
+            out["cache"] = {**self.cache, "flash_bytes_per_token": self.cache["flash_bytes"] / max(len(self.tokens), 1),
+                            "shared": self.shared}
         return out
 
 
@@ -61,50 +63,82 @@ def token_logprobs(logits: np.ndarray, token: int, n_top: int) -> tuple[float, l
     return float(logprobs[token]), [(int(t), float(logprobs[t])) for t in top]
 
 
+class ReplyWriter:
+    """One reply's text, token by token: the pieces that may be shown (never part of a UTF-8
+    character or the start of a stop string), the end (an end-of-generation token, a stop string,
+    max_tokens, or cancel()), and with top_logprobs each token's logprobs, kept in the Reply before
+    the piece that carries the token is returned."""
+
+    def __init__(self, model: Model, reply: Reply, max_tokens: int, stop: list[str] | None = None,
+                 top_logprobs: int | None = None):
+        self.model, self.reply, self.max_tokens, self.top_logprobs = model, reply, max_tokens, top_logprobs
+        self.stop = [s for s in (stop or []) if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1   # characters that may start a stop string
+        self.shown = 0
+        self.done = max_tokens <= 0
+
+    def add(self, token: int, logits: np.ndarray) -> str:
+        """Takes the next sampled token; returns the text that may be shown now ("" for none)."""
+        reply, model = self.reply, self.model
+        if model.is_eog(token):
+            reply.finish_reason, self.done = "stop", True
+            return ""
+        reply.offsets.append(len(reply.text))
+        if self.top_logprobs is not None:
+            reply.logprobs.append(token_logprobs(logits, token, self.top_logprobs))
+        reply.tokens.append(token)
+        self.done = len(reply.tokens) >= self.max_tokens   # finish_reason stays "length"
+        text = model.detokenize(reply.tokens)
+        start = max(self.shown - self.hold, 0)
+        cut = min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            reply.text, reply.finish_reason, self.done = text[:cut], "stop", True
+            return ""
+        reply.text = text
+        if text.endswith("\ufffd"):
+            return ""   # a character split across tokens: wait for the rest
+        safe = len(text) - self.hold
+        if safe <= self.shown:
+            return ""
+        piece, self.shown = text[self.shown:safe], safe
+        return piece
+
+    def cancel(self) -> None:
+        self.reply.finish_reason, self.done = "cancelled", True
+
+    def rest(self) -> str:
+        """The text held back until the end (call once the reply is done)."""
+        piece, self.shown = self.reply.text[self.shown:], len(self.reply.text)
+        return piece
+
+
 def stream_reply(model: Model, prompt: list[int], max_tokens: int, sampling: Sampling, reply: Reply,
                  stop: list[str] | None = None, cancel: threading.Event | None = None,
                  top_logprobs: int | None = None) -> Iterator[str]:
-    """Yields the reply's text in pieces and fills `reply` as it goes (complete when exhausted).
-    Setting `cancel` ends the reply before the next token (finish_reason "cancelled"). With
-    top_logprobs (0 or more alternatives) each token's logprobs are kept in reply.logprobs, filled
-    before the piece that carries the token is yielded."""
+    """Yields the reply's text in pieces and fills `reply` as it goes (complete when exhausted), the
+    model decoding alone. Setting `cancel` ends the reply before the next token (finish_reason
+    "cancelled")."""
     started = time.perf_counter()
     before = _counters(model)
-    stop = [s for s in (stop or []) if s]
-    hold = max((len(s) for s in stop), default=1) - 1   # characters that may start a stop string
     reply.prompt_tokens = len(prompt)
-    shown = 0
+    writer = ReplyWriter(model, reply, max_tokens, stop, top_logprobs)
     try:
         for token, logits in model.stream(prompt, max_tokens, sampling):
             if cancel is not None and cancel.is_set():
-                reply.finish_reason = "cancelled"
+                writer.cancel()
                 break
             if not reply.tokens:
                 reply.ttft_ms = 1000 * (time.perf_counter() - started)
-            if model.is_eog(token):
-                reply.finish_reason = "stop"
+            piece = writer.add(token, logits)
+            if piece:
+                yield piece
+            if writer.done:
                 break
-            reply.offsets.append(len(reply.text))
-            if top_logprobs is not None:
-                reply.logprobs.append(token_logprobs(logits, token, top_logprobs))
-            reply.tokens.append(token)
-            text = model.detokenize(reply.tokens)
-            cut = min((i for i in (text.find(s, max(shown - hold, 0)) for s in stop) if i >= 0), default=-1)
-            if cut >= 0:
-                reply.text = text[:cut]
-                reply.finish_reason = "stop"
-                break
-            reply.text = text
-            if text.endswith("\ufffd"):
-                continue   # a character split across tokens: wait for the rest
-            safe = len(text) - hold
-            if safe > shown:
-                yield text[shown:safe]
-                shown = safe
     finally:
         reply.prefill_ms, reply.decode_ms = model.timings()
         after = _counters(model)
         if before is not None and after is not None:
             reply.cache = {name: after[name] - before[name] for name in COUNTERS}
-    if len(reply.text) > shown:
-        yield reply.text[shown:]
+    rest = writer.rest()
+    if rest:
+        yield rest

@@ -6,10 +6,10 @@ counters since start), GET /health. Every response carries its own cache counter
 "slicemoe" (in the last chunk of a stream).
 
 A request's life: it is checked first (openai_request.parse: a bad one is a 400 at once), then waits
-in arrival order for the model's one context (at most --max-queue waiting, each at most
---max-wait seconds, else a 503 with Retry-After), then decodes on a thread of its own. A client
-that goes away, or a SIGTERM / SIGINT, stops its decode at the next token; a stream ends with a
-finish reason and the server exits 0.
+in arrival order for one of the --parallel slots (at most --max-queue waiting, each at most
+--max-wait seconds, else a 503 with Retry-After), then decodes in the decoder's batches (slots.py)
+beside the other requests in flight. A client that goes away, or a SIGTERM / SIGINT, stops its
+decode at the next token; a stream ends with a finish reason and the server exits 0.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from starlette.routing import Route
 from . import defaults
 from ._native import SliceMoEError
 from .openai_request import BadRequest, Job, parse
-from .replies import Reply, stream_reply
+from .replies import Reply
 from .runtime import Model
+from .slots import Decoder, Task
 
 
 class Busy(Exception):
@@ -126,12 +127,11 @@ class Service:
         self.model = model
         self.name = name
         self.created = int(time.time())
-        self.admission = Admission(1, max_queue, max_wait_s)
-        self.lock = threading.Lock()   # the context; Admission already runs one request at a time
+        self.admission = Admission(model.n_seq, max_queue, max_wait_s)   # one slot per sequence
         self.totals = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
         self.running: set[threading.Event] = set()   # the cancel events of the decodes under way
-        self.workers: set[threading.Thread] = set()
         self.stopping = threading.Event()
+        self.decoder = Decoder(model, model.n_seq, self.account)
 
     def account(self, reply: Reply) -> None:
         self.totals["requests"] += 1
@@ -147,10 +147,8 @@ class Service:
             cancel.set()
 
     def join(self, timeout_s: float) -> None:
-        """Waits for the decode threads to let go of the model (before it is closed)."""
-        deadline = time.monotonic() + timeout_s
-        for worker in list(self.workers):
-            worker.join(max(0.0, deadline - time.monotonic()))
+        """Waits for the decoder to let go of the model (before it is closed)."""
+        self.decoder.close(timeout_s)
 
 
 def _usage(reply: Reply) -> dict:
@@ -164,46 +162,29 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", heade
 
 
 def _start(service: Service, job: Job, reply: Reply, cancel: threading.Event) -> asyncio.Queue:
-    """Runs the job's decode on a thread of its own, which hands the event loop ("piece", text) items,
-    then ("piece", None), or ("error", exception) on a failure. It holds the request's slot until
-    the decode has ended and stops at the next token once `cancel` is set."""
+    """Hands the job to the decoder, which gives the event loop ("piece", text) items, then ("piece",
+    None), or ("error", exception) on a failure. Its slot is held until the decode has ended, which
+    happens at the next token once `cancel` is set."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
 
-    def put(item) -> None:   # from the worker's thread, straight into the event loop
+    def put(item) -> None:   # from the decoder's thread, straight into the event loop
         try:
             loop.call_soon_threadsafe(items.put_nowait, item)
         except RuntimeError:   # the loop has closed: the server is stopping
             cancel.set()
 
-    def work() -> None:
-        started = time.monotonic()
+    def release(held_s: float) -> None:
+        service.running.discard(cancel)
         try:
-            with service.lock:
-                try:
-                    for piece in stream_reply(service.model, job.prompt, job.max_tokens, job.sampling, reply,
-                                              job.stop, cancel, job.top_logprobs):
-                        put(("piece", piece))
-                finally:
-                    service.account(reply)
-            put(("piece", None))
-        except Exception as exc:   # noqa: BLE001 - reported to the client as a server error
-            put(("error", exc if isinstance(exc, SliceMoEError) else SliceMoEError(f"internal error: {exc!r}", 8)))
-        finally:
-            service.running.discard(cancel)
-            service.workers.discard(threading.current_thread())
-            held = time.monotonic() - started
-            try:
-                loop.call_soon_threadsafe(service.admission.leave, held)
-            except RuntimeError:
-                pass
+            loop.call_soon_threadsafe(service.admission.leave, held_s)
+        except RuntimeError:
+            pass
 
     service.running.add(cancel)
     if service.stopping.is_set():
         cancel.set()
-    worker = threading.Thread(target=work, name="slicemoe-request", daemon=True)
-    service.workers.add(worker)
-    worker.start()
+    service.decoder.submit(Task(job, reply, cancel, put, release))
     return items
 
 
@@ -398,7 +379,9 @@ def prometheus_text(service: Service) -> str:
     metric("completion_tokens_total", "counter", "Tokens generated.", totals["completion_tokens"])
     metric("prefill_seconds_total", "counter", "Time spent evaluating prompts.", totals["prefill_ms"] / 1000)
     metric("decode_seconds_total", "counter", "Time spent decoding.", totals["decode_ms"] / 1000)
-    metric("queue_depth", "gauge", "Requests waiting for the model now.", len(admission.waiting))
+    metric("slots", "gauge", "Requests the server decodes together (--parallel).", service.model.n_seq)
+    metric("slots_busy", "gauge", "Requests decoding now.", service.decoder.busy())
+    metric("queue_depth", "gauge", "Requests waiting for a slot now.", len(admission.waiting))
     metric("queue_admitted_total", "counter", "Requests that got the model.", admission.admitted)
     metric("queue_rejected_total", "counter", "Requests refused with a 503 (queue full or wait too long).",
            admission.rejected)
@@ -420,11 +403,26 @@ def prometheus_text(service: Service) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _batch_fit(model: Model) -> int | None:
+    """How many sequences' top-k MSB slices the smallest layer's pool surely holds (None: no cache)."""
+    from .model_info import describe
+
+    stats = model.cache_stats()
+    if stats is None:
+        return None
+    return min(stats["layers"]["msb_slots"]) // max(int(describe(model.path)["top_k"]), 1)
+
+
 def serve(model: Model, *, host: str, port: int, name: str | None = None, max_queue: int = defaults.MAX_QUEUE,
           max_wait_s: float = defaults.MAX_WAIT_S) -> None:
     import uvicorn
 
     service = Service(model, name or Path(model.path).name, max_queue=max_queue, max_wait_s=max_wait_s)
+    fit = _batch_fit(model)
+    if fit is not None and fit < model.n_seq:
+        print(f"slicemoe serve: the smallest layer's pool holds the experts of {fit} sequence(s) at once; a batch "
+              f"of {model.n_seq} whose experts do not fit decodes one sequence at a time (a larger --cache-budget "
+              f"avoids that)", flush=True)
 
     class Server(uvicorn.Server):
         """uvicorn's server, whose first SIGTERM or SIGINT also stops every decode at its next token

@@ -280,3 +280,44 @@ def test_sigterm_ends_a_long_stream_with_a_finish_reason_and_exits_0_within_5_s(
     assert time.monotonic() - signalled < 5
     running.stop()
     assert "stopped" in running.log
+
+
+# -- parallel slots -------------------------------------------------------------------------------
+
+PARALLEL_PROMPTS = ["ROMEO.\nBut soft, what light", "JULIET.\nO Romeo, Romeo", "HAMLET.\nTo be, or not",
+                    "KING RICHARD.\nNow is the winter"]
+
+
+def test_four_clients_on_parallel_4_each_get_their_single_client_stream(embedded, tmp_path):
+    import openai
+
+    # fixed precision: what a sequence computes does not depend on what else is in the pools
+    running = Server(embedded, tmp_path, "-c", "4096", "--parallel", "4", "--cache-budget", "50%",
+                     "--precision", "high")
+    try:
+        client = openai.OpenAI(base_url=running.base + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+        def stream(prompt: str) -> tuple[str, dict]:
+            chunks = list(client.completions.create(model="m", prompt=prompt, max_tokens=48, temperature=0,
+                                                    stream=True))
+            return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].model_extra["slicemoe"]
+
+        alone = [stream(prompt) for prompt in PARALLEL_PROMPTS]
+        together: list = [None] * len(PARALLEL_PROMPTS)
+        barrier = threading.Barrier(len(PARALLEL_PROMPTS))
+
+        def client_thread(i: int) -> None:
+            barrier.wait()
+            together[i] = stream(PARALLEL_PROMPTS[i])
+
+        threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(len(PARALLEL_PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [text for text, _ in together] == [text for text, _ in alone]
+        assert not any(extra["cache"]["shared"] for _, extra in alone)
+        assert sum(extra["cache"]["shared"] for _, extra in together) >= 2, "the requests must have shared batches"
+        assert _metric(running.base, "slicemoe_slots") == 4
+    finally:
+        assert running.stop() == 0
