@@ -207,6 +207,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                       f"({100 * cache['misses'] / max(uses, 1):.1f}% of slice uses), "
                       f"{format_size(cache['flash_bytes'] / max(cache['decode_tokens'], 1))}/token from flash, "
                       f"{cache['io_ms']:.1f} ms blocked on reads", file=sys.stderr)
+                if cache.get("io_note"):
+                    print(f"cache: {cache['io_note']}", file=sys.stderr)
                 compute_ms = max(decode_ms - cache["io_ms"], 0.0) / steps
                 _print_modelled(_modelled(cache, profiles, _msb_slice_bytes(args.model), compute_ms), profiles,
                                 "(expert traffic and MACs; the latency adds this machine's compute)")
@@ -653,7 +655,8 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None
         cache.add_argument("--io", choices=["auto", "direct", "buffered"], default=d.IO_MODE, dest="io_mode",
                            help="how misses are read: direct (O_DIRECT, no page-cache copy), buffered (pread, then "
                                 "dropped from the page cache) or auto, direct where the file system has it "
-                                f"(default {d.IO_MODE}); --json says which ran (cache.io_mode)")
+                                f"(default {d.IO_MODE}), once a direct read at load has matched a buffered one; "
+                                "--json says which ran (cache.io_mode) and why auto fell back (cache.io_note)")
 
 
 def _cache_settings(args: argparse.Namespace) -> dict:
@@ -775,7 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to decode (default 64)")
     demo.add_argument("--cache-budget", default="25%", metavar="SIZE",
                       help="bytes with a unit or a percentage of all expert slice bytes (default 25%%)")
-    demo.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS, help="compute threads (default: all cores)")
+    demo.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS,
+                      help="compute threads (default: one per fast core; every core where they are alike)")
     demo.add_argument("--runs", type=int, default=3,
                       help="runs per policy, alternating; ms/token is their median (default 3)")
     _add_profile_argument(demo)
@@ -867,7 +871,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and context flags of run, trace, serve and chat."""
     parser.add_argument("-m", "--model", required=True, help="path to a .gguf file (a sliced or a stock model)")
-    parser.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS, help="compute threads (default: all cores)")
+    parser.add_argument("-t", "--threads", type=int, default=defaults.N_THREADS,
+                        help="compute threads (default: one per fast core; every core where they are alike)")
     parser.add_argument("-c", "--ctx-size", type=int, default=defaults.N_CTX,
                         help=f"context length in tokens (default {defaults.N_CTX})")
     parser.add_argument("-b", "--batch-size", type=int, default=defaults.N_BATCH,

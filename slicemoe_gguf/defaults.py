@@ -10,7 +10,7 @@ from __future__ import annotations
 # context
 N_CTX = 2048            # tokens
 N_BATCH = 512           # prompt tokens per llama_decode call
-N_THREADS = 0           # 0 = all cores
+N_THREADS = 0           # 0 = one per fast core (every core where they are alike)
 N_PREDICT = 32          # tokens to decode
 
 # slice cache

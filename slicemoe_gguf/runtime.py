@@ -178,9 +178,12 @@ class Model:
         if not self.has_cache:
             return None
         native, handle = self._lib, self._model
-        return read_cache_stats(lambda t: native.slicemoe_cache_get_stats(handle, t),
-                                lambda i, row: native.slicemoe_cache_get_layer_stats(handle, i, row),
-                                native.slicemoe_cache_n_layers(handle), live=True)
+        stats = read_cache_stats(lambda t: native.slicemoe_cache_get_stats(handle, t),
+                                 lambda i, row: native.slicemoe_cache_get_layer_stats(handle, i, row),
+                                 native.slicemoe_cache_n_layers(handle), live=True)
+        # why misses are read buffered on a file system that opened the file with O_DIRECT, or None
+        stats["io_note"] = string(native.slicemoe_cache_io_note(handle)) or None
+        return stats
 
     def routing_trace(self):
         """The routing recorded so far (record_trace=True) as a slicemoe-trace Trace."""

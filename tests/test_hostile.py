@@ -408,3 +408,39 @@ def test_trace_then_sim_with_the_same_flags_reproduces_run(embedded, tmp_path, p
     sim = run_json("sim", str(path), "--json", *flags)
     for name in COUNTERS:
         assert sim[name] == run["cache"][name], name
+
+
+def _cpu_tree(root, capacities=None, max_freqs=None):
+    """A fake sysfs cpu directory: cpuN/cpu_capacity and/or cpuN/cpufreq/cpuinfo_max_freq."""
+    for i, value in enumerate(capacities or max_freqs):
+        cpu = root / f"cpu{i}"
+        (cpu / "cpufreq").mkdir(parents=True)
+        if capacities:
+            (cpu / "cpu_capacity").write_text(f"{value}\n")
+        if max_freqs:
+            (cpu / "cpufreq" / "cpuinfo_max_freq").write_text(f"{max_freqs[i]}\n")
+    (root / "cpufreq").mkdir(exist_ok=True)   # sysfs has non-cpu entries beside them
+    (root / "online").write_text("0-7\n")
+    return root
+
+
+@pytest.mark.parametrize("capacities, max_freqs, fast", [
+    ([1024, 870, 870, 870, 325, 325, 325, 325], None, 4),           # a phone: prime + 3 big, 4 little
+    (None, [3200000, 3200000, 2000000, 2000000, 1400000, 1400000, 1400000, 1400000], 4),   # no capacity
+    ([1024] * 8, None, 8),                                           # cores alike: all of them
+    ([1024, 1024, 400, 400], [2000000, 2000000, 2000000, 2000000], 2),   # capacity wins over frequency
+])
+def test_the_default_thread_count_uses_the_fast_cores_of_a_big_little_machine(tmp_path, capacities, max_freqs, fast):
+    from slicemoe_gguf._native import lib
+
+    tree = _cpu_tree(tmp_path / "cpu", capacities, max_freqs)
+    assert lib().slicemoe_cpu_fast_cores(str(tree).encode()) == fast
+
+
+def test_without_readable_cpu_files_every_core_counts(tmp_path):
+    from slicemoe_gguf._native import lib
+
+    (tmp_path / "cpu" / "cpu0").mkdir(parents=True)
+    assert lib().slicemoe_cpu_fast_cores(str(tmp_path / "cpu").encode()) == 0
+    assert lib().slicemoe_cpu_fast_cores(str(tmp_path / "missing").encode()) == 0
+    assert 1 <= lib().slicemoe_default_threads() <= os.cpu_count()

@@ -3,10 +3,13 @@ file system has it and buffered pread otherwise. The two paths must compute the 
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 
-from helpers import run_json
+from helpers import run_cli, run_json
 from slicemoe_gguf import Model
 from slicemoe_gguf._native import SliceMoEError
 from slicemoe_gguf.embedded import embedded_gguf
@@ -45,6 +48,34 @@ def test_json_says_which_read_path_ran(embedded):
                         "buffered", "--json")
     assert buffered["cache"]["io_mode"] == "buffered"
     assert buffered["tokens"] == auto["tokens"]
+
+
+def test_direct_reads_that_return_wrong_bytes_are_caught_at_load_and_replaced_by_buffered_reads(embedded, monkeypatch):
+    budget = embedded.stat().st_size // 5
+    buffered, _ = _generate(embedded, "buffered", budget)
+    # as on Android's FUSE storage: O_DIRECT opens, and its reads hand back other bytes
+    monkeypatch.setenv("SLICEMOE_FAULT_DIRECT_READS", "corrupt")
+    checked, stats = _generate(embedded, "auto", budget)
+    assert stats["io_mode"] == "buffered"
+    assert "differs from a buffered read of the same range" in stats["io_note"]
+    assert stats["misses"] > 0
+    assert checked.tokens == buffered.tokens
+    assert np.array_equal(checked.logits, buffered.logits)
+
+
+def test_direct_reads_asked_for_on_such_a_file_system_fail_the_load_with_the_reason(embedded, monkeypatch):
+    monkeypatch.setenv("SLICEMOE_FAULT_DIRECT_READS", "corrupt")
+    with pytest.raises(SliceMoEError, match="direct reads of .* cannot be trusted"):
+        Model(embedded, cache_budget=embedded.stat().st_size // 5, io_mode="direct")
+
+
+def test_json_names_why_misses_are_read_buffered(embedded):
+    env = {**os.environ, "SLICEMOE_FAULT_DIRECT_READS": "corrupt"}
+    out = json.loads(run_cli("run", "-m", str(embedded), "-p", PROMPT, "-n", "4", "--cache-budget", "30%", "--json",
+                             env=env).stdout)
+    assert out["cache"]["io_mode"] == "buffered" and "cannot be trusted" in out["cache"]["io_note"]
+    plain = run_json("run", "-m", str(embedded), "-p", PROMPT, "-n", "4", "--cache-budget", "30%", "--json")
+    assert plain["cache"]["io_note"] is None and plain["tokens"] == out["tokens"]
 
 
 @pytest.mark.parametrize("after", [1, 4, 7, 13])

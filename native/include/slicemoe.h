@@ -212,7 +212,7 @@ typedef struct slicemoe_layer_stats {
 struct slicemoe_context_params {
     uint32_t n_ctx;      // context length in tokens; 0 = the model's training context
     uint32_t n_batch;    // tokens per llama_decode call during prompt evaluation
-    int32_t  n_threads;  // compute threads; 0 = all cores
+    int32_t  n_threads;  // compute threads; 0 = slicemoe_default_threads()
     int32_t  n_seq;      // sequences decoded together (slicemoe_decode_batch); each gets n_ctx / n_seq tokens
 };
 
@@ -242,6 +242,14 @@ struct slicemoe_timings {
 };
 
 // --- library -------------------------------------------------------------------------------
+
+// The threads a context uses when n_threads is 0: one per fast core, where the cores differ (a
+// phone's big and little cores: a little core would set the pace of every ggml barrier), else one
+// per core.
+SLICEMOE_API int32_t slicemoe_default_threads(void);
+// The cores under a sysfs cpu directory (NULL: /sys/devices/system/cpu) with at least half the
+// largest cpu_capacity (else cpufreq/cpuinfo_max_freq); 0 when neither can be read.
+SLICEMOE_API int32_t slicemoe_cpu_fast_cores(const char * cpu_dir);
 
 SLICEMOE_API const char * slicemoe_version(void);             // this package, e.g. "0.1.0"
 SLICEMOE_API const char * slicemoe_llama_cpp_version(void);   // e.g. "llama-cpp-python 0.3.36 (llama.cpp 0c1e570)"
@@ -291,6 +299,9 @@ SLICEMOE_API int     slicemoe_cache_get_layer_stats(const slicemoe_model * model
 SLICEMOE_API void    slicemoe_cache_reset_stats(slicemoe_model * model);
 // Testing: every read after the next n_reads fails as an I/O error would (-1 = never).
 SLICEMOE_API void    slicemoe_cache_fail_reads_after(slicemoe_model * model, int64_t n_reads);
+// Why misses are read buffered although the file system opened the file with O_DIRECT: its direct
+// reads differed from buffered reads of the same range at load (or failed). "" when they are not.
+SLICEMOE_API const char * slicemoe_cache_io_note(const slicemoe_model * model);
 
 // The routing trace (record_trace): one record per (request, token, MoE layer) in the order the
 // cache saw them; layer is the index among MoE layers, phase 0 = prefill, 1 = decode; experts and

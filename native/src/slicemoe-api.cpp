@@ -6,6 +6,7 @@
 
 #include "slicemoe.h"
 #include "slicemoe-config.h"
+#include "slicemoe-cpu.h"
 #include "slicemoe-product.h"
 #include "slicemoe-slices.h"
 #include "slicemoe-validate.h"
@@ -436,6 +437,12 @@ int slicemoe_cache_get_stats(const slicemoe_model * model, slicemoe_cache_stats_
     });
 }
 
+const char * slicemoe_cache_io_note(const slicemoe_model * model) {
+    return guard_value<const char *>("", [&]() -> const char * {
+        return model ? slicemoe::io_note(slicemoe::cache_of(model->model)) : "";
+    });
+}
+
 int32_t slicemoe_cache_n_layers(const slicemoe_model * model) {
     return guard_value<int32_t>(0, [&]() -> int32_t {
         slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr;
@@ -807,9 +814,24 @@ slicemoe_context_params slicemoe_context_default_params(void) {
     return p;
 }
 
+// One thread per fast core (slicemoe-cpu.h), else per core.
 static int32_t default_threads() {
+    const int fast = slicemoe::fast_core_count("/sys/devices/system/cpu");
     const unsigned n = std::thread::hardware_concurrency();
+    if (fast > 0 && (n == 0 || unsigned(fast) <= n)) {
+        return fast;
+    }
     return n > 0 ? (int32_t) n : 4;
+}
+
+int32_t slicemoe_cpu_fast_cores(const char * cpu_dir) {
+    return guard_value<int32_t>(0, [&]() -> int32_t {
+        return slicemoe::fast_core_count(cpu_dir ? cpu_dir : "/sys/devices/system/cpu");
+    });
+}
+
+int32_t slicemoe_default_threads(void) {
+    return guard_value<int32_t>(1, [&]() -> int32_t { return default_threads(); });
 }
 
 static llama_context_params to_llama_context_params(const slicemoe_context_params & p) {

@@ -90,6 +90,10 @@ bool slicemoe_model_loaded(llama_model * model, const char * path, const llama_m
             return true;   // a stock model runs as llama.cpp runs it
         }
         const int status = attach(model, path, p, sliced, &error);
+        const slicemoe::cache * engine = status == SLICEMOE_OK ? slicemoe::engine_of(model) : nullptr;
+        if (engine && slicemoe::io_note(engine)[0] != '\0') {
+            LLAMA_LOG_WARN("slicemoe: %s\n", slicemoe::io_note(engine));
+        }
         return status == SLICEMOE_OK || fail_load(status, error);
     } catch (const std::bad_alloc &) {
         return fail_load(SLICEMOE_ERR_NO_MEMORY, "out of memory while building the slice cache");

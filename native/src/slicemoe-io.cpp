@@ -68,6 +68,19 @@ std::unique_ptr<slice_reader> slice_reader::open(const char * path, int mode, in
                      strerror(errno);
             return nullptr;
         }
+        const char * fault = std::getenv("SLICEMOE_FAULT_DIRECT_READS");
+        r->corrupt_direct_ = fault && std::strcmp(fault, "corrupt") == 0;
+        const std::string mismatch = r->direct_fd_ >= 0 ? r->verify_direct() : std::string();
+        if (!mismatch.empty()) {
+            close(r->direct_fd_);
+            r->direct_fd_ = -1;
+            if (mode == DIRECT) {
+                *error = std::string("direct reads of '") + path + "' cannot be trusted: " + mismatch;
+                return nullptr;
+            }
+            r->fallback_reason_ = "O_DIRECT reads of this file system cannot be trusted (" + mismatch +
+                                  "): misses are read buffered";
+        }
     }
     for (int i = 1; i < n_threads; ++i) {   // the calling thread is the first reader
         r->threads_.emplace_back(&slice_reader::worker, r.get());
@@ -86,6 +99,40 @@ slice_reader::~slice_reader() {
     if (fd_ >= 0) close(fd_);
 }
 
+ssize_t slice_reader::pread_direct(uint8_t * dst, size_t n, int64_t offset) const {
+    const ssize_t got = pread_full(direct_fd_, dst, n, offset);
+    if (corrupt_direct_ && got > 0) {
+        for (ssize_t i = 0; i < got; i += 64) dst[i] ^= 0x5a;   // what a broken FUSE layer might hand back
+    }
+    return got;
+}
+
+std::string slice_reader::verify_direct() const {
+    const off_t size = lseek(fd_, 0, SEEK_END);
+    if (size <= 0) return "";
+    const int64_t window = std::min<int64_t>(int64_t(1) << 20, (int64_t(size) + ALIGN - 1) / ALIGN * ALIGN);
+    std::unique_ptr<uint8_t, decltype(&std::free)> direct(
+        static_cast<uint8_t *>(std::aligned_alloc(size_t(ALIGN), size_t(window))), &std::free);
+    std::vector<uint8_t> buffered(static_cast<size_t>(window));
+    if (!direct) return "";   // no memory for the check: keep what the open gave
+    const int64_t last = std::max<int64_t>(0, (int64_t(size) - window) / ALIGN * ALIGN);
+    for (const int64_t offset : {int64_t(0), last}) {
+        const ssize_t got = pread_direct(direct.get(), size_t(window), offset);
+        if (got < 0) {
+            return std::string("a direct read failed: ") + strerror(errno);
+        }
+        const ssize_t want = pread_full(fd_, buffered.data(), size_t(window), offset);
+#if defined(POSIX_FADV_DONTNEED)
+        posix_fadvise(fd_, off_t(offset), off_t(window), POSIX_FADV_DONTNEED);   // the check caches nothing
+#endif
+        if (got != want || std::memcmp(direct.get(), buffered.data(), size_t(std::max<ssize_t>(got, 0))) != 0) {
+            return "a direct read of " + std::to_string(window) + " bytes at offset " + std::to_string(offset) +
+                   " differs from a buffered read of the same range";
+        }
+    }
+    return "";
+}
+
 bool slice_reader::run(const slice_read & r, std::string * error) {
     ssize_t got = -1;
     int err = EIO;
@@ -95,10 +142,10 @@ bool slice_reader::run(const slice_read & r, std::string * error) {
         const int64_t begin = r.offset / ALIGN * ALIGN;
         const int64_t end = (r.offset + int64_t(r.bytes) + ALIGN - 1) / ALIGN * ALIGN;
         if (begin == r.offset && aligned(int64_t(r.bytes)) && aligned(int64_t(reinterpret_cast<uintptr_t>(r.dst)))) {
-            got = pread_full(direct_fd_, r.dst, r.bytes, r.offset);
+            got = pread_direct(r.dst, r.bytes, r.offset);
             err = errno;
         } else if (uint8_t * bounce = t_bounce.get(size_t(end - begin))) {
-            const ssize_t n = pread_full(direct_fd_, bounce, size_t(end - begin), begin);
+            const ssize_t n = pread_direct(bounce, size_t(end - begin), begin);
             err = errno;
             // the last block may end at the end of the file: what matters is the range asked for
             got = n < 0 ? -1 : ssize_t(std::min<int64_t>(int64_t(r.bytes), std::max<int64_t>(0, n - (r.offset - begin))));

@@ -9,6 +9,12 @@
 // buffer and copied. Buffered mode (a file system without O_DIRECT, or asked for) uses pread and
 // then drops the range from the page cache (POSIX_FADV_DONTNEED; F_NOCACHE on macOS), so that a
 // later miss of the same slice is a real read too.
+//
+// O_DIRECT is trusted only once it has read right: at open, a range at each end of the file is read
+// both ways and compared. On some file systems the open succeeds and reads return other bytes
+// (Android's FUSE shared storage); a mismatch or a failed direct read selects buffered reads in
+// auto mode (fallback_reason() says why) and fails the open when direct reads were asked for.
+// SLICEMOE_FAULT_DIRECT_READS=corrupt makes every direct read return altered bytes, to test that.
 #pragma once
 
 #include <condition_variable>
@@ -65,17 +71,25 @@ public:
 
     bool direct() const { return direct_fd_ >= 0; }
     int  fd() const { return fd_; }   // the buffered descriptor
+    // Why auto mode reads buffered although the file opened with O_DIRECT ("" when it does not).
+    const std::string & fallback_reason() const { return fallback_reason_; }
 
 private:
     slice_reader() = default;
     void worker();
     bool run(const slice_read & r, std::string * error);
+    // pread on the O_DIRECT descriptor (dst, offset and n aligned), altered under the fault switch.
+    ssize_t pread_direct(uint8_t * dst, size_t n, int64_t offset) const;
+    // "" when direct reads of both ends of the file equal buffered reads, else what differed.
+    std::string verify_direct() const;
     // Under mutex_: claim the next read of b (taking b off the queue with its last read), run it
     // unlocked, record the result.
     void claim_and_run(const std::shared_ptr<read_batch> & b, std::unique_lock<std::mutex> & lock);
 
     int fd_ = -1;
     int direct_fd_ = -1;
+    bool corrupt_direct_ = false;   // fault injection (SLICEMOE_FAULT_DIRECT_READS=corrupt)
+    std::string fallback_reason_;
     std::vector<std::thread> threads_;
     std::mutex mutex_;
     std::condition_variable wake_, done_;

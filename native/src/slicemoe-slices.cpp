@@ -1196,6 +1196,10 @@ int64_t trace_size(const cache * c) {
     return int64_t(c->trace.size());
 }
 
+const char * io_note(const cache * c) {
+    return c && c->io ? c->io->fallback_reason().c_str() : "";
+}
+
 const route * trace_at(const cache * c, int64_t i) {
     return i >= 0 && i < int64_t(c->trace.size()) ? &c->trace[size_t(i)] : nullptr;
 }

@@ -73,6 +73,8 @@ void    fail_reads_after(cache * c, int64_t n_reads);
 struct route;
 int64_t       trace_size(const cache * c);
 const route * trace_at(const cache * c, int64_t i);
+// Why misses are read buffered although the file opened with O_DIRECT ("" when they are not).
+const char * io_note(const cache * c);
 void          trace_clear(cache * c);
 void          route_fields(const route * r, int32_t * request, int32_t * layer, int32_t * phase,
                            int32_t * experts, float * weights, int32_t top_k);
