@@ -11,7 +11,7 @@ import numpy as np
 from slicemoe_gguf._native import check, ffi, lib
 from slicemoe_gguf.amat import GROUP_SIZE, Q4_1_BLOCK_BYTES
 
-KERNELS = ("auto", "scalar", "avx2", "avx512vnni")   # index = enum slicemoe_kernel
+KERNELS = ("auto", "scalar", "avx2", "avx512vnni", "neon", "neon-dotprod")   # index = enum slicemoe_kernel
 
 
 def available() -> list[str]:

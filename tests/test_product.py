@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from slicemoe_gguf import amat, kernels
+from slicemoe_gguf._native import SliceMoEError
 
 Q4_1 = gguf.GGMLQuantizationType.Q4_1
 
@@ -124,4 +125,8 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="activations"):
         kernels.expert_product(msb, None, np.zeros(64, dtype=np.float32))
     with pytest.raises(ValueError, match="unknown kernel"):
-        kernels.expert_product(msb, None, np.zeros(32, dtype=np.float32), "neon")
+        kernels.expert_product(msb, None, np.zeros(32, dtype=np.float32), "sve")
+    # another architecture's kernel (NEON here on x86, AVX2 on arm64)
+    missing = next(name for name in kernels.KERNELS[1:] if name not in kernels.available())
+    with pytest.raises(SliceMoEError, match="not available on this CPU"):
+        kernels.expert_product(msb, None, np.zeros(32, dtype=np.float32), missing)

@@ -102,6 +102,8 @@ enum slicemoe_kernel {
     SLICEMOE_KERNEL_SCALAR = 1,
     SLICEMOE_KERNEL_AVX2   = 2,
     SLICEMOE_KERNEL_AVX512_VNNI = 3,  // 256-bit vpdpbusd (AVX512VL)
+    SLICEMOE_KERNEL_NEON   = 4,  // arm64 ARMv8.0
+    SLICEMOE_KERNEL_NEON_DOTPROD = 5,  // arm64 with sdot (ARMv8.2 dotprod)
 };
 
 enum slicemoe_warmup {
@@ -254,7 +256,7 @@ SLICEMOE_API int32_t slicemoe_cpu_fast_cores(const char * cpu_dir);
 SLICEMOE_API const char * slicemoe_version(void);             // this package, e.g. "0.1.0"
 SLICEMOE_API const char * slicemoe_llama_cpp_version(void);   // e.g. "llama-cpp-python 0.3.36 (llama.cpp 0c1e570)"
 SLICEMOE_API const char * slicemoe_system_info(void);         // llama.cpp's CPU feature line
-SLICEMOE_API const char * slicemoe_kernel_name(int32_t kernel);   // "avx512vnni", "avx2", "scalar"; NULL if this CPU lacks it
+SLICEMOE_API const char * slicemoe_kernel_name(int32_t kernel);   // "avx512vnni", "avx2", "neon-dotprod", "neon", "scalar"; NULL if this CPU lacks it
 // One expert's fused product, as the MoE graph runs it (for tests and benchmarks): y[n_out] =
 // (MSB + LSB) x, or MSB x when lsb is NULL. msb and lsb hold n_out rows of n_in / 32 Q4_1 blocks
 // (20 bytes each: fp16 d, fp16 m, 16 bytes of nibbles); x is quantized to 8 bits per 32 values as

@@ -179,7 +179,7 @@ const char * slicemoe_system_info(void) {
 }
 
 const char * slicemoe_kernel_name(int32_t kernel) {
-    if (kernel < 0 || kernel > slicemoe::KERNEL_AVX512_VNNI || !slicemoe::kernel_available(slicemoe::kernel_id(kernel))) {
+    if (kernel < 0 || kernel > slicemoe::KERNEL_NEON_DOTPROD || !slicemoe::kernel_available(slicemoe::kernel_id(kernel))) {
         return nullptr;
     }
     return slicemoe::kernel_name(slicemoe::kernel_id(kernel));
@@ -191,7 +191,7 @@ int slicemoe_expert_product(int32_t kernel, const void * msb, const void * lsb, 
     if (!msb || !x || !y || n_in <= 0 || n_in % 32 != 0 || n_out < 0) {
         return fail(SLICEMOE_ERR_INVALID_ARG, "expert product: null pointer, or n_in not a positive multiple of 32");
     }
-    if (kernel < 0 || kernel > KERNEL_AVX512_VNNI || !kernel_available(kernel_id(kernel))) {
+    if (kernel < 0 || kernel > KERNEL_NEON_DOTPROD || !kernel_available(kernel_id(kernel))) {
         return fail(SLICEMOE_ERR_INVALID_ARG, "expert product: kernel " + std::to_string(kernel) + " is not available on this CPU");
     }
     const int64_t n_blocks = n_in / 32;

@@ -1,5 +1,6 @@
-// The fused expert product (slicemoe-product.h): block kernels (scalar, AVX2, AVX512-VNNI, chosen at
-// run time as ggml chooses its own: libllama is built for the baseline ISA) and the ggml custom op
+// The fused expert product (slicemoe-product.h): block kernels (scalar, AVX2, AVX512-VNNI, NEON,
+// NEON with dot products, chosen at run time as ggml chooses its own: libllama is built for the
+// baseline ISA) and the ggml custom op
 // that runs a layer's expert products on ggml's thread pool.
 //
 // The arithmetic. An AMAT weight is d_msb h + m_msb + d_lsb l + m_lsb (h, l its two nibbles), and
@@ -24,6 +25,14 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define SLICEMOE_X86 1
+#endif
+
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#define SLICEMOE_ARM64 1
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
 #endif
 
 namespace slicemoe {
@@ -196,6 +205,78 @@ SLICEMOE_AVX2 void quantize_activations_avx2(const float * x, int64_t n_in, act_
 
 #endif // SLICEMOE_X86
 
+#ifdef SLICEMOE_ARM64
+
+// ARMv8.0 NEON (every arm64 core) and ARMv8.2 dot products (sdot: most phones since 2019), in one
+// loop: a block's 32 byte pairs as one int32 sum. Without sdot, vmull_s8 + vmlal_s8 pair two
+// products in 16 bits (|a| <= 128, |b| <= 127: at most 32512) before widening. The 8-bit code is
+// centred (c - 128) as for AVX2: both instructions take signed bytes.
+
+inline int8x16x2_t nibbles_neon(const uint8_t * qs) {   // nibble j, then nibble j + 16, as x.q
+    const uint8x16_t packed = vld1q_u8(qs);
+    return {{ vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(15))), vreinterpretq_s8_u8(vshrq_n_u8(packed, 4)) }};
+}
+
+inline int32_t dot_pairs_v80(int8x16_t a0, int8x16_t a1, const int8_t * q) {
+    const int8x16_t q0 = vld1q_s8(q), q1 = vld1q_s8(q + 16);
+    int32x4_t acc = vpaddlq_s16(vmlal_s8(vmull_s8(vget_low_s8(a0), vget_low_s8(q0)), vget_high_s8(a0), vget_high_s8(q0)));
+    acc = vpadalq_s16(acc, vmlal_s8(vmull_s8(vget_low_s8(a1), vget_low_s8(q1)), vget_high_s8(a1), vget_high_s8(q1)));
+    return vaddvq_s32(acc);
+}
+
+#define SLICEMOE_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+
+SLICEMOE_DOTPROD inline int32_t dot_pairs_sdot(int8x16_t a0, int8x16_t a1, const int8_t * q) {
+    const int32x4_t acc = vdotq_s32(vdotq_s32(vdupq_n_s32(0), a0, vld1q_s8(q)), a1, vld1q_s8(q + 16));
+    return vaddvq_s32(acc);
+}
+
+// The row loop for either dot product (a macro: GCC compiles a function for one target only).
+#define SLICEMOE_NEON_ROW(DOT)                                                                         \
+    float sum = 0.0f;                                                                                  \
+    for (int64_t b = 0; b < n_blocks; ++b) {                                                           \
+        const int8x16x2_t h = nibbles_neon(msb[b].qs);                                                 \
+        if (!lsb) {                                                                                    \
+            sum += fp16(msb[b].d) * x[b].d * float(DOT(h.val[0], h.val[1], x[b].q)) + fp16(msb[b].m) * x[b].d_sum; \
+            continue;                                                                                  \
+        }                                                                                              \
+        const float s = fp16(lsb[b].d);                                                                \
+        if (fp16(msb[b].d) != 16.0f * s) {                                                             \
+            sum += block_dot_general(msb[b], &lsb[b], x[b]);                                           \
+            continue;                                                                                  \
+        }                                                                                              \
+        const int8x16x2_t l = nibbles_neon(lsb[b].qs);                                                 \
+        const int8x16_t flip = vdupq_n_s8(int8_t(-128));                                              \
+        const int8x16_t c0 = veorq_s8(vorrq_s8(vshlq_n_s8(h.val[0], 4), l.val[0]), flip);             \
+        const int8x16_t c1 = veorq_s8(vorrq_s8(vshlq_n_s8(h.val[1], 4), l.val[1]), flip);             \
+        sum += s * x[b].d * float(DOT(c0, c1, x[b].q)) +                                               \
+               (128.0f * s + fp16(msb[b].m) + fp16(lsb[b].m)) * x[b].d_sum;                           \
+    }                                                                                                  \
+    return sum;
+
+float row_dot_neon(const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks) {
+    SLICEMOE_NEON_ROW(dot_pairs_v80)
+}
+
+SLICEMOE_DOTPROD float row_dot_neon_dotprod(const q4_1_block * msb, const q4_1_block * lsb, const act_block * x,
+                                            int64_t n_blocks) {
+    SLICEMOE_NEON_ROW(dot_pairs_sdot)
+}
+
+#undef SLICEMOE_NEON_ROW
+
+bool cpu_has_dotprod() {
+#if defined(__APPLE__)
+    return true;   // every Apple arm64 core (A11 and later, M1 and later)
+#elif defined(__linux__) && defined(HWCAP_ASIMDDP)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+    return false;
+#endif
+}
+
+#endif // SLICEMOE_ARM64
+
 void quantize_activations_scalar(const float * x, int64_t n_in, act_block * out) {
     for (int64_t b = 0; b < n_in / 32; ++b) {
         const float * v = x + b * 32;
@@ -234,14 +315,28 @@ bool kernel_available(kernel_id kernel) {
 #else
             return false;
 #endif
+        case KERNEL_NEON:
+#ifdef SLICEMOE_ARM64
+            return true;
+#else
+            return false;
+#endif
+        case KERNEL_NEON_DOTPROD:
+#ifdef SLICEMOE_ARM64
+            return cpu_has_dotprod();
+#else
+            return false;
+#endif
     }
     return false;
 }
 
 kernel_id best_kernel() {
-    static const kernel_id best = kernel_available(KERNEL_AVX512_VNNI) ? KERNEL_AVX512_VNNI
-                                : kernel_available(KERNEL_AVX2)        ? KERNEL_AVX2
-                                                                       : KERNEL_SCALAR;
+    static const kernel_id best = kernel_available(KERNEL_AVX512_VNNI)  ? KERNEL_AVX512_VNNI
+                                : kernel_available(KERNEL_AVX2)         ? KERNEL_AVX2
+                                : kernel_available(KERNEL_NEON_DOTPROD) ? KERNEL_NEON_DOTPROD
+                                : kernel_available(KERNEL_NEON)         ? KERNEL_NEON
+                                                                        : KERNEL_SCALAR;
     return best;
 }
 
@@ -251,6 +346,8 @@ const char * kernel_name(kernel_id kernel) {
         case KERNEL_SCALAR: return "scalar";
         case KERNEL_AVX2:   return "avx2";
         case KERNEL_AVX512_VNNI: return "avx512vnni";
+        case KERNEL_NEON:   return "neon";
+        case KERNEL_NEON_DOTPROD: return "neon-dotprod";
     }
     return "unknown";
 }
@@ -268,6 +365,10 @@ float row_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, 
 #ifdef SLICEMOE_X86
     if (kernel == KERNEL_AVX2) return row_dot_avx2(msb, lsb, x, n_blocks);
     if (kernel == KERNEL_AVX512_VNNI) return row_dot_vnni(msb, lsb, x, n_blocks);
+#endif
+#ifdef SLICEMOE_ARM64
+    if (kernel == KERNEL_NEON) return row_dot_neon(msb, lsb, x, n_blocks);
+    if (kernel == KERNEL_NEON_DOTPROD) return row_dot_neon_dotprod(msb, lsb, x, n_blocks);
 #endif
     return row_dot_scalar(msb, lsb, x, n_blocks);
 }
@@ -317,13 +418,15 @@ void product_rows(ggml_tensor * dst, int64_t begin, int64_t end, std::vector<act
 // The op's work queue lives in the node's own op_params, after the custom op's parameters (a
 // function, a count and a pointer): the next chunk to claim and how many threads have found the
 // queue empty. The last of those resets both, so the node's next run (ggml reuses graphs) starts
-// at zero; ggml's barrier after every node orders that reset before the next run.
+// at zero; ggml's barrier after every node orders that reset before the next run. 32-bit counters:
+// op_params is an int32_t array, so only 4-byte alignment is certain, and an atomic that is not
+// naturally aligned faults on arm64 (SIGBUS).
 constexpr size_t QUEUE_OFFSET = 32;
-static_assert(QUEUE_OFFSET >= 3 * sizeof(void *) && QUEUE_OFFSET + 2 * sizeof(int64_t) <= GGML_MAX_OP_PARAMS,
-              "the queue fits in op_params after ggml_custom_op_params");
+static_assert(QUEUE_OFFSET >= 3 * sizeof(void *) && QUEUE_OFFSET + 2 * sizeof(int32_t) <= GGML_MAX_OP_PARAMS &&
+              QUEUE_OFFSET % sizeof(int32_t) == 0, "the queue fits in op_params after ggml_custom_op_params");
 
-int64_t * queue_of(ggml_tensor * dst) {
-    return reinterpret_cast<int64_t *>(reinterpret_cast<char *>(dst->op_params) + QUEUE_OFFSET);
+int32_t * queue_of(ggml_tensor * dst) {
+    return reinterpret_cast<int32_t *>(reinterpret_cast<char *>(dst->op_params) + QUEUE_OFFSET);
 }
 
 // dst [n_out, k, n_tokens] = for each use u of token t: W[ids[u, t]] x[:, u or 0, t], plus
@@ -336,11 +439,11 @@ void expert_product_op(ggml_tensor * dst, int ith, int nth, void *) {
     const int64_t total = dst->ne[0] * dst->ne[1] * dst->ne[2];
     const int64_t chunk = std::max<int64_t>(16, total / (int64_t(nth) * 8));
     const int64_t n_chunks = (total + chunk - 1) / chunk;
-    int64_t * queue = queue_of(dst);   // [0]: chunks claimed beyond the first nth, [1]: threads done
+    int32_t * queue = queue_of(dst);   // [0]: chunks claimed beyond the first nth, [1]: threads done
     thread_local std::vector<act_block> act;
     act.resize(size_t(n_in / 32));
     int64_t quantized = -1;
-    for (int64_t c = ith; c < n_chunks; c = nth + __atomic_fetch_add(&queue[0], 1, __ATOMIC_RELAXED)) {
+    for (int64_t c = ith; c < n_chunks; c = nth + int64_t(__atomic_fetch_add(&queue[0], 1, __ATOMIC_RELAXED))) {
         product_rows(dst, c * chunk, std::min(total, (c + 1) * chunk), act, &quantized);
     }
     if (__atomic_add_fetch(&queue[1], 1, __ATOMIC_ACQ_REL) == nth) {

@@ -29,7 +29,8 @@ struct act_block {
     float  d_sum;
 };
 
-enum kernel_id { KERNEL_AUTO = 0, KERNEL_SCALAR = 1, KERNEL_AVX2 = 2, KERNEL_AVX512_VNNI = 3 };
+enum kernel_id { KERNEL_AUTO = 0, KERNEL_SCALAR = 1, KERNEL_AVX2 = 2, KERNEL_AVX512_VNNI = 3, KERNEL_NEON = 4,
+                 KERNEL_NEON_DOTPROD = 5 };
 
 // The kernel AUTO runs on this CPU.
 kernel_id best_kernel();
