@@ -3,7 +3,7 @@
 # check program tests/native/arm64_check.cpp against it, for tests/test_arm64.py to run under
 # qemu-user. The build is ARMv8.0 (no -march beyond the baseline), so the oldest arm64 phones run
 # it; the fused expert product picks its sdot kernel at run time where the CPU has dot products.
-# OpenMP is off (ggml's own thread pool), so a minimal system needs no libgomp.
+# OpenMP is off on arm64 (native/CMakeLists.txt), so a minimal system needs no libgomp.
 #
 #   scripts/arm64.sh [BUILD_DIR]     (default build/arm64; incremental on a second run)
 #
@@ -18,7 +18,7 @@ if ! dpkg -s $packages >/dev/null 2>&1; then
 fi
 
 cmake -S "$root/native" -B "$build" -DCMAKE_TOOLCHAIN_FILE="$root/native/cmake/aarch64-linux-gnu.cmake" \
-      -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_VULKAN=OFF -DGGML_OPENMP=OFF >"$build.configure.log" 2>&1 \
+      -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_VULKAN=OFF >"$build.configure.log" 2>&1 \
     || { cat "$build.configure.log"; exit 1; }
 cmake --build "$build" -j "$(nproc)" --target slicemoe_libraries >"$build.build.log" 2>&1 \
     || { tail -50 "$build.build.log"; exit 1; }

@@ -102,3 +102,14 @@ def test_an_armv8_0_core_runs_the_build(programs):
     here = _rows(_run(programs[0], "decode", str(model), budget))
     there = _rows(_run(programs[1], "decode", str(model), budget, cpu="cortex-a53"))
     assert here["dbsc", budget]["tokens"] == there["dbsc", budget]["tokens"]
+
+
+def test_the_arm64_libraries_need_nothing_a_minimal_system_lacks(programs):
+    needed = set()
+    for library in programs[1].parent.glob("lib*.so"):
+        dynamic = subprocess.run(["aarch64-linux-gnu-readelf", "-d", str(library)], capture_output=True, text=True,
+                                 check=True).stdout
+        needed |= {line.split("[")[1].split("]")[0] for line in dynamic.splitlines() if "(NEEDED)" in line}
+    assert "libgomp.so.1" not in needed   # ggml's own thread pool on arm64
+    assert needed <= {"libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "ld-linux-aarch64.so.1",
+                      "libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so"}, needed
