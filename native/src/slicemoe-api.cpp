@@ -907,9 +907,10 @@ int slicemoe_context_create(slicemoe_model * model, const slicemoe_context_param
         }
         *out = nullptr;
         const slicemoe_context_params p = params ? *params : slicemoe_context_default_params();
-        if (p.n_batch == 0 || p.n_seq < 1 || p.n_seq > LLAMA_MAX_SEQ) {
+        const int32_t max_seq = int32_t(llama_max_parallel_sequences());
+        if (p.n_batch == 0 || p.n_seq < 1 || p.n_seq > max_seq) {
             return fail(SLICEMOE_ERR_INVALID_ARG, "n_batch must be at least 1 and n_seq in [1, " +
-                        std::to_string(LLAMA_MAX_SEQ) + "]");
+                        std::to_string(max_seq) + "]");
         }
 
         llama_context_params cp = to_llama_context_params(p);
