@@ -77,7 +77,7 @@ PUBLISHED: dict[str, dict] = {
     },
 }
 
-# The name each published checkpoint goes by (the fixtures' _name_or_path and the README's tables).
+# The name each published checkpoint goes by (the fixtures' _name_or_path and the tables of docs/measuring.md).
 HUB_NAMES = {
     "olmoe": "allenai/OLMoE-1B-7B-0924",
     "qwen2_moe": "Qwen/Qwen1.5-MoE-A2.7B",

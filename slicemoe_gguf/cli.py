@@ -551,7 +551,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nSliceMoE against lru8 at the same budget: {base['flash_bytes'] / max(mine['flash_bytes'], 1):.2f}x less "
           f"flash traffic, {base_m[first]['energy_mj_per_token'] / mine_m[first]['energy_mj_per_token']:.2f}x less "
           f"modelled energy ({first}), {slow / fast:.2f}x decode speed here. Energy is modelled from the counters "
-          f"with the device profiles (see README); ms/token is measured: the median of {args.runs} alternating "
+          f"with the device profiles (see docs/measuring.md); ms/token is measured: the median of {args.runs} alternating "
           f"runs per policy.")
     print(_timing_verdict(timings, load_before))
     return 0
@@ -651,7 +651,7 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None
         cache.add_argument("--prefetch", action="store_true", default=d.PREFETCH,
                            help="look-ahead prefetch: apply the next MoE layer's router to this layer's input and "
                                 "load its predicted MSB slices on an I/O thread while this layer computes (off "
-                                "by default: see the README's measurement)")
+                                "by default: see docs/design.md for the measurement)")
         cache.add_argument("--io", choices=["auto", "direct", "buffered"], default=d.IO_MODE, dest="io_mode",
                            help="how misses are read: direct (O_DIRECT, no page-cache copy), buffered (pread, then "
                                 "dropped from the page cache) or auto, direct where the file system has it "
@@ -787,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     trace = sub.add_parser("trace", help="record expert routing to a slicemoe-trace JSONL file",
                            description="Run greedy decoding and record, for every MoE layer of every token, "
-                                       "the chosen experts and their router probabilities (format in the README).")
+                                       "the chosen experts and their router probabilities (format in docs/design.md).")
     _add_model_arguments(trace)
     source = trace.add_mutually_exclusive_group(required=True)
     source.add_argument("-p", "--prompt", help="prompt text (one request)")

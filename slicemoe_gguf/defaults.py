@@ -23,7 +23,7 @@ MSB_SHARE = 0.0         # 0 = dbsc's adaptive split (two thirds for MSB slots in
 HIGH_RATIO = 0.0        # dymoe: 0 = 0.5
 PRIOR_LAMBDA = 0.5      # cache_prior: bias of a cached expert's logit, in mean logit ranges
 GATING_T = 0.04         # adapmoe: a use after the first is dropped when its weight < sqrt(T) = 0.2
-PREFETCH = False        # look-ahead prefetch (see the README for why it is off)
+PREFETCH = False        # look-ahead prefetch (see docs/design.md for why it is off)
 IO_MODE = "auto"        # misses read with O_DIRECT where the file system has it, else buffered
 
 # slicemoe serve

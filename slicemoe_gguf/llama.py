@@ -10,7 +10,7 @@ llama-cpp-python binds libllama by name from the directory in LLAMA_CPP_LIB_PATH
 same llama.cpp revision (the public structs of llama.h unchanged) plus the engine, which a sliced
 GGUF gets at load through llama.cpp's own entry point, configured by `slicemoe.*` key-value
 overrides. Importing this module points LLAMA_CPP_LIB_PATH at our library, so it must come before
-any other import of llama_cpp. Install with `pip install "slicemoe-gguf[llama]"` (see the README
+any other import of llama_cpp. Install with `pip install "slicemoe-gguf[llama]"` (see docs/usage.md
 for skipping llama-cpp-python's own build of llama.cpp, which this never loads).
 """
 

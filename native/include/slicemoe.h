@@ -15,7 +15,7 @@
 //     belongs to the model and is freed with it. A model gets it at load from whichever API
 //     loads it: slicemoe_model_load with its params, or llama.cpp's llama_model_load_from_file
 //     configured by slicemoe.* key-value overrides or SLICEMOE_* environment variables (a bad
-//     value fails the load; see README, "Serving, chat and llama-cpp-python").
+//     value fails the load; see docs/usage.md, "Serving, chat and llama-cpp-python").
 //   - Every context of the model evaluates through the engine. Each ubatch of any context holds
 //     the engine's lock from graph build to the end of its compute, so contexts may decode on
 //     different threads at once and each gets exactly what it gets alone; they share the budget
@@ -123,12 +123,12 @@ struct slicemoe_model_params {
     float   high_threshold;    // auto precision: a use runs at 8 bits if its routing weight >= this
                                // (the top-ranked expert of a token always does)
     float   max_miss_rate;     // auto precision: > 0 adapts high_threshold at run time so that the
-                               // slice miss rate stays near this target (see README); 0 = off
+                               // slice miss rate stays near this target (see docs/design.md); 0 = off
     int32_t policy;            // enum slicemoe_policy (precision follows it except for dbsc)
     bool    record_trace;      // keep the routing of every MoE layer (see slicemoe_trace_*); works
                                // for stock MoE models too
     float   msb_share;         // dbsc: a fixed share of each layer's budget for MSB slots; 0 = adaptive:
-                               // one pool whose slots hold MSB or LSB slices (see the README)
+                               // one pool whose slots hold MSB or LSB slices (see docs/design.md)
     float   high_ratio;        // dymoe: share of 8-bit uses in the first MoE layer (0 = 0.5)
     float   prior_lambda;      // cache_prior (default 0.5): 0 = the model's own routing
     float   gating_t;          // adapmoe: T of the gating rule (default 0.04); 0 = never drop (the

@@ -1,7 +1,7 @@
 // Configuration of a model loaded through llama.cpp's own entry points (llama_model_load_from_file,
 // as llama-cpp-python calls it): slicemoe.* key-value overrides, with SLICEMOE_* environment
 // variables as the fallback for each key not overridden. The names and values are those of
-// `slicemoe run`'s flags (see README, "llama-cpp-python and the stock entry points").
+// `slicemoe run`'s flags (see docs/usage.md, "Serving, chat and llama-cpp-python").
 #pragma once
 
 #include "slicemoe.h"

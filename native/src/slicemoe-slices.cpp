@@ -54,7 +54,7 @@ std::string format_bytes(int64_t n) {
     return buf;
 }
 
-// Slot counts of one layer from its share of the budget (see the README for the rule). shared:
+// Slot counts of one layer from its share of the budget (see docs/design.md for the rule). shared:
 // the layer's MSB and LSB slices take their slots from one set (the adaptive split), which needs
 // slices of one size (share_slots).
 void split_budget(int64_t budget, int precision, int n_expert, int top_k, slice_sizes size, float msb_share,
