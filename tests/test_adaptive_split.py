@@ -113,6 +113,7 @@ def test_the_minimum_budget_counts_each_layers_own_slices():
 
 
 @pytest.mark.parametrize("fraction", [0.4, 0.5])
+@pytest.mark.slow
 def test_shared_slots_run_the_same_tokens_as_every_slice_resident(sliced_gguf, fraction):
     # the LSB products index the same pool tensor as the MSB products: a wrong slot would show in
     # the logits. At 100% every slice is resident (no sharing); below, the slots are shared (at 50%

@@ -26,10 +26,10 @@ from slicemoe_gguf.embedded import embedded_gguf
 from slicemoe_gguf.model_info import describe
 
 TOOLS = ("aarch64-linux-gnu-g++", "qemu-aarch64")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not all(shutil.which(t) for t in TOOLS) and not os.environ.get("SLICEMOE_REQUIRE_ARM64")
     and not (os.geteuid() == 0 and shutil.which("apt-get")),
-    reason="needs Debian's aarch64 cross compilers and qemu-user (scripts/arm64.sh installs them as root)")
+    reason="needs Debian's aarch64 cross compilers and qemu-user (scripts/arm64.sh installs them as root)")]
 
 LOGIT_TOLERANCE = 5e-3   # of the largest logit: 8-bit activations turn 1e-7 sum-order noise into steps
 

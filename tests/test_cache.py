@@ -39,6 +39,7 @@ def decode(path, precision: str, budget: int, **kw):
 
 @pytest.mark.parametrize("precision", ["high", "low"])
 @pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe", "deepseek_v2"])
+@pytest.mark.slow
 def test_fixed_precision_is_bit_identical_at_every_budget(arch, precision, sliced):
     path = sliced(arch)
     resident, _ = decode(path, precision, 0)       # no cache: every expert mapped from the file
@@ -93,6 +94,7 @@ def test_budget_below_the_minimum_is_refused_with_the_minimum(sliced):
     assert proc.returncode == 1 and "below the minimum" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_cache_on_a_stock_model_is_refused(stock_gguf):
     with pytest.raises(SliceMoEError, match="not a sliced"):
         Model(stock_gguf("qwen2_moe"), cache_budget=10**6)
@@ -205,6 +207,7 @@ def test_cache_prior_replays_from_the_recorded_router_logits(sliced, tmp_path):
     assert stronger["msb_misses"] < own["msb_misses"]
 
 
+@pytest.mark.slow
 def test_resident_memory_is_the_pools_not_the_mapped_experts(tmp_path):
     """llama.cpp maps and prefetches the whole file; with a cache the engine hands the expert pages
     back, so the process's file-backed memory grows by far less than the slice bytes, and the whole

@@ -33,6 +33,7 @@ def _expert_stack(hf_dir: Path, layer: int, proj: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow
 def test_amat_slices_reproduce_the_original_experts(arch, tiny_checkpoints, tmp_path):
     """Read back with gguf-py (an independent reader). The state-dict layout gives the same file
     content (tests/test_published.py)."""
@@ -73,6 +74,7 @@ def test_amat_slices_reproduce_the_original_experts(arch, tiny_checkpoints, tmp_
             assert per_expert_bytes == w.shape[1] * w.shape[2] // 32 * 20
 
 
+@pytest.mark.slow
 def test_sharded_state_dict_gives_the_same_gguf_as_single_file_save_pretrained(tiny_checkpoints, tmp_path):
     a = tiny_checkpoints("qwen2_moe")
     b = rewrite_checkpoint(tiny_checkpoints("qwen2_moe", "state_dict"), tmp_path / "b", shards=3)

@@ -34,6 +34,7 @@ def test_info_human_readable():
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe"])
+@pytest.mark.slow
 def test_greedy_run_matches_transformers(arch, tiny_checkpoints, stock_gguf, tmp_path):
     n = 16
     logits_path = tmp_path / "logits.npy"

@@ -43,6 +43,7 @@ def embedded_stock():
 
 # -- hostile files ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fuzz_subset_gives_no_signal_no_traceback_and_no_hang(embedded, embedded_stock, sliced_gguf, tmp_path):
     """The CI subset of scripts/fuzz_gguf.py: sliced and stock files of two architectures, every
     mutation kind, each run with and without a cache."""

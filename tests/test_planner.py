@@ -48,6 +48,7 @@ def test_a_tighter_target_gives_fewer_8bit_uses(embedded_trace):
     assert shares[0] >= shares[1] >= shares[2] and shares[0] > shares[2]
 
 
+@pytest.mark.slow
 def test_the_stated_accuracy_is_measured_against_the_8bit_model(embedded_trace):
     import json
     import os

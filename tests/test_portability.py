@@ -18,8 +18,9 @@ import pytest
 from helpers import REPO
 from slicemoe_gguf._native import build_info
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ziglang") is None and not os.environ.get("CI"),
-                                reason="needs the ziglang package (the test extra installs it)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("ziglang") is None and not os.environ.get("CI"),
+                                 reason="needs the ziglang package (the test extra installs it)")]
 
 UNITS = sorted((REPO / "native" / "src").glob("*.cpp"))
 

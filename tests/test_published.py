@@ -19,6 +19,8 @@ from helpers import convert, hf_greedy, run_json
 
 from slicemoe_gguf.model_info import read_header
 
+pytestmark = pytest.mark.slow   # the fast tier (pytest -m 'not slow') leaves it out
+
 ARCHS = ["olmoe", "qwen2_moe", "deepseek_v2", "mixtral", "qwen3_moe"]
 LAYOUTS = ["save_pretrained", "state_dict"]
 PROMPT = "Once upon a time there was a small village"

@@ -44,6 +44,7 @@ def _run(path, precision: str, tmp_path, n: int = 16):
 
 @pytest.mark.parametrize("arch,grid", [("qwen2_moe", "searched"), ("olmoe", "searched"), ("deepseek_v2", "searched"),
                                        ("olmoe", "paper"), ("qwen2_moe", "aligned")])
+@pytest.mark.slow
 def test_high_and_low_precision_match_the_8bit_and_4bit_models(arch, grid, tiny_checkpoints, sliced_gguf, tmp_path):
     """Every grid runs alike: the paper's (format version 1, what every earlier file holds) and
     the version-2 grids."""

@@ -23,6 +23,8 @@ from slicemoe_gguf import Model
 from slicemoe_gguf.model_info import describe
 from slicemoe_gguf.runtime import library_info
 
+pytestmark = pytest.mark.slow   # the fast tier (pytest -m 'not slow') leaves it out
+
 PROMPT = "Once upon a time there was a small village by the sea"
 COUNTERS = ("msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads", "evictions", "flash_bytes",
             "ram_bytes", "high_uses", "low_uses", "decode_tokens", "pool_bytes")
