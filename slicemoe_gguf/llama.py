@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import defaults
 from ._native import SliceMoEError, check, ffi, lib, library_path
-from .runtime import read_cache_stats
+from .cache_params import read_cache_stats
 
 # the kv_overrides keys and the values they take (the names of `slicemoe run`'s flags)
 SETTINGS = ("cache_budget", "policy", "precision", "warmup", "high_threshold", "max_miss_rate", "msb_share",

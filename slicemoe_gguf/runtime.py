@@ -17,21 +17,11 @@ import numpy as np
 
 from . import defaults
 from ._native import SliceMoEError, check, ffi, lib, string
+from .cache_params import IO_MODES, read_cache_stats, set_cache_params
+from .model_info import describe
+from .trace import FORMAT, VERSION, from_records
 
 STATUS_BUFFER_TOO_SMALL = 5
-# routed-expert precision of sliced models (enum slicemoe_precision)
-PRECISIONS = {"auto": 0, "high": 1, "low": 2}
-WARMUPS = {"none": 0, "pcw": 1}
-IO_MODES = {"auto": 0, "direct": 1, "buffered": 2}   # enum slicemoe_io_mode
-_CACHE_FIELDS = ("budget_bytes", "pool_bytes", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads",
-                 "evictions", "flash_bytes", "ram_bytes", "high_uses", "low_uses", "warmup_loads",
-                 "decode_tokens", "io_ms", "high_threshold", "dropped_uses", "prefetch_loads",
-                 "prefetch_useful_bytes", "prefetch_wasted_bytes", "device_pool_bytes", "io_direct")
-_LAYER_FIELDS = ("layer", "msb_slots", "lsb_slots", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses",
-                 "loads", "evictions", "flash_bytes", "ram_bytes", "io_ms", "shared_slots", "msb_resident",
-                 "lsb_resident")
-
-
 @dataclass
 class Sampling:
     """llama.cpp's sampler chain: logit biases, penalties and a grammar, then greedy decoding when
@@ -187,9 +177,6 @@ class Model:
 
     def routing_trace(self):
         """The routing recorded so far (record_trace=True) as a slicemoe-trace Trace."""
-        from .model_info import describe
-        from .trace import FORMAT, VERSION, from_records
-
         k = int(self._lib.slicemoe_trace_top_k(self._model))
         if k == 0:
             raise SliceMoEError("no routing was recorded: load the model with record_trace=True", 1)
@@ -421,60 +408,6 @@ class Model:
         logits = np.stack(rows) if rows else (np.zeros((0, self.n_vocab), np.float32) if keep_logits else None)
         return GenerationResult(text=self.detokenize(tokens), prompt_tokens=prompt_tokens, tokens=tokens,
                                 prefill_ms=prefill_ms, decode_ms=decode_ms, logits=logits)
-
-
-def set_cache_params(params, *, policy: str, precision: str, warmup: str, high_threshold: float,
-                     max_miss_rate: float, msb_share: float, high_ratio: float, prior_lambda: float,
-                     gating_t: float, layer_slots: list[int] | None,
-                     layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None):
-    """Fill the policy fields shared by the live cache's and the replay's parameter structs; returns
-    the per-layer arrays, which must stay alive until the native call has read them."""
-    from .trace import POLICIES
-
-    for value, table, name in ((policy, POLICIES, "policy"), (precision, PRECISIONS, "precision"),
-                               (warmup, WARMUPS, "warmup")):
-        if value not in table:
-            raise ValueError(f"{name} must be one of {', '.join(table)}")
-    params.policy = POLICIES[policy]
-    params.precision = PRECISIONS[precision]
-    params.warmup = WARMUPS[warmup]
-    params.high_threshold = high_threshold
-    params.max_miss_rate = max_miss_rate
-    params.msb_share = msb_share
-    params.high_ratio = high_ratio
-    params.prior_lambda = prior_lambda
-    params.gating_t = gating_t
-    slots = ffi.new("int32_t[]", list(layer_slots)) if layer_slots else ffi.NULL
-    params.layer_slots = slots
-    params.n_layer_slots = len(layer_slots) if layer_slots else 0
-    sensitivity = ffi.new("float[]", [float(v) for v in layer_sensitivity]) if layer_sensitivity else ffi.NULL
-    params.layer_sensitivity = sensitivity
-    params.n_layer_sensitivity = len(layer_sensitivity) if layer_sensitivity else 0
-    high_uses = ffi.new("int32_t[]", [int(v) for v in layer_high_uses]) if layer_high_uses else ffi.NULL
-    params.layer_high_uses = high_uses
-    params.n_layer_high_uses = len(layer_high_uses) if layer_high_uses else 0
-    return slots, sensitivity, high_uses
-
-
-def read_cache_stats(get_totals, get_layer, n_layers: int, *, live: bool = False) -> dict:
-    """The counters of a live cache or a replay as one dict: totals (plus hits and misses over both
-    slices) and per-layer arrays under "layers"; a live cache adds how it reads misses ("io_mode":
-    "direct" or "buffered")."""
-    t = ffi.new("slicemoe_cache_stats_t *")
-    check(get_totals(t))
-    stats = {name: getattr(t, name) for name in _CACHE_FIELDS}
-    io_direct = stats.pop("io_direct")
-    if live:
-        stats["io_mode"] = "direct" if io_direct else "buffered"
-    stats["hits"] = stats["msb_hits"] + stats["lsb_hits"]
-    stats["misses"] = stats["msb_misses"] + stats["lsb_misses"]
-    rows = []
-    row = ffi.new("slicemoe_layer_stats_t *")
-    for i in range(n_layers):
-        check(get_layer(i, row))
-        rows.append({name: getattr(row, name) for name in _LAYER_FIELDS})
-    stats["layers"] = {name: [r[name] for r in rows] for name in _LAYER_FIELDS}
-    return stats
 
 
 def library_info() -> dict:

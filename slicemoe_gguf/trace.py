@@ -22,10 +22,10 @@ import numpy as np
 
 from . import defaults
 from ._native import SliceMoEError, check, ffi, lib
+from .cache_params import POLICIES, read_cache_stats, set_cache_params  # noqa: F401 (POLICIES: part of this module's API)
 
 FORMAT = "slicemoe-trace"
 VERSION = 1
-POLICIES = {"dbsc": 0, "lru8": 1, "lfu8": 2, "lru4": 3, "belady": 4, "hobbit": 5, "dymoe": 6, "cache_prior": 7, "adapmoe": 8}
 PHASES = ("prefill", "decode")
 
 
@@ -199,8 +199,6 @@ def replay(trace: Trace, *, budget: int, policy: str = defaults.POLICY, precisio
            layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None) -> dict:
     """Drive the native cache manager with the trace (no compute) and return its counters, with the
     same names as `slicemoe run --json`'s `cache` object."""
-    from .runtime import read_cache_stats, set_cache_params
-
     native = lib()
     msb, lsb = _slice_bytes(trace.header)
     params = native.slicemoe_sim_default_params()
