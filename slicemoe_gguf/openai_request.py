@@ -8,6 +8,7 @@ never queues behind a running one.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ class Job:
     chat: bool
     prompt: list[int]
     max_tokens: int
-    sampling: Sampling
+    sampler: object            # the native sampler (Model.sampler), its grammar compiled
     stop: list[str]
     stream: bool
     top_logprobs: int | None   # None: no logprobs; 0..MAX_TOP_LOGPROBS alternatives per token
@@ -144,20 +145,28 @@ def _prompt(model: Model, body: dict, chat: bool) -> list[int]:
     return model.tokenize(prompt)
 
 
+@functools.lru_cache(maxsize=1)
+def _schema_converter():
+    """llama-cpp-python's llama_grammar module (the `llama` extra), loaded once, and alone: a
+    pure-Python file, whose package would load its own libllama; None when it is not installed."""
+    found = importlib.util.find_spec("llama_cpp")
+    location = next(iter(found.submodule_search_locations or []), None) if found else None
+    if location is None:
+        return None
+    spec = importlib.util.spec_from_file_location("slicemoe_gguf._llama_grammar", f"{location}/llama_grammar.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _json_schema_grammar(format_: dict) -> str:
     spec = format_.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise BadRequest("response_format.json_schema.schema must be a JSON schema object")
-    # llama-cpp-python's converter (a pure-Python module; loading it alone keeps its own libllama
-    # out of the process), installed with the `llama` extra
-    found = importlib.util.find_spec("llama_cpp")
-    location = next(iter(found.submodule_search_locations or []), None) if found else None
-    if location is None:
+    module = _schema_converter()
+    if module is None:
         raise BadRequest("response_format json_schema needs llama-cpp-python's schema converter: "
                          "pip install 'slicemoe-gguf[llama]' (json_object works without it)")
-    spec_ = importlib.util.spec_from_file_location("slicemoe_gguf._llama_grammar", f"{location}/llama_grammar.py")
-    module = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(module)
     try:
         grammar = module.json_schema_to_gbnf(json.dumps(spec["schema"]))
     except Exception as exc:   # noqa: BLE001 - the converter's own reason, for the client
@@ -220,7 +229,9 @@ def _stop(body: dict) -> list[str]:
     return stop
 
 
-def _sampling(body: dict, model: Model) -> Sampling:
+def _sampler(body: dict, model: Model):
+    """The request's native sampler; made here so that a grammar that does not compile is the
+    client's error before the request waits, and the decode uses this one."""
     seed = body.get("seed", 0)
     if seed is None:
         seed = 0
@@ -235,10 +246,9 @@ def _sampling(body: dict, model: Model) -> Sampling:
                         penalty_last_n=-1, grammar=_grammar(body), logit_bias=_logit_bias(body, model.n_vocab),
                         **penalties)
     try:
-        model.sampler(sampling)   # compiles the grammar now: a bad one is the client's error
+        return model.sampler(sampling)
     except SliceMoEError as exc:
         raise BadRequest(f"response_format: {exc}") from exc
-    return sampling
 
 
 def parse(model: Model, body: Any, chat: bool) -> Job:
@@ -256,5 +266,5 @@ def parse(model: Model, body: Any, chat: bool) -> Job:
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name, None if chat else DEFAULT_MAX_TOKENS, 0, 2**31 - 1)
     return Job(chat=chat, prompt=prompt, max_tokens=room if max_tokens is None else min(max_tokens, room),
-               sampling=_sampling(body, model), stop=_stop(body), stream=bool(body.get("stream")),
+               sampler=_sampler(body, model), stop=_stop(body), stream=bool(body.get("stream")),
                top_logprobs=_top_logprobs(body, chat))

@@ -49,7 +49,8 @@ class Reply:
         return out
 
 
-def _counters(model: Model) -> dict | None:
+def cache_counters(model: Model) -> dict | None:
+    """COUNTERS of the model's cache now (None without a cache)."""
     stats = model.cache_stats()
     return None if stats is None else {name: stats[name] for name in COUNTERS}
 
@@ -77,8 +78,9 @@ class ReplyWriter:
         self.shown = 0
         self.done = max_tokens <= 0
 
-    def add(self, token: int, logits: np.ndarray) -> str:
-        """Takes the next sampled token; returns the text that may be shown now ("" for none)."""
+    def add(self, token: int, logits: np.ndarray | None) -> str:
+        """Takes the next sampled token; returns the text that may be shown now ("" for none). The
+        logits it was sampled from are needed only with top_logprobs."""
         reply, model = self.reply, self.model
         if model.is_eog(token):
             reply.finish_reason, self.done = "stop", True
@@ -119,7 +121,7 @@ def stream_reply(model: Model, prompt: list[int], max_tokens: int, sampling: Sam
     model decoding alone. Setting `cancel` ends the reply before the next token (finish_reason
     "cancelled")."""
     started = time.perf_counter()
-    before = _counters(model)
+    before = cache_counters(model)
     reply.prompt_tokens = len(prompt)
     writer = ReplyWriter(model, reply, max_tokens, stop, top_logprobs)
     try:
@@ -136,7 +138,7 @@ def stream_reply(model: Model, prompt: list[int], max_tokens: int, sampling: Sam
                 break
     finally:
         reply.prefill_ms, reply.decode_ms = model.timings()
-        after = _counters(model)
+        after = cache_counters(model)
         if before is not None and after is not None:
             reply.cache = {name: after[name] - before[name] for name in COUNTERS}
     rest = writer.rest()

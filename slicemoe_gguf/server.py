@@ -18,7 +18,6 @@ import asyncio
 import collections
 import json
 import math
-import signal
 import threading
 import time
 import uuid

@@ -19,7 +19,7 @@ import numpy as np
 
 from ._native import SliceMoEError
 from .openai_request import Job
-from .replies import COUNTERS, Reply, ReplyWriter
+from .replies import COUNTERS, Reply, ReplyWriter, cache_counters
 from .runtime import Model
 
 
@@ -33,14 +33,8 @@ class Task:
     seq: int = -1
     last_token: int = -1
     writer: ReplyWriter | None = None
-    sampler: object = None
     started: float = field(default_factory=time.perf_counter)
     before: dict | None = None
-
-
-def _counters(model: Model) -> dict | None:
-    stats = model.cache_stats()
-    return None if stats is None else {name: stats[name] for name in COUNTERS}
 
 
 class Decoder:
@@ -90,22 +84,21 @@ class Decoder:
         reply, job, model = task.reply, task.job, self.model
         reply.prompt_tokens = len(job.prompt)
         task.writer = ReplyWriter(model, reply, job.max_tokens, job.stop, job.top_logprobs)
-        task.before = _counters(model)
+        task.before = cache_counters(model)
         try:
             if task.cancel.is_set():
                 task.writer.cancel()
                 self._end(task)
                 return
-            task.sampler = model.sampler(job.sampling)
             model.reset_seq(task.seq)
             started = time.perf_counter()
             model.eval_seq(task.seq, job.prompt)
             reply.prefill_ms = 1000 * (time.perf_counter() - started)
-            self._take(task, model.sample(task.sampler, task.seq), model.logits_seq(task.seq))
+            self._sample(task)
         except Exception as exc:   # noqa: BLE001 - the request's failure, reported to its client
             self._end(task, exc)
 
-    def _take(self, task: Task, token: int, logits: np.ndarray) -> None:
+    def _take(self, task: Task, token: int, logits: np.ndarray | None) -> None:
         """The task's next sampled token."""
         if not task.reply.tokens:
             task.reply.ttft_ms = 1000 * (time.perf_counter() - task.started)
@@ -156,7 +149,10 @@ class Decoder:
 
     def _sample(self, task: Task) -> None:
         try:
-            self._take(task, self.model.sample(task.sampler, task.seq), self.model.logits_seq(task.seq))
+            token = self.model.sample(task.job.sampler, task.seq)
+            # the logits are copied only for a request that asked for logprobs
+            logits = self.model.logits_seq(task.seq) if task.job.top_logprobs is not None else None
+            self._take(task, token, logits)
         except Exception as exc:   # noqa: BLE001
             self._end(task, exc)
 
@@ -164,7 +160,7 @@ class Decoder:
         if self.active.pop(task.seq, None) is None:
             return
         reply = task.reply
-        after = _counters(self.model)
+        after = cache_counters(self.model)
         if task.before is not None and after is not None:
             reply.cache = {name: after[name] - task.before[name] for name in COUNTERS}
         self.model.reset_seq(task.seq)
