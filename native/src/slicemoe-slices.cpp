@@ -391,6 +391,22 @@ bool wants_high(const cache & c, const layer & L, int r, float weight, int exper
             c.iface->high_use(c, L, r, weight, expert, msb_hit));
 }
 
+// A use served from pool p (the layer's MSB or LSB pool): the policy's use count, its hit or miss
+// in the layer's and the totals' counters, the slice bytes its product reads, and the miss-rate
+// controller's counts.
+void count_use(cache & c, layer & L, pool & p, int expert, bool hit) {
+    add_use(L, p, expert);
+    const bool msb = &p == &L.msb;
+    int64_t & layer_count = msb ? (hit ? L.stats.msb_hits : L.stats.msb_misses) : (hit ? L.stats.lsb_hits : L.stats.lsb_misses);
+    int64_t & total_count = msb ? (hit ? c.totals.msb_hits : c.totals.msb_misses) : (hit ? c.totals.lsb_hits : c.totals.lsb_misses);
+    layer_count += 1;
+    total_count += 1;
+    c.token_uses += 1;
+    c.token_misses += !hit;
+    L.stats.ram_bytes += int64_t(p.slice_bytes);
+    c.totals.ram_bytes += int64_t(p.slice_bytes);
+}
+
 // One decode step of a layer: the uses of n_tokens tokens (one per sequence of a batch), their ids
 // `stride` apart and weights [n_tokens, top_k]. Every slice the step needs is resident at once: an
 // expert two sequences use is read once and counts one miss and one hit. The slot tables are per
@@ -461,14 +477,8 @@ bool serve_step(cache & c, layer & L, int64_t n_tokens, const int32_t * ids, int
             }
             kept[use] = 1;
             msb_hit[use] = hit;
-            add_use(L, L.msb, e);
-            (hit ? L.stats.msb_hits : L.stats.msb_misses) += 1;
-            (hit ? c.totals.msb_hits : c.totals.msb_misses) += 1;
-            c.token_uses += 1;
-            c.token_misses += !hit;
+            count_use(c, L, L.msb, e, hit);
             msb_map[e] = L.msb.expert_slot[e];
-            L.stats.ram_bytes += int64_t(L.msb.slice_bytes);
-            c.totals.ram_bytes += int64_t(L.msb.slice_bytes);
             if (!L.prefetched.empty() && L.prefetched[size_t(e)]) {
                 L.prefetched[size_t(e)] = 0;
                 c.totals.prefetch_useful_bytes += int64_t(L.msb.slice_bytes);
@@ -485,15 +495,9 @@ bool serve_step(cache & c, layer & L, int64_t n_tokens, const int32_t * ids, int
             bool hit = false;
             if (high && L.lsb.n_slots > 0) {
                 if (ensure(c, L, L.lsb, e, &hit)) {
-                    add_use(L, L.lsb, e);
-                    (hit ? L.stats.lsb_hits : L.stats.lsb_misses) += 1;
-                    (hit ? c.totals.lsb_hits : c.totals.lsb_misses) += 1;
-                    c.token_uses += 1;
-                    c.token_misses += !hit;
+                    count_use(c, L, L.lsb, e, hit);
                     lsb_map[e] = L.lsb.expert_slot[e];
                     mask[e] = 1.0f;
-                    L.stats.ram_bytes += int64_t(L.lsb.slice_bytes);
-                    c.totals.ram_bytes += int64_t(L.lsb.slice_bytes);
                 } else if (c.failed) {
                     abandon_loads(c);
                     return false;
