@@ -18,40 +18,15 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
-import subprocess
 import threading
 import time
 import urllib.request
 
+from benchlib import ServeProcess
+
 PROMPTS = ["ROMEO.\nBut soft, what light through yonder window breaks?", "JULIET.\nO Romeo, Romeo, wherefore",
            "HAMLET.\nTo be, or not to be, that is", "KING RICHARD.\nNow is the winter of our discontent"]
-
-
-class Server:
-    def __init__(self, model: str, flags: list[str]):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.proc = subprocess.Popen(["slicemoe", "serve", "-m", model, "--port", str(self.port), *flags],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.base = f"http://127.0.0.1:{self.port}"
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(self.base + "/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise SystemExit("slicemoe serve did not start")
-
-    def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(self.base + "/metrics", timeout=30).read().decode()
-        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout=30)
 
 
 def complete(base: str, prompt: str, n: int) -> int:
@@ -61,7 +36,7 @@ def complete(base: str, prompt: str, n: int) -> int:
         return json.loads(response.read())["usage"]["completion_tokens"]
 
 
-def clients_at_once(server: Server, prompts: list[str], n: int) -> tuple[float, float]:
+def clients_at_once(server: ServeProcess, prompts: list[str], n: int) -> tuple[float, float]:
     """(aggregate tokens/s, flash bytes per completion token) of the prompts sent at once."""
     before = server.metrics()
     tokens = [0] * len(prompts)
@@ -86,7 +61,7 @@ def clients_at_once(server: Server, prompts: list[str], n: int) -> tuple[float, 
 
 
 def sigterm_under_a_long_stream(model: str, flags: list[str]) -> tuple[float, float]:
-    server = Server(model, ["-c", "8192", *flags])
+    server = ServeProcess(model, ["-c", "8192", *flags])
     import http.client
 
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
@@ -124,8 +99,8 @@ def main() -> int:
 
     rows = {"1 client, --parallel 1": ("1", PROMPTS[:1]), "4 clients, --parallel 1": ("1", PROMPTS),
             "4 clients, --parallel 4": ("4", PROMPTS)}
-    servers = {"1": Server(model, ["-c", "2048", "--parallel", "1", *flags]),
-               "4": Server(model, ["-c", "8192", "--parallel", "4", *flags])}
+    servers = {"1": ServeProcess(model, ["-c", "2048", "--parallel", "1", *flags]),
+               "4": ServeProcess(model, ["-c", "8192", "--parallel", "4", *flags])}
     results: dict[str, list[tuple[float, float]]] = {label: [] for label in rows}
     try:
         for server in servers.values():   # one warm-up round each: first-touch costs out of the numbers

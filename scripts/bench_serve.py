@@ -13,20 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
 import statistics
 import subprocess
 import time
-import urllib.request
+
+from benchlib import ServeProcess
 
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -44,17 +37,9 @@ def main() -> int:
 
     import openai
 
-    port = free_port()
-    server = subprocess.Popen(["slicemoe", "serve", "-m", model, "--port", str(port), *flags],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = ServeProcess(model, flags)
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0)
         run_ms, run_first, http_ms, http_first = [], [], [], []
         for _ in range(args.repeats):
             out = json.loads(subprocess.run(["slicemoe", "run", "-m", model, "-p", PROMPT, "-n", str(args.n),
@@ -71,8 +56,7 @@ def main() -> int:
             http_first.append(1000 * (stamps[0] - start))
             http_ms.append(1000 * (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1))
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
+        server.stop()
 
     med = statistics.median
     print(f"model {model}, {args.n} tokens, cache budget {args.cache_budget}, {args.threads} threads, "

@@ -10,7 +10,11 @@ have sampled), which makes KL, top-1 agreement and perplexity comparable across 
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,3 +219,29 @@ def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 2) -> Path:
     tmp.replace(dst)
     return dst
 
+
+class ServeProcess:
+    """`slicemoe serve -m MODEL FLAGS` on a free port of 127.0.0.1, started and healthy (output discarded)."""
+
+    def __init__(self, model: str, flags: list[str]):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.proc = subprocess.Popen(["slicemoe", "serve", "-m", model, "--port", str(self.port), *flags],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.base = f"http://127.0.0.1:{self.port}"
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(self.base + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit("slicemoe serve did not start")
+
+    def metrics(self) -> dict[str, float]:
+        text = urllib.request.urlopen(self.base + "/metrics", timeout=30).read().decode()
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=30)
