@@ -94,6 +94,9 @@ class Decoder:
             started = time.perf_counter()
             model.eval_seq(task.seq, job.prompt)
             reply.prefill_ms = 1000 * (time.perf_counter() - started)
+            if task.writer.done:   # max_tokens 0: the prompt only
+                self._end(task)
+                return
             self._sample(task)
         except Exception as exc:   # noqa: BLE001 - the request's failure, reported to its client
             self._end(task, exc)

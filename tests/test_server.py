@@ -169,6 +169,13 @@ def test_frequency_and_presence_penalties_change_the_text_and_cut_repeats(client
     assert len(set(penalised)) > len(set(plain))   # fewer repeats: more distinct tokens
 
 
+def test_max_tokens_zero_evaluates_the_prompt_and_returns_no_tokens(server):
+    status, body, _ = _post(server.base, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0})
+    assert status == 200
+    assert body["choices"][0]["text"] == "" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 0 and body["usage"]["prompt_tokens"] > 0
+
+
 @pytest.mark.parametrize("extra, named", [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"n": 2}, "n"),
