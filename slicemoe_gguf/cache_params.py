@@ -6,14 +6,37 @@ imports neither.
 
 from __future__ import annotations
 
-from ._native import check, ffi
+import functools
+import os
 
-# enum slicemoe_policy (belady runs only in replay)
-POLICIES = {"dbsc": 0, "lru8": 1, "lfu8": 2, "lru4": 3, "belady": 4, "hobbit": 5, "dymoe": 6, "cache_prior": 7, "adapmoe": 8}
-# routed-expert precision of sliced models (enum slicemoe_precision)
-PRECISIONS = {"auto": 0, "high": 1, "low": 2}
-WARMUPS = {"none": 0, "pcw": 1}
-IO_MODES = {"auto": 0, "direct": 1, "buffered": 2}   # enum slicemoe_io_mode
+from ._native import check, ffi, lib
+
+
+@functools.cache
+def enum_values(enum: str) -> dict[str, int]:
+    """A C enum of slicemoe.h by the names its flags use (``enum_values("slicemoe_io_mode")`` is
+    {"auto": 0, "direct": 1, "buffered": 2}), as cffi read it from the header."""
+    lib()   # the header's declarations are read when the library loads
+    elements = ffi.typeof(f"enum {enum}").elements   # value -> C name
+    prefix = os.path.commonprefix(list(elements.values()))
+    prefix = prefix[:prefix.rfind("_") + 1]
+    return {name[len(prefix):].lower(): value for value, name in sorted(elements.items())}
+
+
+@functools.cache
+def policies(*, live_only: bool = False) -> dict[str, int]:
+    """The cache policies by name, as the native policy tables spell them (live_only: leave out
+    those that need the future and run only in replay)."""
+    native, out = lib(), {}
+    for policy in range(64):
+        name = native.slicemoe_policy_name(policy)
+        if name == ffi.NULL:
+            break
+        if native.slicemoe_policy_runs_live(policy) or not live_only:
+            out[ffi.string(name).decode()] = policy
+    return out
+
+
 CACHE_FIELDS = ("budget_bytes", "pool_bytes", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads",
                 "evictions", "flash_bytes", "ram_bytes", "high_uses", "low_uses", "warmup_loads",
                 "decode_tokens", "io_ms", "high_threshold", "dropped_uses", "prefetch_loads",
@@ -29,13 +52,14 @@ def set_cache_params(params, *, policy: str, precision: str, warmup: str, high_t
                      layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None):
     """Fill the policy fields shared by the live cache's and the replay's parameter structs; returns
     the per-layer arrays, which must stay alive until the native call has read them."""
-    for value, table, name in ((policy, POLICIES, "policy"), (precision, PRECISIONS, "precision"),
-                               (warmup, WARMUPS, "warmup")):
-        if value not in table:
-            raise ValueError(f"{name} must be one of {', '.join(table)}")
-    params.policy = POLICIES[policy]
-    params.precision = PRECISIONS[precision]
-    params.warmup = WARMUPS[warmup]
+    tables = {"policy": policies(), "precision": enum_values("slicemoe_precision"),
+              "warmup": enum_values("slicemoe_warmup")}
+    for name, value in (("policy", policy), ("precision", precision), ("warmup", warmup)):
+        if value not in tables[name]:
+            raise ValueError(f"{name} must be one of {', '.join(tables[name])}")
+    params.policy = tables["policy"][policy]
+    params.precision = tables["precision"][precision]
+    params.warmup = tables["warmup"][warmup]
     params.high_threshold = high_threshold
     params.max_miss_rate = max_miss_rate
     params.msb_share = msb_share

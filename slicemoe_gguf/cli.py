@@ -576,9 +576,6 @@ def _add_profile_argument(parser: argparse.ArgumentParser) -> None:
                              "built-in phone and laptop profiles)")
 
 
-LIVE_POLICIES = ("dbsc", "lru8", "lfu8", "lru4", "hobbit", "dymoe", "cache_prior", "adapmoe")
-
-
 def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None:
     """The slice-cache flags, one definition for run and trace (live: a model runs) and sim (replay,
     which adds belady and needs a budget); every default comes from slicemoe_gguf.defaults."""
@@ -601,7 +598,8 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None
     else:
         cache.add_argument("--cache-budget", required=True, metavar="SIZE",
                            help="bytes with a unit (300MB, 2GiB) or a percentage of all slice bytes (50%%)")
-    policies = LIVE_POLICIES if live else LIVE_POLICIES + ("belady", "optimal")
+    from .cache_params import policies as native_policies
+    policies = list(native_policies(live_only=live)) + ([] if live else ["optimal"])
     cache.add_argument("--policy", choices=policies, default=d.POLICY,
                        help="cache policy: dbsc (SliceMoE: bit slices, precision per use), lru8 / "
                             "lfu8 (whole experts at 8 bits, least recently / frequently used out), lru4 "
@@ -917,7 +915,11 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()   # the policy choices come from the native library
+    except SliceMoEError as exc:
+        print(f"slicemoe: error: {exc}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     _validate(args, parser)
     try:

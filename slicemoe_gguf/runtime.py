@@ -17,7 +17,7 @@ import numpy as np
 
 from . import defaults
 from ._native import SliceMoEError, check, ffi, lib, string
-from .cache_params import IO_MODES, read_cache_stats, set_cache_params
+from .cache_params import enum_values, read_cache_stats, set_cache_params
 from .model_info import describe
 from .trace import FORMAT, VERSION, from_records
 
@@ -85,8 +85,9 @@ class Model:
                  forced_routes: bool = False, layer_sensitivity: list[float] | None = None,
                  layer_high_uses: list[int] | None = None, n_seq: int = 1):
         self.path = Path(path)
-        if io_mode not in IO_MODES:
-            raise ValueError(f"io_mode must be one of {', '.join(IO_MODES)}")
+        io_modes = enum_values("slicemoe_io_mode")
+        if io_mode not in io_modes:
+            raise ValueError(f"io_mode must be one of {', '.join(io_modes)}")
         self._lib = lib()
         params = self._lib.slicemoe_model_default_params()
         params.n_gpu_layers = n_gpu_layers
@@ -94,7 +95,7 @@ class Model:
         params.cache_budget_bytes = int(cache_budget)
         params.record_trace = record_trace
         params.prefetch = prefetch
-        params.io_mode = IO_MODES[io_mode]
+        params.io_mode = io_modes[io_mode]
         params.forced_routes = forced_routes
         slots = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,
                                  high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,

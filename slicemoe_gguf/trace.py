@@ -22,7 +22,7 @@ import numpy as np
 
 from . import defaults
 from ._native import SliceMoEError, check, ffi, lib
-from .cache_params import POLICIES, read_cache_stats, set_cache_params  # noqa: F401 (POLICIES: part of this module's API)
+from .cache_params import read_cache_stats, set_cache_params
 
 FORMAT = "slicemoe-trace"
 VERSION = 1

@@ -24,6 +24,7 @@ from helpers import REPO, _load_script, run_cli, run_json
 
 from slicemoe_gguf import Model, defaults, trace as traces
 from slicemoe_gguf._native import SliceMoEError, ffi, lib
+from slicemoe_gguf.cache_params import policies
 from slicemoe_gguf.embedded import EMBEDDED_CHECKPOINT, embedded_gguf
 from slicemoe_gguf.runtime import check_model
 
@@ -367,7 +368,7 @@ def test_the_defaults_are_one_set(tmp_path):
     native = lib()
     model_params = native.slicemoe_model_default_params()
     sim_params = native.slicemoe_sim_default_params()
-    names = {"policy": traces.POLICIES, "precision": {"auto": 0, "high": 1, "low": 2}, "warmup": {"none": 0, "pcw": 1}}
+    names = {"policy": policies(), "precision": {"auto": 0, "high": 1, "low": 2}, "warmup": {"none": 0, "pcw": 1}}
     for name, value in defaults.CACHE_SETTINGS.items():
         expected = names[name][value] if name in names else pytest.approx(value)
         assert getattr(model_params, name) == expected, name

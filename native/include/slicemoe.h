@@ -257,6 +257,8 @@ SLICEMOE_API const char * slicemoe_version(void);             // this package, e
 SLICEMOE_API const char * slicemoe_llama_cpp_version(void);   // e.g. "llama-cpp-python 0.3.36 (llama.cpp 0c1e570)"
 SLICEMOE_API const char * slicemoe_system_info(void);         // llama.cpp's CPU feature line
 SLICEMOE_API const char * slicemoe_kernel_name(int32_t kernel);   // "avx512vnni", "avx2", "neon-dotprod", "neon", "scalar"; NULL if this CPU lacks it
+SLICEMOE_API const char * slicemoe_policy_name(int32_t policy);   // "dbsc", "lru8", ... as --policy spells it; NULL for an unknown id
+SLICEMOE_API bool slicemoe_policy_runs_live(int32_t policy);      // false: it needs the future (replay only), or an unknown id
 // One expert's fused product, as the MoE graph runs it (for tests and benchmarks): y[n_out] =
 // (MSB + LSB) x, or MSB x when lsb is NULL. msb and lsb hold n_out rows of n_in / 32 Q4_1 blocks
 // (20 bytes each: fp16 d, fp16 m, 16 bytes of nibbles); x is quantized to 8 bits per 32 values as

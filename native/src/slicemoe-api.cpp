@@ -185,6 +185,16 @@ const char * slicemoe_kernel_name(int32_t kernel) {
     return slicemoe::kernel_name(slicemoe::kernel_id(kernel));
 }
 
+const char * slicemoe_policy_name(int32_t policy) {
+    const slicemoe::policy_i * iface = slicemoe::policy_table(policy);
+    return iface ? iface->name : nullptr;
+}
+
+bool slicemoe_policy_runs_live(int32_t policy) {
+    const slicemoe::policy_i * iface = slicemoe::policy_table(policy);
+    return iface && iface->runs_live;
+}
+
 int slicemoe_expert_product(int32_t kernel, const void * msb, const void * lsb, int64_t n_in, int64_t n_out,
                             const float * x, float * y) {
     using namespace slicemoe;

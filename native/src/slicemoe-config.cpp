@@ -17,13 +17,7 @@ struct name_value {
     int32_t      value;
 };
 
-// The same names as the CLI's --policy, --precision and --warmup.
-constexpr name_value POLICIES[] = {
-    { "dbsc", SLICEMOE_POLICY_DBSC }, { "lru8", SLICEMOE_POLICY_LRU8 }, { "lfu8", SLICEMOE_POLICY_LFU8 },
-    { "lru4", SLICEMOE_POLICY_LRU4 }, { "belady", SLICEMOE_POLICY_BELADY }, { "hobbit", SLICEMOE_POLICY_HOBBIT },
-    { "dymoe", SLICEMOE_POLICY_DYMOE }, { "cache_prior", SLICEMOE_POLICY_CACHE_PRIOR },
-    { "adapmoe", SLICEMOE_POLICY_ADAPMOE },
-};
+// The same names as the CLI's --precision, --warmup and --io; the policies' are their tables' (policy_i::name).
 constexpr name_value PRECISIONS[] = {
     { "auto", SLICEMOE_PRECISION_AUTO }, { "high", SLICEMOE_PRECISION_HIGH }, { "low", SLICEMOE_PRECISION_LOW },
 };
@@ -57,6 +51,20 @@ bool read_name(const setting & s, const name_value (&table)[N], int32_t * out, s
     }
     std::string names;
     for (const name_value & nv : table) names += std::string(names.empty() ? "" : ", ") + nv.name;
+    *error = s.source + ": '" + text + "' is not one of " + names + " (a string)";
+    return false;
+}
+
+bool read_policy(const setting & s, int32_t * out, std::string * error) {
+    const std::string text = s.kv ? (s.kv->tag == LLAMA_KV_OVERRIDE_TYPE_STR ? s.kv->val_str : "") : s.text;
+    std::string names;
+    for (int32_t id = 0; id < n_policies(); ++id) {
+        if (text == policy_table(id)->name) {
+            *out = id;
+            return true;
+        }
+        names += std::string(names.empty() ? "" : ", ") + policy_table(id)->name;
+    }
     *error = s.source + ": '" + text + "' is not one of " + names + " (a string)";
     return false;
 }
@@ -117,7 +125,7 @@ bool apply(const setting & s, stock_config * out, std::string * error) {
     slicemoe_model_params & p = out->params;
     const std::string & n = s.name;
     if (n == "cache_budget")   return read_budget(s, out, error);
-    if (n == "policy")         return read_name(s, POLICIES, &p.policy, error);
+    if (n == "policy")         return read_policy(s, &p.policy, error);
     if (n == "precision")      return read_name(s, PRECISIONS, &p.precision, error);
     if (n == "warmup")         return read_name(s, WARMUPS, &p.warmup, error);
     if (n == "io_mode")        return read_name(s, IO_MODES, &p.io_mode, error);

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "slicemoe.h"
+#include "slicemoe-policy.h"
 #include "llama.h"
 
 #include <string>
@@ -35,7 +36,7 @@ template <typename P>
 bool policy_params_valid(const P & p, std::string * error) {
     const auto in = [](float v, float lo, float hi) { return v >= lo && v <= hi; };   // false for NaN
     const char * problem = nullptr;
-    if (p.policy < SLICEMOE_POLICY_DBSC || p.policy > SLICEMOE_POLICY_ADAPMOE) problem = "policy: not a known policy";
+    if (!policy_table(p.policy)) problem = "policy: not a known policy";
     else if (p.precision < SLICEMOE_PRECISION_AUTO || p.precision > SLICEMOE_PRECISION_LOW) problem = "precision: auto (0), high (1) or low (2)";
     else if (p.warmup < SLICEMOE_WARMUP_NONE || p.warmup > SLICEMOE_WARMUP_PCW) problem = "warmup: none (0) or pcw (1)";
     else if (!in(p.high_threshold, 0.0f, 1.0f)) problem = "high_threshold must be in [0, 1]";

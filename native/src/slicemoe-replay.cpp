@@ -21,7 +21,8 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
     c->simulated = true;
     c->n_expert = p.n_expert;
     c->top_k = p.top_k;
-    set_policy(*c, p);
+    c->warmup = p.warmup;
+    set_policy(*c, policy_params::of(p), p.n_layers);
     c->budget = p.budget_bytes;
     std::vector<slice_sizes> sizes(size_t(p.n_layers), slice_sizes{ size_t(p.msb_bytes), size_t(p.lsb_bytes) });
     if ((p.layer_msb_bytes == nullptr) != (p.layer_lsb_bytes == nullptr)) {
@@ -45,13 +46,14 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
         alike = alike && size.msb == size.lsb;
     }
     slot_plan plan;
-    if (!layer_settings_fit(*c, p.n_layers, error) ||
+    if (!layer_settings_fit(c->pol->params, p.n_layers, error) ||
         !slot_counts(*c, sizes, alike, p.msb_share, p.layer_slots, p.n_layer_slots, &plan, error)) {
         return nullptr;
     }
     c->layers.resize(size_t(p.n_layers));
     for (int i = 0; i < p.n_layers; ++i) {
         layer & L = c->layers[size_t(i)];
+        L.index = i;
         L.il = i;
         L.stats.layer = i;
         L.prompt_score.assign(size_t(c->n_expert), 0.0);
@@ -83,21 +85,11 @@ int sim_run(cache * c, int64_t n, const int32_t * requests, const int32_t * laye
             return SLICEMOE_ERR_INVALID_ARG;
         }
     }
-    if (c->policy == SLICEMOE_POLICY_BELADY) {
-        // the future of each layer: the decode access indices of every expert, in order
-        std::vector<int64_t> event(size_t(n_layers), 0);
-        for (layer & L : c->layers) {
-            L.future.assign(size_t(c->n_expert), {});
-        }
-        for (int64_t i = 0; i < n; ++i) {
-            if (phases[i] != 1) continue;
-            layer & L = c->layers[size_t(layers[i])];
-            const int64_t ev = L.event + event[size_t(layers[i])]++;
-            for (int r = 0; r < c->top_k; ++r) {
-                const int e = experts[i * c->top_k + r];
-                if (e >= 0 && e < c->n_expert) L.future[size_t(e)].push_back(ev);
-            }
-        }
+    const policy_i & iface = *c->pol->iface;
+    if (iface.see_trace) {
+        std::vector<int64_t> first_event(static_cast<size_t>(n_layers));
+        for (const layer & L : c->layers) first_event[size_t(L.index)] = L.event;
+        iface.see_trace(*c->pol, { n, layers, phases, experts, first_event.data() });
     }
     for (int64_t i = 0; i < n; ++i) {
         if (requests[i] != c->request) {
@@ -109,7 +101,7 @@ int sim_run(cache * c, int64_t n, const int32_t * requests, const int32_t * laye
         std::vector<int32_t> chosen(size_t(c->top_k));
         std::vector<float> chosen_w(size_t(c->top_k));
         const float * row = logits ? logits + i * c->n_expert : nullptr;
-        if (c->prior_lambda > 0.0f && phases[i] == 1 && row && !std::isnan(row[0])) {
+        if (iface.router_bias && phases[i] == 1 && row && !std::isnan(row[0])) {
             replay_selection(*c, c->layers[size_t(layers[i])], row, chosen.data(), chosen_w.data());
             // where the replayed state picks what the run picked, keep the run's own weights
             if (!std::equal(chosen.begin(), chosen.end(), ids)) {

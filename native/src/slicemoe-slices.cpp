@@ -232,7 +232,8 @@ int victim(const cache & c, const layer & L, const pool & p) {
         const pool & q = owner(L, p, s);
         if (q.slot_expert[s] < 0) return s;
         if (q.last_use[s] == c.clock) continue;
-        const double key = c.iface->evict_key(c, L, q, s);
+        const slice_view slice = { L.index, L.event, &q == &L.msb ? 0 : 1, q.slot_expert[s], q.last_use[s], q.uses[s] };
+        const double key = c.pol->iface->evict_key(*c.pol, slice);
         if (best < 0 || key < best_key || (key == best_key && q.last_use[s] < best_use)) {
             best = s;
             best_key = key;
@@ -384,25 +385,31 @@ void protect_for_step(cache & c, pool & p, int expert) {
     if (slot >= 0) p.last_use[size_t(slot)] = c.clock;
 }
 
-// Whether the use of rank r runs at 8 bits (before LSB slots are counted).
-bool wants_high(const cache & c, const layer & L, int r, float weight, int expert, bool msb_hit) {
-    return c.precision == SLICEMOE_PRECISION_HIGH ||
-           (c.precision == SLICEMOE_PRECISION_AUTO && c.iface->high_use &&
-            c.iface->high_use(c, L, r, weight, expert, msb_hit));
+// A use of the current step of layer L, as the policy sees it.
+use_view view_of(const layer & L, int rank, float weight, int expert, bool msb_hit) {
+    const bool lsb_cached = L.lsb.n_slots > 0 && L.lsb.expert_slot[size_t(expert)] >= 0;
+    return { L.index, L.event, rank, weight, expert, msb_hit, lsb_cached };
 }
 
-// A use served from pool p (the layer's MSB or LSB pool): the policy's use count, its hit or miss
-// in the layer's and the totals' counters, the slice bytes its product reads, and the miss-rate
-// controller's counts.
+// Whether the use of rank r runs at 8 bits (before LSB slots are counted).
+bool wants_high(const cache & c, const layer & L, int r, float weight, int expert, bool msb_hit) {
+    const policy_i & iface = *c.pol->iface;
+    return c.precision == SLICEMOE_PRECISION_HIGH ||
+           (c.precision == SLICEMOE_PRECISION_AUTO && iface.high_use &&
+            iface.high_use(*c.pol, view_of(L, r, weight, expert, msb_hit)));
+}
+
+// A use served from pool p (the layer's MSB or LSB pool): the policy's count, its hit or miss in
+// the layer's and the totals' counters, and the slice bytes its product reads.
 void count_use(cache & c, layer & L, pool & p, int expert, bool hit) {
-    add_use(L, p, expert);
     const bool msb = &p == &L.msb;
+    if (c.pol->iface->count_use) {
+        c.pol->iface->count_use(*c.pol, view_of(L, 0, 0.0f, expert, false), msb ? 0 : 1, hit);
+    }
     int64_t & layer_count = msb ? (hit ? L.stats.msb_hits : L.stats.msb_misses) : (hit ? L.stats.lsb_hits : L.stats.lsb_misses);
     int64_t & total_count = msb ? (hit ? c.totals.msb_hits : c.totals.msb_misses) : (hit ? c.totals.lsb_hits : c.totals.lsb_misses);
     layer_count += 1;
     total_count += 1;
-    c.token_uses += 1;
-    c.token_misses += !hit;
     L.stats.ram_bytes += int64_t(p.slice_bytes);
     c.totals.ram_bytes += int64_t(p.slice_bytes);
 }
@@ -421,7 +428,8 @@ bool serve_step(cache & c, layer & L, int64_t n_tokens, const int32_t * ids, int
     auto id = [&](int64_t tok, int r) { return ids[tok * stride + r]; };
     auto weight = [&](int64_t tok, int r) { return weights[tok * k + r]; };
     auto dropped = [&](int64_t tok, int r) {
-        return r > 0 && c.iface->drop_use && c.iface->drop_use(c, L, weight(tok, r));
+        return r > 0 && c.pol->iface->drop_use &&
+               c.pol->iface->drop_use(*c.pol, view_of(L, r, weight(tok, r), id(tok, r), false));
     };
     // a use that does not run (dropped, or 4-bit for the LSB product) computes nothing on CPU pools
     const int32_t no_slot = L.cpu_pools ? -1 : 0;
@@ -533,20 +541,6 @@ bool serve_step(cache & c, layer & L, int64_t n_tokens, const int32_t * ids, int
     return true;
 }
 
-// --max-miss-rate: after each decode token (at its first MoE layer) compare the smoothed slice
-// miss rate with the target; above it, fewer uses run at 8 bits (each one may miss an LSB slice),
-// below it, more do. Steps are asymmetric so the rate settles under the target.
-void adapt_threshold(cache & c) {
-    if (c.max_miss_rate <= 0.0f || c.precision != SLICEMOE_PRECISION_AUTO || c.token_uses == 0) {
-        return;
-    }
-    const double rate = double(c.token_misses) / double(c.token_uses);
-    c.miss_rate_ema = c.totals.decode_tokens <= 2 ? rate : 0.8 * c.miss_rate_ema + 0.2 * rate;
-    c.token_uses = c.token_misses = 0;
-    c.high_threshold = c.miss_rate_ema > c.max_miss_rate ? std::min(1.0f, c.high_threshold + 0.05f)
-                                                         : std::max(0.0f, c.high_threshold - 0.01f);
-}
-
 // PCW's prompt statistics: each prompt token decays the scores by 0.9 and adds 1 to its experts,
 // so recent tokens count most (one token at a time: the same whatever the batch size).
 void record_prompt_token(cache & c, layer & L, const int32_t * ids) {
@@ -558,18 +552,14 @@ void record_prompt_token(cache & c, layer & L, const int32_t * ids) {
     L.warm_pending = c.warmup == SLICEMOE_WARMUP_PCW;
 }
 
-// cache_prior: before the layer's top-k of a decode token, bias every cached expert's logit by
-// lambda times the layer's mean logit range (max - min over experts, averaged over decode tokens
-// so far, this one included).
-std::vector<float> selection_bias(const cache & c, layer & L, const std::vector<float> & logits) {
-    const auto mm = std::minmax_element(logits.begin(), logits.end());
-    L.logit_range_sum += double(*mm.second - *mm.first);
-    L.logit_range_n += 1;
-    const float shift = float(double(c.prior_lambda) * L.logit_range_sum / double(L.logit_range_n));
-    std::vector<float> bias(size_t(c.n_expert));
+// A router-biasing policy's bias for layer L's logits of a decode token.
+std::vector<float> selection_bias(cache & c, const layer & L, const std::vector<float> & logits) {
+    std::vector<char> msb_cached(size_t(c.n_expert));
     for (int e = 0; e < c.n_expert; ++e) {
-        bias[size_t(e)] = L.msb.expert_slot[size_t(e)] >= 0 ? shift : 0.0f;
+        msb_cached[size_t(e)] = L.msb.expert_slot[size_t(e)] >= 0;
     }
+    std::vector<float> bias(size_t(c.n_expert));
+    c.pol->iface->router_bias(*c.pol, L.index, logits.data(), msb_cached.data(), bias.data());
     return bias;
 }
 
@@ -585,9 +575,9 @@ void set_selection_bias(cache & c, layer & L, const ggml_tensor * logits) {
 
 } // namespace
 
-// Replay of cache_prior: the experts the biased router picks in the replayed cache state (best
-// first), with the unbiased probabilities as weights.
-void replay_selection(const cache & c, layer & L, const float * logits, int32_t * ids, float * weights) {
+// Replay of a router-biasing policy: the experts the biased router picks in the replayed cache
+// state (best first), with the unbiased probabilities as weights.
+void replay_selection(cache & c, layer & L, const float * logits, int32_t * ids, float * weights) {
     const std::vector<float> v(logits, logits + c.n_expert);
     const std::vector<float> bias = selection_bias(c, L, v);
     std::vector<int> order(size_t(c.n_expert));
@@ -629,7 +619,9 @@ bool access(cache & c, int index, int phase, int64_t n_tokens, const int32_t * i
     }
     if (index == 0) {
         c.totals.decode_tokens += n_tokens;
-        adapt_threshold(c);
+        if (c.pol->iface->begin_token) {
+            c.pol->iface->begin_token(*c.pol, c.totals.decode_tokens);
+        }
         if (c.prompt_seen) {
             c.prompt_seen = false;
             release_mapped(c);   // the prompt streamed the experts through the mapping
@@ -662,8 +654,11 @@ void init_pool(pool & p, int n_slots, int n_expert) {
     p.last_use.assign(n_slots, 0);
     p.uses.assign(n_slots, 0);
     p.claimed.assign(n_slots, 0);
-    p.heat.assign(n_expert, 0.0);
-    p.heat_at.assign(n_expert, 0);
+}
+
+void set_policy(cache & c, const policy_params & params, int n_layers) {
+    c.pol = make_policy(params, { n_layers, c.n_expert, c.top_k });
+    c.precision = c.pol->precision;
 }
 
 
@@ -697,7 +692,7 @@ bool slot_counts(const cache & c, const std::vector<slice_sizes> & sizes, bool s
     out->shared.assign(size_t(n_layers), 0);
     if (layer_slots == nullptr || n_layer_slots == 0) {
         const int64_t spare = c.budget - min_total;
-        const bool share_slots = c.iface->shares_slots && slices_alike;
+        const bool share_slots = c.pol->iface->shares_slots && slices_alike;
         for (int i = 0; i < n_layers; ++i) {
             const int64_t extra = room_total > 0 ? int64_t((long double) spare * room[size_t(i)] / room_total) : 0;
             bool shared = false;
@@ -739,13 +734,14 @@ std::unique_ptr<cache> build_uncached(const llama_model * model, const slicemoe_
     c->model = model;
     c->n_expert = int(model->hparams.n_expert);
     c->top_k = int(model->hparams.n_expert_used_max());
-    c->precision = effective_precision(params.policy, params.precision);
+    set_policy(*c, policy_params::of(params), int(moe_il.size()));
     c->observe_only = true;
     c->record = params.record_trace;
     c->precision_only = !params.record_trace;
     c->layers.resize(moe_il.size());
     for (size_t i = 0; i < moe_il.size(); ++i) {
         layer & L = c->layers[i];
+        L.index = int(i);
         L.il = moe_il[i];
         L.stats.layer = moe_il[i];
         L.prompt_score.assign(size_t(c->n_expert), 0.0);
@@ -793,7 +789,8 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->model = model;
     c->n_expert = int(model->hparams.n_expert);
     c->top_k = int(model->hparams.n_expert_used_max());
-    set_policy(*c, params);
+    set_policy(*c, policy_params::of(params), int(moe.size()));
+    c->warmup = params.warmup;
     c->record = params.record_trace;
     c->prefetch = params.prefetch;
     c->budget = params.cache_budget_bytes;
@@ -821,7 +818,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         }
     }
     slot_plan plan;
-    if (!layer_settings_fit(*c, int(n_layers), error) ||
+    if (!layer_settings_fit(c->pol->params, int(n_layers), error) ||
         !slot_counts(*c, sizes, alike, params.msb_share, params.layer_slots, params.n_layer_slots, &plan, error)) {
         gguf_free(g);
         return nullptr;
@@ -847,6 +844,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     for (int64_t i = 0; i < n_layers && ok; ++i) {
         const llama_layer & ml = *moe[i];
         layer & L = c->layers[i];
+        L.index = int(i);
         L.il = moe_il[i];
         L.stats.layer = L.il;
         L.prompt_score.assign(c->n_expert, 0.0);
@@ -878,10 +876,10 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         }
         L.msb_map = ggml_new_tensor_3d(tables, GGML_TYPE_I32, 1, c->n_expert, 1);
         L.cpu_pools = ggml_backend_dev_buffer_type(model->dev_layer(L.il)) == ggml_backend_cpu_buffer_type();
-        if (c->prior_lambda > 0.0f) {
+        if (c->pol->iface->router_bias) {
             L.sel_bias = ggml_new_tensor_1d(tables, GGML_TYPE_F32, c->n_expert);
         }
-        if (c->gating_t > 0.0f) {
+        if (c->pol->iface->drop_use) {
             L.keep = ggml_new_tensor_3d(tables, GGML_TYPE_F32, 1, c->n_expert, 1);
         }
         if (n_lsb > 0) {
@@ -973,8 +971,9 @@ int attach(llama_model * model, const char * path, const slicemoe_model_params &
     if (moe.empty()) {
         return SLICEMOE_OK;
     }
-    if (params.policy == SLICEMOE_POLICY_BELADY && params.cache_budget_bytes > 0) {
-        *error = "the belady policy needs the future: it runs only in trace replay (slicemoe sim)";
+    const policy_i * iface = policy_table(params.policy);
+    if (iface && !iface->runs_live && params.cache_budget_bytes > 0) {
+        *error = std::string("the ") + iface->name + " policy needs the future: it runs only in trace replay (slicemoe sim)";
         return SLICEMOE_ERR_INVALID_ARG;
     }
     std::unique_ptr<cache> c;
@@ -1015,10 +1014,11 @@ bool observe_node(cache & c, ggml_tensor * t, bool ask) {
     int il = -1;
     const char * name = ggml_get_name(t);
     // router probabilities matter only to auto precision; every observed node costs a graph split
-    const bool want_probs = c.record || c.gating_t > 0.0f || (c.precision == SLICEMOE_PRECISION_AUTO && !c.observe_only);
+    const bool want_probs = c.record || c.pol->iface->drop_use || (c.precision == SLICEMOE_PRECISION_AUTO && !c.observe_only);
     const bool is_probs = want_probs && parse_node(name, "ffn_moe_probs", &il);
     const bool is_topk = !is_probs && parse_node(name, "ffn_moe_topk", &il);
-    const bool is_logits = !is_probs && !is_topk && c.prior_lambda > 0.0f && parse_node(name, "ffn_moe_logits", &il);
+    const bool is_logits = !is_probs && !is_topk && c.pol->iface->router_bias && !c.observe_only &&
+                           parse_node(name, "ffn_moe_logits", &il);
     const bool is_ahead = !is_probs && !is_topk && !is_logits && c.prefetch && parse_node(name, "slicemoe_lookahead", &il);
     const auto it = (is_probs || is_topk || is_logits || is_ahead) ? c.layer_of_il.find(il) : c.layer_of_il.end();
     if (it == c.layer_of_il.end()) {
@@ -1159,7 +1159,8 @@ std::mutex & compute_mutex(cache & c) {
 
 void read_stats(const cache * c, slicemoe_cache_stats_t * out) {
     *out = c->totals;
-    out->high_threshold = c->high_threshold;
+    const policy & pol = *c->pol;
+    out->high_threshold = pol.iface->threshold ? pol.iface->threshold(pol) : pol.params.high_threshold;
 }
 
 int32_t n_layers(const cache * c) {
