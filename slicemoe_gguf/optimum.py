@@ -57,7 +57,7 @@ class Optimum:
 def demand_high(trace: Trace, decode: np.ndarray, rule: str, *, high_threshold: float, high_ratio: float,
                 gating_t: float) -> tuple[np.ndarray, np.ndarray]:
     """(high, used) bool [n_decode, top_k]: which uses of the decode records run at 8 bits and
-    which run at all, by the engine's own rules (slicemoe-slices.cpp, serve_token):
+    which run at all, by the engine's own rules (slicemoe-serve.cpp, serve_step):
     auto = dbsc (the top-ranked use, and any use of weight >= high_threshold), high = every use
     (lru8, lfu8, belady), low = none (lru4), dymoe = the first round(ratio * k * half cosine of
     depth) ranks, adapmoe = every use not dropped (a use after the first of weight < sqrt(T))."""

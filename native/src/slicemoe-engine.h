@@ -1,5 +1,13 @@
-// The engine's state, shared by its units: slicemoe-slices.cpp (building it, the policy, the
-// eval callback), slicemoe-replay.cpp (trace replay) and slicemoe-graph.cpp (the MoE graph hooks).
+// The engine's state, shared by its units (one concern each):
+//   slicemoe-budget.cpp    budget planning: slot counts per layer (pure)
+//   slicemoe-pools.cpp     the pools and the load queue: victims, queued reads, evictions
+//   slicemoe-prefetch.cpp  look-ahead reads of the next layer's predicted experts
+//   slicemoe-serve.cpp     serving a step (the one place that drives the policy), warm-up
+//   slicemoe-build.cpp     construction at model load (attach)
+//   slicemoe-callback.cpp  llama.cpp's eval callback and the ubatch lifecycle
+//   slicemoe-counters.cpp  counters and the routing trace, for the C API
+//   slicemoe-replay.cpp    trace replay; slicemoe-graph.cpp the MoE graph hooks;
+//   slicemoe-policy.cpp    the policies (slicemoe-policy.h, which needs nothing of this header)
 // Internal: nothing outside native/src includes it.
 #pragma once
 
@@ -163,5 +171,41 @@ inline bool access(cache & c, int index, int phase, const int32_t * ids, const f
 }
 // Replay of a router-biasing policy: the experts the biased router picks in the replayed cache state.
 void replay_selection(cache & c, layer & L, const float * logits, int32_t * ids, float * weights);
+// A router-biasing policy's bias for the logits of a decode token, written to L.sel_bias.
+void set_selection_bias(cache & c, layer & L, const ggml_tensor * logits);
+
+// ---- budget planning (slicemoe-budget.cpp) ----
+std::string format_bytes(int64_t n);   // "1.50 GiB", "12.0 KiB", "17 B"
+
+// ---- the pools and the load queue (slicemoe-pools.cpp) ----
+// The file range of one expert's slice of projection j, read into dst.
+slice_read slice_range(const pool & p, int j, int expert, uint8_t * dst);
+// Assign `expert`'s slice to `slot` now and queue its read for flush_loads. The slot is claimed
+// until then, so that no later victim() of the same step gives it to another slice.
+void queue_load(cache & c, layer & L, pool & p, int expert, int slot);
+// A step that fails before its reads: the slots it assigned hold nothing, so they are emptied.
+void abandon_loads(cache & c);
+// Read every queued slice at once. false (c.failed, c.error) when a read failed: the slots of
+// the slices that failed are left empty, never half-filled.
+bool flush_loads(cache & c);
+// Empty slot s of pool p (with an MSB slice, its LSB slice goes too).
+void evict(cache & c, layer & L, pool & p, int slot);
+// The slot to replace for the current step (-1 if none): an empty one first, never one the step
+// already uses or a load of this step claimed, else the policy's lowest eviction key.
+int  victim(const cache & c, const layer & L, const pool & p);
+// Give slot s of pool p (or of the pool sharing its slots) to a new slice.
+void free_slot(cache & c, layer & L, pool & p, int slot);
+// Make `expert`'s slice resident in pool p; false if no slot is free for it.
+bool ensure(cache & c, layer & L, pool & p, int expert, bool * hit);
+// A resident slice of `expert` is not a victim within the current step.
+void protect_for_step(cache & c, pool & p, int expert);
+// Hand the mapped expert tensors' pages back after loading and after each prompt.
+void release_mapped(cache & c);
+
+// ---- look-ahead prefetch (slicemoe-prefetch.cpp) ----
+// Load the predicted experts' MSB slices into L's pool on the reader threads.
+void start_prefetch(cache & c, layer & L, const std::vector<int> & predicted);
+// Wait for L's look-ahead reads; a slot whose read failed is emptied.
+void join_prefetch(cache & c, layer & L);
 
 } // namespace slicemoe

@@ -1,0 +1,177 @@
+// llama.cpp's eval callback and the ubatch lifecycle: the callback observes a MoE layer's router
+// probabilities and top-k node and serves the step before the layer's expert products run.
+
+#include "slicemoe-engine.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace slicemoe {
+
+namespace {
+
+// "ffn_moe_topk-12" -> (true, 12)
+bool parse_node(const char * name, const char * prefix, int * il) {
+    const size_t n = strlen(prefix);
+    if (strncmp(name, prefix, n) != 0 || name[n] != '-') return false;
+    char * end = nullptr;
+    const long v = strtol(name + n + 1, &end, 10);
+    if (end == name + n + 1 || *end != '\0') return false;
+    *il = int(v);
+    return true;
+}
+
+bool observe_node(cache & c, ggml_tensor * t, bool ask) {
+    if (c.precision_only) {
+        return !ask;   // nothing to observe: the graph runs in one piece
+    }
+    int il = -1;
+    const char * name = ggml_get_name(t);
+    // router probabilities matter only to auto precision; every observed node costs a graph split
+    const bool want_probs = c.record || c.pol->iface->drop_use || (c.precision == SLICEMOE_PRECISION_AUTO && !c.observe_only);
+    const bool is_probs = want_probs && parse_node(name, "ffn_moe_probs", &il);
+    const bool is_topk = !is_probs && parse_node(name, "ffn_moe_topk", &il);
+    const bool is_logits = !is_probs && !is_topk && c.pol->iface->router_bias && !c.observe_only &&
+                           parse_node(name, "ffn_moe_logits", &il);
+    const bool is_ahead = !is_probs && !is_topk && !is_logits && c.prefetch && parse_node(name, "slicemoe_lookahead", &il);
+    const auto it = (is_probs || is_topk || is_logits || is_ahead) ? c.layer_of_il.find(il) : c.layer_of_il.end();
+    if (it == c.layer_of_il.end()) {
+        return !ask;   // not ours: never requested (and keep computing if asked to report)
+    }
+    if (ask) {
+        return true;
+    }
+    layer & L = c.layers[it->second];
+    join_prefetch(c, L);   // before anything else, so that no prefetch outlives a failure
+    if (c.failed) {
+        return false;
+    }
+    const int64_t n_tokens = t->ne[1];
+    if (is_ahead) {
+        if (n_tokens == 1 && size_t(it->second + 1) < c.layers.size()) {
+            std::vector<float> v(size_t(c.n_expert));
+            ggml_backend_tensor_get(t, v.data(), 0, v.size() * sizeof(float));
+            std::vector<int> order(size_t(c.n_expert));
+            for (int e = 0; e < c.n_expert; ++e) order[size_t(e)] = e;
+            std::partial_sort(order.begin(), order.begin() + c.top_k, order.end(),
+                              [&](int a, int b) { return v[size_t(a)] > v[size_t(b)]; });
+            order.resize(size_t(c.top_k));
+            layer & next = c.layers[size_t(it->second + 1)];
+            join_prefetch(c, next);
+            start_prefetch(c, next, order);
+        }
+        return true;
+    }
+    if (is_logits) {
+        if (n_tokens == 1) {
+            set_selection_bias(c, L, t);
+        }
+        return true;
+    }
+    if (is_probs) {
+        L.probs.resize(size_t(c.n_expert * n_tokens));
+        ggml_backend_tensor_get(t, L.probs.data(), 0, L.probs.size() * sizeof(float));
+        return true;
+    }
+    // top-k ids: a view [top_k, n_tokens] of the argsort, rows nb[1] bytes apart
+    const size_t row_stride = t->nb[1] / sizeof(int32_t);
+    c.scratch_ids.resize(size_t((n_tokens - 1) * int64_t(row_stride) + c.top_k));
+    ggml_backend_tensor_get(t, c.scratch_ids.data(), 0, c.scratch_ids.size() * sizeof(int32_t));
+    const bool have_probs = L.probs.size() == size_t(c.n_expert * n_tokens);
+    std::vector<float> weights(size_t(n_tokens * c.top_k), 0.0f);
+    for (int64_t tok = 0; tok < n_tokens; ++tok) {
+        const int32_t * ids = c.scratch_ids.data() + tok * int64_t(row_stride);
+        for (int r = 0; r < c.top_k; ++r) {
+            const bool valid = have_probs && ids[r] >= 0 && ids[r] < c.n_expert;
+            weights[size_t(tok * c.top_k + r)] = valid ? L.probs[size_t(tok * c.n_expert + ids[r])] : 0.0f;
+        }
+    }
+    L.probs.clear();
+    // a prompt's tokens are recorded for warm-up; a decode token, or a batch of one decode token
+    // per sequence, is served from the pools
+    const int phase = (n_tokens == 1 || c.decode_batch) ? 1 : 0;
+    return access(c, it->second, phase, n_tokens, c.scratch_ids.data(), int64_t(row_stride), weights.data());
+}
+
+} // namespace
+
+bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept {
+    cache & c = *static_cast<cache *>(user_data);
+    try {
+        return observe_node(c, t, ask);
+    } catch (const std::exception & e) {
+        // an allocation or a thread that could not start: stop this graph, report through take_error
+        c.failed = true;
+        try {
+            c.error = std::string("slice cache: ") + e.what();
+        } catch (...) {
+        }
+        return false;
+    }
+}
+
+bool end_ubatch(cache & c, std::string * failure) {
+    c.decode_batch = false;
+    if (!c.failed) return true;
+    for (layer & L : c.layers) {
+        join_prefetch(c, L);   // the decode stopped; so do its prefetches
+    }
+    *failure = std::move(c.error);
+    c.failed = false;
+    c.error.clear();
+    return false;
+}
+
+void begin_sequence(cache * c) {
+    if (!c) return;
+    c->request += 1;
+    c->sequence_fresh = true;
+    for (layer & L : c->layers) {
+        join_prefetch(*c, L);
+        std::fill(L.prompt_score.begin(), L.prompt_score.end(), 0.0);
+        L.warm_pending = false;
+    }
+}
+
+bool begin_ubatch(cache & c, int32_t first_pos, int64_t n_tokens, int64_t n_seqs, std::string * error) {
+    c.decode_batch = false;
+    if (n_seqs > 1 && serves_decode(c)) {
+        // a prompt's experts stream through the mapping and a decode step's through the pools;
+        // a batch that mixes them, or a forced route (one sequence's positions), is not served
+        if (n_tokens != n_seqs || c.forced) {
+            *error = "a batch with " + std::to_string(n_tokens) + " tokens of " + std::to_string(n_seqs) +
+                     " sequences: the slice cache serves a prompt of one sequence, or one decode token of each "
+                     "sequence" + (c.forced ? std::string(" (and forced routes one sequence)") : std::string());
+            return false;
+        }
+        c.decode_batch = true;
+        return true;
+    }
+    if (first_pos == 0 && !c.sequence_fresh) {
+        begin_sequence(&c);
+    }
+    c.sequence_fresh = false;
+    return !c.forced || c.forced->upload(first_pos, n_tokens, error);
+}
+
+int force_routes(cache & c, int32_t n_positions, const int32_t * experts, const float * weights, std::string * error) {
+    c.forced.reset();
+    if (n_positions == 0) {
+        return SLICEMOE_OK;
+    }
+    c.forced = forced_routes::create(int(c.layers.size()), c.n_expert, c.top_k, n_positions, experts, weights, error);
+    return c.forced ? SLICEMOE_OK : SLICEMOE_ERR_INVALID_ARG;
+}
+
+bool serves_decode(const cache & c) {
+    return !c.observe_only && !c.simulated;
+}
+
+std::mutex & compute_mutex(cache & c) {
+    return c.compute_mutex;
+}
+
+} // namespace slicemoe

@@ -1,0 +1,221 @@
+// The pools and the load queue: which slot a slice goes to (the policy's eviction order), the
+// reads a step queues and flushes at once, evictions, and handing the mapped experts' pages back.
+
+#include "slicemoe-engine.h"
+
+#include <chrono>
+#include <fcntl.h>
+#include <string>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <vector>
+
+namespace slicemoe {
+
+namespace {
+
+// The pool whose slice is in slot s: p, or with shared slots the MSB or the LSB pool.
+const pool & owner(const layer & L, const pool & p, int s) {
+    if (!L.shared_slots) return p;
+    return L.lsb.slot_expert[size_t(s)] >= 0 ? L.lsb : L.msb;
+}
+
+pool & owner(layer & L, pool & p, int s) {
+    return const_cast<pool &>(owner(static_cast<const layer &>(L), static_cast<const pool &>(p), s));
+}
+
+} // namespace
+
+void init_pool(pool & p, int n_slots, int n_expert) {
+    p.n_slots = n_slots;
+    p.slot_expert.assign(n_slots, -1);
+    p.expert_slot.assign(n_expert, -1);
+    p.last_use.assign(n_slots, 0);
+    p.uses.assign(n_slots, 0);
+    p.claimed.assign(n_slots, 0);
+}
+
+// The file range of one expert's slice of projection j.
+slice_read slice_range(const pool & p, int j, int expert, uint8_t * dst) {
+    slice_read r;
+    r.bytes = p.expert_bytes[j];
+    r.offset = p.file_offset[j] + int64_t(expert) * int64_t(r.bytes);
+    r.dst = dst;
+    return r;
+}
+
+// Assign `expert`'s slice to `slot` now and queue its read for flush_loads. The slot is claimed
+// until then, so that no later victim() of the same step gives it to another slice.
+void queue_load(cache & c, layer & L, pool & p, int expert, int slot) {
+    p.slot_expert[slot] = expert;
+    p.expert_slot[expert] = slot;
+    p.uses[slot] = 0;
+    p.claimed[slot] = 1;
+    c.claims.push_back({ &p, slot });
+    L.stats.loads += 1;
+    L.stats.flash_bytes += int64_t(p.slice_bytes);
+    c.totals.loads += 1;
+    c.totals.flash_bytes += int64_t(p.slice_bytes);
+    if (!c.simulated) {
+        c.pending.push_back({ &L, &p, expert, slot, {} });
+    }
+}
+
+// A step that fails before its reads: the slots it assigned hold nothing, so they are emptied.
+void abandon_loads(cache & c) {
+    for (const pending_load & q : c.pending) {
+        if (q.p->slot_expert[q.slot] == q.expert) {
+            q.p->slot_expert[q.slot] = -1;
+            q.p->expert_slot[q.expert] = -1;
+        }
+    }
+    c.pending.clear();
+    for (const auto & [p, slot] : c.claims) p->claimed[slot] = 0;
+    c.claims.clear();
+}
+
+// Read every queued slice at once. false (c.failed, c.error) when a read failed: the slots of
+// the slices that failed are left empty, never half-filled.
+bool flush_loads(cache & c) {
+    for (const auto & [p, slot] : c.claims) p->claimed[slot] = 0;
+    c.claims.clear();
+    if (c.pending.empty()) return true;
+    std::vector<slice_read> reads;
+    reads.reserve(c.pending.size() * N_PROJ);
+    for (pending_load & q : c.pending) {
+        for (int j = 0; j < N_PROJ; ++j) {
+            ggml_tensor * t = q.p->t[j];
+            uint8_t * dst = nullptr;
+            if (ggml_backend_buffer_is_host(t->buffer)) {
+                dst = (uint8_t *) t->data + size_t(q.slot) * t->nb[2];
+            } else {
+                q.staging[j].resize(q.p->expert_bytes[j]);
+                dst = q.staging[j].data();
+            }
+            slice_read r = slice_range(*q.p, j, q.expert, dst);
+            r.fail = c.reads_left == 0;
+            if (c.reads_left > 0) --c.reads_left;
+            reads.push_back(r);
+        }
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<char> failed;
+    std::string error;
+    const bool ok = c.io->read(reads, &failed, &error);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    c.totals.io_ms += ms;
+    c.pending.front().L->stats.io_ms += ms;   // a step's loads are one layer's
+    int first_failed = -1;
+    for (size_t i = 0; i < c.pending.size(); ++i) {
+        pending_load & q = c.pending[i];
+        const bool bad = failed[i * N_PROJ] || failed[i * N_PROJ + 1] || failed[i * N_PROJ + 2];
+        if (bad) {
+            if (first_failed < 0) first_failed = int(i);
+            if (q.p->slot_expert[q.slot] == q.expert) {
+                q.p->slot_expert[q.slot] = -1;
+                q.p->expert_slot[q.expert] = -1;
+            }
+            continue;
+        }
+        for (int j = 0; j < N_PROJ; ++j) {
+            if (!q.staging[j].empty()) {
+                ggml_backend_tensor_set(q.p->t[j], q.staging[j].data(), size_t(q.slot) * q.p->t[j]->nb[2], q.staging[j].size());
+            }
+        }
+    }
+    if (!ok) {
+        const pending_load & q = c.pending[size_t(std::max(first_failed, 0))];
+        c.failed = true;
+        c.error = "reading expert " + std::to_string(q.expert) + " of layer " + std::to_string(q.L->il) +
+                  " from the model file failed: " + error;
+    }
+    c.pending.clear();
+    return ok;
+}
+
+void evict(cache & c, layer & L, pool & p, int slot) {
+    const int old = p.slot_expert[slot];
+    if (old < 0) return;
+    p.expert_slot[old] = -1;
+    p.slot_expert[slot] = -1;
+    L.stats.evictions += 1;
+    c.totals.evictions += 1;
+    // an LSB slice is useless without its MSB slice
+    if (&p == &L.msb && L.lsb.n_slots > 0 && L.lsb.expert_slot[old] >= 0) {
+        evict(c, L, L.lsb, L.lsb.expert_slot[old]);
+    }
+}
+
+// The slot to replace for the current token: an empty one first, never one the token already
+// uses or a load of this step claimed, else the lowest key of the policy's eviction order (ties:
+// least recently used). -1 if none.
+int victim(const cache & c, const layer & L, const pool & p) {
+    int best = -1;
+    double best_key = 0.0;
+    uint64_t best_use = 0;
+    for (int s = 0; s < p.n_slots; ++s) {
+        // a slot a load of this step goes to is never given again within the step, even when the
+        // slice it receives was evicted since (an LSB slice dropped with its MSB slice): its read
+        // is in flight, and a second read into it would race
+        if (p.claimed[s] || (L.shared_slots && (L.msb.claimed[s] || L.lsb.claimed[s]))) continue;
+        const pool & q = owner(L, p, s);
+        if (q.slot_expert[s] < 0) return s;
+        if (q.last_use[s] == c.clock) continue;
+        const slice_view slice = { L.index, L.event, &q == &L.msb ? 0 : 1, q.slot_expert[s], q.last_use[s], q.uses[s] };
+        const double key = c.pol->iface->evict_key(*c.pol, slice);
+        if (best < 0 || key < best_key || (key == best_key && q.last_use[s] < best_use)) {
+            best = s;
+            best_key = key;
+            best_use = q.last_use[s];
+        }
+    }
+    return best;
+}
+
+// Give slot s of pool p (or of the pool sharing its slots) to a new slice.
+void free_slot(cache & c, layer & L, pool & p, int slot) {
+    evict(c, L, owner(L, p, slot), slot);
+}
+
+// Make `expert`'s slice resident in pool p; false if no slot is free for it or the read failed.
+bool ensure(cache & c, layer & L, pool & p, int expert, bool * hit) {
+    int slot = p.expert_slot[expert];
+    *hit = slot >= 0;
+    if (slot < 0) {
+        slot = victim(c, L, p);
+        if (slot < 0) return false;
+        free_slot(c, L, p, slot);
+        queue_load(c, L, p, expert, slot);
+    }
+    p.last_use[slot] = c.clock;
+    p.uses[slot] += 1;
+    return true;
+}
+
+// A resident slice of `expert` is not a victim within the current step (victim skips last_use == clock).
+void protect_for_step(cache & c, pool & p, int expert) {
+    const int slot = p.n_slots > 0 ? p.expert_slot[size_t(expert)] : -1;
+    if (slot >= 0) p.last_use[size_t(slot)] = c.clock;
+}
+
+// llama.cpp maps the file and prefetches all of it; the expert tensors are only read by prefill,
+// so their pages are handed back (to the file, not dropped as data) after loading and after each
+// prompt, and resident memory is the pools plus the dense weights.
+void release_mapped(cache & c) {
+    if (!c.mapped) return;
+    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+    for (const layer & L : c.layers) {
+        for (const ggml_tensor * t : L.mapped) {
+            const uintptr_t begin = (uintptr_t(t->data) + page - 1) / page * page;
+            const uintptr_t end = (uintptr_t(t->data) + ggml_nbytes(t)) / page * page;
+            if (end > begin) {
+                madvise((void *) begin, end - begin, MADV_DONTNEED);
+            }
+        }
+    }
+#if defined(POSIX_FADV_DONTNEED)
+    posix_fadvise(c.io->fd(), 0, 0, POSIX_FADV_DONTNEED);
+#endif
+}
+
+} // namespace slicemoe
