@@ -167,6 +167,84 @@ def test_llama_cpp_python_runs_on_our_library_with_the_cache(embedded, reference
     assert out["cache"]["misses"] == plain["cache"]["misses"]
 
 
+def test_a_context_that_brings_its_own_eval_callback_runs_it_after_the_engine(embedded, reference, tmp_path):
+    """llama.cpp's cb_eval (imatrix, debugging tools) is chained after the engine's, not refused:
+    the caller's callback sees every node it asks for, and the decode is the engine's own."""
+    plain, _ = reference
+    proc = _python(f"""
+        import ctypes, json
+        import numpy as np
+        from slicemoe_gguf.llama import Llama
+        import llama_cpp
+        llm = Llama({str(embedded)!r}, cache_budget="50%", policy="dbsc", n_ctx=512, n_threads=2)
+        asked, observed = [0], [0]
+        def callback(tensor, ask, user_data):
+            if ask:
+                asked[0] += 1
+                return True          # every node: the graph stops at each one
+            observed[0] += 1
+            return True              # go on computing
+        user_callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_threads, params.n_threads_batch = 512, 512, 2, 2
+        params.cb_eval = user_callback
+        ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        assert ctx, "a context with its own cb_eval must be created"
+        tokens = list(llm.tokenize({PROMPT!r}.encode()))
+        out = []
+        batch = tokens
+        for _ in range({N}):
+            array = (llama_cpp.llama_token * len(batch))(*batch)
+            assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(batch))) == 0
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(llm.n_vocab(),))
+            batch = [int(np.argmax(logits))]
+            out.append(batch[0])
+        llama_cpp.llama_free(ctx)
+        print(json.dumps({{"tokens": out, "asked": asked[0], "observed": observed[0], "cache": llm.cache_stats()}}))
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["tokens"] == plain["tokens"]
+    assert out["observed"] > 0 and out["observed"] == out["asked"]
+    assert out["cache"]["misses"] > 0
+
+
+def test_a_logger_set_before_or_after_the_engine_gets_every_line_and_errors_keep_their_detail(embedded, tmp_path):
+    """The engine chains to the logger it finds (llama-cpp-python installs one) instead of replacing
+    it, and a failure of llama.cpp still comes back with what llama.cpp logged about it."""
+    proc = _python(f"""
+        import json
+        import slicemoe_gguf.llama
+        import llama_cpp
+        from slicemoe_gguf import Model, SliceMoEError
+        early, late = [], []
+        @llama_cpp.llama_log_callback
+        def early_logger(level, text, user_data):
+            early.append(text.decode())
+        llama_cpp.llama_log_set(early_logger, None)
+        with Model({str(embedded)!r}):
+            pass
+        @llama_cpp.llama_log_callback
+        def late_logger(level, text, user_data):
+            late.append((level, text.decode()))
+        llama_cpp.llama_log_set(late_logger, None)
+        try:
+            Model({str(embedded)!r}, n_ctx=1 << 30)
+            error = ""
+        except SliceMoEError as exc:
+            error = str(exc)
+        print(json.dumps({{"early": early, "late": late, "error": error}}))
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert any("llama_model_loader" in line for line in out["early"])
+    assert any("llama_model_loader" in text for _, text in out["late"])
+    errors = [text for level, text in out["late"] if level == 4]   # GGML_LOG_LEVEL_ERROR
+    assert errors, "the late logger gets llama.cpp's error lines"
+    assert out["error"].startswith("llama.cpp could not create a context: ")
+    assert errors[0].strip().split(":")[0] in out["error"], "the message carries llama.cpp's own detail"
+
+
 @pytest.mark.parametrize("key, value, words", [
     ("slicemoe.policy", "nope", "is not one of dbsc"),
     ("slicemoe.cache_budget", "lots", "expected a size"),

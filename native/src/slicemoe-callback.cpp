@@ -98,10 +98,38 @@ bool observe_node(cache & c, ggml_tensor * t, bool ask) {
 
 } // namespace
 
+eval_chain * chain_for(cache & c, ggml_backend_sched_eval_callback user, void * user_data) {
+    std::lock_guard<std::mutex> lock(c.compute_mutex);
+    for (eval_chain & chain : c.chains) {
+        if (chain.user == user && chain.user_data == user_data) return &chain;
+    }
+    c.chains.push_back({ &c, user, user_data });   // a deque: earlier chains stay where they are
+    return &c.chains.back();
+}
+
+cache * engine_of_callback(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data) {
+    return cb_eval == eval_callback ? static_cast<eval_chain *>(cb_eval_user_data)->engine : nullptr;
+}
+
+// The engine observes its routing nodes; the caller's callback is asked about every node and sees
+// those it asks for. A node either wants stops the graph there; either one can end the graph.
+// ggml's scheduler asks about nodes in order until one is wanted, computes up to it, then shows it:
+// the node shown is the last one asked about.
 bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept {
-    cache & c = *static_cast<cache *>(user_data);
+    eval_chain & chain = *static_cast<eval_chain *>(user_data);
+    cache & c = *chain.engine;
     try {
-        return observe_node(c, t, ask);
+        if (ask) {
+            const bool engine_wants = observe_node(c, t, true);
+            const bool user_wants = chain.user && chain.user(t, true, chain.user_data);
+            chain.user_asked = user_wants ? t : nullptr;
+            return engine_wants || user_wants;
+        }
+        // a node that is not the engine's: observe_node returns true (go on) and does nothing
+        if (!observe_node(c, t, false)) {
+            return false;
+        }
+        return chain.user_asked != t || chain.user(t, false, chain.user_data);
     } catch (const std::exception & e) {
         // an allocation or a thread that could not start: stop this graph, report through take_error
         c.failed = true;

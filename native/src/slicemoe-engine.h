@@ -20,6 +20,7 @@
 #include "ggml-backend.h"
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -95,6 +96,15 @@ struct pending_load {
 // to be in flight together on flash that wants queue depth
 constexpr int READER_THREADS = 8;
 
+// The eval callback of a context: the engine's, then the one the context brought (user, nullptr: none).
+struct eval_chain {
+    cache *                          engine = nullptr;
+    ggml_backend_sched_eval_callback user = nullptr;
+    void *                           user_data = nullptr;
+    const ggml_tensor *              user_asked = nullptr;   // the last node the caller asked to see
+                                                             // (ubatches of an engine run one at a time)
+};
+
 struct cache {
     const llama_model *  model = nullptr;
     std::unique_ptr<policy> pol;              // the cache policy: its hooks, settings and state
@@ -133,6 +143,7 @@ struct cache {
     slicemoe_cache_stats_t totals = {};
     std::vector<int32_t> scratch_ids;
     std::unique_ptr<forced_routes> forced;    // trace-driven routing (slicemoe_route_force)
+    std::deque<eval_chain> chains;            // the callback chains of the model's contexts (chain_for)
 
     ~cache() {
         io.reset();   // finishes any prefetch still queued: no read in flight from here on

@@ -11,7 +11,7 @@
 namespace {
 
 slicemoe::cache * engine_from(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data) {
-    return cb_eval == slicemoe::eval_callback ? static_cast<slicemoe::cache *>(cb_eval_user_data) : nullptr;
+    return slicemoe::engine_of_callback(cb_eval, cb_eval_user_data);
 }
 
 } // namespace

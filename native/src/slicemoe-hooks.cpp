@@ -107,15 +107,15 @@ void slicemoe_context_init(const llama_model & model, ggml_backend_sched_eval_ca
     if (!engine) {
         return;
     }
-    if (cb_eval == nullptr) {
-        cb_eval = slicemoe::eval_callback;
-        cb_eval_user_data = engine;
+    if (cb_eval == slicemoe::eval_callback) {   // parameters copied from a context of a model
+        if (slicemoe::engine_of_callback(cb_eval, cb_eval_user_data) != engine) {
+            throw std::runtime_error("slicemoe: this context's eval callback is another model's engine");
+        }
         return;
     }
-    if (cb_eval != slicemoe::eval_callback || cb_eval_user_data != engine) {
-        throw std::runtime_error("slicemoe: the contexts of a sliced model (or of one recording its routing) evaluate "
-                                 "through the engine's eval callback; this context brings its own cb_eval");
-    }
+    // the engine's callback first; a callback the context brought runs after it (chain_for)
+    cb_eval_user_data = slicemoe::chain_for(*engine, cb_eval, cb_eval_user_data);
+    cb_eval = slicemoe::eval_callback;
 }
 
 slicemoe_ubatch_scope::slicemoe_ubatch_scope(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data,
@@ -123,7 +123,7 @@ slicemoe_ubatch_scope::slicemoe_ubatch_scope(ggml_backend_sched_eval_callback cb
     if (cb_eval != slicemoe::eval_callback || n_tokens == 0) {
         return;
     }
-    engine_ = static_cast<slicemoe::cache *>(cb_eval_user_data);
+    engine_ = slicemoe::engine_of_callback(cb_eval, cb_eval_user_data);
     lock_ = std::unique_lock<std::mutex>(slicemoe::compute_mutex(*engine_));
     if (!slicemoe::begin_ubatch(*engine_, first_pos, n_tokens, n_seqs, &slicemoe::t_failure)) {
         LLAMA_LOG_ERROR("slicemoe: %s\n", slicemoe::t_failure.c_str());

@@ -5,6 +5,8 @@
 #include "slicemoe.h"
 
 #include <cstdint>
+
+#include "ggml-backend.h"
 #include <mutex>
 #include <string>
 
@@ -56,7 +58,16 @@ void set_explicit_load(explicit_load * load);
 // llama.cpp's eval callback (user data: the cache): observes routing nodes and runs the policy
 // before the expert products of the same layer run.
 // Never throws: a failure stops the graph and is reported by take_error.
+// user_data: the context's eval_chain (chain_for), which holds the engine and, after it, a callback
+// the context brought of its own.
 bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept;
+// A context's callback chain: the engine's eval callback first, then the caller's own (nullptr for
+// none). The chain lives as long as the engine, which outlives every context of its model; one
+// per distinct caller callback.
+struct eval_chain;
+eval_chain * chain_for(cache & c, ggml_backend_sched_eval_callback user, void * user_data);
+// The engine of a context's callback chain (nullptr when the callback is not the engine's).
+cache * engine_of_callback(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data);
 // The failure of the last ubatch this thread ran (a read error), taken once by the caller of
 // llama_decode.
 bool take_error(std::string * message);
