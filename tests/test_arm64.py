@@ -112,4 +112,4 @@ def test_the_arm64_libraries_need_nothing_a_minimal_system_lacks(programs):
         needed |= {line.split("[")[1].split("]")[0] for line in dynamic.splitlines() if "(NEEDED)" in line}
     assert "libgomp.so.1" not in needed   # ggml's own thread pool on arm64
     assert needed <= {"libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "ld-linux-aarch64.so.1",
-                      "libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so"}, needed
+                      "libllama.so", "libslicemoe-ggml.so", "libslicemoe-ggml-base.so", "libslicemoe-ggml-cpu.so"}, needed
