@@ -37,6 +37,45 @@ def policies(*, live_only: bool = False) -> dict[str, int]:
     return out
 
 
+SETTING_KINDS = ("size", "choice", "number", "flag")   # enum slicemoe_setting_kind
+
+
+@functools.cache
+def settings() -> dict[str, dict]:
+    """The engine's settings by name, from its one table (slicemoe_setting_get): the CLI flag, the
+    kind (size, choice, number or flag), the choices, the range of a number, and a line of help. The
+    `slicemoe.<name>` overrides, the SLICEMOE_<NAME> variables and the CLI's checks all follow it."""
+    native, out = lib(), {}
+    row = ffi.new("struct slicemoe_setting *")
+    i = 0
+    while native.slicemoe_setting_get(i, row):
+        kind = SETTING_KINDS[row.kind]
+        choices = []
+        while kind == "choice" and native.slicemoe_setting_choice(i, len(choices)) != ffi.NULL:
+            choices.append(ffi.string(native.slicemoe_setting_choice(i, len(choices))).decode())
+        out[ffi.string(row.name).decode()] = {
+            "flag": ffi.string(row.flag).decode(), "kind": kind, "choices": choices,
+            "min": row.min, "max": row.max, "max_open": bool(row.max_open), "help": ffi.string(row.help).decode()}
+        i += 1
+    return out
+
+
+def range_text(setting: dict) -> str:
+    """A number setting's range as the engine writes it: "[0, 1)", "[0, 1e6]"."""
+    def number(value: float) -> str:
+        return f"{value:g}".replace("e+0", "e").replace("e+", "e")
+    return f"[{number(setting['min'])}, {number(setting['max'])}{')' if setting['max_open'] else ']'}"
+
+
+def range_problem(name: str, value: float) -> str | None:
+    """None when value is in the range of the number setting `name`, else what the range is."""
+    setting = settings()[name]
+    low, high = setting["min"], setting["max"]
+    if low <= value and (value < high if setting["max_open"] else value <= high):
+        return None
+    return f"{setting['flag'] or name} must be in {range_text(setting)}"
+
+
 CACHE_FIELDS = ("budget_bytes", "pool_bytes", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads",
                 "evictions", "flash_bytes", "ram_bytes", "high_uses", "low_uses", "warmup_loads",
                 "decode_tokens", "io_ms", "high_threshold", "dropped_uses", "prefetch_loads",

@@ -22,11 +22,9 @@ from pathlib import Path
 
 from . import defaults
 from ._native import SliceMoEError, check, ffi, lib, library_path
-from .cache_params import read_cache_stats
+from .cache_params import read_cache_stats, settings
 
 # the kv_overrides keys and the values they take (the names of `slicemoe run`'s flags)
-SETTINGS = ("cache_budget", "policy", "precision", "warmup", "high_threshold", "max_miss_rate", "msb_share",
-            "high_ratio", "prior_lambda", "gating_t", "prefetch", "record_trace", "io_mode")
 
 
 def _point_llama_cpp_at_our_library() -> None:
@@ -41,6 +39,9 @@ def _point_llama_cpp_at_our_library() -> None:
 
 _point_llama_cpp_at_our_library()
 lib()   # our cffi handle and llama_cpp's ctypes handle are then the same loaded library
+
+# the engine's settings (its one table): each is a slicemoe.<name> override
+SETTINGS = tuple(settings())
 
 try:
     import llama_cpp

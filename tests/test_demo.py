@@ -82,7 +82,7 @@ def test_demo_prints_text_and_the_side_by_side_table(model_path, cache_env):
     ([2.0, 2.1, 1.95], 64.0, True),    # a loaded machine before the runs
 ])
 def test_the_demo_says_when_its_timings_cannot_be_trusted(runs, load, busy):
-    from slicemoe_gguf.cli import _timing_verdict
+    from slicemoe_gguf.cli_demo import _timing_verdict
 
     verdict = _timing_verdict({"dbsc": runs, "lru8": [3.0, 3.05, 3.1]}, load)
     assert verdict.startswith("The machine was busy" if busy else "Timings are steady")

@@ -111,6 +111,26 @@ enum slicemoe_warmup {
     SLICEMOE_WARMUP_PCW  = 1,  // predictive cache warm-up from the prompt's routing
 };
 
+// The engine's settings, one table (slicemoe_setting_get): each is the field of
+// slicemoe_model_params of its name, the `slicemoe.<name>` key-value override and the
+// SLICEMOE_<NAME> variable of a load through llama.cpp's own entry points, and the CLI flag `flag`.
+enum slicemoe_setting_kind {
+    SLICEMOE_SETTING_SIZE   = 0,  // bytes, or a size string ("2GiB", "40%")
+    SLICEMOE_SETTING_CHOICE = 1,  // one of names (slicemoe_setting_choice)
+    SLICEMOE_SETTING_NUMBER = 2,  // a float in [min, max] (max excluded when max_open)
+    SLICEMOE_SETTING_FLAG   = 3,  // a bool
+};
+
+struct slicemoe_setting {
+    const char * name;    // "cache_budget", "policy", ...
+    const char * flag;    // the CLI's flag, e.g. "--cache-budget" ("": a command of its own, `slicemoe trace`)
+    int32_t      kind;    // enum slicemoe_setting_kind
+    float        min;     // NUMBER: the range
+    float        max;
+    bool         max_open;
+    const char * help;    // one line
+};
+
 struct slicemoe_model_params {
     int32_t n_gpu_layers;  // layers offloaded to a GPU backend; 0 = CPU only, -1 = all
     bool    use_mmap;      // map the file instead of reading it (llama.cpp's default)
@@ -259,6 +279,9 @@ SLICEMOE_API const char * slicemoe_system_info(void);         // llama.cpp's CPU
 SLICEMOE_API const char * slicemoe_kernel_name(int32_t kernel);   // "avx512vnni", "avx2", "neon-dotprod", "neon", "scalar"; NULL if this CPU lacks it
 SLICEMOE_API const char * slicemoe_policy_name(int32_t policy);   // "dbsc", "lru8", ... as --policy spells it; NULL for an unknown id
 SLICEMOE_API bool slicemoe_policy_runs_live(int32_t policy);      // false: it needs the future (replay only), or an unknown id
+SLICEMOE_API int32_t slicemoe_setting_count(void);
+SLICEMOE_API bool slicemoe_setting_get(int32_t i, struct slicemoe_setting * out);   // false past the last
+SLICEMOE_API const char * slicemoe_setting_choice(int32_t i, int32_t value);        // the name of a CHOICE value; NULL past the last
 // One expert's fused product, as the MoE graph runs it (for tests and benchmarks): y[n_out] =
 // (MSB + LSB) x, or MSB x when lsb is NULL. msb and lsb hold n_out rows of n_in / 32 Q4_1 blocks
 // (20 bytes each: fp16 d, fp16 m, 16 bytes of nibbles); x is quantized to 8 bits per 32 values as

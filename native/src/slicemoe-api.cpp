@@ -189,6 +189,22 @@ bool slicemoe_policy_runs_live(int32_t policy) {
     return iface && iface->runs_live;
 }
 
+int32_t slicemoe_setting_count(void) {
+    return slicemoe::n_settings();
+}
+
+bool slicemoe_setting_get(int32_t i, slicemoe_setting * out) {
+    const slicemoe::setting_def * def = slicemoe::setting_at(i);
+    if (!def || !out) return false;
+    *out = { def->name, def->flag, def->kind, def->min, def->max, def->max_open, def->help };
+    return true;
+}
+
+const char * slicemoe_setting_choice(int32_t i, int32_t value) {
+    const slicemoe::setting_def * def = slicemoe::setting_at(i);
+    return def && def->choice ? def->choice(value) : nullptr;
+}
+
 int slicemoe_expert_product(int32_t kernel, const void * msb, const void * lsb, int64_t n_in, int64_t n_out,
                             const float * x, float * y) {
     using namespace slicemoe;

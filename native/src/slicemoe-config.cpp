@@ -1,7 +1,12 @@
+// The engine's settings: one table (SETTINGS) from which the slicemoe.* override keys, the
+// SLICEMOE_* variables, the range checks and their messages, and (through slicemoe_setting_get)
+// the Python layer's names, flags and checks all come.
+
 #include "slicemoe-config.h"
 
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -17,17 +22,83 @@ struct name_value {
     int32_t      value;
 };
 
-// The same names as the CLI's --precision, --warmup and --io; the policies' are their tables' (policy_i::name).
-constexpr name_value PRECISIONS[] = {
-    { "auto", SLICEMOE_PRECISION_AUTO }, { "high", SLICEMOE_PRECISION_HIGH }, { "low", SLICEMOE_PRECISION_LOW },
-};
-constexpr name_value WARMUPS[] = { { "none", SLICEMOE_WARMUP_NONE }, { "pcw", SLICEMOE_WARMUP_PCW } };
-constexpr name_value IO_MODES[] = {
-    { "auto", SLICEMOE_IO_AUTO }, { "direct", SLICEMOE_IO_DIRECT }, { "buffered", SLICEMOE_IO_BUFFERED },
+const char * precision_name(int32_t value) {
+    constexpr const char * names[] = { "auto", "high", "low" };   // enum slicemoe_precision
+    return value >= 0 && value < 3 ? names[value] : nullptr;
+}
+
+const char * warmup_name(int32_t value) {
+    constexpr const char * names[] = { "none", "pcw" };   // enum slicemoe_warmup
+    return value >= 0 && value < 2 ? names[value] : nullptr;
+}
+
+const char * io_mode_name(int32_t value) {
+    constexpr const char * names[] = { "auto", "direct", "buffered" };   // enum slicemoe_io_mode
+    return value >= 0 && value < 3 ? names[value] : nullptr;
+}
+
+const char * policy_name(int32_t value) {
+    const policy_i * iface = policy_table(value);
+    return iface ? iface->name : nullptr;
+}
+
+using P = slicemoe_model_params;
+
+//   name              flag                kind                     min   max   open  help
+const setting_def SETTINGS[] = {
+    { "cache_budget",   "--cache-budget",   SLICEMOE_SETTING_SIZE,   0.0f, 0.0f, false,
+      "RAM for routed-expert slices: bytes, a size (2GiB) or a percentage of all slices (40%); 0 = no cache" },
+    { "policy",         "--policy",         SLICEMOE_SETTING_CHOICE, 0.0f, 0.0f, false,
+      "the cache policy", policy_name, &P::policy },
+    { "precision",      "--precision",      SLICEMOE_SETTING_CHOICE, 0.0f, 0.0f, false,
+      "routed experts at 8 bits (high), 4 bits (low) or per use by the policy (auto)", precision_name, &P::precision },
+    { "warmup",         "--warmup",         SLICEMOE_SETTING_CHOICE, 0.0f, 0.0f, false,
+      "prefill-time cache warm-up from the prompt's routing (pcw) or none", warmup_name, &P::warmup },
+    { "high_threshold", "--high-threshold", SLICEMOE_SETTING_NUMBER, 0.0f, 1.0f, false,
+      "auto precision: a use runs at 8 bits when its routing weight reaches this", nullptr, nullptr, &P::high_threshold },
+    { "max_miss_rate",  "--max-miss-rate",  SLICEMOE_SETTING_NUMBER, 0.0f, 1.0f, true,
+      "auto precision: move the threshold to keep the slice miss rate under this; 0 = a fixed threshold",
+      nullptr, nullptr, &P::max_miss_rate },
+    { "msb_share",      "--msb-share",      SLICEMOE_SETTING_NUMBER, 0.0f, 1.0f, false,
+      "share of a layer's budget for MSB slices; 0 = the policy's own split", nullptr, nullptr, &P::msb_share },
+    { "high_ratio",     "--high-ratio",     SLICEMOE_SETTING_NUMBER, 0.0f, 1.0f, false,
+      "dymoe: the share of 8-bit uses at the first MoE layer; 0 = 0.5", nullptr, nullptr, &P::high_ratio },
+    { "prior_lambda",   "--prior-lambda",   SLICEMOE_SETTING_NUMBER, 0.0f, 1e6f, false,
+      "cache_prior: a cached expert's router logit bias, in mean logit ranges", nullptr, nullptr, &P::prior_lambda },
+    { "gating_t",       "--gating-t",       SLICEMOE_SETTING_NUMBER, 0.0f, 1.0f, false,
+      "adapmoe: a use after the first is dropped when its weight is below sqrt(T / S_l) (T a squared weight)",
+      nullptr, nullptr, &P::gating_t },
+    { "prefetch",       "--prefetch",       SLICEMOE_SETTING_FLAG,   0.0f, 0.0f, false,
+      "load the next layer's predicted experts while this one computes", nullptr, nullptr, nullptr, &P::prefetch },
+    { "record_trace",   "",                 SLICEMOE_SETTING_FLAG,   0.0f, 0.0f, false,
+      "record the routing of every token (slicemoe trace)", nullptr, nullptr, nullptr, &P::record_trace },
+    { "io_mode",        "--io",             SLICEMOE_SETTING_CHOICE, 0.0f, 0.0f, false,
+      "read misses with O_DIRECT where the file system has it (auto), always (direct) or through the page cache",
+      io_mode_name, &P::io_mode },
 };
 
-// One configuration key: its text value (from an override or the environment) or a typed override.
-struct setting {
+const setting_def * find_setting(const std::string & name) {
+    for (const setting_def & def : SETTINGS) {
+        if (name == def.name) return &def;
+    }
+    return nullptr;
+}
+
+std::string number_text(float v) {
+    char buf[32];
+    snprintf(buf, sizeof(buf), "%g", double(v));
+    std::string text = buf;
+    const size_t e = text.find("e+");
+    if (e != std::string::npos) {   // 1e+06 -> 1e6
+        size_t digits = e + 2;
+        while (digits + 1 < text.size() && text[digits] == '0') ++digits;
+        text = text.substr(0, e + 1) + text.substr(digits);
+    }
+    return text;
+}
+
+// One value given for a setting: its text (from an override or the environment) or a typed override.
+struct given_value {
     std::string name;        // without the prefix, e.g. "cache_budget"
     std::string source;      // "slicemoe.cache_budget" or "SLICEMOE_CACHE_BUDGET", for messages
     const llama_model_kv_override * kv = nullptr;   // nullptr: text holds the environment's value
@@ -40,36 +111,21 @@ std::string env_name(const std::string & name) {
     return out;
 }
 
-template <size_t N>
-bool read_name(const setting & s, const name_value (&table)[N], int32_t * out, std::string * error) {
-    const std::string text = s.kv ? (s.kv->tag == LLAMA_KV_OVERRIDE_TYPE_STR ? s.kv->val_str : "") : s.text;
-    for (const name_value & nv : table) {
-        if (text == nv.name) {
-            *out = nv.value;
-            return true;
-        }
-    }
-    std::string names;
-    for (const name_value & nv : table) names += std::string(names.empty() ? "" : ", ") + nv.name;
-    *error = s.source + ": '" + text + "' is not one of " + names + " (a string)";
-    return false;
-}
-
-bool read_policy(const setting & s, int32_t * out, std::string * error) {
+bool read_choice(const given_value & s, const setting_def & def, int32_t * out, std::string * error) {
     const std::string text = s.kv ? (s.kv->tag == LLAMA_KV_OVERRIDE_TYPE_STR ? s.kv->val_str : "") : s.text;
     std::string names;
-    for (int32_t id = 0; id < n_policies(); ++id) {
-        if (text == policy_table(id)->name) {
-            *out = id;
+    for (int32_t value = 0; def.choice(value); ++value) {
+        if (text == def.choice(value)) {
+            *out = value;
             return true;
         }
-        names += std::string(names.empty() ? "" : ", ") + policy_table(id)->name;
+        names += std::string(names.empty() ? "" : ", ") + def.choice(value);
     }
     *error = s.source + ": '" + text + "' is not one of " + names + " (a string)";
     return false;
 }
 
-bool read_float(const setting & s, float * out, std::string * error) {
+bool read_float(const given_value & s, float * out, std::string * error) {
     double v = NAN;
     if (s.kv && s.kv->tag == LLAMA_KV_OVERRIDE_TYPE_FLOAT) v = s.kv->val_f64;
     else if (s.kv && s.kv->tag == LLAMA_KV_OVERRIDE_TYPE_INT) v = double(s.kv->val_i64);
@@ -87,7 +143,7 @@ bool read_float(const setting & s, float * out, std::string * error) {
     return true;
 }
 
-bool read_bool(const setting & s, bool * out, std::string * error) {
+bool read_bool(const given_value & s, bool * out, std::string * error) {
     if (s.kv && s.kv->tag == LLAMA_KV_OVERRIDE_TYPE_BOOL) {
         *out = s.kv->val_bool;
         return true;
@@ -101,7 +157,7 @@ bool read_bool(const setting & s, bool * out, std::string * error) {
     return false;
 }
 
-bool read_budget(const setting & s, stock_config * out, std::string * error) {
+bool read_budget(const given_value & s, stock_config * out, std::string * error) {
     int64_t bytes = 0;
     double percent = 0.0;
     bool ok = false;
@@ -121,28 +177,40 @@ bool read_budget(const setting & s, stock_config * out, std::string * error) {
     return true;
 }
 
-bool apply(const setting & s, stock_config * out, std::string * error) {
+bool apply(const given_value & s, stock_config * out, std::string * error) {
+    const setting_def * def = find_setting(s.name);
+    if (!def) {
+        std::string names;
+        for (const setting_def & d : SETTINGS) names += std::string(names.empty() ? "" : ", ") + d.name;
+        *error = s.source + ": not a slicemoe setting (" + names + ")";
+        return false;
+    }
     slicemoe_model_params & p = out->params;
-    const std::string & n = s.name;
-    if (n == "cache_budget")   return read_budget(s, out, error);
-    if (n == "policy")         return read_policy(s, &p.policy, error);
-    if (n == "precision")      return read_name(s, PRECISIONS, &p.precision, error);
-    if (n == "warmup")         return read_name(s, WARMUPS, &p.warmup, error);
-    if (n == "io_mode")        return read_name(s, IO_MODES, &p.io_mode, error);
-    if (n == "high_threshold") return read_float(s, &p.high_threshold, error);
-    if (n == "max_miss_rate")  return read_float(s, &p.max_miss_rate, error);
-    if (n == "msb_share")      return read_float(s, &p.msb_share, error);
-    if (n == "high_ratio")     return read_float(s, &p.high_ratio, error);
-    if (n == "prior_lambda")   return read_float(s, &p.prior_lambda, error);
-    if (n == "gating_t")       return read_float(s, &p.gating_t, error);
-    if (n == "prefetch")       return read_bool(s, &p.prefetch, error);
-    if (n == "record_trace")   return read_bool(s, &p.record_trace, error);
-    *error = s.source + ": not a slicemoe setting (cache_budget, policy, precision, warmup, high_threshold, "
-             "max_miss_rate, msb_share, high_ratio, prior_lambda, gating_t, prefetch, record_trace, io_mode)";
-    return false;
+    switch (def->kind) {
+        case SLICEMOE_SETTING_SIZE:   return read_budget(s, out, error);
+        case SLICEMOE_SETTING_CHOICE: return read_choice(s, *def, &(p.*def->choice_field), error);
+        case SLICEMOE_SETTING_NUMBER: return read_float(s, &(p.*def->number_field), error);
+        default:                      return read_bool(s, &(p.*def->flag_field), error);
+    }
 }
 
 } // namespace
+
+int32_t n_settings() {
+    return int32_t(sizeof(SETTINGS) / sizeof(SETTINGS[0]));
+}
+
+const setting_def * setting_at(int32_t i) {
+    return i >= 0 && i < n_settings() ? &SETTINGS[i] : nullptr;
+}
+
+std::string range_problem(const char * name, float value) {
+    const setting_def & def = *find_setting(name);
+    const bool in = value >= def.min && (def.max_open ? value < def.max : value <= def.max);   // false for NaN
+    if (in) return "";
+    return std::string(name) + " must be in [" + number_text(def.min) + ", " + number_text(def.max) +
+           (def.max_open ? ")" : "]");
+}
 
 bool parse_size(const std::string & text, int64_t * bytes, double * percent) {
     const char * s = text.c_str();
@@ -180,24 +248,23 @@ bool read_stock_config(const llama_model_kv_override * overrides, stock_config *
     out->params = slicemoe_model_default_params();
     out->budget_percent = 0.0;
     out->any = false;
-    std::vector<setting> given;
+    std::vector<given_value> given;
     for (const llama_model_kv_override * kv = overrides; kv && kv->key[0] != '\0'; ++kv) {
         const std::string key = kv->key;
         if (key.rfind(PREFIX, 0) != 0) continue;
         given.push_back({ key.substr(std::strlen(PREFIX)), key, kv, "" });
     }
-    for (const char * name : { "cache_budget", "policy", "precision", "warmup", "high_threshold", "max_miss_rate",
-                               "msb_share", "high_ratio", "prior_lambda", "gating_t", "prefetch", "record_trace",
-                               "io_mode" }) {
+    for (const setting_def & def : SETTINGS) {
+        const char * name = def.name;
         bool overridden = false;
-        for (const setting & s : given) overridden = overridden || s.name == name;
+        for (const given_value & s : given) overridden = overridden || s.name == name;
         const std::string var = env_name(name);
         const char * value = std::getenv(var.c_str());
         if (!overridden && value) {
             given.push_back({ name, var, nullptr, value });
         }
     }
-    for (const setting & s : given) {
+    for (const given_value & s : given) {
         if (!apply(s, out, error)) return false;
     }
     out->any = !given.empty();

@@ -9,8 +9,28 @@
 #include "llama.h"
 
 #include <string>
+#include <utility>
 
 namespace slicemoe {
+
+// One of the engine's settings (the table is in slicemoe-config.cpp): its public description and
+// the field of slicemoe_model_params it sets.
+struct setting_def {
+    const char * name;
+    const char * flag;
+    int32_t      kind;                      // enum slicemoe_setting_kind
+    float        min, max;                  // NUMBER: the range
+    bool         max_open;
+    const char * help;
+    const char * (*choice)(int32_t value) = nullptr;   // CHOICE: the name of a value, nullptr past the last
+    int32_t slicemoe_model_params::* choice_field = nullptr;
+    float   slicemoe_model_params::* number_field = nullptr;
+    bool    slicemoe_model_params::* flag_field = nullptr;
+};
+int32_t             n_settings();
+const setting_def * setting_at(int32_t i);   // nullptr past the last
+// "" when value is in the range of the NUMBER setting `name`, else "name must be in [min, max]".
+std::string range_problem(const char * name, float value);
 
 struct stock_config {
     slicemoe_model_params params;  // from slicemoe_model_default_params(), then the keys given
@@ -36,15 +56,17 @@ template <typename P>
 bool policy_params_valid(const P & p, std::string * error) {
     const auto in = [](float v, float lo, float hi) { return v >= lo && v <= hi; };   // false for NaN
     const char * problem = nullptr;
+    std::string range;
+    for (const auto & [name, value] : { std::pair<const char *, float>{ "high_threshold", p.high_threshold },
+                                        { "max_miss_rate", p.max_miss_rate }, { "msb_share", p.msb_share },
+                                        { "high_ratio", p.high_ratio }, { "prior_lambda", p.prior_lambda },
+                                        { "gating_t", p.gating_t } }) {
+        if (range.empty()) range = range_problem(name, value);
+    }
     if (!policy_table(p.policy)) problem = "policy: not a known policy";
     else if (p.precision < SLICEMOE_PRECISION_AUTO || p.precision > SLICEMOE_PRECISION_LOW) problem = "precision: auto (0), high (1) or low (2)";
     else if (p.warmup < SLICEMOE_WARMUP_NONE || p.warmup > SLICEMOE_WARMUP_PCW) problem = "warmup: none (0) or pcw (1)";
-    else if (!in(p.high_threshold, 0.0f, 1.0f)) problem = "high_threshold must be in [0, 1]";
-    else if (!in(p.max_miss_rate, 0.0f, 1.0f) || p.max_miss_rate >= 1.0f) problem = "max_miss_rate must be in [0, 1)";
-    else if (!in(p.msb_share, 0.0f, 1.0f)) problem = "msb_share must be in [0, 1]";
-    else if (!in(p.high_ratio, 0.0f, 1.0f)) problem = "high_ratio must be in [0, 1]";
-    else if (!in(p.prior_lambda, 0.0f, 1e6f)) problem = "prior_lambda must be in [0, 1e6]";
-    else if (!in(p.gating_t, 0.0f, 1.0f)) problem = "gating_t must be in [0, 1] (a squared routing weight)";
+    else if (!range.empty()) problem = range.c_str();
     else if (p.n_layer_slots < 0 || (p.n_layer_slots > 0 && !p.layer_slots)) problem = "layer_slots: NULL with a count above 0";
     else if (p.n_layer_sensitivity < 0 || (p.n_layer_sensitivity > 0 && !p.layer_sensitivity)) problem = "layer_sensitivity: NULL with a count above 0";
     else if (p.n_layer_high_uses < 0 || (p.n_layer_high_uses > 0 && !p.layer_high_uses)) problem = "layer_high_uses: NULL with a count above 0";
