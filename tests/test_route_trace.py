@@ -49,6 +49,22 @@ def test_a_recorded_route_forced_onto_another_prompt_reproduces_the_run(embedded
     assert same["tokens"] == recorded["tokens"]
 
 
+@pytest.mark.parametrize("policy, warmup", [("lru8", "none"), ("dbsc", "pcw"), ("hobbit", "none")])
+def test_a_forced_route_counts_what_the_replay_of_its_trace_counts(embedded, tmp_path, policy, warmup):
+    """Live and replay are one engine: a route forced onto a decode reads, hits and misses exactly
+    as `slicemoe sim` of the same trace says (no step more or less on either side)."""
+    flags = ("--cache-budget", "30%", "--policy", policy, "--warmup", warmup)
+    path = tmp_path / "route.jsonl"
+    run_cli("trace", "-m", str(embedded), "-p", PROMPT, "-n", "24", "--ignore-eos", "-o", str(path), "-t", "2", *flags)
+    live = run_json("run", "-m", str(embedded), "--route-trace", str(path), "-p", OTHER_PROMPT, "--json", "-t", "2",
+                    *flags)["cache"]
+    replayed = run_json("sim", str(path), "--json", *flags)
+    for name in COUNTERS:
+        assert live[name] == replayed[name], name
+    for name in ("msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads", "evictions"):
+        assert live["layers"][name] == replayed["layers"][name], name
+
+
 def test_the_forced_route_is_the_route_another_model_takes(sliced_gguf, stock_gguf, tmp_path):
     """A route recorded on the sliced model, forced onto the stock q8_0 file of the same checkpoint
     (another model of the shape): the stock model's recorded routing is the forced one."""
