@@ -96,8 +96,7 @@ def _without_experts(memory: MemoryPlan) -> MemoryPlan:
 
 def plan_of_running(model) -> MemoryPlan:
     """The same figures for a loaded Model, with the pools as allocated."""
-    out = ffi.new("struct slicemoe_memory *")
-    check(model._lib.slicemoe_context_memory(model._ctx, out))
+    out = model.memory()
     from .model_info import describe
 
     experts = routed_expert_bytes(describe(model.path))

@@ -16,12 +16,13 @@ from typing import Iterator
 import numpy as np
 
 from . import defaults
+from ._internals import NativeContext, NativeModel, NativeSampler
 from ._native import SliceMoEError, check, ffi, lib, string
 from .cache_params import enum_values, read_cache_stats, set_cache_params
 from .model_info import describe
 from .trace import FORMAT, VERSION, from_records
 
-STATUS_BUFFER_TOO_SMALL = 5
+
 @dataclass
 class Sampling:
     """llama.cpp's sampler chain: logit biases, penalties and a grammar, then greedy decoding when
@@ -97,43 +98,38 @@ class Model:
         params.prefetch = prefetch
         params.io_mode = io_modes[io_mode]
         params.forced_routes = forced_routes
-        slots = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,
+        arrays = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,
                                  high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
                                  high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
                                  layer_slots=layer_slots, layer_sensitivity=layer_sensitivity,
                                  layer_high_uses=layer_high_uses)
-        out = ffi.new("slicemoe_model **")
-        check(self._lib.slicemoe_model_load(os.fsencode(self.path), ffi.new("struct slicemoe_model_params *", params), out))
-        self._model = out[0]
-        self._ctx = ffi.NULL
+        self._model = NativeModel(self.path, params)
+        del arrays   # what params pointed at, needed until the model is loaded
         try:
             cparams = self._lib.slicemoe_context_default_params()
             cparams.n_ctx = n_ctx
             cparams.n_batch = n_batch
             cparams.n_threads = n_threads
             cparams.n_seq = n_seq
-            cout = ffi.new("slicemoe_context **")
-            check(self._lib.slicemoe_context_create(self._model, ffi.new("struct slicemoe_context_params *", cparams), cout))
-            self._ctx = cout[0]
+            self._ctx = NativeContext(self._model, cparams)
         except BaseException:
-            self.close()
+            self._model.close()
             raise
-        self.n_vocab = int(self._lib.slicemoe_model_n_vocab(self._model))
-        self.n_layer = int(self._lib.slicemoe_model_n_layer(self._model))
+        self.n_vocab = self._model.n_vocab
+        self.n_layer = self._model.n_layer
         self.n_seq = n_seq
         # per sequence: llama.cpp splits the context evenly between the sequences
-        self.n_ctx = int(self._lib.slicemoe_context_n_ctx(self._ctx)) // n_seq
-        self.n_sliced_layers = int(self._lib.slicemoe_model_n_sliced_layers(self._model))
+        self.n_ctx = self._ctx.n_ctx // n_seq
+        self.n_sliced_layers = self._model.n_sliced_layers
 
     # -- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        if getattr(self, "_ctx", ffi.NULL) != ffi.NULL:
-            self._lib.slicemoe_context_free(self._ctx)
-            self._ctx = ffi.NULL
-        if getattr(self, "_model", ffi.NULL) != ffi.NULL:
-            self._lib.slicemoe_model_free(self._model)
-            self._model = ffi.NULL
+        """Free the context, then the model (samplers made by sampler() stay valid until collected)."""
+        if hasattr(self, "_ctx"):
+            self._ctx.close()
+        if hasattr(self, "_model"):
+            self._model.close()
 
     def __enter__(self) -> "Model":
         return self
@@ -148,37 +144,31 @@ class Model:
 
     @property
     def description(self) -> str:
-        buf = ffi.new("char[]", 256)
-        check(self._lib.slicemoe_model_desc(self._model, buf, 256))
-        return string(buf)
+        return self._model.description()
 
     def metadata(self, key: str) -> str | None:
-        buf = ffi.new("char[]", 4096)
-        status = self._lib.slicemoe_model_meta(self._model, key.encode(), buf, 4096)
-        return string(buf) if status == 0 else None
+        return self._model.metadata(key)
 
     # -- slice cache ------------------------------------------------------------------------
 
     @property
     def has_cache(self) -> bool:
-        return self._lib.slicemoe_cache_n_layers(self._model) > 0
+        return self._model.cache_layers() > 0
 
     def cache_stats(self) -> dict | None:
         """Counters of the slice cache (None without one): totals, hits/misses summed over MSB and
         LSB slices, and per-layer arrays."""
         if not self.has_cache:
             return None
-        native, handle = self._lib, self._model
-        stats = read_cache_stats(lambda t: native.slicemoe_cache_get_stats(handle, t),
-                                 lambda i, row: native.slicemoe_cache_get_layer_stats(handle, i, row),
-                                 native.slicemoe_cache_n_layers(handle), live=True)
+        stats = read_cache_stats(self._model.cache_totals, self._model.cache_layer, self._model.cache_layers(),
+                                 live=True)
         # why misses are read buffered on a file system that opened the file with O_DIRECT, or None
-        stats["io_note"] = string(native.slicemoe_cache_io_note(handle)) or None
+        stats["io_note"] = self._model.cache_io_note() or None
         return stats
 
     def routing_trace(self):
         """The routing recorded so far (record_trace=True) as a slicemoe-trace Trace."""
-        k = int(self._lib.slicemoe_trace_top_k(self._model))
+        k = self._model.trace_top_k()
         if k == 0:
             raise SliceMoEError("no routing was recorded: load the model with record_trace=True", 1)
         info = describe(self.path)
@@ -192,15 +182,10 @@ class Model:
                   "slice_bytes": {"msb": msb[0] if len(set(msb)) == 1 else msb,
                                   "lsb": lsb[0] if len(set(lsb)) == 1 else lsb},
                   "model": str(self.path.name)}
-        request, layer, phase = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
-        experts, weights = ffi.new("int32_t[]", k), ffi.new("float[]", k)
-        row, has = ffi.new("float[]", int(info["n_experts"])), ffi.new("bool *")
         records, logits = [], []
-        for i in range(int(self._lib.slicemoe_trace_size(self._model))):
-            check(self._lib.slicemoe_trace_get(self._model, i, request, layer, phase, experts, weights))
-            check(self._lib.slicemoe_trace_get_logits(self._model, i, row, has))
-            records.append((request[0], layer[0], phase[0], list(experts), list(weights)))
-            logits.append(list(row) if has[0] else None)
+        for *record, row in self._model.trace_records(int(info["n_experts"])):
+            records.append(tuple(record))
+            logits.append(row)
         return from_records(header, records, logits)
 
     def force_routes(self, experts: np.ndarray | None, weights: np.ndarray | None = None, *,
@@ -211,43 +196,30 @@ class Model:
         the expert count of the model the route comes from (default: this model's); it must be this
         model's. A stock model must be loaded with forced_routes=True."""
         if experts is None:
-            check(self._lib.slicemoe_route_force(self._model, 0, 0, 0, 0, ffi.NULL, ffi.NULL))
+            self._model.force_routes(None, None, 0)
             return
         experts = np.ascontiguousarray(experts, dtype=np.int32)
         weights = np.ascontiguousarray(weights, dtype=np.float32)
         if experts.ndim != 3 or weights.shape != experts.shape:
             raise ValueError("experts and weights must both be [n_positions, n_moe_layers, top_k]")
-        n_positions, n_layers, k = experts.shape
         if n_experts is None:
             n_experts = int(self.metadata(f"{self.metadata('general.architecture')}.expert_count") or 0)
-        check(self._lib.slicemoe_route_force(self._model, n_positions, n_layers, n_experts, k,
-                                             ffi.cast("const int32_t *", ffi.from_buffer(experts)),
-                                             ffi.cast("const float *", ffi.from_buffer(weights))))
+        self._model.force_routes(experts, weights, n_experts)
 
     def reset_cache_stats(self) -> None:
-        self._lib.slicemoe_cache_reset_stats(self._model)
+        self._model.reset_cache_stats()
 
     def fail_reads_after(self, n_reads: int) -> None:
         """Testing: make every slice read after the next n_reads fail (-1 turns it off)."""
-        self._lib.slicemoe_cache_fail_reads_after(self._model, n_reads)
+        self._model.fail_reads_after(n_reads)
 
     def is_eog(self, token: int) -> bool:
-        return bool(self._lib.slicemoe_model_is_eog(self._model, token))
+        return self._model.is_eog(token)
 
     # -- text -------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        data = text.encode("utf-8")
-        n_out = ffi.new("int32_t *")
-        capacity = len(data) + 8
-        while True:
-            buf = ffi.new("int32_t[]", capacity)
-            status = self._lib.slicemoe_tokenize(self._model, data, len(data), add_special, parse_special, buf, capacity, n_out)
-            if status == STATUS_BUFFER_TOO_SMALL:
-                capacity = n_out[0]
-                continue
-            check(status)
-            return list(buf[0:n_out[0]])
+        return self._model.tokenize(text.encode("utf-8"), add_special, parse_special)
 
     def chat_prompt(self, messages: list[dict], *, add_assistant: bool = True) -> str:
         """The conversation ([{"role": ..., "content": ...}, ...]) as the model's chat template writes
@@ -255,21 +227,8 @@ class Model:
         (chatml for a model without one), with the assistant's turn opened at the end."""
         if not messages:
             raise ValueError("a chat needs at least one message")
-        keep = [(ffi.new("char[]", str(m["role"]).encode("utf-8")), ffi.new("char[]", str(m["content"]).encode("utf-8")))
-                for m in messages]
-        roles = ffi.new("char *[]", [r for r, _ in keep])
-        contents = ffi.new("char *[]", [c for _, c in keep])
-        n_out = ffi.new("int32_t *")
-        capacity = 256 + sum(len(m["content"]) + 64 for m in messages)
-        while True:
-            buf = ffi.new("char[]", capacity)
-            status = self._lib.slicemoe_chat_apply(self._model, roles, contents, len(keep), add_assistant, buf,
-                                                   capacity, n_out)
-            if status == STATUS_BUFFER_TOO_SMALL:
-                capacity = n_out[0]
-                continue
-            check(status)
-            return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
+        return self._model.chat_apply([str(m["role"]) for m in messages], [str(m["content"]) for m in messages],
+                                      add_assistant)
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         """The prompt tokens of a chat: its template's markup becomes special tokens, as llama-server
@@ -277,85 +236,59 @@ class Model:
         return self.tokenize(self.chat_prompt(messages), add_special=True, parse_special=True)
 
     def detokenize(self, tokens: list[int]) -> str:
-        ids = ffi.new("int32_t[]", tokens)
-        n_out = ffi.new("int32_t *")
-        capacity = 16 * len(tokens) + 16
-        while True:
-            buf = ffi.new("char[]", capacity)
-            status = self._lib.slicemoe_detokenize(self._model, ids, len(tokens), buf, capacity, n_out)
-            if status == STATUS_BUFFER_TOO_SMALL:
-                capacity = n_out[0]
-                continue
-            check(status)
-            return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
+        return self._model.detokenize(tokens)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes of one token (special tokens written out); may be part of a UTF-8 character."""
-        n_out = ffi.new("int32_t *")
-        capacity = 32
-        while True:
-            buf = ffi.new("char[]", capacity)
-            status = self._lib.slicemoe_token_piece(self._model, token, buf, capacity, n_out)
-            if status == STATUS_BUFFER_TOO_SMALL:
-                capacity = n_out[0]
-                continue
-            check(status)
-            return ffi.unpack(buf, n_out[0])
+        return self._model.token_piece(token)
 
     # -- evaluation -------------------------------------------------------------------------
 
     def reset(self) -> None:
-        self._lib.slicemoe_context_reset(self._ctx)
+        self._ctx.reset()
 
     def eval(self, tokens: list[int]) -> None:
         """Append tokens to the sequence and run the model over them."""
-        check(self._lib.slicemoe_eval(self._ctx, ffi.new("int32_t[]", tokens), len(tokens)))
+        self._ctx.eval(tokens)
 
     def logits(self) -> np.ndarray:
         """A copy of the last evaluated token's logits, float32 [n_vocab]."""
-        ptr = self._lib.slicemoe_logits(self._ctx)
-        if ptr == ffi.NULL:
-            raise SliceMoEError("no logits yet: evaluate a prompt first", 1)
-        return np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32).copy()
+        return self._ctx.logits()
 
     # -- several sequences (n_seq > 1) --------------------------------------------------------
 
     def eval_seq(self, seq: int, tokens: list[int]) -> None:
         """Append tokens to sequence `seq` (a prompt) and run the model over them."""
-        check(self._lib.slicemoe_eval_seq(self._ctx, seq, ffi.new("int32_t[]", tokens), len(tokens)))
+        self._ctx.eval_seq(seq, tokens)
 
     def decode_batch(self, seqs: list[int], tokens: list[int]) -> None:
         """One token for each of the sequences `seqs`, in one batch: the slice cache serves the union
         of the experts they select (a missing slice is read once for all of them)."""
         if len(seqs) != len(tokens):
             raise ValueError("one token per sequence")
-        check(self._lib.slicemoe_decode_batch(self._ctx, len(seqs), ffi.new("int32_t[]", seqs),
-                                              ffi.new("int32_t[]", tokens)))
+        self._ctx.decode_batch(seqs, tokens)
 
     def logits_seq(self, seq: int) -> np.ndarray:
         """A copy of the logits of sequence `seq`'s last token, float32 [n_vocab]."""
-        ptr = self._lib.slicemoe_logits_seq(self._ctx, seq)
-        if ptr == ffi.NULL:
-            raise SliceMoEError(f"sequence {seq} has no logits from the last evaluation", 1)
-        return np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32).copy()
+        return self._ctx.logits(seq)
 
-    def sample(self, sampler, seq: int = 0) -> int:
+    def sample(self, sampler: NativeSampler, seq: int = 0) -> int:
         """The next token of sequence `seq` from its logits (a sampler from Model.sampler)."""
-        token = ffi.new("int32_t *")
-        check(self._lib.slicemoe_sample_seq(sampler, self._ctx, seq, token))
-        return int(token[0])
+        return self._ctx.sample(sampler, seq)
 
     def reset_seq(self, seq: int) -> None:
         """Forget sequence `seq`'s tokens (it is free for a new prompt)."""
-        self._lib.slicemoe_seq_reset(self._ctx, seq)
+        self._ctx.reset_seq(seq)
 
     def timings(self) -> tuple[float, float]:
         """(prefill_ms, decode_ms) since the last reset."""
-        t = ffi.new("struct slicemoe_timings *")
-        self._lib.slicemoe_timings_get(self._ctx, t)
-        return float(t.prefill_ms), float(t.decode_ms)
+        return self._ctx.timings()
 
-    def sampler(self, sampling: Sampling):
+    def memory(self):
+        """The context's memory (struct slicemoe_memory)."""
+        return self._ctx.memory()
+
+    def sampler(self, sampling: Sampling) -> NativeSampler:
         """A native sampler for `sampling` (freed with the returned object). Raises SliceMoEError
         for a grammar that does not parse or a value out of range."""
         params = self._lib.slicemoe_sampling_default_params()
@@ -371,9 +304,7 @@ class Model:
             keep.append(ffi.new("float[]", [float(v) for v in sampling.logit_bias.values()]))
             params.logit_bias_tokens, params.logit_bias_values = keep[-2], keep[-1]
             params.n_logit_bias = len(sampling.logit_bias)
-        out = ffi.new("slicemoe_sampler **")
-        check(self._lib.slicemoe_sampler_create(self._model, ffi.new("struct slicemoe_sampling_params *", params), out))
-        return ffi.gc(out[0], self._lib.slicemoe_sampler_free)
+        return NativeSampler(self._model, params)
 
     def stream(self, prompt: str | list[int], n_predict: int, sampling: Sampling | None = None,
                *, stop_at_eog: bool = True) -> Iterator[tuple[int, np.ndarray]]:
@@ -386,15 +317,14 @@ class Model:
         sampler = self.sampler(sampling or Sampling())
         self.reset()
         self.eval(tokens)
-        token = ffi.new("int32_t *")
         for step in range(n_predict):
             logits = self.logits()
-            check(self._lib.slicemoe_sample(sampler, self._ctx, token))
-            yield int(token[0]), logits
-            if stop_at_eog and self.is_eog(token[0]):
+            token = self._ctx.sample(sampler)
+            yield token, logits
+            if stop_at_eog and self.is_eog(token):
                 return
             if step + 1 < n_predict:
-                self.eval([token[0]])
+                self.eval([token])
 
     def generate(self, prompt: str | list[int], n_predict: int = 32, sampling: Sampling | None = None,
                  *, keep_logits: bool = False, stop_at_eog: bool = True) -> GenerationResult:

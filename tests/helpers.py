@@ -83,7 +83,7 @@ def convert(hf_dir: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def gguf_dequantize(tensor) -> "np.ndarray":
+def gguf_dequantize(tensor):
     """float32 values of a tensor read by gguf.GGUFReader, decoded by gguf-py itself."""
     import gguf
     import numpy as np

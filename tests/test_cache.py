@@ -54,6 +54,7 @@ def test_fixed_precision_is_bit_identical_at_every_budget(arch, precision, slice
     assert misses["minimum"] > misses["100%"]
 
 
+@pytest.mark.slow
 def test_pools_never_exceed_the_budget(sliced):
     path = sliced("qwen2_moe")
     total = budgets(path, "auto")["100%"]
@@ -216,7 +217,7 @@ def test_resident_memory_is_the_pools_not_the_mapped_experts(tmp_path):
     import subprocess
     import sys
 
-    from helpers import REPO, _load_script
+    from helpers import _load_script
 
     make_checkpoint = _load_script("bench_convert_rss").make_checkpoint
     hf = make_checkpoint(tmp_path / "hf", layers=2, hidden=512, n_expert=64, n_ff=512, n_head=8)

@@ -24,7 +24,8 @@ import pytest
 
 from helpers import Server, run_json
 from slicemoe_gguf import Model
-from slicemoe_gguf._native import check, ffi, lib
+from slicemoe_gguf._internals import NativeContext, NativeSampler
+from slicemoe_gguf._native import lib
 from slicemoe_gguf.embedded import embedded_gguf
 
 PROMPT = "ROMEO.\nBut soft, what light"
@@ -228,6 +229,12 @@ def test_a_logger_set_before_or_after_the_engine_gets_every_line_and_errors_keep
         def late_logger(level, text, user_data):
             late.append((level, text.decode()))
         llama_cpp.llama_log_set(late_logger, None)
+        # a context of 2^30 tokens, with the address space capped so that its allocation fails on
+        # any machine (with overcommit, an uncapped one may succeed and then fill the RAM)
+        import resource
+        with open("/proc/self/status") as status:
+            mapped = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + (2 << 30), mapped + (2 << 30)))
         try:
             Model({str(embedded)!r}, n_ctx=1 << 30)
             error = ""
@@ -314,24 +321,17 @@ def test_under_a_cache_a_batch_of_sequences_decodes_one_token_each_and_mixed_bat
 
 
 def _decode(model: Model, prompt: list[int], n: int) -> list[int]:
-    """Greedy decode on a context of its own (C API), on the calling thread."""
+    """Greedy decode on a context of its own (a second NativeContext of the model), on the calling thread."""
     native = lib()
     params = native.slicemoe_context_default_params()
     params.n_ctx, params.n_threads = 256, 1
-    ctx_out = ffi.new("slicemoe_context **")
-    check(native.slicemoe_context_create(model._model, ffi.new("struct slicemoe_context_params *", params), ctx_out))
-    ctx = ffi.gc(ctx_out[0], native.slicemoe_context_free)
-    sampler_out = ffi.new("slicemoe_sampler **")
-    check(native.slicemoe_sampler_create(model._model, ffi.new("struct slicemoe_sampling_params *",
-                                                               native.slicemoe_sampling_default_params()),
-                                         sampler_out))
-    sampler = ffi.gc(sampler_out[0], native.slicemoe_sampler_free)
-    check(native.slicemoe_eval(ctx, ffi.new("int32_t[]", prompt), len(prompt)))
-    token = ffi.new("int32_t *")
+    ctx = NativeContext(model._model, params)
+    sampler = NativeSampler(model._model, native.slicemoe_sampling_default_params())
+    ctx.eval(prompt)
     tokens = []
     for _ in range(n):
-        check(native.slicemoe_decode_next(sampler, ctx, token))
-        tokens.append(int(token[0]))
+        tokens.append(ctx.sample(sampler))
+        ctx.eval([tokens[-1]])
     return tokens
 
 

@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
-from helpers import REPO, _load_script, run_cli, run_json
+from helpers import _load_script, run_cli, run_json
 
 from slicemoe_gguf import Model, defaults, trace as traces
 from slicemoe_gguf._native import SliceMoEError, ffi, lib
