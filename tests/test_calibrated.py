@@ -50,6 +50,7 @@ def test_a_calibration_of_another_layer_count_is_refused(trace, sliced_gguf):
         Model(path, cache_budget=10 ** 9, policy="adapmoe", layer_sensitivity=[1.0] * (n_layers + 1))
 
 
+@pytest.mark.slow
 def test_the_flags_reach_live_runs_and_replay_alike(sliced_gguf, tmp_path):
     path = sliced_gguf("qwen2_moe")
     info = describe(path)

@@ -87,6 +87,7 @@ def test_sharded_state_dict_gives_the_same_gguf_as_single_file_save_pretrained(t
         assert a[x.offset:x.offset + x.n_bytes] == b[y.offset:y.offset + y.n_bytes], x.name
 
 
+@pytest.mark.slow
 def test_q8_0_experts_make_a_stock_gguf(tiny_checkpoints, tmp_path):
     out = tmp_path / "q8.gguf"
     assert convert(tiny_checkpoints("olmoe"), out, "--experts", "q8_0").returncode == 0
@@ -174,6 +175,7 @@ class TestBadInput:
         assert proc.returncode == 1 and "does not exist" in proc.stderr
 
 
+@pytest.mark.slow
 def test_inspect_reports_slice_sizes(tiny_checkpoints, tmp_path):
     out = tmp_path / "amat.gguf"
     assert convert(tiny_checkpoints("qwen2_moe"), out).returncode == 0
@@ -201,6 +203,7 @@ def test_amat_gguf_loads_and_runs_through_our_library(tiny_checkpoints, tmp_path
     assert result["n_decode"] == 6 and all(0 <= t < 50304 for t in result["tokens"])
 
 
+@pytest.mark.slow
 def test_unknown_pre_tokenizer_regex_is_refused_unless_named(tiny_checkpoints, tmp_path):
     hf = rewrite_checkpoint(tiny_checkpoints("olmoe"), tmp_path / "hf")
     tok = json.loads((hf / "tokenizer.json").read_text())
@@ -216,6 +219,7 @@ def test_unknown_pre_tokenizer_regex_is_refused_unless_named(tiny_checkpoints, t
     assert fields["tokenizer.ggml.pre"] == "gpt-2"
 
 
+@pytest.mark.slow
 def test_header_reader_agrees_with_gguf_py(tiny_checkpoints, tmp_path):
     """slicemoe's own header walk (describe, inspect: fast on 150k-token vocabularies) reads the
     same scalars and tensors as gguf-py's GGUFReader."""

@@ -54,6 +54,7 @@ def test_greedy_run_matches_transformers(arch, tiny_checkpoints, stock_gguf, tmp
     np.testing.assert_allclose(logits, hf_logits, atol=1e-2, rtol=0)
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_transformers(tiny_checkpoints, stock_gguf):
     import transformers
 
@@ -99,6 +100,7 @@ def test_bad_calls_raise_errors_and_leave_the_context_usable(stock_gguf):
         assert model.logits().shape == (model.n_vocab,)
 
 
+@pytest.mark.slow
 def test_sliced_gguf_with_lsb_tensors_loads_through_the_patch(stock_gguf, tmp_path):
     """native/patches/0001: llama.cpp accepts optional `blk.L.ffn_*_exps.lsb` tensors (a stock
     build rejects the file: "wrong number of tensors"); the stock graph ignores them."""

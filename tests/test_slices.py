@@ -70,12 +70,14 @@ def test_high_and_low_precision_match_the_8bit_and_4bit_models(arch, grid, tiny_
         assert np.abs(logits - runs[mine][1]).mean() < 0.5 * np.abs(logits - runs[other][1]).mean()
 
 
+@pytest.mark.slow
 def test_auto_without_a_cache_runs_high_precision(sliced_gguf, tmp_path):
     _, auto = _run(sliced_gguf("qwen2_moe"), "auto", tmp_path, n=8)
     _, high = _run(sliced_gguf("qwen2_moe"), "high", tmp_path, n=8)
     np.testing.assert_array_equal(auto, high)
 
 
+@pytest.mark.slow
 def test_sliced_layers_are_reported(sliced_gguf, stock_gguf):
     from slicemoe_gguf import Model
 
