@@ -13,45 +13,45 @@ namespace slicemoe {
 
 namespace {
 
-// "ffn_moe_topk-12" -> (true, 12)
-bool parse_node(const char * name, const char * prefix, int * il) {
-    const size_t n = strlen(prefix);
-    if (strncmp(name, prefix, n) != 0 || name[n] != '-') return false;
-    char * end = nullptr;
-    const long v = strtol(name + n + 1, &end, 10);
-    if (end == name + n + 1 || *end != '\0') return false;
-    *il = int(v);
-    return true;
+// Whether the engine wants to see a router node of this kind: every observed node costs a graph split.
+bool wants(const cache & c, router_node_kind kind) {
+    switch (kind) {
+        case NODE_PROBS:   // the uses' weights matter to auto precision, gating and the trace only
+            return c.record || c.pol->iface->drop_use || (c.precision == SLICEMOE_PRECISION_AUTO && !c.observe_only);
+        case NODE_TOPK:
+            return true;
+        case NODE_LOGITS:
+            return c.pol->iface->router_bias && !c.observe_only;
+        case NODE_AHEAD:
+            return c.prefetch;
+        default:
+            return false;
+    }
 }
 
-bool observe_node(cache & c, ggml_tensor * t, bool ask) {
+bool observe_node(cache & c, const eval_chain & chain, ggml_tensor * t, bool ask) {
     if (c.precision_only) {
         return !ask;   // nothing to observe: the graph runs in one piece
     }
-    int il = -1;
-    const char * name = ggml_get_name(t);
-    // router probabilities matter only to auto precision; every observed node costs a graph split
-    const bool want_probs = c.record || c.pol->iface->drop_use || (c.precision == SLICEMOE_PRECISION_AUTO && !c.observe_only);
-    const bool is_probs = want_probs && parse_node(name, "ffn_moe_probs", &il);
-    const bool is_topk = !is_probs && parse_node(name, "ffn_moe_topk", &il);
-    const bool is_logits = !is_probs && !is_topk && c.pol->iface->router_bias && !c.observe_only &&
-                           parse_node(name, "ffn_moe_logits", &il);
-    const bool is_ahead = !is_probs && !is_topk && !is_logits && c.prefetch && parse_node(name, "slicemoe_lookahead", &il);
-    const auto it = (is_probs || is_topk || is_logits || is_ahead) ? c.layer_of_il.find(il) : c.layer_of_il.end();
-    if (it == c.layer_of_il.end()) {
+    const auto found = chain.nodes.find(t);
+    if (found == chain.nodes.end() || !wants(c, found->second.kind)) {
         return !ask;   // not ours: never requested (and keep computing if asked to report)
     }
     if (ask) {
         return true;
     }
-    layer & L = c.layers[it->second];
+    const int index = found->second.layer;
+    const bool is_ahead = found->second.kind == NODE_AHEAD;
+    const bool is_logits = found->second.kind == NODE_LOGITS;
+    const bool is_probs = found->second.kind == NODE_PROBS;
+    layer & L = c.layers[size_t(index)];
     join_prefetch(c, L);   // before anything else, so that no prefetch outlives a failure
     if (c.failed) {
         return false;
     }
     const int64_t n_tokens = t->ne[1];
     if (is_ahead) {
-        if (n_tokens == 1 && size_t(it->second + 1) < c.layers.size()) {
+        if (n_tokens == 1 && size_t(index + 1) < c.layers.size()) {
             std::vector<float> v(size_t(c.n_expert));
             ggml_backend_tensor_get(t, v.data(), 0, v.size() * sizeof(float));
             std::vector<int> order(size_t(c.n_expert));
@@ -59,7 +59,7 @@ bool observe_node(cache & c, ggml_tensor * t, bool ask) {
             std::partial_sort(order.begin(), order.begin() + c.top_k, order.end(),
                               [&](int a, int b) { return v[size_t(a)] > v[size_t(b)]; });
             order.resize(size_t(c.top_k));
-            layer & next = c.layers[size_t(it->second + 1)];
+            layer & next = c.layers[size_t(index + 1)];
             join_prefetch(c, next);
             start_prefetch(c, next, order);
         }
@@ -93,18 +93,35 @@ bool observe_node(cache & c, ggml_tensor * t, bool ask) {
     // a prompt's tokens are recorded for warm-up; a decode token, or a batch of one decode token
     // per sequence, is served from the pools
     const int phase = (n_tokens == 1 || c.decode_batch) ? 1 : 0;
-    return access(c, it->second, phase, n_tokens, c.scratch_ids.data(), int64_t(row_stride), weights.data());
+    return access(c, index, phase, n_tokens, c.scratch_ids.data(), int64_t(row_stride), weights.data());
 }
 
 } // namespace
 
-eval_chain * chain_for(cache & c, ggml_backend_sched_eval_callback user, void * user_data) {
+eval_chain * new_chain(cache & c, ggml_backend_sched_eval_callback user, void * user_data) {
     std::lock_guard<std::mutex> lock(c.compute_mutex);
-    for (eval_chain & chain : c.chains) {
-        if (chain.user == user && chain.user_data == user_data) return &chain;
+    c.chains.emplace_back();   // a list: the other contexts' chains stay where they are
+    eval_chain & chain = c.chains.back();
+    chain.engine = &c;
+    chain.user = user;
+    chain.user_data = user_data;
+    return &chain;
+}
+
+void free_chain(cache & c, eval_chain * chain) {
+    std::lock_guard<std::mutex> lock(c.compute_mutex);
+    c.chains.remove_if([chain](const eval_chain & other) { return &other == chain; });
+}
+
+void record_router_node(eval_chain & chain, int layer, router_node_kind kind, const ggml_tensor * t) {
+    // build_moe_ffn builds the MoE layers in order, each router's logits first: the first layer's
+    // logits begin a new graph, where an address of the last graph may be a different node
+    if (layer == 0 && kind == NODE_LOGITS) {
+        chain.nodes.clear();
     }
-    c.chains.push_back({ &c, user, user_data });   // a deque: earlier chains stay where they are
-    return &c.chains.back();
+    if (t) {
+        chain.nodes[t] = { layer, kind };
+    }
 }
 
 cache * engine_of_callback(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data) {
@@ -120,13 +137,13 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept {
     cache & c = *chain.engine;
     try {
         if (ask) {
-            const bool engine_wants = observe_node(c, t, true);
+            const bool engine_wants = observe_node(c, chain, t, true);
             const bool user_wants = chain.user && chain.user(t, true, chain.user_data);
             chain.user_asked = user_wants ? t : nullptr;
             return engine_wants || user_wants;
         }
         // a node that is not the engine's: observe_node returns true (go on) and does nothing
-        if (!observe_node(c, t, false)) {
+        if (!observe_node(c, chain, t, false)) {
             return false;
         }
         return chain.user_asked != t || chain.user(t, false, chain.user_data);

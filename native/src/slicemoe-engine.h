@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -96,13 +97,29 @@ struct pending_load {
 // to be in flight together on flash that wants queue depth
 constexpr int READER_THREADS = 8;
 
-// The eval callback of a context: the engine's, then the one the context brought (user, nullptr: none).
+// The nodes of a MoE layer the engine observes, as build_moe_ffn built them.
+enum router_node_kind : int {
+    NODE_LOGITS,   // the router's logits [n_expert, n_tokens] (cache-aware routing's bias)
+    NODE_PROBS,    // its probabilities [n_expert, n_tokens] (the weights of the uses)
+    NODE_TOPK,     // the selected experts [top_k, n_tokens]: the step is served here
+    NODE_AHEAD,    // the next layer's router on this layer's input (look-ahead prefetch)
+    N_ROUTER_NODES,
+};
+
+struct router_node {
+    int              layer;   // the engine's layer index
+    router_node_kind kind;
+};
+
+// The eval callback of one context: the engine's, then the one the context brought (user, nullptr:
+// none), and the router nodes of the context's last graph, matched by address (never by name).
 struct eval_chain {
     cache *                          engine = nullptr;
     ggml_backend_sched_eval_callback user = nullptr;
     void *                           user_data = nullptr;
     const ggml_tensor *              user_asked = nullptr;   // the last node the caller asked to see
                                                              // (ubatches of an engine run one at a time)
+    std::unordered_map<const ggml_tensor *, router_node> nodes;   // of the graph built last
 };
 
 struct cache {
@@ -143,7 +160,7 @@ struct cache {
     slicemoe_cache_stats_t totals = {};
     std::vector<int32_t> scratch_ids;
     std::unique_ptr<forced_routes> forced;    // trace-driven routing (slicemoe_route_force)
-    std::deque<eval_chain> chains;            // the callback chains of the model's contexts (chain_for)
+    std::list<eval_chain> chains;             // one per context of the model (new_chain, free_chain)
 
     ~cache() {
         io.reset();   // finishes any prefetch still queued: no read in flight from here on

@@ -42,6 +42,20 @@ ggml_tensor * slicemoe_moe_forced_route(ggml_context * ctx, ggml_backend_sched_e
     return probs;
 }
 
+void slicemoe_moe_router_nodes(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data, int il,
+                               const ggml_tensor * logits, const ggml_tensor * probs, const ggml_tensor * selected) {
+    using namespace slicemoe;
+    cache * c = engine_from(cb_eval, cb_eval_user_data);
+    const auto it = c ? c->layer_of_il.find(il) : std::unordered_map<int, int>::iterator();
+    if (!c || it == c->layer_of_il.end()) {
+        return;
+    }
+    eval_chain & chain = *static_cast<eval_chain *>(cb_eval_user_data);
+    record_router_node(chain, it->second, NODE_LOGITS, logits);
+    record_router_node(chain, it->second, NODE_PROBS, probs);
+    record_router_node(chain, it->second, NODE_TOPK, selected);
+}
+
 void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched_eval_callback cb_eval,
                         void * cb_eval_user_data, int il, int64_t n_tokens, slicemoe_moe_weights * w) {
     using namespace slicemoe;
@@ -72,6 +86,7 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
             ggml_tensor * ahead = ggml_mul_mat(ctx, const_cast<ggml_tensor *>(L.next_router), x);
             ggml_format_name(ahead, "slicemoe_lookahead-%d", L.il);
             ggml_build_forward_expand(gf, ahead);
+            record_router_node(*static_cast<eval_chain *>(cb_eval_user_data), it->second, NODE_AHEAD, ahead);
         }
         if (L.lsb.n_slots > 0) {
             w->up_lsb   = L.lsb.t[0];

@@ -43,6 +43,8 @@ bool slicemoe_model_loaded(llama_model * model, const char * path, const llama_m
 // context that brings its own callback cannot run the engine: that throws (llama.cpp turns it
 // into a failed llama_init_from_model with the message logged).
 void slicemoe_context_init(const llama_model & model, ggml_backend_sched_eval_callback & cb_eval, void *& cb_eval_user_data);
+// At context destruction: the context's callback chain goes with it.
+void slicemoe_context_free(const llama_model & model, ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data);
 
 // One ubatch on a context: holds the engine's lock from graph build to the end of its compute, so
 // that two contexts of one model never run each other's slots. A ubatch of several sequences is
@@ -62,6 +64,13 @@ private:
     std::unique_lock<std::mutex> lock_;
     bool admitted_ = true;
 };
+
+// Called by build_moe_ffn once it selected the experts of layer il: the router's logits (nullptr when
+// the architecture brings its own probabilities), its probabilities [n_expert, n_tokens] and the
+// selected experts [n_expert_used, n_tokens]. The engine's eval callback observes these nodes of the
+// graph being built, matched by address.
+void slicemoe_moe_router_nodes(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data, int il,
+                               const ggml_tensor * logits, const ggml_tensor * probs, const ggml_tensor * selected);
 
 // Called by build_moe_ffn with the model's own tensors in *w; leaves *w unchanged for contexts
 // without an engine (stock models).

@@ -111,11 +111,21 @@ void slicemoe_context_init(const llama_model & model, ggml_backend_sched_eval_ca
         if (slicemoe::engine_of_callback(cb_eval, cb_eval_user_data) != engine) {
             throw std::runtime_error("slicemoe: this context's eval callback is another model's engine");
         }
+        // a chain of its own, calling what the other context's chain calls after the engine
+        const auto * other = static_cast<const slicemoe::eval_chain *>(cb_eval_user_data);
+        cb_eval_user_data = slicemoe::new_chain(*engine, other->user, other->user_data);
         return;
     }
-    // the engine's callback first; a callback the context brought runs after it (chain_for)
-    cb_eval_user_data = slicemoe::chain_for(*engine, cb_eval, cb_eval_user_data);
+    // the engine's callback first; a callback the context brought runs after it
+    cb_eval_user_data = slicemoe::new_chain(*engine, cb_eval, cb_eval_user_data);
     cb_eval = slicemoe::eval_callback;
+}
+
+void slicemoe_context_free(const llama_model & model, ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data) {
+    slicemoe::cache * engine = slicemoe::engine_of(&model);
+    if (engine && cb_eval == slicemoe::eval_callback) {
+        slicemoe::free_chain(*engine, static_cast<slicemoe::eval_chain *>(cb_eval_user_data));
+    }
 }
 
 slicemoe_ubatch_scope::slicemoe_ubatch_scope(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data,

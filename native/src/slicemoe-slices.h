@@ -58,14 +58,18 @@ void set_explicit_load(explicit_load * load);
 // llama.cpp's eval callback (user data: the cache): observes routing nodes and runs the policy
 // before the expert products of the same layer run.
 // Never throws: a failure stops the graph and is reported by take_error.
-// user_data: the context's eval_chain (chain_for), which holds the engine and, after it, a callback
+// user_data: the context's eval_chain (new_chain), which holds the engine and, after it, a callback
 // the context brought of its own.
 bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept;
 // A context's callback chain: the engine's eval callback first, then the caller's own (nullptr for
-// none). The chain lives as long as the engine, which outlives every context of its model; one
-// per distinct caller callback.
+// none). One per context, from its creation (new_chain) to its destruction (free_chain).
 struct eval_chain;
-eval_chain * chain_for(cache & c, ggml_backend_sched_eval_callback user, void * user_data);
+eval_chain * new_chain(cache & c, ggml_backend_sched_eval_callback user, void * user_data);
+void free_chain(cache & c, eval_chain * chain);
+// build_moe_ffn built node t of kind `kind` for engine layer `layer` in the context's next graph.
+// The first MoE layer starts a new graph: what the previous graph recorded is forgotten.
+enum router_node_kind : int;
+void record_router_node(eval_chain & chain, int layer, router_node_kind kind, const ggml_tensor * t);
 // The engine of a context's callback chain (nullptr when the callback is not the engine's).
 cache * engine_of_callback(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data);
 // The failure of the last ubatch this thread ran (a read error), taken once by the caller of
