@@ -19,8 +19,6 @@ import numpy as np
 
 from ._native import SliceMoEError, check, ffi, lib, string
 
-STATUS_BUFFER_TOO_SMALL = 5
-
 
 def _grown(call, capacity: int, kind: str):
     """Call call(buf, capacity, n_out) with a buffer that grows until the result fits; the buffer
@@ -29,7 +27,7 @@ def _grown(call, capacity: int, kind: str):
     while True:
         buf = ffi.new(f"{kind}[]", capacity)
         status = call(buf, capacity, n_out)
-        if status == STATUS_BUFFER_TOO_SMALL:
+        if status == lib().SLICEMOE_ERR_BUFFER_TOO_SMALL:
             capacity = n_out[0]
             continue
         check(status)

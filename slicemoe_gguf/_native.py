@@ -30,17 +30,10 @@ class NativeLibraryMissing(SliceMoEError):
     """The package was installed without its native library (or it cannot be loaded)."""
 
 
-STATUS_NAMES = {
-    0: "OK",
-    1: "invalid argument",
-    2: "I/O error",
-    3: "format error",
-    4: "out of memory",
-    5: "buffer too small",
-    6: "context full",
-    7: "compute error",
-    8: "internal error",
-}
+def status_name(status: int) -> str:
+    """A status code by its name in slicemoe.h, as cffi read it: 6 -> "context full"."""
+    names = ffi.typeof("enum slicemoe_status").elements
+    return names[status].removeprefix("SLICEMOE_ERR_").replace("_", " ").lower() if status in names else f"status {status}"
 
 
 def _cdef_source(header: Path) -> str:
@@ -86,7 +79,7 @@ def check(status: int) -> None:
     """Raise the native error message as a SliceMoEError unless status is SLICEMOE_OK."""
     if status != 0:
         message = ffi.string(lib().slicemoe_last_error()).decode("utf-8", "replace")
-        raise SliceMoEError(message or STATUS_NAMES.get(status, f"status {status}"), status)
+        raise SliceMoEError(message or status_name(status), status)
 
 
 def string(ptr) -> str:

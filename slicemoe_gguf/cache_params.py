@@ -43,8 +43,9 @@ SETTING_KINDS = ("size", "choice", "number", "flag")   # enum slicemoe_setting_k
 @functools.cache
 def settings() -> dict[str, dict]:
     """The engine's settings by name, from its one table (slicemoe_setting_get): the CLI flag, the
-    kind (size, choice, number or flag), the choices, the range of a number, and a line of help. The
-    `slicemoe.<name>` overrides, the SLICEMOE_<NAME> variables and the CLI's checks all follow it."""
+    kind (size, choice, number or flag), the choices, the range of a number, the engine's default
+    (a choice's name, a number, a bool, a size in bytes) and a line of help. The `slicemoe.<name>`
+    overrides, the SLICEMOE_<NAME> variables and the CLI's checks all follow it."""
     native, out = lib(), {}
     row = ffi.new("struct slicemoe_setting *")
     i = 0
@@ -53,8 +54,10 @@ def settings() -> dict[str, dict]:
         choices = []
         while kind == "choice" and native.slicemoe_setting_choice(i, len(choices)) != ffi.NULL:
             choices.append(ffi.string(native.slicemoe_setting_choice(i, len(choices))).decode())
+        default = {"size": int, "choice": lambda v: choices[int(v)], "flag": bool,
+                   "number": lambda v: float(f"{v:.6g}")}[kind](row.default_value)   # a float32's shortest text
         out[ffi.string(row.name).decode()] = {
-            "flag": ffi.string(row.flag).decode(), "kind": kind, "choices": choices,
+            "flag": ffi.string(row.flag).decode(), "kind": kind, "choices": choices, "default": default,
             "min": row.min, "max": row.max, "max_open": bool(row.max_open), "help": ffi.string(row.help).decode()}
         i += 1
     return out
@@ -89,8 +92,8 @@ def set_cache_params(params, *, policy: str, precision: str, warmup: str, high_t
                      max_miss_rate: float, msb_share: float, high_ratio: float, prior_lambda: float,
                      gating_t: float, layer_slots: list[int] | None,
                      layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None):
-    """Fill the policy fields shared by the live cache's and the replay's parameter structs; returns
-    the per-layer arrays, which must stay alive until the native call has read them."""
+    """Fill a struct slicemoe_cache_params (a live cache's, params.cache of slicemoe_model_params, or a
+    replay's); returns the per-layer arrays, which must stay alive until the native call has read them."""
     tables = {"policy": policies(), "precision": enum_values("slicemoe_precision"),
               "warmup": enum_values("slicemoe_warmup")}
     for name, value in (("policy", policy), ("precision", precision), ("warmup", warmup)):

@@ -39,15 +39,18 @@ def cmd_settings(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
-    print("| setting | flag | override | environment | values | what it does |")
-    print("|---|---|---|---|---|---|")
+    print("| setting | flag | override | environment | values | default | what it does |")
+    print("|---|---|---|---|---|---|---|")
     for name, setting in table.items():
         values = {"size": "bytes, 2GiB, 40%", "flag": "true / false",
                   "choice": " / ".join(setting["choices"]),
                   "number": range_text(setting)}
+        default = setting["default"]
+        default = {"size": "0 (no cache)" if default == 0 else f"{default} B",
+                   "flag": str(default).lower()}.get(setting["kind"], f"{default:g}" if isinstance(default, float) else default)
         flag = f"`{setting['flag']}`" if setting["flag"] else "`slicemoe trace`"
         print(f"| {name} | {flag} | `slicemoe.{name}` | `SLICEMOE_{name.upper()}` | {values[setting['kind']]} | "
-              f"{setting['help']} |")
+              f"{default} | {setting['help']} |")
     return 0
 
 

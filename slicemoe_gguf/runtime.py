@@ -93,12 +93,12 @@ class Model:
         params = self._lib.slicemoe_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
-        params.cache_budget_bytes = int(cache_budget)
+        params.cache.budget_bytes = int(cache_budget)
         params.record_trace = record_trace
         params.prefetch = prefetch
         params.io_mode = io_modes[io_mode]
         params.forced_routes = forced_routes
-        arrays = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,
+        arrays = set_cache_params(params.cache, policy=policy, precision=precision, warmup=warmup,
                                  high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
                                  high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
                                  layer_slots=layer_slots, layer_sensitivity=layer_sensitivity,

@@ -207,12 +207,12 @@ def replay(trace: Trace, *, budget: int, policy: str = defaults.POLICY, precisio
     params.top_k = trace.top_k
     params.msb_bytes = msb
     params.lsb_bytes = lsb
-    params.budget_bytes = int(budget)
+    params.cache.budget_bytes = int(budget)
     layer_msb, layer_lsb = layer_slice_bytes(trace.header)
     if len(set(layer_msb)) > 1 or len(set(layer_lsb)) > 1:
         sizes = (ffi.new("int64_t[]", layer_msb), ffi.new("int64_t[]", layer_lsb))  # kept alive to the run
         params.layer_msb_bytes, params.layer_lsb_bytes = sizes
-    slots = set_cache_params(params, policy=policy, precision=precision, warmup=warmup,  # noqa: F841 (kept alive)
+    slots = set_cache_params(params.cache, policy=policy, precision=precision, warmup=warmup,  # noqa: F841 (kept alive)
                              high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
                              high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
                              layer_slots=layer_slots, layer_sensitivity=layer_sensitivity,

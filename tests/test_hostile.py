@@ -23,7 +23,7 @@ from helpers import _load_script, run_cli, run_json
 
 from slicemoe_gguf import Model, defaults, trace as traces
 from slicemoe_gguf._native import SliceMoEError, ffi, lib
-from slicemoe_gguf.cache_params import policies
+from slicemoe_gguf.cache_params import policies, settings
 from slicemoe_gguf.embedded import EMBEDDED_CHECKPOINT, embedded_gguf
 from slicemoe_gguf.runtime import check_model
 
@@ -133,9 +133,9 @@ def test_an_lsb_slice_of_another_shape_is_refused(embedded, tmp_path):
 def _sim_params(**fields):
     params = lib().slicemoe_sim_default_params()
     params.n_layers, params.n_expert, params.top_k = 2, 8, 2
-    params.msb_bytes, params.lsb_bytes, params.budget_bytes = 100, 100, 10_000
+    params.msb_bytes, params.lsb_bytes, params.cache.budget_bytes = 100, 100, 10_000
     for name, value in fields.items():
-        setattr(params, name, value)
+        setattr(params.cache if hasattr(params.cache, name) else params, name, value)
     return params
 
 
@@ -279,6 +279,7 @@ print("ok")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_killed_conversion_leaves_no_output_and_the_next_run_cleans_up(tmp_path):
     out = tmp_path / "model.gguf"
     proc = subprocess.Popen(["slicemoe-convert", str(EMBEDDED_CHECKPOINT), "-o", str(out), "-q"],
@@ -370,8 +371,9 @@ def test_the_defaults_are_one_set(tmp_path):
     names = {"policy": policies(), "precision": {"auto": 0, "high": 1, "low": 2}, "warmup": {"none": 0, "pcw": 1}}
     for name, value in defaults.CACHE_SETTINGS.items():
         expected = names[name][value] if name in names else pytest.approx(value)
-        assert getattr(model_params, name) == expected, name
-        assert getattr(sim_params, name) == expected, name
+        assert getattr(model_params.cache, name) == expected, name
+        assert getattr(sim_params.cache, name) == expected, name
+        assert settings()[name]["default"] == value, name   # the table's default, as front ends read it
     signatures = {"Model": inspect.signature(Model.__init__), "replay": inspect.signature(traces.replay)}
     for where, signature in signatures.items():
         for name, value in defaults.CACHE_SETTINGS.items():

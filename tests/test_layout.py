@@ -12,7 +12,7 @@ import pytest
 
 from helpers import REPO
 
-from slicemoe_gguf.cache_params import policies
+from slicemoe_gguf.cache_params import policies, settings
 
 NATIVE = REPO / "native" / "src"
 PACKAGE = REPO / "slicemoe_gguf"
@@ -87,17 +87,17 @@ def test_every_engine_setting_is_one_flag_of_slicemoe_run_with_the_engines_defau
     run = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
     args = parser.parse_args(["run", "-m", "x", "-p", "y"])
     engine = lib().slicemoe_model_default_params()
+    assert table["cache_budget"]["default"] == engine.cache.budget_bytes == 0
+    assert table["policy"]["default"] == "dbsc" and table["high_threshold"]["default"] == engine.cache.high_threshold
     for name, setting in table.items():
         if not setting["flag"]:
             continue   # record_trace: the `slicemoe trace` command
         assert setting["flag"] in run.format_help(), name
         value = getattr(args, name)
         if setting["kind"] == "size":
-            assert value is None and engine.cache_budget_bytes == 0
-        elif setting["kind"] == "choice":
-            assert value == setting["choices"][getattr(engine, name)], name
+            assert value is None   # no cache unless asked for
         else:
-            assert value == pytest.approx(getattr(engine, name)), name
+            assert value == setting["default"], name
 
 
 def test_a_number_out_of_the_tables_range_is_refused_by_the_engine_with_that_range():
@@ -112,3 +112,19 @@ def test_a_number_out_of_the_tables_range_is_refused_by_the_engine_with_that_ran
         above = setting["max"] if setting["max_open"] else setting["max"] * 2 + 1
         with pytest.raises(SliceMoEError, match=re.escape(f"{name} must be in {range_text(setting)}")):
             Model(path, cache_budget=1 << 30, **{name: above})
+
+
+def test_slicemoe_settings_prints_the_engines_table_with_its_defaults():
+    import json
+    import subprocess
+
+    as_json = subprocess.run(["slicemoe", "settings", "--json"], capture_output=True, text=True, timeout=120)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == settings()
+    table = subprocess.run(["slicemoe", "settings"], capture_output=True, text=True, timeout=120)
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in table.stdout.splitlines()[2:]}
+    assert set(rows) == set(settings())
+    assert rows["policy"][3:5] == ["dbsc / lru8 / lfu8 / lru4 / belady / hobbit / dymoe / cache_prior / adapmoe", "dbsc"]
+    assert rows["high_threshold"][3:5] == ["[0, 1]", "0.25"]
+    assert rows["max_miss_rate"][2] == "`SLICEMOE_MAX_MISS_RATE`" and rows["max_miss_rate"][3] == "[0, 1)"

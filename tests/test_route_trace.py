@@ -117,6 +117,7 @@ def test_bad_routes_are_refused(embedded, own_route):
             model.force_routes(route.experts, weights)
 
 
+@pytest.mark.slow
 def test_a_stock_model_needs_forced_routes_at_load(stock_gguf):
     with Model(stock_gguf("olmoe")) as model:
         with pytest.raises(SliceMoEError, match="forced_routes"):

@@ -129,39 +129,35 @@ struct slicemoe_setting {
     float        max;
     bool         max_open;
     const char * help;    // one line
+    double       default_value;   // the engine's default (slicemoe_model_default_params): a CHOICE's
+                                  // value, a NUMBER, a FLAG as 0 or 1, a SIZE in bytes
 };
 
-struct slicemoe_model_params {
-    int32_t n_gpu_layers;  // layers offloaded to a GPU backend; 0 = CPU only, -1 = all
-    bool    use_mmap;      // map the file instead of reading it (llama.cpp's default)
-    int32_t precision;     // enum slicemoe_precision; ignored for stock (unsliced) models
-    // Slice cache of a sliced model: bytes for all routed-expert slice pools. 0 = no cache (every
-    // expert stays mapped from the file). During decode the expert products then run on the pools
-    // and a miss reads the slice from the file.
-    int64_t cache_budget_bytes;
+// The slice cache's settings, one struct for a live cache (slicemoe_model_params.cache) and a trace
+// replay (slicemoe_sim_params.cache), so that a replay with the settings of a run reproduces its
+// counters. slicemoe_cache_default_params() gives the defaults of every front end.
+struct slicemoe_cache_params {
+    // Bytes for all routed-expert slice pools. 0 = no cache (every expert stays mapped from the
+    // file). During decode the expert products then run on the pools and a miss reads the slice
+    // from the file. (A replay needs a budget above 0.)
+    int64_t budget_bytes;
+    int32_t policy;            // enum slicemoe_policy (precision follows it except for dbsc)
+    int32_t precision;         // enum slicemoe_precision; ignored for stock (unsliced) models
     int32_t warmup;            // enum slicemoe_warmup (default pcw)
     float   high_threshold;    // auto precision: a use runs at 8 bits if its routing weight >= this
                                // (the top-ranked expert of a token always does)
     float   max_miss_rate;     // auto precision: > 0 adapts high_threshold at run time so that the
                                // slice miss rate stays near this target (see docs/design.md); 0 = off
-    int32_t policy;            // enum slicemoe_policy (precision follows it except for dbsc)
-    bool    record_trace;      // keep the routing of every MoE layer (see slicemoe_trace_*); works
-                               // for stock MoE models too
     float   msb_share;         // dbsc: a fixed share of each layer's budget for MSB slots; 0 = adaptive:
                                // one pool whose slots hold MSB or LSB slices (see docs/design.md)
     float   high_ratio;        // dymoe: share of 8-bit uses in the first MoE layer (0 = 0.5)
     float   prior_lambda;      // cache_prior (default 0.5): 0 = the model's own routing
     float   gating_t;          // adapmoe: T of the gating rule (default 0.04); 0 = never drop (the
                                // model's routing)
-    bool    prefetch;          // look-ahead: apply the next MoE layer's router to this layer's input
-                               // and queue the predicted MSB slices' reads on the reader threads meanwhile
     // Whole-expert policies: slots per MoE layer (e.g. from slicemoe plan's DP allocation) instead
     // of an equal share of the budget; NULL / 0 = equal shares.
     const int32_t * layer_slots;
     int32_t n_layer_slots;
-    int32_t io_mode;           // enum slicemoe_io_mode (default auto)
-    bool    forced_routes;     // the routing will come from slicemoe_route_force: a stock model gets
-                               // an engine for it too (a sliced model always has one)
     // Calibrated policies (scripts/calibrate_policies.py measures them), one value per MoE layer;
     // NULL / 0 = the calibration-free rules. adapmoe: the sensitivity S_l in its gating rule (a use
     // is dropped when its weight < sqrt(T / S_l)); dymoe: how many of a token's best-ranked uses run
@@ -172,6 +168,19 @@ struct slicemoe_model_params {
     int32_t n_layer_high_uses;
 };
 
+struct slicemoe_model_params {
+    int32_t n_gpu_layers;  // layers offloaded to a GPU backend; 0 = CPU only, -1 = all
+    bool    use_mmap;      // map the file instead of reading it (llama.cpp's default)
+    struct slicemoe_cache_params cache;   // the slice cache of a sliced model
+    bool    record_trace;      // keep the routing of every MoE layer (see slicemoe_trace_*); works
+                               // for stock MoE models too
+    bool    prefetch;          // look-ahead: apply the next MoE layer's router to this layer's input
+                               // and queue the predicted MSB slices' reads on the reader threads meanwhile
+    int32_t io_mode;           // enum slicemoe_io_mode (default auto)
+    bool    forced_routes;     // the routing will come from slicemoe_route_force: a stock model gets
+                               // an engine for it too (a sliced model always has one)
+};
+
 // Trace replay with no model: the same cache manager with no pools and no reads.
 struct slicemoe_sim_params {
     int32_t n_layers;          // MoE layers
@@ -179,24 +188,9 @@ struct slicemoe_sim_params {
     int32_t top_k;
     int64_t msb_bytes;         // one expert's MSB slice, all projections
     int64_t lsb_bytes;         // one expert's LSB slice (0 for a model without slices: lru4 only)
-    int64_t budget_bytes;
-    int32_t policy;
-    int32_t precision;
-    int32_t warmup;
-    float   high_threshold;
-    float   max_miss_rate;
-    float   msb_share;         // as in slicemoe_model_params
-    float   high_ratio;        // as in slicemoe_model_params
-    float   gating_t;          // as in slicemoe_model_params
-    float   prior_lambda;      // as in slicemoe_model_params
-    const int32_t * layer_slots;  // as in slicemoe_model_params
-    int32_t n_layer_slots;
     const int64_t * layer_msb_bytes;  // NULL, or n_layers sizes: MoE layers of different shapes
     const int64_t * layer_lsb_bytes;  // NULL, or n_layers sizes (with layer_msb_bytes)
-    const float *   layer_sensitivity;  // as in slicemoe_model_params
-    int32_t n_layer_sensitivity;
-    const int32_t * layer_high_uses;    // as in slicemoe_model_params
-    int32_t n_layer_high_uses;
+    struct slicemoe_cache_params cache;   // as a live cache's
 };
 
 // Counters of the slice cache, summed over layers (or of one layer). "Hits" and "misses" count
@@ -300,6 +294,7 @@ SLICEMOE_API const char * slicemoe_device_description(int32_t i);
 
 // --- model ---------------------------------------------------------------------------------
 
+SLICEMOE_API struct slicemoe_cache_params slicemoe_cache_default_params(void);
 SLICEMOE_API struct slicemoe_model_params slicemoe_model_default_params(void);
 SLICEMOE_API int  slicemoe_model_load(const char * path, const struct slicemoe_model_params * params,
                                       slicemoe_model ** out);

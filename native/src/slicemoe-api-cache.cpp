@@ -181,16 +181,7 @@ struct slicemoe_sim {
 
 slicemoe_sim_params slicemoe_sim_default_params(void) {
     slicemoe_sim_params p = {};
-    const slicemoe_model_params m = slicemoe_model_default_params();   // one set of policy defaults
-    p.policy         = m.policy;
-    p.precision      = m.precision;
-    p.warmup         = m.warmup;
-    p.high_threshold = m.high_threshold;
-    p.max_miss_rate  = m.max_miss_rate;
-    p.msb_share      = m.msb_share;
-    p.high_ratio     = m.high_ratio;
-    p.prior_lambda   = m.prior_lambda;
-    p.gating_t       = m.gating_t;
+    p.cache = slicemoe_cache_default_params();   // one set of defaults for live caches and replay
     return p;
 }
 
@@ -201,7 +192,7 @@ int slicemoe_sim_create(const slicemoe_sim_params * params, slicemoe_sim ** out)
         }
         *out = nullptr;
         std::string error;
-        if (!slicemoe::policy_params_valid(*params, &error)) {
+        if (!slicemoe::cache_params_valid(params->cache, &error)) {
             return fail(SLICEMOE_ERR_INVALID_ARG, error);
         }
         slicemoe::cache * c = slicemoe::sim_create(*params, &error);

@@ -43,31 +43,31 @@ using namespace slicemoe::api;
 // ---------------------------------------------------------------------------------------------
 // model
 
-slicemoe_model_params slicemoe_model_default_params(void) {
-    slicemoe_model_params p;
-    p.n_gpu_layers = 0;
-    p.use_mmap     = true;
-    p.precision    = SLICEMOE_PRECISION_AUTO;
-    p.cache_budget_bytes = 0;
-    // the same defaults as slicemoe_gguf/defaults.py (a test holds them together)
+// The one set of defaults: the CLI, Model, replay and slicemoe_gguf/defaults.py all read these.
+slicemoe_cache_params slicemoe_cache_default_params(void) {
+    slicemoe_cache_params p = {};
+    p.budget_bytes   = 0;
+    p.policy         = SLICEMOE_POLICY_DBSC;
+    p.precision      = SLICEMOE_PRECISION_AUTO;
     p.warmup         = SLICEMOE_WARMUP_PCW;
     p.high_threshold = 0.25f;
     p.max_miss_rate  = 0.0f;
-    p.policy         = SLICEMOE_POLICY_DBSC;
-    p.record_trace   = false;
     p.msb_share      = 0.0f;
     p.high_ratio     = 0.0f;
     p.prior_lambda   = 0.5f;
     p.gating_t       = 0.04f;
-    p.prefetch       = false;
-    p.layer_slots    = nullptr;
-    p.n_layer_slots  = 0;
-    p.io_mode        = SLICEMOE_IO_AUTO;
-    p.forced_routes  = false;
-    p.layer_sensitivity   = nullptr;
-    p.n_layer_sensitivity = 0;
-    p.layer_high_uses     = nullptr;
-    p.n_layer_high_uses   = 0;
+    return p;   // no per-layer arrays
+}
+
+slicemoe_model_params slicemoe_model_default_params(void) {
+    slicemoe_model_params p = {};
+    p.n_gpu_layers  = 0;
+    p.use_mmap      = true;
+    p.cache         = slicemoe_cache_default_params();
+    p.record_trace  = false;
+    p.prefetch      = false;
+    p.io_mode       = SLICEMOE_IO_AUTO;
+    p.forced_routes = false;
     return p;
 }
 
@@ -116,11 +116,11 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
             return status;
         }
         const slicemoe_model_params p = params ? *params : slicemoe_model_default_params();
-        if (p.cache_budget_bytes < 0) {
+        if (p.cache.budget_bytes < 0) {
             return fail(SLICEMOE_ERR_INVALID_ARG, "the cache budget must be >= 0 bytes");
         }
         std::string invalid;
-        if (!slicemoe::policy_params_valid(p, &invalid)) {
+        if (!slicemoe::model_params_valid(p, &invalid)) {
             return fail(SLICEMOE_ERR_INVALID_ARG, invalid);
         }
 
@@ -134,7 +134,7 @@ int slicemoe_model_load(const char * path, const slicemoe_model_params * params,
               ggml_backend_dev_buffer_type(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)) },
             { nullptr, nullptr },
         };
-        if (p.cache_budget_bytes > 0 && p.n_gpu_layers != 0) {
+        if (p.cache.budget_bytes > 0 && p.n_gpu_layers != 0) {
             mp.tensor_buft_overrides = experts_on_host;
         }
 

@@ -196,7 +196,16 @@ int32_t slicemoe_setting_count(void) {
 bool slicemoe_setting_get(int32_t i, slicemoe_setting * out) {
     const slicemoe::setting_def * def = slicemoe::setting_at(i);
     if (!def || !out) return false;
-    *out = { def->name, def->flag, def->kind, def->min, def->max, def->max_open, def->help };
+    slicemoe_model_params defaults = slicemoe_model_default_params();
+    const void * field = def->field(defaults);
+    double value = 0.0;
+    switch (def->kind) {
+        case SLICEMOE_SETTING_SIZE:   value = double(*static_cast<const int64_t *>(field)); break;
+        case SLICEMOE_SETTING_CHOICE: value = double(*static_cast<const int32_t *>(field)); break;
+        case SLICEMOE_SETTING_NUMBER: value = double(*static_cast<const float *>(field)); break;
+        default:                      value = *static_cast<const bool *>(field) ? 1.0 : 0.0; break;
+    }
+    *out = { def->name, def->flag, def->kind, def->min, def->max, def->max_open, def->help, value };
     return true;
 }
 

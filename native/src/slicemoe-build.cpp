@@ -42,7 +42,7 @@ std::unique_ptr<cache> build_uncached(const llama_model * model, const slicemoe_
     c->model = model;
     c->n_expert = int(model->hparams.n_expert);
     c->top_k = int(model->hparams.n_expert_used_max());
-    set_policy(*c, policy_params::of(params), int(moe_il.size()));
+    set_policy(*c, policy_params::of(params.cache), int(moe_il.size()));
     c->observe_only = true;
     c->record = params.record_trace;
     c->precision_only = !params.record_trace;
@@ -97,11 +97,11 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->model = model;
     c->n_expert = int(model->hparams.n_expert);
     c->top_k = int(model->hparams.n_expert_used_max());
-    set_policy(*c, policy_params::of(params), int(moe.size()));
-    c->warmup = params.warmup;
+    set_policy(*c, policy_params::of(params.cache), int(moe.size()));
+    c->warmup = params.cache.warmup;
     c->record = params.record_trace;
     c->prefetch = params.prefetch;
-    c->budget = params.cache_budget_bytes;
+    c->budget = params.cache.budget_bytes;
 
     gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ nullptr };
     gguf_context * g = gguf_init_from_file(path, gp);
@@ -127,7 +127,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     }
     slot_plan plan;
     if (!layer_settings_fit(c->pol->params, int(n_layers), error) ||
-        !slot_counts(*c, sizes, alike, params.msb_share, params.layer_slots, params.n_layer_slots, &plan, error)) {
+        !slot_counts(*c, sizes, alike, params.cache.msb_share, params.cache.layer_slots, params.cache.n_layer_slots, &plan, error)) {
         gguf_free(g);
         return nullptr;
     }
@@ -284,13 +284,13 @@ int attach(llama_model * model, const char * path, const slicemoe_model_params &
     if (moe.empty()) {
         return SLICEMOE_OK;
     }
-    const policy_i * iface = policy_table(params.policy);
-    if (iface && !iface->runs_live && params.cache_budget_bytes > 0) {
+    const policy_i * iface = policy_table(params.cache.policy);
+    if (iface && !iface->runs_live && params.cache.budget_bytes > 0) {
         *error = std::string("the ") + iface->name + " policy needs the future: it runs only in trace replay (slicemoe sim)";
         return SLICEMOE_ERR_INVALID_ARG;
     }
     std::unique_ptr<cache> c;
-    if (params.cache_budget_bytes > 0) {
+    if (params.cache.budget_bytes > 0) {
         int status = SLICEMOE_OK;
         c = build_cache(model, path, params, moe, moe_il, error, &status);
         if (!c) {

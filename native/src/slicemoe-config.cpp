@@ -44,38 +44,46 @@ const char * policy_name(int32_t value) {
 
 using P = slicemoe_model_params;
 
+// the field of a model's parameters that a setting sets
+#define FIELD(member) [](P & params) -> void * { return &params.member; }
+
 //   name              flag                kind                     min   max   open  help
 const setting_def SETTINGS[] = {
     { "cache_budget",   "--cache-budget",   SLICEMOE_SETTING_SIZE,   0.0f, 0.0f, false,
-      "RAM for routed-expert slices: bytes, a size (2GiB) or a percentage of all slices (40%); 0 = no cache" },
+      "RAM for routed-expert slices: bytes, a size (2GiB) or a percentage of all slices (40%); 0 = no cache",
+      nullptr, FIELD(cache.budget_bytes) },
     { "policy",         "--policy",         SLICEMOE_SETTING_CHOICE, 0.0f, 0.0f, false,
-      "the cache policy", policy_name, &P::policy },
+      "the cache policy", policy_name, FIELD(cache.policy) },
     { "precision",      "--precision",      SLICEMOE_SETTING_CHOICE, 0.0f, 0.0f, false,
-      "routed experts at 8 bits (high), 4 bits (low) or per use by the policy (auto)", precision_name, &P::precision },
+      "routed experts at 8 bits (high), 4 bits (low) or per use by the policy (auto)", precision_name,
+      FIELD(cache.precision) },
     { "warmup",         "--warmup",         SLICEMOE_SETTING_CHOICE, 0.0f, 0.0f, false,
-      "prefill-time cache warm-up from the prompt's routing (pcw) or none", warmup_name, &P::warmup },
+      "prefill-time cache warm-up from the prompt's routing (pcw) or none", warmup_name, FIELD(cache.warmup) },
     { "high_threshold", "--high-threshold", SLICEMOE_SETTING_NUMBER, 0.0f, 1.0f, false,
-      "auto precision: a use runs at 8 bits when its routing weight reaches this", nullptr, nullptr, &P::high_threshold },
+      "auto precision: a use runs at 8 bits when its routing weight reaches this", nullptr,
+      FIELD(cache.high_threshold) },
     { "max_miss_rate",  "--max-miss-rate",  SLICEMOE_SETTING_NUMBER, 0.0f, 1.0f, true,
       "auto precision: move the threshold to keep the slice miss rate under this; 0 = a fixed threshold",
-      nullptr, nullptr, &P::max_miss_rate },
+      nullptr, FIELD(cache.max_miss_rate) },
     { "msb_share",      "--msb-share",      SLICEMOE_SETTING_NUMBER, 0.0f, 1.0f, false,
-      "share of a layer's budget for MSB slices; 0 = the policy's own split", nullptr, nullptr, &P::msb_share },
+      "share of a layer's budget for MSB slices; 0 = the policy's own split", nullptr, FIELD(cache.msb_share) },
     { "high_ratio",     "--high-ratio",     SLICEMOE_SETTING_NUMBER, 0.0f, 1.0f, false,
-      "dymoe: the share of 8-bit uses at the first MoE layer; 0 = 0.5", nullptr, nullptr, &P::high_ratio },
+      "dymoe: the share of 8-bit uses at the first MoE layer; 0 = 0.5", nullptr, FIELD(cache.high_ratio) },
     { "prior_lambda",   "--prior-lambda",   SLICEMOE_SETTING_NUMBER, 0.0f, 1e6f, false,
-      "cache_prior: a cached expert's router logit bias, in mean logit ranges", nullptr, nullptr, &P::prior_lambda },
+      "cache_prior: a cached expert's router logit bias, in mean logit ranges", nullptr, FIELD(cache.prior_lambda) },
     { "gating_t",       "--gating-t",       SLICEMOE_SETTING_NUMBER, 0.0f, 1.0f, false,
       "adapmoe: a use after the first is dropped when its weight is below sqrt(T / S_l) (T a squared weight)",
-      nullptr, nullptr, &P::gating_t },
+      nullptr, FIELD(cache.gating_t) },
     { "prefetch",       "--prefetch",       SLICEMOE_SETTING_FLAG,   0.0f, 0.0f, false,
-      "load the next layer's predicted experts while this one computes", nullptr, nullptr, nullptr, &P::prefetch },
+      "load the next layer's predicted experts while this one computes", nullptr, FIELD(prefetch) },
     { "record_trace",   "",                 SLICEMOE_SETTING_FLAG,   0.0f, 0.0f, false,
-      "record the routing of every token (slicemoe trace)", nullptr, nullptr, nullptr, &P::record_trace },
+      "record the routing of every token (slicemoe trace)", nullptr, FIELD(record_trace) },
     { "io_mode",        "--io",             SLICEMOE_SETTING_CHOICE, 0.0f, 0.0f, false,
       "read misses with O_DIRECT where the file system has it (auto), always (direct) or through the page cache",
-      io_mode_name, &P::io_mode },
+      io_mode_name, FIELD(io_mode) },
 };
+
+#undef FIELD
 
 const setting_def * find_setting(const std::string & name) {
     for (const setting_def & def : SETTINGS) {
@@ -172,7 +180,7 @@ bool read_budget(const given_value & s, stock_config * out, std::string * error)
                  "\"40%\" (of all routed-expert slices); 0 = no cache";
         return false;
     }
-    out->params.cache_budget_bytes = bytes;
+    *static_cast<int64_t *>(find_setting("cache_budget")->field(out->params)) = bytes;
     out->budget_percent = percent;
     return true;
 }
@@ -188,9 +196,9 @@ bool apply(const given_value & s, stock_config * out, std::string * error) {
     slicemoe_model_params & p = out->params;
     switch (def->kind) {
         case SLICEMOE_SETTING_SIZE:   return read_budget(s, out, error);
-        case SLICEMOE_SETTING_CHOICE: return read_choice(s, *def, &(p.*def->choice_field), error);
-        case SLICEMOE_SETTING_NUMBER: return read_float(s, &(p.*def->number_field), error);
-        default:                      return read_bool(s, &(p.*def->flag_field), error);
+        case SLICEMOE_SETTING_CHOICE: return read_choice(s, *def, static_cast<int32_t *>(def->field(p)), error);
+        case SLICEMOE_SETTING_NUMBER: return read_float(s, static_cast<float *>(def->field(p)), error);
+        default:                      return read_bool(s, static_cast<bool *>(def->field(p)), error);
     }
 }
 

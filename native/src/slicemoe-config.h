@@ -23,9 +23,9 @@ struct setting_def {
     bool         max_open;
     const char * help;
     const char * (*choice)(int32_t value) = nullptr;   // CHOICE: the name of a value, nullptr past the last
-    int32_t slicemoe_model_params::* choice_field = nullptr;
-    float   slicemoe_model_params::* number_field = nullptr;
-    bool    slicemoe_model_params::* flag_field = nullptr;
+    // The field it sets in a model's parameters: an int32_t (CHOICE), float (NUMBER), bool (FLAG)
+    // or int64_t bytes (SIZE).
+    void * (*field)(slicemoe_model_params & params) = nullptr;
 };
 int32_t             n_settings();
 const setting_def * setting_at(int32_t i);   // nullptr past the last
@@ -43,17 +43,9 @@ struct stock_config {
 // what it takes when a value is bad.
 bool read_stock_config(const llama_model_kv_override * overrides, stock_config * out, std::string * error);
 
-// The cache-policy fields that slicemoe_model_params and slicemoe_sim_params share, checked the
-// same way for a live cache and a replay.
-inline bool io_mode_valid(const slicemoe_model_params & p) {
-    return p.io_mode >= SLICEMOE_IO_AUTO && p.io_mode <= SLICEMOE_IO_BUFFERED;
-}
-inline bool io_mode_valid(const slicemoe_sim_params &) {
-    return true;
-}
-
-template <typename P>
-bool policy_params_valid(const P & p, std::string * error) {
+// The settings of a live cache or a replay, checked the same way for both: false with *error naming
+// the setting and what it takes.
+inline bool cache_params_valid(const slicemoe_cache_params & p, std::string * error) {
     const auto in = [](float v, float lo, float hi) { return v >= lo && v <= hi; };   // false for NaN
     const char * problem = nullptr;
     std::string range;
@@ -70,7 +62,6 @@ bool policy_params_valid(const P & p, std::string * error) {
     else if (p.n_layer_slots < 0 || (p.n_layer_slots > 0 && !p.layer_slots)) problem = "layer_slots: NULL with a count above 0";
     else if (p.n_layer_sensitivity < 0 || (p.n_layer_sensitivity > 0 && !p.layer_sensitivity)) problem = "layer_sensitivity: NULL with a count above 0";
     else if (p.n_layer_high_uses < 0 || (p.n_layer_high_uses > 0 && !p.layer_high_uses)) problem = "layer_high_uses: NULL with a count above 0";
-    else if (!io_mode_valid(p)) problem = "io_mode: auto (0), direct (1) or buffered (2)";
     for (int32_t i = 0; !problem && i < p.n_layer_sensitivity; ++i) {
         if (!in(p.layer_sensitivity[i], 1e-6f, 1e6f)) problem = "layer_sensitivity: every S_l must be in [1e-6, 1e6]";
     }
@@ -79,6 +70,18 @@ bool policy_params_valid(const P & p, std::string * error) {
     }
     if (problem) {
         *error = problem;
+        return false;
+    }
+    return true;
+}
+
+// A model's parameters: its cache's settings and how misses are read.
+inline bool model_params_valid(const slicemoe_model_params & p, std::string * error) {
+    if (!cache_params_valid(p.cache, error)) {
+        return false;
+    }
+    if (p.io_mode < SLICEMOE_IO_AUTO || p.io_mode > SLICEMOE_IO_BUFFERED) {
+        *error = "io_mode: auto (0), direct (1) or buffered (2)";
         return false;
     }
     return true;

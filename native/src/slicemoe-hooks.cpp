@@ -74,17 +74,17 @@ bool slicemoe_model_loaded(llama_model * model, const char * path, const llama_m
                                      params.load_mode == LLAMA_LOAD_MODE_AUTO;
         }
         slicemoe_model_params & p = config.params;
-        if (!policy_params_valid(p, &error)) {
+        if (!model_params_valid(p, &error)) {
             return fail_load(SLICEMOE_ERR_INVALID_ARG, error);
         }
         char version[16];
         const bool sliced = llama_model_meta_val_str(model, "slicemoe.format_version", version, sizeof(version)) >= 0;
-        if (!sliced && (p.cache_budget_bytes > 0 || config.budget_percent > 0)) {
+        if (!sliced && (p.cache.budget_bytes > 0 || config.budget_percent > 0)) {
             return fail_load(SLICEMOE_ERR_INVALID_ARG, std::string("'") + path + "' is not a sliced (AMAT) model: a slice "
                              "cache needs a file written by slicemoe-convert --experts amat");
         }
         if (config.budget_percent > 0) {
-            p.cache_budget_bytes = int64_t(double(slice_bytes(*model)) * config.budget_percent / 100.0);
+            p.cache.budget_bytes = int64_t(double(slice_bytes(*model)) * config.budget_percent / 100.0);
         }
         if (!sliced && !p.record_trace && !p.forced_routes) {
             return true;   // a stock model runs as llama.cpp runs it

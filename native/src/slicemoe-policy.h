@@ -15,7 +15,7 @@
 namespace slicemoe {
 
 // The policy settings that slicemoe_model_params and slicemoe_sim_params both carry (validated by
-// policy_params_valid before they get here).
+// cache_params_valid before they get here).
 struct policy_params {
     int32_t            policy = SLICEMOE_POLICY_DBSC;
     int32_t            precision = SLICEMOE_PRECISION_AUTO;   // as given; policy::precision is what runs
@@ -27,7 +27,7 @@ struct policy_params {
     std::vector<float> layer_sensitivity;   // per MoE layer, or empty
     std::vector<int>   layer_high_uses;     // per MoE layer, or empty
 
-    template <class params_t> static policy_params of(const params_t & p) {
+    static policy_params of(const slicemoe_cache_params & p) {
         policy_params out;
         out.policy = p.policy;
         out.precision = p.precision;

@@ -12,7 +12,7 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
     constexpr int64_t max_slice = int64_t(1) << 40;
     if (p.n_layers <= 0 || p.n_layers > 512 || p.n_expert <= 0 || p.n_expert > 1024 || p.top_k <= 0 ||
         p.top_k > p.n_expert || p.msb_bytes <= 0 || p.msb_bytes > max_slice || p.lsb_bytes < 0 ||
-        p.lsb_bytes > max_slice || p.budget_bytes <= 0) {
+        p.lsb_bytes > max_slice || p.cache.budget_bytes <= 0) {
         *error = "simulation needs 1 to 512 MoE layers, 1 to 1024 experts, 1 <= top_k <= n_expert, slice sizes in "
                  "(0, 1 TiB] (lsb may be 0) and a budget above 0";
         return nullptr;
@@ -21,9 +21,9 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
     c->simulated = true;
     c->n_expert = p.n_expert;
     c->top_k = p.top_k;
-    c->warmup = p.warmup;
-    set_policy(*c, policy_params::of(p), p.n_layers);
-    c->budget = p.budget_bytes;
+    c->warmup = p.cache.warmup;
+    set_policy(*c, policy_params::of(p.cache), p.n_layers);
+    c->budget = p.cache.budget_bytes;
     std::vector<slice_sizes> sizes(size_t(p.n_layers), slice_sizes{ size_t(p.msb_bytes), size_t(p.lsb_bytes) });
     if ((p.layer_msb_bytes == nullptr) != (p.layer_lsb_bytes == nullptr)) {
         *error = "per-layer slice sizes need both layer_msb_bytes and layer_lsb_bytes";
@@ -47,7 +47,7 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
     }
     slot_plan plan;
     if (!layer_settings_fit(c->pol->params, p.n_layers, error) ||
-        !slot_counts(*c, sizes, alike, p.msb_share, p.layer_slots, p.n_layer_slots, &plan, error)) {
+        !slot_counts(*c, sizes, alike, p.cache.msb_share, p.cache.layer_slots, p.cache.n_layer_slots, &plan, error)) {
         return nullptr;
     }
     c->layers.resize(size_t(p.n_layers));

@@ -18,7 +18,7 @@ namespace slicemoe {
 struct cache;
 
 // Give the model its engine (llama_model::slicemoe_engine, freed with the model): for a sliced
-// model, its MoE layers' MSB/LSB slice tensors and precision, and with params.cache_budget_bytes
+// model, its MoE layers' MSB/LSB slice tensors and precision, and with params.cache.budget_bytes
 // > 0 the slice cache (pools allocated once, misses read from `path`). Returns SLICEMOE_OK, or an
 // error status with *error set and nothing attached. sliced: the file declares the slicemoe
 // format; a stock model gets only a routing observer, when params.record_trace asks for one.
