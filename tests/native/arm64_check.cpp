@@ -93,8 +93,8 @@ int decode(const char * path, const std::vector<int64_t> & budgets) {
     for (int64_t budget : budgets) {
         for (const policy_case & pc : policies) {
             slicemoe_model_params params = slicemoe_model_default_params();
-            params.cache_budget_bytes = budget;
-            params.policy = pc.policy;
+            params.cache.budget_bytes = budget;
+            params.cache.policy = pc.policy;
             slicemoe_model * model = nullptr;
             slicemoe_context * ctx = nullptr;
             slicemoe_sampler * sampler = nullptr;
