@@ -6,6 +6,8 @@ before every run.
 Runs `slicemoe run --json --ignore-eos` alternately with `--io direct` and `--io buffered` and prints
 medians of decode ms/token, the time blocked on reads per token, flash MB per token and the
 effective read bandwidth (flash bytes / time blocked on reads), with the ratio direct / buffered.
+The runs read each step's misses before its products run (SLICEMOE_OVERLAP=0), so that the time
+blocked is the reads' own time, not what is left of it once overlapped with compute.
 Dropping the page cache needs root (`echo 1 > /proc/sys/vm/drop_caches`); without it the script
 says so and the buffered rows may be served from memory.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 from pathlib import Path
@@ -50,7 +53,7 @@ def main() -> int:
             out = json.loads(subprocess.run(
                 ["slicemoe", "run", "-m", model, "-p", PROMPT, "-n", str(args.n), "--ignore-eos", "--json",
                  "--cache-budget", args.cache_budget, "--io", mode, "-t", str(args.threads)],
-                capture_output=True, text=True, check=True).stdout)
+                capture_output=True, text=True, check=True, env={**os.environ, "SLICEMOE_OVERLAP": "0"}).stdout)
             cache = out["cache"]
             assert cache["io_mode"] == mode, cache["io_mode"]
             tokens = max(cache["decode_tokens"], 1)

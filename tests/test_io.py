@@ -78,11 +78,43 @@ def test_json_names_why_misses_are_read_buffered(embedded):
     assert plain["cache"]["io_note"] is None and plain["tokens"] == out["tokens"]
 
 
+def _decode(path, budget: int):
+    with Model(path, cache_budget=budget, n_threads=2) as model:
+        result = model.generate(PROMPT, 24, keep_logits=True, stop_at_eog=False)
+        return result, model.cache_stats()
+
+
+def test_reads_overlapped_with_the_products_compute_what_reading_first_computes(embedded, monkeypatch):
+    """A step's misses are read while the fused products compute the uses whose slices are resident,
+    each product waiting for the slots it reads: the logits and every counter are those of reading
+    every miss before the products run, with reads held up 3 ms each too (the products then wait)."""
+    budget = embedded.stat().st_size // 5
+    monkeypatch.setenv("SLICEMOE_OVERLAP", "0")
+    first, first_stats = _decode(embedded, budget)
+    monkeypatch.delenv("SLICEMOE_OVERLAP")
+    overlapped, overlapped_stats = _decode(embedded, budget)
+    monkeypatch.setenv("SLICEMOE_FAULT_READ_DELAY_MS", "3")
+    slowed, slowed_stats = _decode(embedded, budget)
+    assert first_stats["misses"] > 0
+    for run, stats in ((overlapped, overlapped_stats), (slowed, slowed_stats)):
+        assert run.tokens == first.tokens
+        assert np.array_equal(run.logits, first.logits)   # bit for bit
+        for name in COUNTERS:
+            assert stats[name] == first_stats[name], name
+    assert slowed_stats["io_ms"] >= 3.0, "the products waited for the slowed reads"
+
+
 @pytest.mark.parametrize("after", [1, 4, 7, 13])
-def test_a_read_failing_inside_a_batch_leaves_no_slot_half_filled(embedded, after):
-    """Reads fail from the `after`-th on, in the middle of a step's batch: the decode stops with an
-    I/O error, the slots whose reads failed are empty (not resident with stale bytes), so the next
-    request computes exactly what a fresh model does."""
+@pytest.mark.parametrize("reads", ["overlapped", "overlapped and slow", "first"])
+def test_a_read_failing_inside_a_batch_leaves_no_slot_half_filled(embedded, after, reads, monkeypatch):
+    """Reads fail from the `after`-th on, in the middle of a step's batch (read first, or while the
+    products wait for them): the decode stops with an I/O error, the slots whose reads failed are
+    empty (not resident with stale bytes), so the next request computes exactly what a fresh model
+    does."""
+    if reads == "first":
+        monkeypatch.setenv("SLICEMOE_OVERLAP", "0")
+    if reads == "overlapped and slow":
+        monkeypatch.setenv("SLICEMOE_FAULT_READ_DELAY_MS", "3")
     budget = embedded.stat().st_size // 5
     with Model(embedded, cache_budget=budget, n_threads=2) as fresh:
         reference = fresh.generate(PROMPT, 16, stop_at_eog=False).tokens

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -101,6 +102,8 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->warmup = params.cache.warmup;
     c->record = params.record_trace;
     c->prefetch = params.prefetch;
+    const char * overlap = std::getenv("SLICEMOE_OVERLAP");
+    c->overlap = !(overlap && std::strcmp(overlap, "0") == 0);
     c->budget = params.cache.budget_bytes;
 
     gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ nullptr };
@@ -184,6 +187,9 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         }
         L.msb_map = ggml_new_tensor_3d(tables, GGML_TYPE_I32, 1, c->n_expert, 1);
         L.cpu_pools = ggml_backend_dev_buffer_type(model->dev_layer(L.il)) == ggml_backend_cpu_buffer_type();
+        if (L.cpu_pools) {
+            L.ready.reset(new product_ready[N_PROJ]);
+        }
         if (c->pol->iface->router_bias) {
             L.sel_bias = ggml_new_tensor_1d(tables, GGML_TYPE_F32, c->n_expert);
         }

@@ -93,6 +93,7 @@ bool observe_node(cache & c, const eval_chain & chain, ggml_tensor * t, bool ask
     // a prompt's tokens are recorded for warm-up; a decode token, or a batch of one decode token
     // per sequence, is served from the pools
     const int phase = (n_tokens == 1 || c.decode_batch) ? 1 : 0;
+    c.step_fused = size_t(index) < chain.n_fused.size() ? chain.n_fused[size_t(index)] : 0;
     return access(c, index, phase, n_tokens, c.scratch_ids.data(), int64_t(row_stride), weights.data());
 }
 
@@ -160,6 +161,9 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept {
 
 bool end_ubatch(cache & c, std::string * failure) {
     c.decode_batch = false;
+    for (layer & L : c.layers) {
+        join_step_reads(c, L);   // a failed read sets c.failed
+    }
     if (!c.failed) return true;
     for (layer & L : c.layers) {
         join_prefetch(c, L);   // the decode stopped; so do its prefetches

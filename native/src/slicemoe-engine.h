@@ -14,6 +14,7 @@
 #include "slicemoe-slices.h"
 #include "slicemoe-io.h"
 #include "slicemoe-policy.h"
+#include "slicemoe-product.h"
 #include "slicemoe-route.h"
 
 #include "ggml.h"
@@ -57,6 +58,16 @@ struct route {
 };
 
 
+// A slice read queued by a step (a decode token of a layer, a warm-up): its slot is already
+// assigned, its bytes arrive in flush_loads.
+struct layer;
+struct pending_load {
+    layer *              L = nullptr;
+    pool *               p = nullptr;
+    int                  expert = -1, slot = -1;
+    std::vector<uint8_t> staging[N_PROJ];   // for a pool in device memory: uploaded after the read
+};
+
 struct layer {
     int                  index = 0;           // among the MoE layers
     int                  il = 0;              // llama.cpp's layer
@@ -75,6 +86,10 @@ struct layer {
     std::shared_ptr<read_batch> ahead;        // look-ahead reads into this layer, on the reader threads
     std::vector<std::pair<int, int>> ahead_slots;   // their (expert, slot), in the order of the reads
     std::vector<char>    prefetched;          // per expert: MSB slice loaded ahead, not used yet
+    // CPU pools: the current step's misses, read while the fused products compute what is resident
+    std::unique_ptr<product_ready[]> ready;   // [N_PROJ]: what each projection's product waits for
+    std::shared_ptr<read_batch> step_reads;   // in flight until join_step_reads (nullptr: none)
+    std::vector<pending_load> step_loads;     // what they read, to undo a failed one
     std::vector<float>   last_logits;         // a router-biasing policy + trace: this token's router logits
     std::vector<float>   probs;               // router probabilities of the current decode token
     std::vector<double>  prompt_score;        // recency-weighted prompt routing, for PCW
@@ -83,15 +98,6 @@ struct layer {
     slicemoe_layer_stats_t stats = {};
 };
 
-
-// A slice read queued by a step (a decode token of a layer, a warm-up): its slot is already
-// assigned, its bytes arrive in flush_loads.
-struct pending_load {
-    layer *              L = nullptr;
-    pool *               p = nullptr;
-    int                  expert = -1, slot = -1;
-    std::vector<uint8_t> staging[N_PROJ];   // for a pool in device memory: uploaded after the read
-};
 
 // persistent reader threads per model: enough for a step's misses (top-k experts x 3 projections)
 // to be in flight together on flash that wants queue depth
@@ -120,6 +126,7 @@ struct eval_chain {
     const ggml_tensor *              user_asked = nullptr;   // the last node the caller asked to see
                                                              // (ubatches of an engine run one at a time)
     std::unordered_map<const ggml_tensor *, router_node> nodes;   // of the graph built last
+    std::vector<int> n_fused;   // per layer: its fused products in the graph built last (3: all)
 };
 
 struct cache {
@@ -145,6 +152,10 @@ struct cache {
     int32_t              request = 0;
     std::vector<route>   trace;
     bool                 prefetch = false;
+    // a step's misses are read while the fused products compute the resident uses (CPU pools, every
+    // product of the layer fused); SLICEMOE_OVERLAP=0 reads them first, for side-by-side measurements
+    bool                 overlap = true;
+    int                  step_fused = 0;      // the fused products of the layer being served (its graph's)
     int64_t              budget = 0;
     std::vector<ggml_context *>          ctxs;   // one per buffer type the pools live in
     std::vector<ggml_backend_buffer_t>   bufs;
@@ -214,8 +225,13 @@ void queue_load(cache & c, layer & L, pool & p, int expert, int slot);
 // A step that fails before its reads: the slots it assigned hold nothing, so they are emptied.
 void abandon_loads(cache & c);
 // Read every queued slice at once. false (c.failed, c.error) when a read failed: the slots of
-// the slices that failed are left empty, never half-filled.
-bool flush_loads(cache & c);
+// the slices that failed are left empty, never half-filled. deferred: a layer whose fused products
+// wait for each slot's read (issued now, joined by join_step_reads); ids: its token's uses (one
+// token; nullptr for a batch), computed resident first.
+bool flush_loads(cache & c, layer * deferred = nullptr, const int32_t * ids = nullptr, int k = 0);
+// The deferred reads of layer L's step, after the products that waited for them (the end of the
+// ubatch): as flush_loads's result.
+bool join_step_reads(cache & c, layer & L);
 // Empty slot s of pool p (with an MSB slice, its LSB slice goes too).
 void evict(cache & c, layer & L, pool & p, int slot);
 // The slot to replace for the current step (-1 if none): an empty one first, never one the step

@@ -77,6 +77,13 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
         w->down = L.msb.t[2];
         w->ids  = gather(L.msb_map);
         w->decode = true;
+        if (L.ready) {
+            eval_chain & chain = *static_cast<eval_chain *>(cb_eval_user_data);
+            chain.n_fused.resize(c->layers.size(), 0);
+            chain.n_fused[size_t(L.index)] = 0;
+            w->n_fused = &chain.n_fused[size_t(L.index)];
+            for (int j = 0; j < N_PROJ; ++j) w->ready[j] = &L.ready[j];
+        }
         if (L.keep && !L.cpu_pools) {   // on CPU pools a dropped use has slot -1 and no product
             w->weight_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.keep, selected), 1, k, n_tokens);
         }
@@ -123,5 +130,11 @@ ggml_tensor * slicemoe_moe_product(ggml_context * ctx, ggml_tensor * w, ggml_ten
     if (sw->lsb_mask || !(sw->decode || sw->ids->ne[1] == 1) || two_passes) {
         return nullptr;
     }
-    return slicemoe::build_expert_product(ctx, w, w_lsb, x, sw->ids, sw->ids_lsb);
+    const int proj = w == sw->up ? 0 : w == sw->gate ? 1 : w == sw->down ? 2 : -1;
+    auto * ready = proj >= 0 ? static_cast<slicemoe::product_ready *>(sw->ready[proj]) : nullptr;
+    ggml_tensor * product = slicemoe::build_expert_product(ctx, w, w_lsb, x, sw->ids, sw->ids_lsb, ready);
+    if (product && ready && sw->n_fused) {
+        *sw->n_fused += 1;
+    }
+    return product;
 }

@@ -30,6 +30,11 @@ struct slicemoe_moe_weights {
     ggml_tensor * input;     // the layer's FFN input [n_embd, 1, n_tokens] (for look-ahead prefetch)
     bool          decode = false;  // set by slicemoe_moe_graph: the products run on the pools for
                                    // decode tokens (one, or one per sequence of a batch)
+    // set by slicemoe_moe_graph for the pools: what the fused product of up, gate and down waits for
+    // (slicemoe::product_ready), and a count of the layer's products that are fused (the engine
+    // overlaps a step's reads with the products only when all three are)
+    void *        ready[3] = { nullptr, nullptr, nullptr };
+    int *         n_fused = nullptr;
 };
 
 // After a successful load from a path (every entry point: llama_model_load_from_file too). A
@@ -58,11 +63,15 @@ public:
     // After the graph ran: false when the engine failed during it (the message is logged and kept
     // for slicemoe_eval); the engine is usable again by the next ubatch.
     bool finished();
+    // A ubatch that ends without finished() (its graph failed) still joins the reads it issued
+    // before the next one may run.
+    ~slicemoe_ubatch_scope();
 
 private:
     slicemoe::cache * engine_ = nullptr;
     std::unique_lock<std::mutex> lock_;
     bool admitted_ = true;
+    bool finished_ = false;
 };
 
 // Called by build_moe_ffn once it selected the experts of layer il: the router's logits (nullptr when

@@ -3,7 +3,7 @@
 
 #include "slicemoe-graph.h"
 #include "slicemoe-config.h"
-#include "slicemoe-slices.h"
+#include "slicemoe-engine.h"
 
 #include "llama-impl.h"
 #include "llama-model.h"
@@ -141,7 +141,18 @@ slicemoe_ubatch_scope::slicemoe_ubatch_scope(ggml_backend_sched_eval_callback cb
     }
 }
 
+slicemoe_ubatch_scope::~slicemoe_ubatch_scope() {
+    if (engine_ && admitted_ && !finished_) {
+        try {
+            std::string ignored;   // the graph's own failure is what the caller reports
+            slicemoe::end_ubatch(*engine_, &ignored);
+        } catch (...) {
+        }
+    }
+}
+
 bool slicemoe_ubatch_scope::finished() {
+    finished_ = true;
     if (!engine_ || slicemoe::end_ubatch(*engine_, &slicemoe::t_failure)) {
         return true;
     }

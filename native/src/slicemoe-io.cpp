@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
@@ -57,6 +58,8 @@ std::unique_ptr<slice_reader> slice_reader::open(const char * path, int mode, in
 #if defined(__APPLE__)
     fcntl(r->fd_, F_NOCACHE, 1);   // macOS has neither O_DIRECT nor posix_fadvise: this is its equivalent
 #endif
+    const char * delay = std::getenv("SLICEMOE_FAULT_READ_DELAY_MS");
+    r->delay_ms_ = delay ? std::max(0, std::atoi(delay)) : 0;
     if (mode != BUFFERED) {
 #ifdef O_DIRECT
         r->direct_fd_ = ::open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
@@ -134,6 +137,9 @@ std::string slice_reader::verify_direct() const {
 }
 
 bool slice_reader::run(const slice_read & r, std::string * error) {
+    if (delay_ms_ > 0) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms_));
+    }
     ssize_t got = -1;
     int err = EIO;
     if (r.fail) {
@@ -181,6 +187,7 @@ void slice_reader::claim_and_run(const std::shared_ptr<read_batch> & b, std::uni
         b->failed[i] = 1;
         if (b->first_error.empty()) b->first_error = error;
     }
+    b->state[i].store(ok ? 1 : 2, std::memory_order_release);
     if (++b->finished == b->reads.size()) done_.notify_all();
 }
 
@@ -200,7 +207,9 @@ bool slice_reader::read(const std::vector<slice_read> & reads, std::vector<char>
     auto b = std::make_shared<read_batch>();
     b->reads = reads;
     b->failed.assign(reads.size(), 0);
+    b->state.reset(new std::atomic<uint8_t>[reads.size()]());
     std::unique_lock<std::mutex> lock(mutex_);
+    b->urgent = true;
     queue_.push_front(b);   // a step's misses block compute: ahead of any prefetch
     // as many readers as the batch can keep busy besides this thread: a decode step of a small
     // model misses one or two slices, and waking every reader for them costs more than the reads
@@ -218,13 +227,22 @@ bool slice_reader::read(const std::vector<slice_read> & reads, std::vector<char>
     return true;
 }
 
-std::shared_ptr<read_batch> slice_reader::submit(std::vector<slice_read> reads) {
+std::shared_ptr<read_batch> slice_reader::submit(std::vector<slice_read> reads, bool urgent) {
     if (reads.empty()) return nullptr;
     auto b = std::make_shared<read_batch>();
     b->failed.assign(reads.size(), 0);
+    b->state.reset(new std::atomic<uint8_t>[reads.size()]());
     b->reads = std::move(reads);
+    b->urgent = urgent;
     std::lock_guard<std::mutex> lock(mutex_);
-    queue_.push_back(b);
+    if (urgent) {
+        // behind the urgent batches already queued (earlier layers' steps), ahead of every prefetch
+        auto at = queue_.begin();
+        while (at != queue_.end() && (*at)->urgent) ++at;
+        queue_.insert(at, b);
+    } else {
+        queue_.push_back(b);
+    }
     const size_t readers = std::min(b->reads.size(), threads_.size());
     for (size_t k = 0; k < readers; ++k) wake_.notify_one();
     return b;

@@ -17,6 +17,7 @@
 // SLICEMOE_FAULT_DIRECT_READS=corrupt makes every direct read return altered bytes, to test that.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -41,9 +42,12 @@ struct slice_read {
 struct read_batch {
     std::vector<slice_read> reads;
     std::vector<char>       failed;        // per read, once finished
+    std::unique_ptr<std::atomic<uint8_t>[]> state;   // per read: 0 in flight, 1 read, 2 failed (for
+                                                     // a compute that waits for one read at a time)
     size_t                  next = 0;      // the next read to claim
     size_t                  finished = 0;
     std::string             first_error;
+    bool                    urgent = false;   // a step's misses (compute waits): ahead of prefetches
 };
 
 class slice_reader {
@@ -62,9 +66,10 @@ public:
     // background batch; returns when all are done. false with *error (the first failure) when any
     // failed; failed[i] then says which. One such call at a time (the engine's lock).
     bool read(const std::vector<slice_read> & reads, std::vector<char> * failed, std::string * error);
-    // A background batch (look-ahead prefetch): the reader threads take its reads after any
-    // read() batch; the caller goes on and later waits for it. nullptr for an empty batch.
-    std::shared_ptr<read_batch> submit(std::vector<slice_read> reads);
+    // A batch the reader threads read while the caller goes on; it waits for it later (wait()), or
+    // for one read at a time (read_batch::state). urgent: a step's misses, ahead of every look-ahead
+    // prefetch; else behind every batch queued. nullptr for an empty batch.
+    std::shared_ptr<read_batch> submit(std::vector<slice_read> reads, bool urgent = false);
     // Until every read of a submitted batch is done (reading what no reader took yet); false with
     // *error when any failed.
     bool wait(const std::shared_ptr<read_batch> & batch, std::string * error);
@@ -89,6 +94,7 @@ private:
     int fd_ = -1;
     int direct_fd_ = -1;
     bool corrupt_direct_ = false;   // fault injection (SLICEMOE_FAULT_DIRECT_READS=corrupt)
+    int  delay_ms_ = 0;             // fault injection: every read takes this long first (SLICEMOE_FAULT_READ_DELAY_MS)
     std::string fallback_reason_;
     std::vector<std::thread> threads_;
     std::mutex mutex_;

@@ -74,15 +74,13 @@ void abandon_loads(cache & c) {
     c.claims.clear();
 }
 
-// Read every queued slice at once. false (c.failed, c.error) when a read failed: the slots of
-// the slices that failed are left empty, never half-filled.
-bool flush_loads(cache & c) {
-    for (const auto & [p, slot] : c.claims) p->claimed[slot] = 0;
-    c.claims.clear();
-    if (c.pending.empty()) return true;
+namespace {
+
+// The reads of the queued slices, into their slots (or a staging buffer for a device pool).
+std::vector<slice_read> reads_of(cache & c, std::vector<pending_load> & loads) {
     std::vector<slice_read> reads;
-    reads.reserve(c.pending.size() * N_PROJ);
-    for (pending_load & q : c.pending) {
+    reads.reserve(loads.size() * N_PROJ);
+    for (pending_load & q : loads) {
         for (int j = 0; j < N_PROJ; ++j) {
             ggml_tensor * t = q.p->t[j];
             uint8_t * dst = nullptr;
@@ -98,16 +96,16 @@ bool flush_loads(cache & c) {
             reads.push_back(r);
         }
     }
-    const auto t0 = std::chrono::steady_clock::now();
-    std::vector<char> failed;
-    std::string error;
-    const bool ok = c.io->read(reads, &failed, &error);
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    c.totals.io_ms += ms;
-    c.pending.front().L->stats.io_ms += ms;   // a step's loads are one layer's
+    return reads;
+}
+
+// The loads' reads are done (failed[i] per read): a slice that failed leaves its slot empty, never
+// half-filled; the others are uploaded where they were staged. false (c.failed, c.error) on a failure.
+bool land_loads(cache & c, std::vector<pending_load> & loads, const std::vector<char> & failed, bool ok,
+                const std::string & error) {
     int first_failed = -1;
-    for (size_t i = 0; i < c.pending.size(); ++i) {
-        pending_load & q = c.pending[i];
+    for (size_t i = 0; i < loads.size(); ++i) {
+        pending_load & q = loads[i];
         const bool bad = failed[i * N_PROJ] || failed[i * N_PROJ + 1] || failed[i * N_PROJ + 2];
         if (bad) {
             if (first_failed < 0) first_failed = int(i);
@@ -123,14 +121,84 @@ bool flush_loads(cache & c) {
             }
         }
     }
-    if (!ok) {
-        const pending_load & q = c.pending[size_t(std::max(first_failed, 0))];
+    if (!ok && !c.failed) {
+        const pending_load & q = loads[size_t(std::max(first_failed, 0))];
         c.failed = true;
         c.error = "reading expert " + std::to_string(q.expert) + " of layer " + std::to_string(q.L->il) +
                   " from the model file failed: " + error;
     }
-    c.pending.clear();
+    loads.clear();
     return ok;
+}
+
+// The step's reads go to the reader threads and the fused products wait for each slot's read
+// (product_ready): what is resident computes while the misses are read.
+void defer_loads(cache & c, layer & L, const int32_t * ids, int k) {
+    L.step_loads = std::move(c.pending);
+    c.pending.clear();
+    L.step_reads = c.io->submit(reads_of(c, L.step_loads), /*urgent*/ true);
+    for (int j = 0; j < N_PROJ; ++j) {
+        product_ready & ready = L.ready[j];
+        ready.msb_read.assign(size_t(L.msb.n_slots), -1);
+        ready.lsb_read.assign(size_t(std::max(L.lsb.n_slots, L.shared_slots ? L.msb.n_slots : 0)), -1);
+        for (size_t i = 0; i < L.step_loads.size(); ++i) {
+            const pending_load & q = L.step_loads[i];
+            (q.p == &L.msb ? ready.msb_read : ready.lsb_read)[size_t(q.slot)] = int32_t(i * N_PROJ + size_t(j));
+        }
+        // one token: its uses whose MSB slice is resident first
+        ready.order.clear();
+        for (int pass = 0; ids && pass < 2; ++pass) {
+            for (int r = 0; r < k; ++r) {
+                const int e = ids[r];
+                const int slot = e >= 0 && e < c.n_expert ? L.msb.expert_slot[size_t(e)] : -1;
+                const bool pending = slot >= 0 && ready.msb_read[size_t(slot)] >= 0;
+                if (pending == (pass == 1)) ready.order.push_back(r);
+            }
+        }
+        ready.waited_ns.store(0, std::memory_order_relaxed);
+        ready.state = L.step_reads->state.get();
+    }
+}
+
+} // namespace
+
+bool flush_loads(cache & c, layer * deferred, const int32_t * ids, int k) {
+    for (const auto & [p, slot] : c.claims) p->claimed[slot] = 0;
+    c.claims.clear();
+    if (c.pending.empty()) return true;
+    if (deferred) {
+        defer_loads(c, *deferred, ids, k);
+        return true;
+    }
+    const std::vector<slice_read> reads = reads_of(c, c.pending);
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<char> failed;
+    std::string error;
+    const bool ok = c.io->read(reads, &failed, &error);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    c.totals.io_ms += ms;
+    c.pending.front().L->stats.io_ms += ms;   // a step's loads are one layer's
+    std::vector<pending_load> loads = std::move(c.pending);
+    c.pending.clear();
+    return land_loads(c, loads, failed, ok, error);
+}
+
+bool join_step_reads(cache & c, layer & L) {
+    if (!L.step_reads) return true;
+    std::string error;
+    const auto t0 = std::chrono::steady_clock::now();
+    const bool ok = c.io->wait(L.step_reads, &error);
+    // blocked: the products' waits (each the slowest thread's) and this join's
+    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    for (int j = 0; j < N_PROJ; ++j) {
+        ms += double(L.ready[j].waited_ns.load(std::memory_order_relaxed)) / 1e6;
+        L.ready[j].state = nullptr;
+    }
+    c.totals.io_ms += ms;
+    L.stats.io_ms += ms;
+    const std::vector<char> failed = L.step_reads->failed;
+    L.step_reads.reset();
+    return land_loads(c, L.step_loads, failed, ok, error);
 }
 
 void evict(cache & c, layer & L, pool & p, int slot) {

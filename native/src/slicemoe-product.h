@@ -7,7 +7,9 @@
 
 #include "ggml.h"
 
+#include <atomic>
 #include <cstdint>
+#include <vector>
 
 namespace slicemoe {
 
@@ -44,11 +46,24 @@ void quantize_activations(kernel_id kernel, const float * x, int64_t n_in, act_b
 // One row: sum over blocks of (msb + lsb) . x, or msb . x when lsb is nullptr; n_blocks = n_in / 32.
 float row_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks);
 
+// Reads still landing in a projection's MSB and LSB pools while the product runs (one per layer and
+// projection, owned by the engine; the op keeps a pointer to it). The engine fills it when it issues
+// a step's reads and clears it once they are joined, always outside the graph's compute; during the
+// compute only the read states change.
+struct product_ready {
+    const std::atomic<uint8_t> * state = nullptr;   // per read: 0 in flight, 1 landed, 2 failed
+    std::vector<int32_t> msb_read, lsb_read;         // per slot: its read, or -1 (resident)
+    std::vector<int32_t> order;                      // one token: its uses, resident first (empty: in order)
+    std::atomic<int64_t> waited_ns{0};               // the longest a thread of the op waited
+    bool pending() const { return state != nullptr; }
+};
+
 // The op over a layer's uses: [n_out, k, n_tokens] F32 from Q4_1 weights w and w_lsb
-// [n_in, n_out, slots] in host memory, activations x [n_in, k or 1, n_tokens] and slot ids
-// [k, n_tokens] (MSB id < 0: a dropped use, zeros; LSB id < 0: a 4-bit use). nullptr where the
-// tensors do not fit that description (device pools, other types): the caller keeps ggml's products.
+// [n_in, n_out, slots] in host memory, activations x [n_in, k or 1, n_tokens] and slot ids [k, n_tokens] (MSB id < 0: a dropped use, zeros; LSB id
+// < 0: a 4-bit use). ready (may be nullptr): the slots to wait for, use by use, before reading them.
+// nullptr where the tensors do not fit that description (device pools, other types): the caller
+// keeps ggml's products.
 ggml_tensor * build_expert_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
-                                   ggml_tensor * ids, ggml_tensor * ids_lsb);
+                                   ggml_tensor * ids, ggml_tensor * ids_lsb, product_ready * ready);
 
 } // namespace slicemoe

@@ -76,6 +76,9 @@ void count_use(cache & c, layer & L, pool & p, int expert, bool hit) {
 // expert, so in a batch a use runs at 8 bits when any use of its expert in the step does.
 bool serve_step(cache & c, layer & L, int64_t n_tokens, const int32_t * ids, int64_t stride, const float * weights) {
     c.clock += 1;
+    if (!join_step_reads(c, L)) {   // normally joined at the end of the last ubatch already
+        return false;
+    }
     if (L.warm_pending) {
         warm_up(c, L);
         if (c.failed) return false;
@@ -174,7 +177,9 @@ bool serve_step(cache & c, layer & L, int64_t n_tokens, const int32_t * ids, int
             (high ? c.totals.high_uses : c.totals.low_uses) += 1;
         }
     }
-    if (!flush_loads(c)) {   // all the step's misses at once
+    // all the step's misses at once; read while the products compute where they can wait for them
+    const bool defer = c.overlap && L.ready && c.step_fused == N_PROJ && !c.simulated;
+    if (!flush_loads(c, defer ? &L : nullptr, n_tokens == 1 ? ids : nullptr, k)) {
         return false;
     }
     for (char & f : L.prefetched) {
