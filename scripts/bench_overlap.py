@@ -1,6 +1,6 @@
 """Reads overlapped with compute, side by side: the same cached decode with each step's misses read
-before its expert products run (SLICEMOE_OVERLAP=0) and read while the fused products compute the
-resident uses (the default), page cache dropped before every run.
+before its expert products run (SLICEMOE_OVERLAP=0, the default) and read while the fused products
+compute the resident uses (SLICEMOE_OVERLAP=1), page cache dropped before every run.
 
     sudo python scripts/bench_overlap.py [--model M.gguf] [--cache-budget 50%] [-n 32] [--repeats 3]
 

@@ -85,13 +85,13 @@ def _decode(path, budget: int):
 
 
 def test_reads_overlapped_with_the_products_compute_what_reading_first_computes(embedded, monkeypatch):
-    """A step's misses are read while the fused products compute the uses whose slices are resident,
-    each product waiting for the slots it reads: the logits and every counter are those of reading
-    every miss before the products run, with reads held up 3 ms each too (the products then wait)."""
+    """With SLICEMOE_OVERLAP=1 a step's misses are read while the fused products compute the uses
+    whose slices are resident, each product waiting for the slots it reads: the logits and every
+    counter are those of reading every miss before the products run (the default), with reads held
+    up 3 ms each too (the products then wait)."""
     budget = embedded.stat().st_size // 5
-    monkeypatch.setenv("SLICEMOE_OVERLAP", "0")
     first, first_stats = _decode(embedded, budget)
-    monkeypatch.delenv("SLICEMOE_OVERLAP")
+    monkeypatch.setenv("SLICEMOE_OVERLAP", "1")
     overlapped, overlapped_stats = _decode(embedded, budget)
     monkeypatch.setenv("SLICEMOE_FAULT_READ_DELAY_MS", "3")
     slowed, slowed_stats = _decode(embedded, budget)
@@ -111,8 +111,8 @@ def test_a_read_failing_inside_a_batch_leaves_no_slot_half_filled(embedded, afte
     products wait for them): the decode stops with an I/O error, the slots whose reads failed are
     empty (not resident with stale bytes), so the next request computes exactly what a fresh model
     does."""
-    if reads == "first":
-        monkeypatch.setenv("SLICEMOE_OVERLAP", "0")
+    if reads != "first":
+        monkeypatch.setenv("SLICEMOE_OVERLAP", "1")
     if reads == "overlapped and slow":
         monkeypatch.setenv("SLICEMOE_FAULT_READ_DELAY_MS", "3")
     budget = embedded.stat().st_size // 5

@@ -103,7 +103,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->record = params.record_trace;
     c->prefetch = params.prefetch;
     const char * overlap = std::getenv("SLICEMOE_OVERLAP");
-    c->overlap = !(overlap && std::strcmp(overlap, "0") == 0);
+    c->overlap = overlap && std::strcmp(overlap, "1") == 0;
     c->budget = params.cache.budget_bytes;
 
     gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ nullptr };

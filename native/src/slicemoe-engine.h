@@ -152,9 +152,11 @@ struct cache {
     int32_t              request = 0;
     std::vector<route>   trace;
     bool                 prefetch = false;
-    // a step's misses are read while the fused products compute the resident uses (CPU pools, every
-    // product of the layer fused); SLICEMOE_OVERLAP=0 reads them first, for side-by-side measurements
-    bool                 overlap = true;
+    // SLICEMOE_OVERLAP=1: a step's misses are read while the fused products compute the resident uses
+    // (CPU pools, every product of the layer fused). Off by default: on the 2-core machine it was
+    // measured on (scripts/bench_overlap.py, full-size OLMoE at 50%), it saved no blocked time and
+    // decode ran at 0.91-1.10x the time of reading first (docs/design.md), readers and products sharing two cores.
+    bool                 overlap = false;
     int                  step_fused = 0;      // the fused products of the layer being served (its graph's)
     int64_t              budget = 0;
     std::vector<ggml_context *>          ctxs;   // one per buffer type the pools live in

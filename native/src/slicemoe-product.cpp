@@ -386,7 +386,8 @@ int32_t id_at(const ggml_tensor * ids, int64_t use, int64_t token) {
 }
 
 // Until the read of a slot has landed (true) or failed (false); a resident slot is ready at once.
-// The wait yields: the reads need the cores' time too, and a chunk waits for one slice at most.
+// The wait sleeps in short steps: the reader threads need the cores' time to finish the reads (a
+// spinning wait took it from them), and a slice read takes hundreds of microseconds.
 bool wait_for_slot(const product_ready * ready, const std::vector<int32_t> & read_of, int32_t slot, int64_t * waited_ns) {
     if (!ready || !ready->pending() || slot < 0 || size_t(slot) >= read_of.size() || read_of[size_t(slot)] < 0) {
         return true;
@@ -396,7 +397,7 @@ bool wait_for_slot(const product_ready * ready, const std::vector<int32_t> & rea
     if (now == 0) {
         const auto t0 = std::chrono::steady_clock::now();
         while ((now = state.load(std::memory_order_acquire)) == 0) {
-            std::this_thread::yield();
+            std::this_thread::sleep_for(std::chrono::microseconds(20));
         }
         *waited_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
     }
