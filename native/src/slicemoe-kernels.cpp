@@ -1,7 +1,6 @@
-// The fused expert product (slicemoe-product.h): block kernels (scalar, AVX2, AVX512-VNNI, NEON,
-// NEON with dot products, chosen at run time as ggml chooses its own: libllama is built for the
-// baseline ISA) and the ggml custom op
-// that runs a layer's expert products on ggml's thread pool.
+// The fused expert product's block kernels (slicemoe-product.h): scalar, AVX2, AVX512-VNNI, NEON,
+// NEON with dot products, chosen at run time as ggml chooses its own (libllama is built for the
+// baseline ISA). The ggml op that runs them over a layer's uses is slicemoe-product-op.cpp.
 //
 // The arithmetic. An AMAT weight is d_msb h + m_msb + d_lsb l + m_lsb (h, l its two nibbles), and
 // every grid stores d_msb = 16 d_lsb exactly, so with s = d_lsb and the 8-bit code 16 h + l:
@@ -18,10 +17,8 @@
 
 #include <algorithm>
 #include <cfloat>
-#include <chrono>
 #include <cmath>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -373,144 +370,6 @@ float row_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, 
     if (kernel == KERNEL_NEON_DOTPROD) return row_dot_neon_dotprod(msb, lsb, x, n_blocks);
 #endif
     return row_dot_scalar(msb, lsb, x, n_blocks);
-}
-
-namespace {
-
-const char * row_of(const ggml_tensor * t, int64_t i1, int64_t i2) {
-    return static_cast<const char *>(t->data) + i1 * t->nb[1] + i2 * t->nb[2];
-}
-
-int32_t id_at(const ggml_tensor * ids, int64_t use, int64_t token) {
-    return *reinterpret_cast<const int32_t *>(static_cast<const char *>(ids->data) + use * ids->nb[0] + token * ids->nb[1]);
-}
-
-// Until the read of a slot has landed (true) or failed (false); a resident slot is ready at once.
-// The wait sleeps in short steps: the reader threads need the cores' time to finish the reads (a
-// spinning wait took it from them), and a slice read takes hundreds of microseconds.
-bool wait_for_slot(const product_ready * ready, const std::vector<int32_t> & read_of, int32_t slot, int64_t * waited_ns) {
-    if (!ready || !ready->pending() || slot < 0 || size_t(slot) >= read_of.size() || read_of[size_t(slot)] < 0) {
-        return true;
-    }
-    const std::atomic<uint8_t> & state = ready->state[read_of[size_t(slot)]];
-    uint8_t now = state.load(std::memory_order_acquire);
-    if (now == 0) {
-        const auto t0 = std::chrono::steady_clock::now();
-        while ((now = state.load(std::memory_order_acquire)) == 0) {
-            std::this_thread::sleep_for(std::chrono::microseconds(20));
-        }
-        *waited_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
-    }
-    return now == 1;
-}
-
-// The rows [begin, end) of dst; *quantized says which activations act holds (-1: none yet).
-void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin, int64_t end, std::vector<act_block> & act,
-                  int64_t * quantized, int64_t * waited_ns) {
-    const ggml_tensor * w = dst->src[0];        // Q4_1 [n_in, n_out, n_slots]
-    const ggml_tensor * w_lsb = dst->src[1];    // Q4_1 [n_in, n_out, n_slots_lsb]
-    const ggml_tensor * x = dst->src[2];        // F32  [n_in, k or 1, n_tokens]
-    const ggml_tensor * ids = dst->src[3];      // I32  [k, n_tokens]
-    const ggml_tensor * ids_lsb = dst->src[4];  // I32  [k, n_tokens]
-    const int64_t n_in = w->ne[0], n_out = w->ne[1], k = ids->ne[0];
-    // one token's uses in the order the engine gave (resident slices first), so that the threads
-    // compute those while the misses are still being read
-    const bool reordered = ready && ready->pending() && int64_t(ready->order.size()) == k && ids->ne[1] == 1;
-    for (int64_t row = begin; row < end;) {
-        const int64_t position = (row / n_out) % k, token = row / (n_out * k);
-        const int64_t use = reordered ? ready->order[size_t(position)] : position;
-        const int64_t first = row % n_out, last = std::min(n_out, first + (end - row));
-        row += last - first;
-        float * out = reinterpret_cast<float *>(const_cast<char *>(row_of(dst, use, token)));
-        const int32_t slot = id_at(ids, use, token);
-        const int32_t slot_lsb = slot < 0 ? -1 : id_at(ids_lsb, use, token);
-        if (slot >= 0 && ready && !(wait_for_slot(ready, ready->msb_read, slot, waited_ns) &&
-                                    wait_for_slot(ready, ready->lsb_read, slot_lsb, waited_ns))) {
-            std::memset(out + first, 0, size_t(last - first) * sizeof(float));   // the ubatch fails
-            continue;
-        }
-        if (slot < 0) {
-            std::memset(out + first, 0, size_t(last - first) * sizeof(float));
-            continue;
-        }
-        const int64_t column = x->ne[1] == 1 ? 0 : use;
-        if (token * x->ne[1] + column != *quantized) {
-            quantize_activations(KERNEL_AUTO, reinterpret_cast<const float *>(row_of(x, column, token)), n_in, act.data());
-            *quantized = token * x->ne[1] + column;
-        }
-        for (int64_t r = first; r < last; ++r) {
-            const auto * msb = reinterpret_cast<const q4_1_block *>(row_of(w, r, slot));
-            const auto * lsb = slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, r, slot_lsb)) : nullptr;
-            out[r] = row_dot(KERNEL_AUTO, msb, lsb, act.data(), n_in / 32);
-        }
-    }
-}
-
-// The op's work queue lives in the node's own op_params, after the custom op's parameters (a
-// function, a count and a pointer): the next chunk to claim and how many threads have found the
-// queue empty. The last of those resets both, so the node's next run (ggml reuses graphs) starts
-// at zero; ggml's barrier after every node orders that reset before the next run. 32-bit counters:
-// op_params is an int32_t array, so only 4-byte alignment is certain, and an atomic that is not
-// naturally aligned faults on arm64 (SIGBUS).
-constexpr size_t QUEUE_OFFSET = 32;
-static_assert(QUEUE_OFFSET >= 3 * sizeof(void *) && QUEUE_OFFSET + 2 * sizeof(int32_t) <= GGML_MAX_OP_PARAMS &&
-              QUEUE_OFFSET % sizeof(int32_t) == 0, "the queue fits in op_params after ggml_custom_op_params");
-
-int32_t * queue_of(ggml_tensor * dst) {
-    return reinterpret_cast<int32_t *>(reinterpret_cast<char *>(dst->op_params) + QUEUE_OFFSET);
-}
-
-// dst [n_out, k, n_tokens] = for each use u of token t: W[ids[u, t]] x[:, u or 0, t], plus
-// W_lsb[ids_lsb[u, t]] x when that id is >= 0. A negative MSB id (a dropped use) gives a zero row.
-// Threads claim chunks of output rows as they go (as ggml's mul_mat does: a thread slowed by the
-// machine takes fewer), and each quantizes the activations of the uses its rows belong to (a few
-// KiB, against the MiB of weights each use reads).
-void expert_product_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    auto * ready = static_cast<product_ready *>(userdata);
-    const int64_t n_in = dst->src[0]->ne[0];
-    const int64_t total = dst->ne[0] * dst->ne[1] * dst->ne[2];
-    const int64_t chunk = std::max<int64_t>(16, total / (int64_t(nth) * 8));
-    const int64_t n_chunks = (total + chunk - 1) / chunk;
-    int32_t * queue = queue_of(dst);   // [0]: chunks claimed beyond the first nth, [1]: threads done
-    thread_local std::vector<act_block> act;
-    act.resize(size_t(n_in / 32));
-    int64_t quantized = -1, waited_ns = 0;
-    for (int64_t c = ith; c < n_chunks; c = nth + int64_t(__atomic_fetch_add(&queue[0], 1, __ATOMIC_RELAXED))) {
-        product_rows(dst, ready, c * chunk, std::min(total, (c + 1) * chunk), act, &quantized, &waited_ns);
-    }
-    if (waited_ns > 0) {   // the time this op was held up by reads: its slowest thread's
-        std::atomic<int64_t> & longest = ready->waited_ns;
-        int64_t seen = longest.load(std::memory_order_relaxed);
-        while (waited_ns > seen && !longest.compare_exchange_weak(seen, waited_ns, std::memory_order_relaxed)) {
-        }
-    }
-    if (__atomic_add_fetch(&queue[1], 1, __ATOMIC_ACQ_REL) == nth) {
-        __atomic_store_n(&queue[0], 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&queue[1], 0, __ATOMIC_RELEASE);
-    }
-}
-
-bool host_q4_1(const ggml_tensor * t) {
-    return t->type == GGML_TYPE_Q4_1 && t->buffer && ggml_backend_buffer_is_host(t->buffer);
-}
-
-} // namespace
-
-ggml_tensor * build_expert_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
-                                   ggml_tensor * ids, ggml_tensor * ids_lsb, product_ready * ready) {
-    const bool fits = host_q4_1(w) && host_q4_1(w_lsb) && w->ne[0] == w_lsb->ne[0] && w->ne[1] == w_lsb->ne[1] &&
-                      w->ne[0] % 32 == 0 && x->type == GGML_TYPE_F32 && x->nb[0] == sizeof(float) &&
-                      x->ne[0] == w->ne[0] && ids->type == GGML_TYPE_I32 && ids_lsb && ids_lsb->type == GGML_TYPE_I32 &&
-                      ids_lsb->ne[0] == ids->ne[0] && ids_lsb->ne[1] == ids->ne[1] && x->ne[2] == ids->ne[1] &&
-                      (x->ne[1] == 1 || x->ne[1] == ids->ne[0]);
-    if (!fits) {
-        return nullptr;
-    }
-    ggml_tensor * args[] = { w, w_lsb, x, ids, ids_lsb };
-    ggml_tensor * product = ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, 5,
-                                           expert_product_op, GGML_N_TASKS_MAX, ready);
-    ggml_format_name(product, "slicemoe_product");
-    return product;
 }
 
 } // namespace slicemoe
