@@ -24,17 +24,29 @@ def enum_values(enum: str) -> dict[str, int]:
 
 
 @functools.cache
-def policies(*, live_only: bool = False) -> dict[str, int]:
+def policies(*, live_only: bool = False, needs_logits: bool = False) -> dict[str, int]:
     """The cache policies by name, as the native policy tables spell them (live_only: leave out
-    those that need the future and run only in replay)."""
+    those that need the future and run only in replay; needs_logits: only those that bias the
+    router, whose replay needs a trace with the router logits)."""
     native, out = lib(), {}
     for policy in range(64):
         name = native.slicemoe_policy_name(policy)
         if name == ffi.NULL:
             break
-        if native.slicemoe_policy_runs_live(policy) or not live_only:
+        if (native.slicemoe_policy_runs_live(policy) or not live_only) and \
+                (native.slicemoe_policy_needs_logits(policy) or not needs_logits):
             out[ffi.string(name).decode()] = policy
     return out
+
+
+@functools.cache
+def policy_demands() -> dict[str, str | None]:
+    """Each policy's demand as the offline optimum bounds it (slicemoe_policy_demand): the rule of
+    the uses it serves at 8 bits ("auto", "high", "low", "dymoe", "adapmoe"), or None."""
+    native = lib()
+    return {name: (ffi.string(native.slicemoe_policy_demand(policy)).decode()
+                   if native.slicemoe_policy_demand(policy) != ffi.NULL else None)
+            for name, policy in policies().items()}
 
 
 SETTING_KINDS = ("size", "choice", "number", "flag")   # enum slicemoe_setting_kind

@@ -194,16 +194,11 @@ def optimum(trace: Trace, budget: int, *, rule: str = "auto", high_threshold: fl
     return Optimum(lower, upper, exact, tokens, n_high, n_uses)
 
 
-# the demand each replayable policy serves; None: its precision follows the cache state (hobbit)
-# or it changes the routing (cache_prior), so no fixed demand's optimum bounds it
-POLICY_DEMAND = {"dbsc": "auto", "lru8": "high", "lfu8": "high", "belady": "high", "lru4": "low",
-                 "dymoe": "dymoe", "adapmoe": "adapmoe", "hobbit": None, "cache_prior": None}
-
-
 def compare(trace: Trace, budget: int, settings: dict) -> dict:
     """Every replayable policy's flash bytes at `budget` next to the optimum of the demand it
     serves and to the optimum of the demand `settings["precision"]` asks for (auto: dbsc's rule).
     settings: the cache settings of `trace.replay` (policy is ignored)."""
+    from .cache_params import policies, policy_demands
     from .trace import replay
 
     if settings.get("max_miss_rate", 0.0) > 0.0:
@@ -223,10 +218,13 @@ def compare(trace: Trace, budget: int, settings: dict) -> dict:
     replay_settings = {k: v for k, v in settings.items() if k not in ("policy", "precision", "layer_slots")}
     # the demand of a calibrated dymoe or adapmoe is not the rule's: compare those on their own only
     calibrated = {"dymoe": bool(settings.get("layer_high_uses")), "adapmoe": bool(settings.get("layer_sensitivity"))}
-    policies = [p for p in POLICY_DEMAND if p != "cache_prior" or trace.logits is not None]
-    for policy in policies:
+    # the demand each policy serves (the policy tables'); None: no fixed demand's optimum bounds it
+    demands = policy_demands()
+    needs_logits = policies(needs_logits=True)
+    names = [p for p in demands if p not in needs_logits or trace.logits is not None]
+    for policy in names:
         stats = replay(trace, budget=budget, policy=policy, **replay_settings)
-        rule = None if calibrated.get(policy) else POLICY_DEMAND[policy]
+        rule = None if calibrated.get(policy) else demands[policy]
         own = optimum_of(rule) if rule else None
         # an online policy that ran fewer 8-bit uses than its rule asks (dbsc when every LSB slot
         # serves the token already) served less than the demand, and the optimum does not bound it

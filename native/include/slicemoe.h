@@ -273,6 +273,13 @@ SLICEMOE_API const char * slicemoe_system_info(void);         // llama.cpp's CPU
 SLICEMOE_API const char * slicemoe_kernel_name(int32_t kernel);   // "avx512vnni", "avx2", "neon-dotprod", "neon", "scalar"; NULL if this CPU lacks it
 SLICEMOE_API const char * slicemoe_policy_name(int32_t policy);   // "dbsc", "lru8", ... as --policy spells it; NULL for an unknown id
 SLICEMOE_API bool slicemoe_policy_runs_live(int32_t policy);      // false: it needs the future (replay only), or an unknown id
+// The 8-bit uses a policy serves, as `slicemoe sim --optimum` bounds them: "auto" (the threshold
+// rule), "high", "low", "dymoe", "adapmoe"; NULL when no fixed demand bounds it (hobbit's precision
+// follows the cache, cache_prior reroutes) or for an unknown id.
+SLICEMOE_API const char * slicemoe_policy_demand(int32_t policy);
+// Whether it biases the router (cache_prior): live it reads the logits, and a replay needs a trace
+// that recorded them.
+SLICEMOE_API bool slicemoe_policy_needs_logits(int32_t policy);
 SLICEMOE_API int32_t slicemoe_setting_count(void);
 SLICEMOE_API bool slicemoe_setting_get(int32_t i, struct slicemoe_setting * out);   // false past the last
 SLICEMOE_API const char * slicemoe_setting_choice(int32_t i, int32_t value);        // the name of a CHOICE value; NULL past the last

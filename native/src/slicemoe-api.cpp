@@ -189,6 +189,16 @@ bool slicemoe_policy_runs_live(int32_t policy) {
     return iface && iface->runs_live;
 }
 
+bool slicemoe_policy_needs_logits(int32_t policy) {
+    const slicemoe::policy_i * iface = slicemoe::policy_table(policy);
+    return iface && iface->router_bias;
+}
+
+const char * slicemoe_policy_demand(int32_t policy) {
+    const slicemoe::policy_i * iface = slicemoe::policy_table(policy);
+    return iface ? iface->demand : nullptr;
+}
+
 int32_t slicemoe_setting_count(void) {
     return slicemoe::n_settings();
 }

@@ -230,17 +230,17 @@ double farthest_next_use(const policy & self, const slice_view & slice) {
 
 // ---- the tables, in the order of enum slicemoe_policy ----
 
-//               name     precision shares live   init              free            drop_use      high_use    evict_key          count_use        begin_token      router_bias       see_trace   threshold
+//               name     precision shares live   demand     init              free            drop_use      high_use    evict_key          count_use        begin_token      router_bias       see_trace   threshold
 const policy_i POLICIES[] = {
-    { "dbsc",        AUTO, true,  true,  init_dbsc,        free_threshold, nullptr,      important,  coldest,           count_dbsc,      adapt_threshold, nullptr,          nullptr,    current_threshold },
-    { "lru8",        HIGH, false, true,  nullptr,          nullptr,        nullptr,      nullptr,    least_recent,      nullptr,         nullptr,         nullptr,          nullptr,    nullptr },
-    { "lfu8",        HIGH, false, true,  nullptr,          nullptr,        nullptr,      nullptr,    least_frequent,    nullptr,         nullptr,         nullptr,          nullptr,    nullptr },
-    { "lru4",        LOW,  false, true,  nullptr,          nullptr,        nullptr,      nullptr,    least_recent,      nullptr,         nullptr,         nullptr,          nullptr,    nullptr },
-    { "belady",      HIGH, false, false, init_belady,      free_belady,    nullptr,      nullptr,    farthest_next_use, nullptr,         nullptr,         nullptr,          see_future, nullptr },
-    { "hobbit",      AUTO, false, true,  init_threshold,   free_threshold, nullptr,      hobbit_use, least_recent,      count_threshold, adapt_threshold, nullptr,          nullptr,    current_threshold },
-    { "dymoe",       AUTO, false, true,  nullptr,          nullptr,        nullptr,      dymoe_rank, least_recent,      nullptr,         nullptr,         nullptr,          nullptr,    nullptr },
-    { "cache_prior", AUTO, false, true,  init_cache_prior, free_threshold, nullptr,      important,  least_recent,      count_threshold, adapt_threshold, cache_prior_bias, nullptr,    current_threshold },
-    { "adapmoe",     HIGH, false, true,  nullptr,          nullptr,        adapmoe_drop, nullptr,    least_recent,      nullptr,         nullptr,         nullptr,          nullptr,    nullptr },
+    { "dbsc",        AUTO, true,  true,  "auto",    init_dbsc,        free_threshold, nullptr,      important,  coldest,           count_dbsc,      adapt_threshold, nullptr,          nullptr,    current_threshold },
+    { "lru8",        HIGH, false, true,  "high",    nullptr,          nullptr,        nullptr,      nullptr,    least_recent,      nullptr,         nullptr,         nullptr,          nullptr,    nullptr },
+    { "lfu8",        HIGH, false, true,  "high",    nullptr,          nullptr,        nullptr,      nullptr,    least_frequent,    nullptr,         nullptr,         nullptr,          nullptr,    nullptr },
+    { "lru4",        LOW,  false, true,  "low",     nullptr,          nullptr,        nullptr,      nullptr,    least_recent,      nullptr,         nullptr,         nullptr,          nullptr,    nullptr },
+    { "belady",      HIGH, false, false, "high",    init_belady,      free_belady,    nullptr,      nullptr,    farthest_next_use, nullptr,         nullptr,         nullptr,          see_future, nullptr },
+    { "hobbit",      AUTO, false, true,  nullptr,   init_threshold,   free_threshold, nullptr,      hobbit_use, least_recent,      count_threshold, adapt_threshold, nullptr,          nullptr,    current_threshold },
+    { "dymoe",       AUTO, false, true,  "dymoe",   nullptr,          nullptr,        nullptr,      dymoe_rank, least_recent,      nullptr,         nullptr,         nullptr,          nullptr,    nullptr },
+    { "cache_prior", AUTO, false, true,  nullptr,   init_cache_prior, free_threshold, nullptr,      important,  least_recent,      count_threshold, adapt_threshold, cache_prior_bias, nullptr,    current_threshold },
+    { "adapmoe",     HIGH, false, true,  "adapmoe", nullptr,          nullptr,        adapmoe_drop, nullptr,    least_recent,      nullptr,         nullptr,         nullptr,          nullptr,    nullptr },
 };
 
 } // namespace

@@ -87,6 +87,9 @@ struct policy_i {
     bool         shares_slots;   // an MSB or an LSB slice per slot (the adaptive split), where the
                                  // two have one shape and the budget holds less than everything
     bool         runs_live;      // false: it needs the future, so it runs only in trace replay
+    const char * demand;         // the uses it serves at 8 bits, as the offline optimum bounds them:
+                                 // "auto" (the threshold rule), "high", "low", "dymoe", "adapmoe";
+                                 // nullptr: none (its precision follows the cache, or it reroutes)
 
     // Every hook may be nullptr: no state, never dropped, never 8-bit by choice, nothing to do.
     // The policy's state for an engine of this shape (nullptr: stateless); freed by free.
