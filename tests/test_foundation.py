@@ -66,6 +66,7 @@ def test_tokenizer_matches_transformers(tiny_checkpoints, stock_gguf):
             assert model.detokenize(ids) == text
 
 
+@pytest.mark.slow
 def test_python_api_streams_the_same_tokens_as_generate(stock_gguf):
     with Model(stock_gguf("qwen2_moe")) as model:
         result = model.generate(PROMPT, 8, keep_logits=True, stop_at_eog=False)

@@ -84,6 +84,7 @@ def _decode(path, budget: int):
         return result, model.cache_stats()
 
 
+@pytest.mark.slow
 def test_reads_overlapped_with_the_products_compute_what_reading_first_computes(embedded, monkeypatch):
     """With SLICEMOE_OVERLAP=1 a step's misses are read while the fused products compute the uses
     whose slices are resident, each product waiting for the slots it reads: the logits and every
@@ -105,7 +106,8 @@ def test_reads_overlapped_with_the_products_compute_what_reading_first_computes(
 
 
 @pytest.mark.parametrize("after", [1, 4, 7, 13])
-@pytest.mark.parametrize("reads", ["overlapped", "overlapped and slow", "first"])
+@pytest.mark.parametrize("reads", ["first", pytest.param("overlapped", marks=pytest.mark.slow),
+                                   pytest.param("overlapped and slow", marks=pytest.mark.slow)])
 def test_a_read_failing_inside_a_batch_leaves_no_slot_half_filled(embedded, after, reads, monkeypatch):
     """Reads fail from the `after`-th on, in the middle of a step's batch (read first, or while the
     products wait for them): the decode stops with an I/O error, the slots whose reads failed are

@@ -170,6 +170,7 @@ def test_belady_on_a_recorded_trace_beats_lru_and_lfu(sliced):
             assert belady["misses"] <= traces.replay(trace, policy=policy, budget=budget)["misses"]
 
 
+@pytest.mark.slow
 def test_a_stock_model_can_be_traced(stock_gguf, tmp_path):
     path = tmp_path / "stock.jsonl"
     run_cli("trace", "-m", str(stock_gguf("olmoe")), "-p", PROMPT, "-n", "8", "--ignore-eos", "-o", str(path))
