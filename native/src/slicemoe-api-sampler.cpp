@@ -28,16 +28,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#ifndef SLICEMOE_VERSION
-#define SLICEMOE_VERSION "dev"
-#endif
-#ifndef SLICEMOE_LLAMA_CPP_PYTHON_VERSION
-#define SLICEMOE_LLAMA_CPP_PYTHON_VERSION "unknown"
-#endif
-#ifndef SLICEMOE_LLAMA_CPP_COMMIT
-#define SLICEMOE_LLAMA_CPP_COMMIT "unknown"
-#endif
-
 using namespace slicemoe::api;
 
 // ---------------------------------------------------------------------------------------------
