@@ -213,6 +213,8 @@ typedef struct slicemoe_cache_stats {
     int64_t prefetch_wasted_bytes;  // ... and did not
     int64_t device_pool_bytes;  // of pool_bytes, the part in device memory (offloaded layers' pools)
     int32_t io_direct;         // 1: misses are read with O_DIRECT, 0: buffered pread
+    int64_t dense_copied_bytes;  // dense weights copied out of the file mapping into anonymous
+                                 // memory at load, where page cache pressure cannot evict them
 } slicemoe_cache_stats_t;
 
 typedef struct slicemoe_layer_stats {

@@ -264,6 +264,10 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     }
     c->totals.warmup_loads = c->totals.loads;
     c->mapped = params.use_mmap;
+    if (!keep_dense_resident(*c, error)) {
+        *status = SLICEMOE_ERR_IO;
+        return nullptr;
+    }
     release_mapped(*c);
     return c;
 }

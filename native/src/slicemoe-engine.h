@@ -245,6 +245,11 @@ void free_slot(cache & c, layer & L, pool & p, int slot);
 bool ensure(cache & c, layer & L, pool & p, int expert, bool * hit);
 // A resident slice of `expert` is not a victim within the current step.
 void protect_for_step(cache & c, pool & p, int expert);
+
+// ---- the model file's mapping (slicemoe-mapping.cpp) ----
+// Copy the dense weights' pages out of the file mapping into anonymous memory, so that page cache
+// pressure never evicts them; false (and *error) if the copy failed.
+bool keep_dense_resident(cache & c, std::string * error);
 // Hand the mapped expert tensors' pages back after loading and after each prompt.
 void release_mapped(cache & c);
 

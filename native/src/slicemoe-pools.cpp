@@ -1,13 +1,10 @@
 // The pools and the load queue: which slot a slice goes to (the policy's eviction order), the
-// reads a step queues and flushes at once, evictions, and handing the mapped experts' pages back.
+// reads a step queues and flushes at once, evictions.
 
 #include "slicemoe-engine.h"
 
 #include <chrono>
-#include <fcntl.h>
 #include <string>
-#include <sys/mman.h>
-#include <unistd.h>
 #include <vector>
 
 namespace slicemoe {
@@ -264,26 +261,6 @@ bool ensure(cache & c, layer & L, pool & p, int expert, bool * hit) {
 void protect_for_step(cache & c, pool & p, int expert) {
     const int slot = p.n_slots > 0 ? p.expert_slot[size_t(expert)] : -1;
     if (slot >= 0) p.last_use[size_t(slot)] = c.clock;
-}
-
-// llama.cpp maps the file and prefetches all of it; the expert tensors are only read by prefill,
-// so their pages are handed back (to the file, not dropped as data) after loading and after each
-// prompt, and resident memory is the pools plus the dense weights.
-void release_mapped(cache & c) {
-    if (!c.mapped) return;
-    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
-    for (const layer & L : c.layers) {
-        for (const ggml_tensor * t : L.mapped) {
-            const uintptr_t begin = (uintptr_t(t->data) + page - 1) / page * page;
-            const uintptr_t end = (uintptr_t(t->data) + ggml_nbytes(t)) / page * page;
-            if (end > begin) {
-                madvise((void *) begin, end - begin, MADV_DONTNEED);
-            }
-        }
-    }
-#if defined(POSIX_FADV_DONTNEED)
-    posix_fadvise(c.io->fd(), 0, 0, POSIX_FADV_DONTNEED);
-#endif
 }
 
 } // namespace slicemoe
