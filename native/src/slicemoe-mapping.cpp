@@ -45,12 +45,10 @@ std::pair<uintptr_t, uintptr_t> file_mapping(const cache & c) {
     const layer & first = c.layers.front();
     const uintptr_t begin = uintptr_t(first.mapped[0]->data) - uintptr_t(first.msb.file_offset[0]);
     if (begin % page_size() != 0) return { 0, 0 };
+    // the MSB tensors only: an LSB pool without slots (a 4-bit policy) never looked up its offsets
     for (const layer & L : c.layers) {
         for (int j = 0; j < N_PROJ; ++j) {
-            const bool msb_ok = uintptr_t(L.mapped[j]->data) == begin + uintptr_t(L.msb.file_offset[j]);
-            const bool lsb_ok = !L.mapped[N_PROJ + j] ||
-                                uintptr_t(L.mapped[N_PROJ + j]->data) == begin + uintptr_t(L.lsb.file_offset[j]);
-            if (!msb_ok || !lsb_ok) return { 0, 0 };
+            if (uintptr_t(L.mapped[j]->data) != begin + uintptr_t(L.msb.file_offset[j])) return { 0, 0 };
         }
     }
     return { begin, begin + uintptr_t(st.st_size) };
