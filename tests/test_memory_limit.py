@@ -85,6 +85,7 @@ def _decode_in_a_cgroup(model: Path, budget: int, policy: str, reclaim: bool) ->
         _evict_from_page_cache(model)   # its pages come in on this group's account, where its reclaim reaches
         child = subprocess.run([sys.executable, "-c", CHILD, str(model), str(budget), str(group), str(N_CTX),
                                 str(N_BATCH), "reclaim" if reclaim else "keep", policy], capture_output=True, text=True,
+                               cwd=model.parent,   # not the source tree, whose package has no native library
                                preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())), timeout=300)
     finally:
         group.rmdir()
