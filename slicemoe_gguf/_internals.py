@@ -114,6 +114,9 @@ class NativeModel:
     def fail_reads_after(self, n_reads: int) -> None:
         self._lib.slicemoe_cache_fail_reads_after(self.handle, n_reads)
 
+    def release_cache(self) -> None:
+        self._lib.slicemoe_cache_release(self.handle)
+
     def trace_top_k(self) -> int:
         return int(self._lib.slicemoe_trace_top_k(self.handle))
 

@@ -209,6 +209,12 @@ class Model:
     def reset_cache_stats(self) -> None:
         self._model.reset_cache_stats()
 
+    def release_cache(self) -> None:
+        """Empty the slice pools and give their memory back to the system, for a process going idle
+        (on a phone, before the system reclaims it: swapped-out pools come back 4 KiB at a time,
+        released ones as the next tokens' misses, read from the file). The model stays usable."""
+        self._model.release_cache()
+
     def fail_reads_after(self, n_reads: int) -> None:
         """Testing: make every slice read after the next n_reads fail (-1 turns it off)."""
         self._model.fail_reads_after(n_reads)

@@ -1,5 +1,6 @@
 """Under a memory limit at the stated resident figure, decode reads nothing but the engine's own
-misses: the dense weights are never evicted and re-read by page faults.
+misses: the dense weights are never evicted and re-read by page faults. An idle process can hand
+its pools back and decode on as before.
 
 The run is a real one in a child process inside a memory cgroup (root only: creating one needs it).
 After a warm-up the kernel is made to reclaim every page of the group it can (memory.force_empty,
@@ -16,8 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from slicemoe_gguf import Model
 from slicemoe_gguf.embedded import embedded_gguf
 from slicemoe_gguf.memory import routed_expert_bytes
 from slicemoe_gguf.model_info import describe
@@ -126,3 +129,43 @@ def test_decode_under_the_stated_memory_reads_what_an_unpressed_run_reads(model_
     # a few pages of code may come back (the engine's library is file-backed too); the dense
     # weights are 2 MiB, and left in the file mapping they all came back (measured: 11.8 MB read)
     assert 0 <= reclaimed["read_bytes"] - kept["read_bytes"] <= 64 * 1024, (kept, reclaimed)
+
+
+def _rss_anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["RssAnon"].split()[0]) * 1024
+
+
+def _decode(model: Model, n: int, release_after: int | None = None) -> tuple[list[int], list[np.ndarray]]:
+    tokens, rows = [], []
+    model.eval(model.tokenize("ROMEO.\nBut soft, what light through yonder window breaks?"))
+    for step in range(n):
+        if step == release_after:
+            model.release_cache()
+        rows.append(model.logits().copy())
+        tokens.append(int(np.argmax(rows[-1])))
+        model.eval(tokens[-1:])
+    return tokens, rows
+
+
+def test_a_released_cache_gives_its_memory_back_and_decodes_the_same_model(model_copy):
+    """An idle process hands its pools back; the decode that follows computes what it would have
+    computed (lru8: fixed precision, so bit for bit), reading its slices again as misses."""
+    budget = routed_expert_bytes(describe(model_copy)) // 2
+    with Model(model_copy, cache_budget=budget, policy="lru8", n_threads=2) as model:
+        kept_tokens, kept_logits = _decode(model, 12)
+        kept = model.cache_stats()
+    with Model(model_copy, cache_budget=budget, policy="lru8", n_threads=2) as model:
+        _decode(model, 4)
+        pools = model.cache_stats()["pool_bytes"]
+        before = _rss_anon_bytes()
+        model.release_cache()
+        assert before - _rss_anon_bytes() >= 0.9 * pools   # the pools' pages went back to the system
+        model.reset()
+        tokens, logits = _decode(model, 12, release_after=6)   # and once more mid-decode
+        released = model.cache_stats()
+    assert tokens == kept_tokens
+    for row, kept_row in zip(logits, kept_logits):
+        assert np.array_equal(row, kept_row)
+    assert released["misses"] > kept["misses"]   # what was released was read again

@@ -328,6 +328,11 @@ SLICEMOE_API int     slicemoe_cache_get_stats(const slicemoe_model * model, slic
 SLICEMOE_API int32_t slicemoe_cache_n_layers(const slicemoe_model * model);
 SLICEMOE_API int     slicemoe_cache_get_layer_stats(const slicemoe_model * model, int32_t i, slicemoe_layer_stats_t * out);
 SLICEMOE_API void    slicemoe_cache_reset_stats(slicemoe_model * model);
+// Empty the pools and hand their memory back to the system, for a process going idle: memory
+// pressure would otherwise swap the pools out and the next tokens fault them back 4 KiB at a time;
+// after this the next uses read their slices from the file as misses (counted as such). Counters
+// and the policy's settings are kept. Waits for any ubatch in flight.
+SLICEMOE_API void    slicemoe_cache_release(slicemoe_model * model);
 // Testing: every read after the next n_reads fails as an I/O error would (-1 = never).
 SLICEMOE_API void    slicemoe_cache_fail_reads_after(slicemoe_model * model, int64_t n_reads);
 // Why misses are read buffered although the file system opened the file with O_DIRECT: its direct

@@ -77,6 +77,16 @@ void slicemoe_cache_reset_stats(slicemoe_model * model) {
     });
 }
 
+void slicemoe_cache_release(slicemoe_model * model) {
+    guard_value(0, [&]() -> int {
+        if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {
+            const auto lock = hold(c);
+            slicemoe::release_pools(*c);
+        }
+        return 0;
+    });
+}
+
 void slicemoe_cache_fail_reads_after(slicemoe_model * model, int64_t n_reads) {
     guard_value(0, [&]() -> int {
         if (slicemoe::cache * c = model ? slicemoe::cache_of(model->model) : nullptr) {

@@ -66,7 +66,7 @@ std::unique_ptr<cache> build_uncached(const llama_model * model, const slicemoe_
 // The host pools of ctx in one page-aligned allocation, each tensor on a page boundary: a slot of
 // a slice size that is a multiple of 4 KiB then takes an O_DIRECT read straight into place.
 // nullptr when the memory cannot be had.
-ggml_backend_buffer_t alloc_page_aligned(ggml_context * ctx, std::vector<void *> * owned) {
+ggml_backend_buffer_t alloc_page_aligned(ggml_context * ctx, std::vector<std::pair<void *, size_t>> * owned) {
     constexpr size_t page = 4096;
     size_t size = 0;
     for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
@@ -74,7 +74,7 @@ ggml_backend_buffer_t alloc_page_aligned(ggml_context * ctx, std::vector<void *>
     }
     void * memory = std::aligned_alloc(page, std::max(size, page));
     if (!memory) return nullptr;
-    owned->push_back(memory);
+    owned->push_back({ memory, std::max(size, page) });
     ggml_backend_buffer_t buf = ggml_backend_cpu_buffer_from_ptr(memory, std::max(size, page));
     size_t offset = 0;
     for (ggml_tensor * t = ggml_get_first_tensor(ctx); t && buf; t = ggml_get_next_tensor(ctx, t)) {

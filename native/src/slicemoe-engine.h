@@ -161,7 +161,7 @@ struct cache {
     int64_t              budget = 0;
     std::vector<ggml_context *>          ctxs;   // one per buffer type the pools live in
     std::vector<ggml_backend_buffer_t>   bufs;
-    std::vector<void *>                  host_memory;   // under the host pools' buffers (alloc_page_aligned)
+    std::vector<std::pair<void *, size_t>> host_memory;   // under the host pools' buffers (alloc_page_aligned)
     std::vector<layer>   layers;
     std::unordered_map<int, int> layer_of_il;
     uint64_t             clock = 0;
@@ -178,7 +178,7 @@ struct cache {
     ~cache() {
         io.reset();   // finishes any prefetch still queued: no read in flight from here on
         for (ggml_backend_buffer_t b : bufs) ggml_backend_buffer_free(b);
-        for (void * m : host_memory) std::free(m);
+        for (const auto & [memory, size] : host_memory) std::free(memory);
         for (ggml_context * ctx : ctxs) ggml_free(ctx);
     }
 };

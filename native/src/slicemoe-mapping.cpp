@@ -1,4 +1,5 @@
-// The model file's mapping under a cache: what of it stays resident and how.
+// Resident memory under a cache: what of the model file's mapping stays resident and how, and the
+// pools handed back when the process goes idle.
 //
 // llama.cpp maps the whole file. With a cache, decode reads the routed experts from the pools, so
 // only the dense weights (attention, norms, routers, shared experts, embeddings, output) are used
@@ -130,6 +131,22 @@ void release_mapped(cache & c) {
 #if defined(POSIX_FADV_DONTNEED)
     posix_fadvise(c.io->fd(), 0, 0, POSIX_FADV_DONTNEED);
 #endif
+}
+
+void release_pools(cache & c) {
+    for (layer & L : c.layers) {
+        join_prefetch(c, L);
+        join_step_reads(c, L);   // a failed read empties its slot, and every slot is emptied below
+        for (pool * p : { &L.msb, &L.lsb }) {
+            std::fill(p->slot_expert.begin(), p->slot_expert.end(), -1);
+            std::fill(p->expert_slot.begin(), p->expert_slot.end(), -1);
+            std::fill(p->uses.begin(), p->uses.end(), 0);
+        }
+        std::fill(L.prefetched.begin(), L.prefetched.end(), 0);
+    }
+    for (const auto & [memory, size] : c.host_memory) {
+        madvise(memory, size, MADV_DONTNEED);   // private anonymous memory: reads back as zeros
+    }
 }
 
 } // namespace slicemoe

@@ -83,6 +83,11 @@ int32_t n_layers(const cache * c);
 int     read_layer_stats(const cache * c, int32_t i, slicemoe_layer_stats_t * out);
 void    clear_stats(cache * c);
 void    fail_reads_after(cache * c, int64_t n_reads);
+// Empty every slot of every pool and hand the host pools' pages back to the kernel (an idle
+// process then holds no pool memory, which memory pressure would otherwise swap out and decode
+// fault back page by page); the next uses read their slices from the file as misses
+// (slicemoe-mapping.cpp).
+void    release_pools(cache & c);
 
 // Routing trace of a model run with record_trace.
 struct route;
