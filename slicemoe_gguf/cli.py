@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
                             f"(default {defaults.MAX_QUEUE})")
     serve.add_argument("--max-wait", type=float, default=defaults.MAX_WAIT_S, metavar="SECONDS",
                        help=f"the longest a request waits for the model before a 503 (default {defaults.MAX_WAIT_S} s)")
+    serve.add_argument("--release-idle", type=float, default=defaults.RELEASE_IDLE_S, metavar="SECONDS",
+                       help="after this long without a request, hand the slice pools' memory back to the system; the "
+                            "next request reads its slices again. For a phone, where memory pressure would swap an "
+                            "idle server's pools out and fault them back far slower (docs/building.md) "
+                            "(default 0: never)")
     _add_cache_arguments(serve, live=True)
     serve.set_defaults(func=cmd_serve)
 
@@ -319,8 +324,10 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("--runs must be >= 1")
     if args.command == "serve" and not 0 <= args.port < 65536:
         parser.error("--port must be in [0, 65535]")
-    if args.command == "serve" and (args.max_queue < 0 or not args.max_wait > 0 or not 1 <= args.parallel <= 64):
-        parser.error("--max-queue must be >= 0, --max-wait > 0 (seconds) and --parallel in [1, 64]")
+    if args.command == "serve" and (args.max_queue < 0 or not args.max_wait > 0 or not 1 <= args.parallel <= 64
+                                    or not args.release_idle >= 0):
+        parser.error("--max-queue must be >= 0, --max-wait > 0 (seconds), --parallel in [1, 64] and "
+                     "--release-idle >= 0 (seconds)")
     if args.command == "run":
         if args.prompt is None and args.file is None and not args.route_trace:
             parser.error("one of -p/--prompt, -f/--file or --route-trace is required")

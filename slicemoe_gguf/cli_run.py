@@ -369,7 +369,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     with _open_model(args, n_seq=args.parallel) as model:
         serve(model, host=args.host, port=args.port, name=args.alias, max_queue=args.max_queue,
-              max_wait_s=args.max_wait)
+              max_wait_s=args.max_wait, release_idle_s=args.release_idle)
     return 0
 
 

@@ -29,6 +29,7 @@ IO_MODE = "auto"        # misses read with O_DIRECT where the file system has it
 # slicemoe serve
 MAX_QUEUE = 16          # requests that may wait for the model; more get a 503
 MAX_WAIT_S = 300.0      # the longest a request waits for the model before a 503
+RELEASE_IDLE_S = 0.0    # serve: release the pools after this long without a request (0: never)
 
 # the values of the policy settings above, by name, as Model, replay and the CLI take them
 CACHE_SETTINGS = {

@@ -122,7 +122,7 @@ class Service:
     """The model, its one context, the queue in front of it and the totals /metrics reports."""
 
     def __init__(self, model: Model, name: str, *, max_queue: int = defaults.MAX_QUEUE,
-                 max_wait_s: float = defaults.MAX_WAIT_S):
+                 max_wait_s: float = defaults.MAX_WAIT_S, release_idle_s: float = defaults.RELEASE_IDLE_S):
         self.model = model
         self.name = name
         self.created = int(time.time())
@@ -130,7 +130,7 @@ class Service:
         self.totals = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
         self.running: set[threading.Event] = set()   # the cancel events of the decodes under way
         self.stopping = threading.Event()
-        self.decoder = Decoder(model, model.n_seq, self.account)
+        self.decoder = Decoder(model, model.n_seq, self.account, release_idle_s)
 
     def account(self, reply: Reply) -> None:
         self.totals["requests"] += 1
@@ -387,6 +387,8 @@ def prometheus_text(service: Service) -> str:
     metric("queue_wait_seconds_total", "counter", "Time admitted requests waited for the model.",
            round(admission.wait_s_total, 6))
     metric("queue_wait_seconds_max", "gauge", "The longest wait of an admitted request.", round(admission.wait_s_max, 6))
+    metric("cache_releases_total", "counter", "Times the pools were handed back after --release-idle without a request.",
+           service.decoder.releases)
     stats = service.model.cache_stats()
     if stats is not None:
         for part in ("msb", "lsb"):
@@ -413,10 +415,11 @@ def _batch_fit(model: Model) -> int | None:
 
 
 def serve(model: Model, *, host: str, port: int, name: str | None = None, max_queue: int = defaults.MAX_QUEUE,
-          max_wait_s: float = defaults.MAX_WAIT_S) -> None:
+          max_wait_s: float = defaults.MAX_WAIT_S, release_idle_s: float = defaults.RELEASE_IDLE_S) -> None:
     import uvicorn
 
-    service = Service(model, name or Path(model.path).name, max_queue=max_queue, max_wait_s=max_wait_s)
+    service = Service(model, name or Path(model.path).name, max_queue=max_queue, max_wait_s=max_wait_s,
+                      release_idle_s=release_idle_s)
     fit = _batch_fit(model)
     if fit is not None and fit < model.n_seq:
         print(f"slicemoe serve: the smallest layer's pool holds the experts of {fit} sequence(s) at once; a batch "

@@ -40,9 +40,11 @@ class Task:
 class Decoder:
     """The thread that decodes every task in flight (at most n_slots: the caller admits them)."""
 
-    def __init__(self, model: Model, n_slots: int, account: Callable[[Reply], None]):
+    def __init__(self, model: Model, n_slots: int, account: Callable[[Reply], None], release_idle_s: float = 0.0):
         self.model = model
         self.account = account
+        self.release_idle_s = release_idle_s   # > 0: hand the pools back after this long without work
+        self.releases = 0
         self.free = list(range(n_slots))
         self.active: dict[int, Task] = {}
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -62,12 +64,26 @@ class Decoder:
 
     # -- the thread ---------------------------------------------------------------------------
 
+    def _next(self):
+        """The next item of the inbox: at once when busy; when idle, waiting for it, and handing the
+        pools back first if it takes longer than release_idle_s (a phone's idle app keeps no pools
+        for memory pressure to swap out; the next request reads its slices again)."""
+        if self.active:
+            return self.inbox.get_nowait()
+        if self.release_idle_s > 0 and self.model.has_cache:
+            try:
+                return self.inbox.get(timeout=self.release_idle_s)
+            except queue.Empty:
+                self.model.release_cache()
+                self.releases += 1
+        return self.inbox.get()
+
     def _run(self) -> None:
         closing = False
         while not closing or self.active:
             try:
                 # idle: wait for work; busy: take what has arrived and decode on
-                item = self.inbox.get(block=not self.active)
+                item = self._next()
                 while True:
                     if item is None:
                         closing = True

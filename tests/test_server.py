@@ -328,3 +328,31 @@ def test_four_clients_on_parallel_4_each_get_their_single_client_stream(embedded
         assert _metric(running.base, "slicemoe_slots") == 4
     finally:
         assert running.stop() == 0
+
+
+def _rss_anon_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["RssAnon"].split()[0]) * 1024
+
+
+def test_release_idle_hands_the_pools_back_and_the_next_request_answers_the_same(embedded, tmp_path):
+    running = Server(embedded, tmp_path, "-c", "2048", "--cache-budget", "50%", "--policy", "lru8",
+                     "--release-idle", "0.5")
+    try:
+        request = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+        status, first, _ = _post(running.base, "/v1/completions", request)
+        assert status == 200
+        held = _rss_anon_bytes(running.proc.pid)
+        deadline = time.monotonic() + 20
+        while _metric(running.base, "slicemoe_cache_releases_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _metric(running.base, "slicemoe_cache_releases_total") == 1   # once per idle period
+        released = _rss_anon_bytes(running.proc.pid)
+        misses = _metric(running.base, 'slicemoe_cache_misses_total{slice="msb"}')
+        status, again, _ = _post(running.base, "/v1/completions", request)
+        assert status == 200 and again["choices"][0]["text"] == first["choices"][0]["text"]
+        assert _metric(running.base, 'slicemoe_cache_misses_total{slice="msb"}') > misses   # read again
+        assert held - released > 2**20   # the embedded model's pools at 50%: about 4 MiB
+    finally:
+        assert running.stop() == 0
