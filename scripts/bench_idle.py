@@ -28,7 +28,7 @@ import numpy as np
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 from bench_side_by_side import MemoryLimit, cold, widened_route  # noqa: E402
-from benchlib import machine_line, markdown_table  # noqa: E402
+from benchlib import emit, machine_line, markdown_table  # noqa: E402
 
 MiB = 1 << 20
 ZSWAP = Path("/sys/module/zswap/parameters/enabled")
@@ -170,9 +170,7 @@ def main() -> int:
         markdown_table(["pools", "RSS when idle (MiB)", "squeezed to (MiB)", "swapped out (MB)",
                         "ms/token before", "first token after (ms)", "ms/token after", "swapped in (MB)",
                         "read by the engine after (MB)"], rows)])
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    emit(text + "\n", args.output)
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 from bench_side_by_side import CONFIGS, HEADROOM, MemoryLimit, run_row, widened_route  # noqa: E402
-from benchlib import machine_line, markdown_table  # noqa: E402
+from benchlib import emit, machine_line, markdown_table  # noqa: E402
 
 MiB = 1 << 20
 N_CTX = 512   # bench_side_by_side's child runs this context
@@ -101,9 +101,7 @@ def main() -> int:
         f"{args.threads} threads, page cache dropped before every row, {args.n_decode} decode tokens.", "",
         markdown_table(["configuration", "memory limit", "dense weights", "decode ms/token", "vs unlimited",
                         "read MB/token (process)", "miss MB/token (engine)"], rows)])
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    emit(text + "\n", args.output)
     return 0
 
 
