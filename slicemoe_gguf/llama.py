@@ -75,14 +75,29 @@ class Llama(llama_cpp.Llama):
         """The slice cache's counters (as slicemoe_gguf.Model.cache_stats), None without a cache."""
         return cache_stats(self)
 
+    def release_cache(self) -> None:
+        """Empty the slice pools and give their memory back (as slicemoe_gguf.Model.release_cache)."""
+        release_cache(self)
 
-def cache_stats(llm: "llama_cpp.Llama") -> dict | None:
-    """Counters of the slice cache of any llama_cpp.Llama running on our library, None without one."""
+
+def _wrapped(llm: "llama_cpp.Llama"):
+    """Our handle on the model of a llama_cpp.Llama running on our library."""
     native = lib()
     pointer = llm._model.model   # llama-cpp-python's struct llama_model * (a ctypes void pointer)
     handle = ffi.new("slicemoe_model **")
     check(native.slicemoe_model_wrap(ffi.cast("void *", int(pointer)), handle))
-    wrapped = ffi.gc(handle[0], native.slicemoe_model_free)
+    return ffi.gc(handle[0], native.slicemoe_model_free)
+
+
+def release_cache(llm: "llama_cpp.Llama") -> None:
+    """Empty the slice pools of any llama_cpp.Llama running on our library (nothing without a cache)."""
+    lib().slicemoe_cache_release(_wrapped(llm))
+
+
+def cache_stats(llm: "llama_cpp.Llama") -> dict | None:
+    """Counters of the slice cache of any llama_cpp.Llama running on our library, None without one."""
+    native = lib()
+    wrapped = _wrapped(llm)
     n_layers = native.slicemoe_cache_n_layers(wrapped)
     if n_layers == 0:
         return None

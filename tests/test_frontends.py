@@ -157,8 +157,17 @@ def test_llama_cpp_python_runs_on_our_library_with_the_cache(embedded, reference
             if len(tokens) == {N}:
                 break
         from slicemoe_gguf._native import library_path
-        print(json.dumps({{"tokens": tokens, "cache": llm.cache_stats(), "ours": str(library_path()),
-                          "library": llama_cpp.llama_cpp._lib._name}}))
+        cache = llm.cache_stats()
+        llm.release_cache()   # going idle: the pools are emptied, the next tokens read them again
+        llm.reset()
+        again = []
+        for token in llm.generate(llm.tokenize({PROMPT!r}.encode()), temp=0.0):
+            again.append(token)
+            if len(again) == {N}:
+                break
+        print(json.dumps({{"tokens": tokens, "cache": cache, "ours": str(library_path()),
+                          "library": llama_cpp.llama_cpp._lib._name, "again": again,
+                          "misses_again": llm.cache_stats()["misses"] - cache["misses"]}}))
     """, tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -166,6 +175,7 @@ def test_llama_cpp_python_runs_on_our_library_with_the_cache(embedded, reference
     assert out["tokens"] == plain["tokens"]
     assert out["cache"]["misses"] > 0 and out["cache"]["hits"] > 0
     assert out["cache"]["misses"] == plain["cache"]["misses"]
+    assert out["again"] == out["tokens"] and out["misses_again"] > 0
 
 
 def test_a_context_that_brings_its_own_eval_callback_runs_it_after_the_engine(embedded, reference, tmp_path):
