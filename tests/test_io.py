@@ -105,15 +105,39 @@ def test_reads_overlapped_with_the_products_compute_what_reading_first_computes(
     assert slowed_stats["io_ms"] >= 3.0, "the products waited for the slowed reads"
 
 
+@pytest.mark.parametrize("policy", ["dbsc", "lru8", "hobbit", "adapmoe"])
+def test_the_step_as_an_op_of_the_graph_computes_what_the_callbacks_step_computes(embedded, policy, monkeypatch):
+    """With SLICEMOE_GRAPH_STEP=1 a decode step on CPU pools runs inside the graph (an op on the
+    router's selection) instead of stopping the graph at every MoE layer for the eval callback: the
+    same tokens, logits bit for bit and every counter, whichever policy decides."""
+    budget = embedded.stat().st_size // 5
+
+    def decode():
+        with Model(embedded, cache_budget=budget, policy=policy, n_threads=2) as model:
+            result = model.generate(PROMPT, 24, keep_logits=True, stop_at_eog=False)
+            return result, model.cache_stats()
+
+    callback, callback_stats = decode()
+    monkeypatch.setenv("SLICEMOE_GRAPH_STEP", "1")
+    in_graph, in_graph_stats = decode()
+    assert callback_stats["misses"] > 0
+    assert in_graph.tokens == callback.tokens
+    assert np.array_equal(in_graph.logits, callback.logits)
+    for name in COUNTERS + ("high_uses", "low_uses", "dropped_uses"):
+        assert in_graph_stats[name] == callback_stats[name], name
+
+
 @pytest.mark.parametrize("after", [1, 4, 7, 13])
-@pytest.mark.parametrize("reads", ["first", pytest.param("overlapped", marks=pytest.mark.slow),
+@pytest.mark.parametrize("reads", ["first", "in-graph step", pytest.param("overlapped", marks=pytest.mark.slow),
                                    pytest.param("overlapped and slow", marks=pytest.mark.slow)])
 def test_a_read_failing_inside_a_batch_leaves_no_slot_half_filled(embedded, after, reads, monkeypatch):
     """Reads fail from the `after`-th on, in the middle of a step's batch (read first, or while the
     products wait for them): the decode stops with an I/O error, the slots whose reads failed are
     empty (not resident with stale bytes), so the next request computes exactly what a fresh model
     does."""
-    if reads != "first":
+    if reads == "in-graph step":
+        monkeypatch.setenv("SLICEMOE_GRAPH_STEP", "1")
+    elif reads != "first":
         monkeypatch.setenv("SLICEMOE_OVERLAP", "1")
     if reads == "overlapped and slow":
         monkeypatch.setenv("SLICEMOE_FAULT_READ_DELAY_MS", "3")

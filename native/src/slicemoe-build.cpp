@@ -104,6 +104,8 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->prefetch = params.prefetch;
     const char * overlap = std::getenv("SLICEMOE_OVERLAP");
     c->overlap = overlap && std::strcmp(overlap, "1") == 0;
+    const char * graph_step = std::getenv("SLICEMOE_GRAPH_STEP");
+    c->graph_step = graph_step && std::strcmp(graph_step, "1") == 0;
     c->budget = params.cache.budget_bytes;
 
     gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ nullptr };

@@ -29,12 +29,18 @@ bool wants(const cache & c, router_node_kind kind) {
     }
 }
 
+// The selection and probabilities of a layer whose step is an op of the graph are the op's inputs.
+bool in_graph(const eval_chain & chain, const router_node & node) {
+    return (node.kind == NODE_TOPK || node.kind == NODE_PROBS) && size_t(node.layer) < chain.step_in_graph.size() &&
+           chain.step_in_graph[size_t(node.layer)];
+}
+
 bool observe_node(cache & c, const eval_chain & chain, ggml_tensor * t, bool ask) {
     if (c.precision_only) {
         return !ask;   // nothing to observe: the graph runs in one piece
     }
     const auto found = chain.nodes.find(t);
-    if (found == chain.nodes.end() || !wants(c, found->second.kind)) {
+    if (found == chain.nodes.end() || !wants(c, found->second.kind) || in_graph(chain, found->second)) {
         return !ask;   // not ours: never requested (and keep computing if asked to report)
     }
     if (ask) {
@@ -76,6 +82,14 @@ bool observe_node(cache & c, const eval_chain & chain, ggml_tensor * t, bool ask
         ggml_backend_tensor_get(t, L.probs.data(), 0, L.probs.size() * sizeof(float));
         return true;
     }
+    return serve_selection(c, chain, index, t);
+}
+
+} // namespace
+
+bool serve_selection(cache & c, const eval_chain & chain, int index, const ggml_tensor * t) {
+    layer & L = c.layers[size_t(index)];
+    const int64_t n_tokens = t->ne[1];
     // top-k ids: a view [top_k, n_tokens] of the argsort, rows nb[1] bytes apart
     const size_t row_stride = t->nb[1] / sizeof(int32_t);
     c.scratch_ids.resize(size_t((n_tokens - 1) * int64_t(row_stride) + c.top_k));
@@ -97,7 +111,31 @@ bool observe_node(cache & c, const eval_chain & chain, ggml_tensor * t, bool ask
     return access(c, index, phase, n_tokens, c.scratch_ids.data(), int64_t(row_stride), weights.data());
 }
 
-} // namespace
+void graph_step(ggml_tensor * dst, int ith, int /*nth*/, void * userdata) {
+    if (ith != 0) return;   // one task: the policy runs once, the other threads wait at the barrier
+    const auto & [chain, index] = *static_cast<const std::pair<eval_chain *, int> *>(userdata);
+    cache & c = *chain->engine;
+    layer & L = c.layers[size_t(index)];
+    int32_t * slots = static_cast<int32_t *>(dst->data);   // [n_expert] MSB, then [n_expert] LSB
+    std::fill(slots, slots + 2 * c.n_expert, -1);          // a failed step computes no product
+    try {
+        join_prefetch(c, L);
+        if (c.failed) return;
+        const ggml_tensor * probs = dst->src[1];
+        if (wants(c, NODE_PROBS)) {
+            L.probs.assign(static_cast<const float *>(probs->data), static_cast<const float *>(probs->data) + c.n_expert);
+        }
+        if (!serve_selection(c, *chain, index, dst->src[0])) return;
+        std::copy_n(static_cast<const int32_t *>(L.msb_map->data), c.n_expert, slots);
+        if (L.lsb_map) std::copy_n(static_cast<const int32_t *>(L.lsb_map->data), c.n_expert, slots + c.n_expert);
+    } catch (const std::exception & e) {
+        c.failed = true;
+        try {
+            c.error = std::string("slice cache: ") + e.what();
+        } catch (...) {
+        }
+    }
+}
 
 eval_chain * new_chain(cache & c, ggml_backend_sched_eval_callback user, void * user_data) {
     std::lock_guard<std::mutex> lock(c.compute_mutex);
@@ -106,6 +144,8 @@ eval_chain * new_chain(cache & c, ggml_backend_sched_eval_callback user, void * 
     chain.engine = &c;
     chain.user = user;
     chain.user_data = user_data;
+    chain.step_in_graph.assign(c.layers.size(), 0);
+    for (int i = 0; i < int(c.layers.size()); ++i) chain.step_args.push_back({ &chain, i });
     return &chain;
 }
 
@@ -119,6 +159,7 @@ void record_router_node(eval_chain & chain, int layer, router_node_kind kind, co
     // logits begin a new graph, where an address of the last graph may be a different node
     if (layer == 0 && kind == NODE_LOGITS) {
         chain.nodes.clear();
+        std::fill(chain.step_in_graph.begin(), chain.step_in_graph.end(), 0);
     }
     if (t) {
         chain.nodes[t] = { layer, kind };

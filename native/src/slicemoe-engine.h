@@ -127,6 +127,10 @@ struct eval_chain {
                                                              // (ubatches of an engine run one at a time)
     std::unordered_map<const ggml_tensor *, router_node> nodes;   // of the graph built last
     std::vector<int> n_fused;   // per layer: its fused products in the graph built last (3: all)
+    // SLICEMOE_GRAPH_STEP=1: per layer, whether the graph built last serves its decode step in an op
+    // of the graph (graph_step) instead of stopping at its top-k node; and the op's arguments
+    std::vector<char> step_in_graph;
+    std::vector<std::pair<eval_chain *, int>> step_args;
 };
 
 struct cache {
@@ -157,6 +161,9 @@ struct cache {
     // measured on (scripts/bench_overlap.py, full-size OLMoE at 50%), it saved no blocked time and
     // decode ran at 0.91-1.10x the time of reading first (docs/design.md), readers and products sharing two cores.
     bool                 overlap = false;
+    // SLICEMOE_GRAPH_STEP=1: a decode step on CPU pools runs as an op of the graph (graph_step), so a
+    // token is one graph run, without a stop per MoE layer for the eval callback
+    bool                 graph_step = false;
     int                  step_fused = 0;      // the fused products of the layer being served (its graph's)
     int64_t              budget = 0;
     std::vector<ggml_context *>          ctxs;   // one per buffer type the pools live in
@@ -246,6 +253,13 @@ bool ensure(cache & c, layer & L, pool & p, int expert, bool * hit);
 // A resident slice of `expert` is not a victim within the current step.
 void protect_for_step(cache & c, pool & p, int expert);
 
+// ---- the decode step as an op of the graph (slicemoe-callback.cpp) ----
+// Serve the selection node t ([top_k, n_tokens] expert ids) of engine layer `index`, as the eval
+// callback does when it is shown that node; false when the ubatch has failed.
+bool serve_selection(cache & c, const eval_chain & chain, int index, const ggml_tensor * t);
+// The op's compute function (ggml_custom_4d, one task): src[0] the selection, src[1] the router
+// probabilities; dst [1, n_expert, 2] I32 the MSB and LSB slot of each expert (-1: none).
+void graph_step(ggml_tensor * dst, int ith, int nth, void * userdata);
 // ---- the model file's mapping (slicemoe-mapping.cpp) ----
 // Copy the dense weights' pages out of the file mapping into anonymous memory, so that page cache
 // pressure never evicts them; false (and *error) if the copy failed.

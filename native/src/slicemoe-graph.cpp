@@ -14,6 +14,26 @@ slicemoe::cache * engine_from(ggml_backend_sched_eval_callback cb_eval, void * c
     return slicemoe::engine_of_callback(cb_eval, cb_eval_user_data);
 }
 
+// SLICEMOE_GRAPH_STEP=1: the decode step of a layer on CPU pools as an op of the graph, on the
+// router's selection and probabilities, its output the layer's slot tables [1, n_expert, 2]; nullptr
+// where the eval callback serves the step (device pools, a decode batch, the option off).
+ggml_tensor * step_op(ggml_context * ctx, slicemoe::cache & c, slicemoe::eval_chain & chain, slicemoe::layer & L,
+                      int64_t n_tokens, ggml_tensor * selected) {
+    using namespace slicemoe;
+    if (!c.graph_step || !L.cpu_pools || n_tokens != 1 || c.decode_batch) return nullptr;
+    const ggml_tensor * probs = nullptr;
+    for (const auto & [node, where] : chain.nodes) {
+        if (where.layer == L.index && where.kind == NODE_PROBS) probs = node;
+    }
+    if (!probs) return nullptr;
+    ggml_tensor * args[2] = { selected, const_cast<ggml_tensor *>(probs) };
+    ggml_tensor * step = ggml_custom_4d(ctx, GGML_TYPE_I32, 1, c.n_expert, 2, 1, args, 2, graph_step, 1,
+                                        &chain.step_args[size_t(L.index)]);
+    ggml_format_name(step, "slicemoe_step-%d", L.il);
+    chain.step_in_graph[size_t(L.index)] = 1;
+    return step;
+}
+
 } // namespace
 
 ggml_tensor * slicemoe_moe_selection_bias(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data, int il,
@@ -72,13 +92,20 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
         auto gather = [&](ggml_tensor * table) {
             return ggml_reshape_2d(ctx, ggml_get_rows(ctx, table, selected), k, n_tokens);
         };
+        eval_chain & chain = *static_cast<eval_chain *>(cb_eval_user_data);
+        ggml_tensor * msb_map = L.msb_map;
+        ggml_tensor * lsb_map = L.lsb_map;
+        if (ggml_tensor * step = step_op(ctx, *c, chain, L, n_tokens, w->ids)) {
+            // the slot tables are the op's output: the products that read them run after it
+            msb_map = ggml_view_3d(ctx, step, 1, c->n_expert, 1, step->nb[1], step->nb[2], 0);
+            lsb_map = ggml_view_3d(ctx, step, 1, c->n_expert, 1, step->nb[1], step->nb[2], step->nb[2]);
+        }
         w->up   = L.msb.t[0];
         w->gate = L.msb.t[1];
         w->down = L.msb.t[2];
-        w->ids  = gather(L.msb_map);
+        w->ids  = gather(msb_map);
         w->decode = true;
         if (L.ready) {
-            eval_chain & chain = *static_cast<eval_chain *>(cb_eval_user_data);
             chain.n_fused.resize(c->layers.size(), 0);
             chain.n_fused[size_t(L.index)] = 0;
             w->n_fused = &chain.n_fused[size_t(L.index)];
@@ -99,7 +126,7 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
             w->up_lsb   = L.lsb.t[0];
             w->gate_lsb = L.lsb.t[1];
             w->down_lsb = L.lsb.t[2];
-            w->ids_lsb  = gather(L.lsb_map);
+            w->ids_lsb  = gather(lsb_map);
             // fixed high precision needs no mask, nor do CPU pools (slot -1 for a 4-bit use)
             if (c->precision == SLICEMOE_PRECISION_AUTO && !L.cpu_pools) {
                 w->lsb_mask = ggml_reshape_3d(ctx, ggml_get_rows(ctx, L.lsb_mask, selected), 1, k, n_tokens);
