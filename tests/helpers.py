@@ -49,6 +49,13 @@ def hf_greedy(hf_dir: Path, prompt_tokens: list[int], n_new: int):
     return tokens, np.asarray(logits)
 
 
+def rss_anon_bytes(pid: int | str = "self") -> int:
+    """A process's anonymous resident memory (RssAnon of /proc/PID/status), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["RssAnon"].split()[0]) * 1024
+
+
 def run_json(*args: str) -> dict:
     return json.loads(run_cli(*args).stdout)
 

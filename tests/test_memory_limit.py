@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import rss_anon_bytes
 from slicemoe_gguf import Model
 from slicemoe_gguf.embedded import embedded_gguf
 from slicemoe_gguf.memory import routed_expert_bytes
@@ -131,12 +132,6 @@ def test_decode_under_the_stated_memory_reads_what_an_unpressed_run_reads(model_
     assert 0 <= reclaimed["read_bytes"] - kept["read_bytes"] <= 64 * 1024, (kept, reclaimed)
 
 
-def _rss_anon_bytes() -> int:
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["RssAnon"].split()[0]) * 1024
-
-
 def _decode(model: Model, n: int, release_after: int | None = None) -> tuple[list[int], list[np.ndarray]]:
     tokens, rows = [], []
     model.eval(model.tokenize("ROMEO.\nBut soft, what light through yonder window breaks?"))
@@ -159,9 +154,9 @@ def test_a_released_cache_gives_its_memory_back_and_decodes_the_same_model(model
     with Model(model_copy, cache_budget=budget, policy="lru8", n_threads=2) as model:
         _decode(model, 4)
         pools = model.cache_stats()["pool_bytes"]
-        before = _rss_anon_bytes()
+        before = rss_anon_bytes()
         model.release_cache()
-        assert before - _rss_anon_bytes() >= 0.9 * pools   # the pools' pages went back to the system
+        assert before - rss_anon_bytes() >= 0.9 * pools   # the pools' pages went back to the system
         model.reset()
         tokens, logits = _decode(model, 12, release_after=6)   # and once more mid-decode
         released = model.cache_stats()

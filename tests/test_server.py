@@ -18,7 +18,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from helpers import Server
+from helpers import Server, rss_anon_bytes
 from slicemoe_gguf import Model
 from slicemoe_gguf.embedded import embedded_gguf
 
@@ -330,12 +330,6 @@ def test_four_clients_on_parallel_4_each_get_their_single_client_stream(embedded
         assert running.stop() == 0
 
 
-def _rss_anon_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["RssAnon"].split()[0]) * 1024
-
-
 def test_release_idle_hands_the_pools_back_and_the_next_request_answers_the_same(embedded, tmp_path):
     running = Server(embedded, tmp_path, "-c", "2048", "--cache-budget", "50%", "--policy", "lru8",
                      "--release-idle", "0.5")
@@ -343,12 +337,12 @@ def test_release_idle_hands_the_pools_back_and_the_next_request_answers_the_same
         request = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}
         status, first, _ = _post(running.base, "/v1/completions", request)
         assert status == 200
-        held = _rss_anon_bytes(running.proc.pid)
+        held = rss_anon_bytes(running.proc.pid)
         deadline = time.monotonic() + 20
         while _metric(running.base, "slicemoe_cache_releases_total") < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _metric(running.base, "slicemoe_cache_releases_total") == 1   # once per idle period
-        released = _rss_anon_bytes(running.proc.pid)
+        released = rss_anon_bytes(running.proc.pid)
         misses = _metric(running.base, 'slicemoe_cache_misses_total{slice="msb"}')
         status, again, _ = _post(running.base, "/v1/completions", request)
         assert status == 200 and again["choices"][0]["text"] == first["choices"][0]["text"]
