@@ -9,8 +9,11 @@ between rows. Rows: stock q8_0 and Q4_K_M (llama.cpp's own kernels, repacked whe
 AMAT file without a cache at 8 and 4 bits, dbsc and lru4 with a budget of 100% of the expert bytes;
 the 8-bit AMAT rows twice, fused and with SLICEMOE_PRODUCT=ggml (ggml's two mul_mat_id passes).
 
-Then a kernel microbenchmark at the published expert shapes: one expert's product for one token
-(fused 8-bit, MSB only), in GB/s of the slice bytes read.
+Then a kernel microbenchmark at the published expert shapes: one expert's product (fused 8-bit, MSB
+only) against ggml's own product of the same weights in Q8_0, Q4_0 and Q4_K (quantized by ggml,
+repacked where llama.cpp repacks them), for one token and a 32-token ubatch, one thread, with the
+ratios the targets are stated in; and every kernel of ours (scalar, AVX2, AVX512-VNNI, NEON) in GB/s.
+`--skip-models` runs only that part (no model files needed).
 
     python scripts/bench_product.py --amat /data/olmoe-amat.gguf --stock /data/olmoe-q8_0.gguf \\
         --stock /data/olmoe-q4_k_m.gguf --trace /data/olmoe-route.jsonl -o results/product.md
@@ -75,6 +78,7 @@ def run_child(config: dict, env: dict) -> dict:
 
 
 def kernel_table(repeats: int) -> str:
+    """Every kernel of ours on one expert and one token, in GB/s of the slice bytes it reads."""
     from slicemoe_gguf import amat, kernels
 
     rng = np.random.default_rng(0)
@@ -83,15 +87,11 @@ def kernel_table(repeats: int) -> str:
         for label, n_out, n_in in (("gate/up", n_ff, n_embd), ("down", n_embd, n_ff)):
             w = rng.standard_normal((n_out, n_in)).astype(np.float32) * np.float32(0.02)
             msb, lsb = amat.slice_blocks(amat.quantize(w, grid="paper"))   # the grid changes no byte count
-            x = rng.standard_normal(n_in).astype(np.float32)
+            x = rng.standard_normal((1, n_in)).astype(np.float32)
             cells = [name, label, f"{n_out} x {n_in}"]
             for kernel in kernels.available():
                 for high in (True, False):
-                    best = float("inf")
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        kernels.expert_product(msb, lsb if high else None, x, kernel)
-                        best = min(best, time.perf_counter() - t0)
+                    _, best = kernels.time_expert_product(msb, lsb if high else None, x, kernel, repeats)
                     nbytes = msb.nbytes + (lsb.nbytes if high else 0)
                     cells.append(f"{nbytes / best / 1e9:.1f}")
             table.append(cells)
@@ -100,11 +100,49 @@ def kernel_table(repeats: int) -> str:
     return markdown_table(header, table)
 
 
+STOCK_TYPES = ("Q8_0", "Q4_0", "Q4_K")
+
+
+def versus_ggml_table(repeats: int, batches: tuple[int, ...] = (1, 32)) -> str:
+    """Ours (the best kernel) against ggml's own product of the same weights and activations in
+    Q8_0, Q4_0 and Q4_K (repacked where ggml repacks them, as llama.cpp loads a stock file), one
+    thread: microseconds per call, and the ratios the targets are stated in."""
+    from slicemoe_gguf import amat, kernels
+
+    rng = np.random.default_rng(1)
+    table = []
+    for name, n_ff, n_embd in SHAPES:
+        for label, n_out, n_in in (("gate/up", n_ff, n_embd), ("down", n_embd, n_ff)):
+            w = rng.standard_normal((n_out, n_in)).astype(np.float32) * np.float32(0.02)
+            msb, lsb = amat.slice_blocks(amat.quantize(w, grid="paper"))
+            for n_tokens in batches:
+                x = rng.standard_normal((n_tokens, n_in)).astype(np.float32)
+                _, high = kernels.time_expert_product(msb, lsb, x, "auto", repeats)
+                _, low = kernels.time_expert_product(msb, None, x, "auto", repeats)
+                stock = {}
+                for ggml_type in STOCK_TYPES:
+                    if n_in % (256 if ggml_type.endswith("_K") else 32):
+                        continue   # llama.cpp stores such a tensor in another type
+                    _, seconds, repacked = kernels.time_ggml_product(w, x, ggml_type, repeats)
+                    stock[ggml_type] = (seconds, repacked)
+                four_bit = "Q4_K" if "Q4_K" in stock else "Q4_0"
+                cells = [name, label, f"{n_out} x {n_in}", str(n_tokens),
+                         f"{high * 1e6:.0f} ({(msb.nbytes + lsb.nbytes) / high / 1e9:.1f} GB/s)",
+                         f"{low * 1e6:.0f} ({msb.nbytes / low / 1e9:.1f} GB/s)"]
+                cells += [f"{stock[t][0] * 1e6:.0f}{' r' if stock[t][1] else ''}" if t in stock else "-"
+                          for t in STOCK_TYPES]
+                cells += [f"{high / stock['Q8_0'][0]:.2f}x", f"{low / stock[four_bit][0]:.2f}x ({four_bit})"]
+                table.append(cells)
+    header = ["model", "projection", "rows x columns", "tokens", "ours 8-bit (us)", "ours MSB (us)"]
+    header += [f"ggml {t} (us)" for t in STOCK_TYPES] + ["8-bit / Q8_0", "MSB / stock 4-bit"]
+    return markdown_table(header, table)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--amat", type=Path, required=True, help="the sliced (AMAT) full-size GGUF")
+    ap.add_argument("--amat", type=Path, help="the sliced (AMAT) full-size GGUF")
     ap.add_argument("--stock", type=Path, action="append", default=[], help="a stock GGUF of the same model (repeatable)")
-    ap.add_argument("--trace", type=Path, required=True, help="route trace (bench_side_by_side's widened routing)")
+    ap.add_argument("--trace", type=Path, help="route trace (bench_side_by_side's widened routing)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds over all rows (default 2)")
     ap.add_argument("--settle", type=float, default=10.0,
@@ -114,6 +152,8 @@ def main() -> int:
     ap.add_argument("--skip-models", action="store_true", help="only the kernel microbenchmark")
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args()
+    if not args.skip_models and not (args.amat and args.trace):
+        ap.error("--amat and --trace are needed unless --skip-models")
 
     report = [f"# The expert product, everything resident\n\n{machine_line()}, {args.threads} threads.\n"]
     if not args.skip_models:
@@ -147,8 +187,13 @@ def main() -> int:
                                      "read from disk (MB/token)", "every round (ms/token)"], table))
         report.append("\nA nonzero read column means the page cache did not hold that row's file: its time "
                       "includes disk reads.")
-    report.append("\n## Kernels: one expert, one token\n\nBest of "
-                  f"{args.kernel_repeats}, one thread, through the C API (activation quantization included).\n")
+    report.append("\n## Kernels against ggml's: one expert\n\nBest of "
+                  f"{args.kernel_repeats}, one thread, timed inside the library (activation quantization "
+                  "included on both sides); ggml's weights quantized by ggml and loaded as llama.cpp loads a "
+                  "stock file (r: repacked). A 32-token row is a prefill ubatch's product.\n")
+    report.append(versus_ggml_table(args.kernel_repeats))
+    report.append("\n## Every kernel of ours: one expert, one token\n\nGB/s of the slice bytes read, best of "
+                  f"{args.kernel_repeats}, one thread.\n")
     report.append(kernel_table(args.kernel_repeats))
     emit("\n".join(report) + "\n", args.output)
     return 0

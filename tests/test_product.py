@@ -93,8 +93,21 @@ def test_fused_product_is_the_product_of_the_decoded_slices(kernel, grid, kind):
 @pytest.mark.parametrize("kernel", kernels.available())
 def test_blocks_whose_steps_are_not_nested_take_the_two_product_form(kernel):
     rng = np.random.default_rng(7)
-    msb, lsb = _random_blocks(rng, 16, 128), _random_blocks(rng, 16, 128)
-    x = rng.standard_normal(128).astype(np.float32)
+    n_in = 11 * 32   # the vector kernels take 8 blocks at a time: one group and three blocks after it
+    msb, lsb = _random_blocks(rng, 16, n_in), _random_blocks(rng, 16, n_in)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    _check(kernels.expert_product(msb, lsb, x, kernel), msb, lsb, x)
+
+
+@pytest.mark.parametrize("kernel", kernels.available())
+@pytest.mark.parametrize("block", [0, 5, 9])   # first of a group of 8, inside it, after the last group
+def test_one_block_whose_steps_are_not_nested_among_nested_ones(kernel, block):
+    rng = np.random.default_rng(block)
+    n_in = 11 * 32
+    msb, lsb = _slices(rng.standard_normal((8, n_in)).astype(np.float32) * np.float32(0.02), "searched")
+    steps = lsb.reshape(8, -1, 20)[3, block, 0:2].view("<f2")
+    steps[0] = steps[0] * np.float16(1.5)   # row 3's LSB step of that block no longer divides its MSB step
+    x = rng.standard_normal(n_in).astype(np.float32)
     _check(kernels.expert_product(msb, lsb, x, kernel), msb, lsb, x)
 
 
@@ -113,11 +126,14 @@ def test_each_nibble_lands_on_its_own_weight():
 
 def test_every_kernel_agrees_with_the_scalar_one():
     rng = np.random.default_rng(11)
-    msb, lsb = _slices(rng.standard_normal((64, 2048)).astype(np.float32) * np.float32(0.03), "searched")
-    x = rng.standard_normal(2048).astype(np.float32)
+    n_in = 1408   # Qwen1.5-MoE's expert width: 44 blocks, 5 groups of 8 and 4 after them
+    msb, lsb = _slices(rng.standard_normal((64, n_in)).astype(np.float32) * np.float32(0.03), "searched")
+    x = rng.standard_normal(n_in).astype(np.float32)
     scalar = kernels.expert_product(msb, lsb, x, "scalar")
+    scalar_msb = kernels.expert_product(msb, None, x, "scalar")
     for kernel in kernels.available():
         np.testing.assert_allclose(kernels.expert_product(msb, lsb, x, kernel), scalar, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(kernels.expert_product(msb, None, x, kernel), scalar_msb, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments_are_refused():
@@ -130,3 +146,56 @@ def test_bad_arguments_are_refused():
     missing = next(name for name in kernels.KERNELS[1:] if name not in kernels.available())
     with pytest.raises(SliceMoEError, match="not available on this CPU"):
         kernels.expert_product(msb, None, np.zeros(32, dtype=np.float32), missing)
+
+
+def test_the_timed_product_computes_each_token_as_the_single_one():
+    rng = np.random.default_rng(5)
+    msb, lsb = _slices(rng.standard_normal((16, 256)).astype(np.float32) * np.float32(0.02), "searched")
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    for high in (lsb, None):
+        y, seconds = kernels.time_expert_product(msb, high, x, repeats=2)
+        assert seconds > 0
+        for token in range(3):
+            np.testing.assert_array_equal(y[token], kernels.expert_product(msb, high, x[token]))
+
+
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_0"])
+def test_ggml_product_for_the_benchmark_is_the_product_of_gguf_py_dequantized_weights(ggml_type):
+    """The microbenchmark's stock side computes what a stock file of that type computes: the
+    weights as gguf-py quantizes and dequantizes them (gguf-py writes the same bytes as ggml for
+    these types), times activations that ggml rounds to 8 bits per block."""
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((16, 512)).astype(np.float32) * np.float32(0.02)
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    quant = gguf.GGMLQuantizationType[ggml_type]
+    reference = x.astype(np.float64) @ gguf.quants.dequantize(gguf.quants.quantize(w, quant), quant).astype(np.float64).T
+    y, seconds, _ = kernels.time_ggml_product(w, x, ggml_type, repeats=2)
+    assert seconds > 0
+    # the activations' 8-bit rounding: half a step of max|x| / 127 per value, times |w|
+    bound = np.abs(x).max() / 127 / 2 * np.abs(w).sum(axis=1) * 1.5
+    assert (np.abs(y - reference) <= bound).all()
+
+
+def test_ggml_q4_k_product_for_the_benchmark_is_within_a_4_bit_step_of_the_float_one():
+    """gguf-py cannot quantize Q4_K: each weight is then within one 4-bit step of its sub-block's
+    range, (max - min) / 15, of its float value (a wrong layout or scale would be far off)."""
+    rng = np.random.default_rng(10)
+    w = rng.standard_normal((16, 512)).astype(np.float32) * np.float32(0.02)
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    y, _, _ = kernels.time_ggml_product(w, x, "Q4_K", repeats=1)
+    groups = w.reshape(16, -1, 32)
+    step = np.repeat((groups.max(axis=2) - groups.min(axis=2)) / 15, 32, axis=1)   # [16, 512]
+    bound = np.abs(x) @ step.T + np.abs(x).max() / 127 / 2 * np.abs(w).sum(axis=1) * 1.5
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    assert (np.abs(y - exact) <= bound).all()
+    assert np.abs(y - exact).max() < 0.1 * np.abs(exact).max()
+
+
+def test_ggml_product_refuses_what_ggml_cannot_quantize_that_way():
+    w, x = np.zeros((8, 96), dtype=np.float32), np.zeros((1, 96), dtype=np.float32)
+    with pytest.raises(SliceMoEError, match="not whole blocks of q4_K"):
+        kernels.time_ggml_product(w, x, "Q4_K")
+    with pytest.raises(SliceMoEError, match="quantized type"):
+        kernels.time_ggml_product(w, x, "F32")
+    with pytest.raises(ValueError, match="unknown ggml type"):
+        kernels.time_ggml_product(w, x, "Q9_9")

@@ -291,6 +291,18 @@ SLICEMOE_API const char * slicemoe_setting_choice(int32_t i, int32_t value);    
 // llama.cpp's Q8_1 does. ERR_INVALID_ARG for a kernel this CPU lacks or n_in not a multiple of 32.
 SLICEMOE_API int          slicemoe_expert_product(int32_t kernel, const void * msb, const void * lsb, int64_t n_in,
                                                   int64_t n_out, const float * x, float * y);
+// For the kernel microbenchmark: the same product for n_tokens activation vectors x [n_tokens, n_in]
+// -> y [n_tokens, n_out], run `repeats` times on this thread; *best_seconds (may be NULL) the fastest.
+SLICEMOE_API int          slicemoe_expert_product_time(int32_t kernel, const void * msb, const void * lsb, int64_t n_in,
+                                                       int64_t n_out, int64_t n_tokens, const float * x, float * y,
+                                                       int32_t repeats, double * best_seconds);
+// ggml's own product of the same shape, as llama.cpp runs a stock file's weights on the CPU: weights
+// (float [n_out, n_in]) quantized to ggml type `type` (enum ggml_type: 8 Q8_0, 2 Q4_0, 12 Q4_K, ...)
+// by ggml's quantizer, loaded into the buffer type llama.cpp would pick (*repacked: a repacking one),
+// one thread. ERR_INVALID_ARG for a type that is not quantized or rows that are not whole blocks of it.
+SLICEMOE_API int          slicemoe_ggml_product_time(int32_t type, const float * weights, int64_t n_in, int64_t n_out,
+                                                     int64_t n_tokens, const float * x, float * y, int32_t repeats,
+                                                     double * best_seconds, bool * repacked);
 SLICEMOE_API const char * slicemoe_last_error(void);          // "" when the last call succeeded
 // Verbose mode forwards llama.cpp's log to stderr; otherwise only its errors are kept (as the
 // message of the failing call).

@@ -224,27 +224,6 @@ const char * slicemoe_setting_choice(int32_t i, int32_t value) {
     return def && def->choice ? def->choice(value) : nullptr;
 }
 
-int slicemoe_expert_product(int32_t kernel, const void * msb, const void * lsb, int64_t n_in, int64_t n_out,
-                            const float * x, float * y) {
-    using namespace slicemoe;
-    if (!msb || !x || !y || n_in <= 0 || n_in % 32 != 0 || n_out < 0) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "expert product: null pointer, or n_in not a positive multiple of 32");
-    }
-    if (kernel < 0 || kernel > KERNEL_NEON_DOTPROD || !kernel_available(kernel_id(kernel))) {
-        return fail(SLICEMOE_ERR_INVALID_ARG, "expert product: kernel " + std::to_string(kernel) + " is not available on this CPU");
-    }
-    const int64_t n_blocks = n_in / 32;
-    std::vector<act_block> act(static_cast<size_t>(n_blocks));
-    quantize_activations(kernel_id(kernel), x, n_in, act.data());
-    const auto * msb_rows = static_cast<const q4_1_block *>(msb);
-    const auto * lsb_rows = static_cast<const q4_1_block *>(lsb);
-    for (int64_t r = 0; r < n_out; ++r) {
-        y[r] = row_dot(kernel_id(kernel), msb_rows + r * n_blocks, lsb_rows ? lsb_rows + r * n_blocks : nullptr,
-                       act.data(), n_blocks);
-    }
-    return ok();
-}
-
 const char * slicemoe_last_error(void) {
     return g_last_error.c_str();
 }

@@ -110,65 +110,160 @@ SLICEMOE_AVX2 inline __m256i dot_i8(__m256i a, __m256i b) {
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-SLICEMOE_AVX2 float row_dot_avx2(const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks) {
-    __m256 acc = _mm256_setzero_ps();
-    float offsets = 0.0f;
-    float general = 0.0f;
-    for (int64_t b = 0; b < n_blocks; ++b) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[b].q));
-        const __m256i h = nibbles_in_order(msb[b].qs);
-        if (!lsb) {
-            // h <= 15 is an unsigned byte: one maddubs without the sign trick
-            const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(h, q), _mm256_set1_epi16(1));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(fp16_avx2(msb[b].d) * x[b].d), acc);
-            offsets += fp16_avx2(msb[b].m) * x[b].d_sum;
-            continue;
-        }
-        const float s = fp16_avx2(lsb[b].d);
-        if (fp16_avx2(msb[b].d) != 16.0f * s) {
-            general += block_dot_general(msb[b], &lsb[b], x[b]);
-            continue;
-        }
-        // h << 4 within 16-bit lanes stays in its byte (h <= 15)
-        const __m256i code = _mm256_or_si256(_mm256_slli_epi16(h, 4), nibbles_in_order(lsb[b].qs));
-        const __m256i centred = _mm256_xor_si256(code, _mm256_set1_epi8(char(0x80)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(centred, q)), _mm256_set1_ps(s * x[b].d), acc);
-        offsets += (128.0f * s + fp16_avx2(msb[b].m) + fp16_avx2(lsb[b].m)) * x[b].d_sum;
-    }
-    return horizontal_sum(acc) + offsets + general;
+// The 8-bit code of a block, bytes in x.q's order: code j = h_j << 4 | l_j. Shifts within 16-bit
+// lanes put each nibble where its byte needs it; the 0xF0 mask picks which source fills which half.
+SLICEMOE_AVX2 inline __m256i code_in_order(const uint8_t * msb_qs, const uint8_t * lsb_qs) {
+    const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i *>(msb_qs));
+    const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i *>(lsb_qs));
+    const __m128i upper = _mm_set1_epi8(char(0xF0));
+    const __m128i first = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(high, 4), upper), _mm_andnot_si128(upper, low));
+    const __m128i second = _mm_or_si128(_mm_and_si128(high, upper), _mm_andnot_si128(upper, _mm_srli_epi16(low, 4)));
+    return _mm256_set_m128i(second, first);
+}
+
+// AVX2: a nibble h <= 15 is an unsigned byte, one maddubs without the sign trick; the 8-bit code
+// would saturate maddubs, so it is centred (c - 128, the block's offset gaining 128 s).
+SLICEMOE_AVX2 inline __m256i dot_nibbles_avx2(__m256i h, __m256i q) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(h, q), _mm256_set1_epi16(1));
+}
+
+SLICEMOE_AVX2 inline __m256i dot_code_avx2(__m256i code, __m256i q) {
+    return dot_i8(_mm256_xor_si256(code, _mm256_set1_epi8(char(0x80))), q);
+}
+
+// The (d, m) headers of 8 consecutive blocks as 8 lanes of 32 bits (d low): block i's header is
+// dword 5 i of their 160 bytes. AVX2 gathers them; AVX512 permutes two 64-byte loads.
+SLICEMOE_AVX2 inline __m256i headers_avx2(const q4_1_block * blocks) {
+    const __m256i offsets = _mm256_setr_epi32(0, 20, 40, 60, 80, 100, 120, 140);
+    return _mm256_i32gather_epi32(reinterpret_cast<const int *>(blocks), offsets, 1);
+}
+
+// The low (d) or high (m) fp16 halves of 8 headers, as floats.
+SLICEMOE_AVX2 inline __m256 header_halves_avx2(__m256i headers, bool high) {
+    const __m256i pick = high ? _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                 2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1)
+                              : _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                 0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(headers, pick), 0x08);   // qwords 0, 2
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
 }
 
 // AVX512-VNNI (256-bit vectors, AVX512VL): vpdpbusd multiplies unsigned by signed bytes and sums
-// four products into 32 bits without saturation, so the 8-bit code needs no centring. The loop is
-// row_dot_avx2's with other products: one template for both would need its body compiled for two
-// targets, which GCC's target attributes do not give a template.
+// four products into 32 bits without saturation, so the 8-bit code needs no centring.
 #define SLICEMOE_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
-SLICEMOE_VNNI float row_dot_vnni(const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks) {
-    __m256 acc = _mm256_setzero_ps();
-    float offsets = 0.0f;
-    float general = 0.0f;
-    for (int64_t b = 0; b < n_blocks; ++b) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[b].q));
-        const __m256i h = nibbles_in_order(msb[b].qs);
-        if (!lsb) {
-            const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), h, q);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(fp16_avx2(msb[b].d) * x[b].d), acc);
-            offsets += fp16_avx2(msb[b].m) * x[b].d_sum;
-            continue;
-        }
-        const float s = fp16_avx2(lsb[b].d);
-        if (fp16_avx2(msb[b].d) != 16.0f * s) {
-            general += block_dot_general(msb[b], &lsb[b], x[b]);
-            continue;
-        }
-        const __m256i code = _mm256_or_si256(_mm256_slli_epi16(h, 4), nibbles_in_order(lsb[b].qs));
-        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), code, q);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * x[b].d), acc);
-        offsets += (fp16_avx2(msb[b].m) + fp16_avx2(lsb[b].m)) * x[b].d_sum;
-    }
-    return horizontal_sum(acc) + offsets + general;
+SLICEMOE_VNNI inline __m256i dot_unsigned_vnni(__m256i u, __m256i q) {
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q);
 }
+
+// code_in_order with AVX512's three-input logic: each half of a byte from its source in one step
+SLICEMOE_VNNI inline __m256i code_in_order_vnni(const uint8_t * msb_qs, const uint8_t * lsb_qs) {
+    const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i *>(msb_qs));
+    const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i *>(lsb_qs));
+    const __m128i upper = _mm_set1_epi8(char(0xF0));
+    constexpr int UPPER_FROM_A_ELSE_B = 0xE4;   // c ? a : b, bit by bit
+    const __m128i first = _mm_ternarylogic_epi32(_mm_slli_epi16(high, 4), low, upper, UPPER_FROM_A_ELSE_B);
+    const __m128i second = _mm_ternarylogic_epi32(high, _mm_srli_epi16(low, 4), upper, UPPER_FROM_A_ELSE_B);
+    return _mm256_set_m128i(second, first);
+}
+
+// GCC 12 warns inside its own _mm512_castsi512_si256 (the _mm256_undefined idiom, GCC bug 105593)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+SLICEMOE_VNNI inline __m256i headers_vnni(const q4_1_block * blocks) {
+    const __m512i first = _mm512_loadu_si512(blocks);        // headers of blocks 0-3 at dwords 0, 5, 10, 15
+    const __m512i second = _mm512_loadu_si512(blocks + 4);   // and of blocks 4-7
+    const __m512i index = _mm512_setr_epi32(0, 5, 10, 15, 16, 21, 26, 31, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castsi512_si256(_mm512_permutex2var_epi32(first, index, second));
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+SLICEMOE_VNNI inline __m256 header_halves_vnni(__m256i headers, bool high) {
+    return _mm256_cvtph_ps(_mm256_cvtepi32_epi16(high ? _mm256_srli_epi32(headers, 16) : headers));
+}
+
+// One block of a row (rest: the row's sum outside the vector accumulators).
+#define SLICEMOE_X86_BLOCK(B, CODE, DOT_NIBBLES, DOT_CODE, CENTRE)                                               \
+    do {                                                                                                  \
+        const int64_t blk = (B);                                                                          \
+        const act_block & xb = x.blocks[size_t(blk)];                                                     \
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb.q));                    \
+        if (!lsb) {                                                                                       \
+            const float dot = horizontal_sum(_mm256_cvtepi32_ps(DOT_NIBBLES(nibbles_in_order(msb[blk].qs), q))); \
+            rest += fp16_avx2(msb[blk].d) * xb.d * dot + fp16_avx2(msb[blk].m) * xb.d_sum;                \
+        } else if (!nested(msb[blk], lsb[blk])) {                                                         \
+            rest += block_dot_general(msb[blk], &lsb[blk], xb);                                           \
+        } else {                                                                                          \
+            const float s = fp16_avx2(lsb[blk].d);                                                        \
+            const float dot = horizontal_sum(_mm256_cvtepi32_ps(DOT_CODE(CODE(msb[blk].qs, lsb[blk].qs), q))); \
+            rest += s * xb.d * dot + (CENTRE * s + fp16_avx2(msb[blk].m) + fp16_avx2(lsb[blk].m)) * xb.d_sum; \
+        }                                                                                                 \
+    } while (0)
+
+// One row of an expert against quantized activations, 8 blocks at a time: their 8 headers are
+// loaded and converted as one vector, so a block costs its unpacking, one dot product and one
+// multiply-add (the scale of block i taken from lane i); the offsets m d_x sum(q) of 8 blocks are one
+// vector multiply-add. Groups with a block whose steps are not nested, and the last n_blocks % 8
+// blocks, take the one-block form. A macro for the two targets: GCC compiles a body for one target.
+#define SLICEMOE_X86_ROW(HEADERS, HALVES, CODE, DOT_NIBBLES, DOT_CODE, CENTRE)                                   \
+    __m256 acc_even = _mm256_setzero_ps(), acc_odd = _mm256_setzero_ps();                                  \
+    __m256 offsets = _mm256_setzero_ps();                                                                 \
+    float rest = 0.0f;                                                                                    \
+    int64_t b = 0;                                                                                        \
+    for (; b + 8 <= n_blocks; b += 8) {                                                                   \
+        const __m256i high_headers = HEADERS(msb + b);                                                    \
+        __m256 scale = HALVES(high_headers, false);                                                       \
+        __m256 minimum = HALVES(high_headers, true);                                                      \
+        if (lsb) {                                                                                        \
+            const __m256i low_headers = HEADERS(lsb + b);                                                 \
+            const __m256 step = HALVES(low_headers, false);                                               \
+            const __m256 nested_steps = _mm256_cmp_ps(scale, _mm256_mul_ps(step, _mm256_set1_ps(16.0f)), _CMP_EQ_OQ); \
+            if (_mm256_movemask_ps(nested_steps) != 0xFF) {                                               \
+                for (int i = 0; i < 8; ++i) SLICEMOE_X86_BLOCK(b + i, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);       \
+                continue;                                                                                 \
+            }                                                                                             \
+            minimum = _mm256_add_ps(minimum, _mm256_fmadd_ps(step, _mm256_set1_ps(CENTRE), HALVES(low_headers, true))); \
+            scale = step;                                                                                 \
+        }                                                                                                 \
+        scale = _mm256_mul_ps(scale, _mm256_loadu_ps(&x.d[size_t(b)]));                                   \
+        offsets = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(&x.d_sum[size_t(b)]), offsets);                \
+        /* two accumulators in registers (an indexed pair would live on the stack), lsb tested once */  \
+        for (int i = 0; i < 8; i += 2) {                                                                  \
+            const __m256i q_even = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x.blocks[size_t(b + i)].q)); \
+            const __m256i q_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x.blocks[size_t(b + i + 1)].q)); \
+            __m256i dot_even, dot_odd;                                                                    \
+            if (lsb) {                                                                                    \
+                dot_even = DOT_CODE(CODE(msb[b + i].qs, lsb[b + i].qs), q_even);                \
+                dot_odd = DOT_CODE(CODE(msb[b + i + 1].qs, lsb[b + i + 1].qs), q_odd);          \
+            } else {                                                                                      \
+                dot_even = DOT_NIBBLES(nibbles_in_order(msb[b + i].qs), q_even);                          \
+                dot_odd = DOT_NIBBLES(nibbles_in_order(msb[b + i + 1].qs), q_odd);                        \
+            }                                                                                             \
+            acc_even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_even),                                      \
+                                       _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(i)), acc_even);  \
+            acc_odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_odd),                                        \
+                                      _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(i + 1)), acc_odd); \
+        }                                                                                                 \
+    }                                                                                                     \
+    for (; b < n_blocks; ++b) SLICEMOE_X86_BLOCK(b, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);                      \
+    return horizontal_sum(_mm256_add_ps(acc_even, acc_odd)) + horizontal_sum(offsets) + rest;
+
+SLICEMOE_AVX2 float row_dot_avx2(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations & x,
+                                 int64_t n_blocks) {
+    SLICEMOE_X86_ROW(headers_avx2, header_halves_avx2, code_in_order, dot_nibbles_avx2, dot_code_avx2, 128.0f)
+}
+
+SLICEMOE_VNNI float row_dot_vnni(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations & x,
+                                 int64_t n_blocks) {
+    SLICEMOE_X86_ROW(headers_vnni, header_halves_vnni, code_in_order_vnni, dot_unsigned_vnni, dot_unsigned_vnni, 0.0f)
+}
+
+#undef SLICEMOE_X86_ROW
+#undef SLICEMOE_X86_BLOCK
 
 // quantize_activations for AVX2 machines: the same values as the scalar loop (ties to even)
 SLICEMOE_AVX2 void quantize_activations_avx2(const float * x, int64_t n_in, act_block * out) {
@@ -351,25 +446,45 @@ const char * kernel_name(kernel_id kernel) {
     return "unknown";
 }
 
-void quantize_activations(kernel_id kernel, const float * x, int64_t n_in, act_block * out) {
+void quantize_activations(kernel_id kernel, const float * x, int64_t n_in, quantized_activations * out) {
     if (kernel == KERNEL_AUTO) kernel = best_kernel();
+    const size_t n_blocks = size_t(n_in / 32);
+    out->blocks.resize(n_blocks);
+    out->d.resize(n_blocks);
+    out->d_sum.resize(n_blocks);
 #ifdef SLICEMOE_X86
-    if (kernel != KERNEL_SCALAR) return quantize_activations_avx2(x, n_in, out);
+    if (kernel != KERNEL_SCALAR) {
+        quantize_activations_avx2(x, n_in, out->blocks.data());
+    } else
 #endif
-    quantize_activations_scalar(x, n_in, out);
+    {
+        quantize_activations_scalar(x, n_in, out->blocks.data());
+    }
+    for (size_t b = 0; b < n_blocks; ++b) {
+        out->d[b] = out->blocks[b].d;
+        out->d_sum[b] = out->blocks[b].d_sum;
+    }
 }
 
-float row_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks) {
+void rows_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, int64_t stride,
+              const quantized_activations & x, int64_t n_rows, float * out) {
     if (kernel == KERNEL_AUTO) kernel = best_kernel();
+    const int64_t n_blocks = int64_t(x.blocks.size());
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const q4_1_block * high = msb + r * stride;
+        const q4_1_block * low = lsb ? lsb + r * stride : nullptr;
+        switch (kernel) {
 #ifdef SLICEMOE_X86
-    if (kernel == KERNEL_AVX2) return row_dot_avx2(msb, lsb, x, n_blocks);
-    if (kernel == KERNEL_AVX512_VNNI) return row_dot_vnni(msb, lsb, x, n_blocks);
+            case KERNEL_AVX2:         out[r] = row_dot_avx2(high, low, x, n_blocks); break;
+            case KERNEL_AVX512_VNNI:  out[r] = row_dot_vnni(high, low, x, n_blocks); break;
 #endif
 #ifdef SLICEMOE_ARM64
-    if (kernel == KERNEL_NEON) return row_dot_neon(msb, lsb, x, n_blocks);
-    if (kernel == KERNEL_NEON_DOTPROD) return row_dot_neon_dotprod(msb, lsb, x, n_blocks);
+            case KERNEL_NEON:         out[r] = row_dot_neon(high, low, x.blocks.data(), n_blocks); break;
+            case KERNEL_NEON_DOTPROD: out[r] = row_dot_neon_dotprod(high, low, x.blocks.data(), n_blocks); break;
 #endif
-    return row_dot_scalar(msb, lsb, x, n_blocks);
+            default:                  out[r] = row_dot_scalar(high, low, x.blocks.data(), n_blocks); break;
+        }
+    }
 }
 
 } // namespace slicemoe

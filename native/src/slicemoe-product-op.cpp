@@ -46,7 +46,7 @@ bool wait_for_slot(const product_ready * ready, const std::vector<int32_t> & rea
 }
 
 // The rows [begin, end) of dst; *quantized says which activations act holds (-1: none yet).
-void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin, int64_t end, std::vector<act_block> & act,
+void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin, int64_t end, quantized_activations & act,
                   int64_t * quantized, int64_t * waited_ns) {
     const ggml_tensor * w = dst->src[0];        // Q4_1 [n_in, n_out, n_slots]
     const ggml_tensor * w_lsb = dst->src[1];    // Q4_1 [n_in, n_out, n_slots_lsb]
@@ -76,14 +76,12 @@ void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin,
         }
         const int64_t column = x->ne[1] == 1 ? 0 : use;
         if (token * x->ne[1] + column != *quantized) {
-            quantize_activations(KERNEL_AUTO, reinterpret_cast<const float *>(row_of(x, column, token)), n_in, act.data());
+            quantize_activations(KERNEL_AUTO, reinterpret_cast<const float *>(row_of(x, column, token)), n_in, &act);
             *quantized = token * x->ne[1] + column;
         }
-        for (int64_t r = first; r < last; ++r) {
-            const auto * msb = reinterpret_cast<const q4_1_block *>(row_of(w, r, slot));
-            const auto * lsb = slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, r, slot_lsb)) : nullptr;
-            out[r] = row_dot(KERNEL_AUTO, msb, lsb, act.data(), n_in / 32);
-        }
+        const auto * msb = reinterpret_cast<const q4_1_block *>(row_of(w, first, slot));
+        const auto * lsb = slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, first, slot_lsb)) : nullptr;
+        rows_dot(KERNEL_AUTO, msb, lsb, int64_t(w->nb[1] / sizeof(q4_1_block)), act, last - first, out + first);
     }
 }
 
@@ -108,13 +106,11 @@ int32_t * queue_of(ggml_tensor * dst) {
 // KiB, against the MiB of weights each use reads).
 void expert_product_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     auto * ready = static_cast<product_ready *>(userdata);
-    const int64_t n_in = dst->src[0]->ne[0];
     const int64_t total = dst->ne[0] * dst->ne[1] * dst->ne[2];
     const int64_t chunk = std::max<int64_t>(16, total / (int64_t(nth) * 8));
     const int64_t n_chunks = (total + chunk - 1) / chunk;
     int32_t * queue = queue_of(dst);   // [0]: chunks claimed beyond the first nth, [1]: threads done
-    thread_local std::vector<act_block> act;
-    act.resize(size_t(n_in / 32));
+    thread_local quantized_activations act;
     int64_t quantized = -1, waited_ns = 0;
     for (int64_t c = ith; c < n_chunks; c = nth + int64_t(__atomic_fetch_add(&queue[0], 1, __ATOMIC_RELAXED))) {
         product_rows(dst, ready, c * chunk, std::min(total, (c + 1) * chunk), act, &quantized, &waited_ns);
@@ -140,7 +136,8 @@ bool host_q4_1(const ggml_tensor * t) {
 ggml_tensor * build_expert_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
                                    ggml_tensor * ids, ggml_tensor * ids_lsb, product_ready * ready) {
     const bool fits = host_q4_1(w) && host_q4_1(w_lsb) && w->ne[0] == w_lsb->ne[0] && w->ne[1] == w_lsb->ne[1] &&
-                      w->ne[0] % 32 == 0 && x->type == GGML_TYPE_F32 && x->nb[0] == sizeof(float) &&
+                      w->ne[0] % 32 == 0 &&
+                      w->nb[1] == w_lsb->nb[1] && w->nb[1] % sizeof(q4_1_block) == 0 && x->type == GGML_TYPE_F32 && x->nb[0] == sizeof(float) &&
                       x->ne[0] == w->ne[0] && ids->type == GGML_TYPE_I32 && ids_lsb && ids_lsb->type == GGML_TYPE_I32 &&
                       ids_lsb->ne[0] == ids->ne[0] && ids_lsb->ne[1] == ids->ne[1] && x->ne[2] == ids->ne[1] &&
                       (x->ne[1] == 1 || x->ne[1] == ids->ne[0]);

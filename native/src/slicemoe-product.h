@@ -39,12 +39,21 @@ kernel_id best_kernel();
 bool kernel_available(kernel_id kernel);
 const char * kernel_name(kernel_id kernel);
 
+// A vector of activations quantized for the kernels: its blocks, and each block's d and d_sum again
+// in their own arrays (the x86 kernels load 8 blocks' at once).
+struct quantized_activations {
+    std::vector<act_block> blocks;   // [n_in / 32]
+    std::vector<float> d, d_sum;     // [n_in / 32]
+};
+
 // x [n_in] -> n_in / 32 blocks; every kernel gives the same values (rounding ties to even, as
 // ggml's x86 Q8_1 path does)
-void quantize_activations(kernel_id kernel, const float * x, int64_t n_in, act_block * out);
+void quantize_activations(kernel_id kernel, const float * x, int64_t n_in, quantized_activations * out);
 
-// One row: sum over blocks of (msb + lsb) . x, or msb . x when lsb is nullptr; n_blocks = n_in / 32.
-float row_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, const act_block * x, int64_t n_blocks);
+// n_rows rows of one expert, row r starting stride * r blocks after msb (and lsb): out[r] = the sum
+// over its blocks of (msb + lsb) . x, or msb . x when lsb is nullptr.
+void rows_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, int64_t stride,
+              const quantized_activations & x, int64_t n_rows, float * out);
 
 // Reads still landing in a projection's MSB and LSB pools while the product runs (one per layer and
 // projection, owned by the engine; the op keeps a pointer to it). The engine fills it when it issues
