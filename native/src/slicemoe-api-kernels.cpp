@@ -107,6 +107,7 @@ int slicemoe_expert_product_time(int32_t kernel, const void * msb, const void * 
 int slicemoe_ggml_product_time(int32_t type, const float * weights, int64_t n_in, int64_t n_out, int64_t n_tokens,
                                const float * x, float * y, int32_t repeats, double * best_seconds, bool * repacked) {
     return guard([&]() -> int {
+        init_once();   // ggml's log through ours: its repacking notes are not printed unless verbose
         if (type < 0 || type >= GGML_TYPE_COUNT || !ggml_get_type_traits(ggml_type(type))->is_quantized ||
             !weights || !x || !y || n_in <= 0 || n_out <= 0 || n_tokens < 1) {
             return fail(SLICEMOE_ERR_INVALID_ARG, "ggml product: a quantized type, weights, activations and sizes are needed");

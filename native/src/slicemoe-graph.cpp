@@ -84,6 +84,7 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
     if (!c || it == c->layer_of_il.end() || !c->sliced) {
         return;
     }
+    w->sliced = true;
     layer & L = c->layers[size_t(it->second)];
     if (serves_decode(*c) && (n_tokens == 1 || c->decode_batch)) {
         // the expert ids [k, n_tokens] as one row of ids, to look up per-expert tables
@@ -145,21 +146,20 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
 
 ggml_tensor * slicemoe_moe_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
                                    const slicemoe_moe_weights * sw) {
-    // Decode tokens only (one, or one per sequence of a batch): the op computes each token's uses
-    // one after the other, so a prompt batch would stream an expert's weights once per token that
-    // uses it, where ggml's mul_mat_id groups a batch's tokens by expert and reads them once. A
-    // decode batch takes it too, so that a sequence computes the same in a batch as alone.
-    // read once: graphs are built for every decode token
+    // Every product of a sliced file's experts in host memory: decode tokens on the pools, prompt
+    // batches on the mapped file (the op groups a batch's uses by expert), 8-bit uses and 4-bit
+    // ones (w_lsb nullptr: a 4-bit-only run). SLICEMOE_PRODUCT=ggml keeps ggml's Q4_1 products,
+    // for side-by-side runs; read once, as graphs are built for every decode token.
     static const bool two_passes = [] {
         const char * choice = std::getenv("SLICEMOE_PRODUCT");
         return choice && std::strcmp(choice, "ggml") == 0;
     }();
-    if (sw->lsb_mask || !(sw->decode || sw->ids->ne[1] == 1) || two_passes) {
+    if (!sw->sliced || sw->lsb_mask || two_passes) {
         return nullptr;
     }
     const int proj = w == sw->up ? 0 : w == sw->gate ? 1 : w == sw->down ? 2 : -1;
     auto * ready = proj >= 0 ? static_cast<slicemoe::product_ready *>(sw->ready[proj]) : nullptr;
-    ggml_tensor * product = slicemoe::build_expert_product(ctx, w, w_lsb, x, sw->ids, sw->ids_lsb, ready);
+    ggml_tensor * product = slicemoe::build_expert_product(ctx, w, w_lsb, x, sw->ids, w_lsb ? sw->ids_lsb : nullptr, ready);
     if (product && ready && sw->n_fused) {
         *sw->n_fused += 1;
     }

@@ -28,6 +28,8 @@ struct slicemoe_moe_weights {
     ggml_tensor * lsb_mask;  // optional [1, n_expert_used, n_tokens] F32 of 1 (use the LSB) or 0
     ggml_tensor * weight_mask;  // optional, same shape: 0 drops the use from the mixture (AdapMoE)
     ggml_tensor * input;     // the layer's FFN input [n_embd, 1, n_tokens] (for look-ahead prefetch)
+    bool          sliced = false;  // set by slicemoe_moe_graph: the weights are a sliced file's (the
+                                   // fused product takes them; a stock file keeps ggml's products)
     bool          decode = false;  // set by slicemoe_moe_graph: the products run on the pools for
                                    // decode tokens (one, or one per sequence of a batch)
     // set by slicemoe_moe_graph for the pools: what the fused product of up, gate and down waits for
@@ -97,10 +99,10 @@ ggml_tensor * slicemoe_moe_forced_route(ggml_context * ctx, ggml_backend_sched_e
 ggml_tensor * slicemoe_moe_selection_bias(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data, int il,
                                           int64_t n_tokens);
 
-// The product of an 8-bit-capable expert projection (w with its LSB slices w_lsb) for patch 0002:
-// one fused pass over both slices (slicemoe-product.h) for a one-token ubatch (decode) whose
-// weights are Q4_1 in host memory and need no mask, else nullptr for ggml's two mul_mat_id
-// products (prompt batches, device pools).
-// SLICEMOE_PRODUCT=ggml keeps ggml's two products everywhere (to measure one against the other).
+// The product of a sliced file's expert projection (w, with its LSB slices w_lsb or nullptr at 4
+// bits) for patch 0002: one fused pass (slicemoe-product.h) for any ubatch whose weights are Q4_1
+// in host memory and need no mask, else nullptr for ggml's mul_mat_id products (device pools,
+// stock files). SLICEMOE_PRODUCT=ggml keeps ggml's products everywhere (to measure one against
+// the other).
 ggml_tensor * slicemoe_moe_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
                                    const slicemoe_moe_weights * sw);

@@ -49,10 +49,10 @@ bool wait_for_slot(const product_ready * ready, const std::vector<int32_t> & rea
 void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin, int64_t end, quantized_activations & act,
                   int64_t * quantized, int64_t * waited_ns) {
     const ggml_tensor * w = dst->src[0];        // Q4_1 [n_in, n_out, n_slots]
-    const ggml_tensor * w_lsb = dst->src[1];    // Q4_1 [n_in, n_out, n_slots_lsb]
-    const ggml_tensor * x = dst->src[2];        // F32  [n_in, k or 1, n_tokens]
-    const ggml_tensor * ids = dst->src[3];      // I32  [k, n_tokens]
-    const ggml_tensor * ids_lsb = dst->src[4];  // I32  [k, n_tokens]
+    const ggml_tensor * x = dst->src[1];        // F32  [n_in, k or 1, n_tokens]
+    const ggml_tensor * ids = dst->src[2];      // I32  [k, n_tokens]
+    const ggml_tensor * w_lsb = dst->src[3];    // Q4_1 [n_in, n_out, n_slots_lsb], or nullptr (4 bits only)
+    const ggml_tensor * ids_lsb = dst->src[4];  // I32  [k, n_tokens], or nullptr
     const int64_t n_in = w->ne[0], n_out = w->ne[1], k = ids->ne[0];
     // one token's uses in the order the engine gave (resident slices first), so that the threads
     // compute those while the misses are still being read
@@ -64,7 +64,7 @@ void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin,
         row += last - first;
         float * out = reinterpret_cast<float *>(const_cast<char *>(row_of(dst, use, token)));
         const int32_t slot = id_at(ids, use, token);
-        const int32_t slot_lsb = slot < 0 ? -1 : id_at(ids_lsb, use, token);
+        const int32_t slot_lsb = slot < 0 || !ids_lsb ? -1 : id_at(ids_lsb, use, token);
         if (slot >= 0 && ready && !(wait_for_slot(ready, ready->msb_read, slot, waited_ns) &&
                                     wait_for_slot(ready, ready->lsb_read, slot_lsb, waited_ns))) {
             std::memset(out + first, 0, size_t(last - first) * sizeof(float));   // the ubatch fails
@@ -82,6 +82,69 @@ void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin,
         const auto * msb = reinterpret_cast<const q4_1_block *>(row_of(w, first, slot));
         const auto * lsb = slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, first, slot_lsb)) : nullptr;
         rows_dot(KERNEL_AUTO, msb, lsb, int64_t(w->nb[1] / sizeof(q4_1_block)), act, last - first, out + first);
+    }
+}
+
+// A ubatch of several tokens: its uses grouped by the slices they read, so that a chunk of an
+// expert's rows is read from memory once for every token that uses it, and stays in the core's
+// cache while they do (one token at a time, a full expert's rows left it before the next token).
+// Every thread builds the same groups, a sort of at most k * n_tokens pairs.
+struct use_group {
+    int32_t slot, slot_lsb;
+    std::vector<std::pair<int32_t, int32_t>> uses;   // (use, token)
+};
+
+void group_uses(const ggml_tensor * ids, const ggml_tensor * ids_lsb, std::vector<use_group> * groups) {
+    struct keyed { int32_t slot, slot_lsb, use, token; };
+    std::vector<keyed> all;
+    for (int64_t token = 0; token < ids->ne[1]; ++token) {
+        for (int64_t use = 0; use < ids->ne[0]; ++use) {
+            const int32_t slot = id_at(ids, use, token);
+            all.push_back({ slot, slot < 0 || !ids_lsb ? -1 : id_at(ids_lsb, use, token), int32_t(use), int32_t(token) });
+        }
+    }
+    std::stable_sort(all.begin(), all.end(), [](const keyed & a, const keyed & b) {
+        return a.slot != b.slot ? a.slot < b.slot : a.slot_lsb < b.slot_lsb;
+    });
+    groups->clear();
+    for (const keyed & u : all) {
+        if (groups->empty() || groups->back().slot != u.slot || groups->back().slot_lsb != u.slot_lsb) {
+            groups->push_back({ u.slot, u.slot_lsb, {} });
+        }
+        groups->back().uses.emplace_back(u.use, u.token);
+    }
+}
+
+constexpr int64_t GROUP_ROWS = 32;   // rows of one expert per work item: 32 x 2.5 KiB of 8-bit slices at n_in 2048
+
+// Work item `item` of the grouped product: rows [first, first + GROUP_ROWS) of one group's expert,
+// for each of its uses. acts[token * columns + column] holds that vector quantized once its flag is set.
+void product_group_rows(ggml_tensor * dst, const product_ready * ready, const std::vector<use_group> & groups,
+                        int64_t item, std::vector<quantized_activations> & acts, std::vector<uint8_t> & quantized,
+                        int64_t * waited_ns) {
+    const ggml_tensor * w = dst->src[0], * x = dst->src[1], * w_lsb = dst->src[3];
+    const int64_t n_in = w->ne[0], n_out = w->ne[1], columns = x->ne[1];
+    const int64_t chunks_per_group = (n_out + GROUP_ROWS - 1) / GROUP_ROWS;
+    const use_group & group = groups[size_t(item / chunks_per_group)];
+    const int64_t first = item % chunks_per_group * GROUP_ROWS, last = std::min(n_out, first + GROUP_ROWS);
+    const bool usable = group.slot >= 0 && (!ready || (wait_for_slot(ready, ready->msb_read, group.slot, waited_ns) &&
+                                                       wait_for_slot(ready, ready->lsb_read, group.slot_lsb, waited_ns)));
+    const auto * msb = usable ? reinterpret_cast<const q4_1_block *>(row_of(w, first, group.slot)) : nullptr;
+    const auto * lsb = usable && group.slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, first, group.slot_lsb))
+                                                     : nullptr;
+    for (const auto & [use, token] : group.uses) {
+        float * out = reinterpret_cast<float *>(const_cast<char *>(row_of(dst, use, token)));
+        if (!msb) {   // a dropped use, or a read that failed (the ubatch fails)
+            std::memset(out + first, 0, size_t(last - first) * sizeof(float));
+            continue;
+        }
+        const int64_t column = columns == 1 ? 0 : use;
+        const size_t which = size_t(token * columns + column);
+        if (!quantized[which]) {
+            quantize_activations(KERNEL_AUTO, reinterpret_cast<const float *>(row_of(x, column, token)), n_in, &acts[which]);
+            quantized[which] = 1;
+        }
+        rows_dot(KERNEL_AUTO, msb, lsb, int64_t(w->nb[1] / sizeof(q4_1_block)), acts[which], last - first, out + first);
     }
 }
 
@@ -103,17 +166,34 @@ int32_t * queue_of(ggml_tensor * dst) {
 // W_lsb[ids_lsb[u, t]] x when that id is >= 0. A negative MSB id (a dropped use) gives a zero row.
 // Threads claim chunks of output rows as they go (as ggml's mul_mat does: a thread slowed by the
 // machine takes fewer), and each quantizes the activations of the uses its rows belong to (a few
-// KiB, against the MiB of weights each use reads).
+// KiB, against the MiB of weights each use reads). One token's chunks run through its uses in
+// order; several tokens' through their uses grouped by expert (product_group_rows). Each output
+// value is computed by the same arithmetic either way.
 void expert_product_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     auto * ready = static_cast<product_ready *>(userdata);
-    const int64_t total = dst->ne[0] * dst->ne[1] * dst->ne[2];
-    const int64_t chunk = std::max<int64_t>(16, total / (int64_t(nth) * 8));
-    const int64_t n_chunks = (total + chunk - 1) / chunk;
     int32_t * queue = queue_of(dst);   // [0]: chunks claimed beyond the first nth, [1]: threads done
-    thread_local quantized_activations act;
-    int64_t quantized = -1, waited_ns = 0;
-    for (int64_t c = ith; c < n_chunks; c = nth + int64_t(__atomic_fetch_add(&queue[0], 1, __ATOMIC_RELAXED))) {
-        product_rows(dst, ready, c * chunk, std::min(total, (c + 1) * chunk), act, &quantized, &waited_ns);
+    int64_t waited_ns = 0;
+    const auto next = [&]() { return nth + int64_t(__atomic_fetch_add(&queue[0], 1, __ATOMIC_RELAXED)); };
+    if (dst->ne[2] > 1) {
+        thread_local std::vector<use_group> groups;
+        thread_local std::vector<quantized_activations> acts;
+        thread_local std::vector<uint8_t> quantized;
+        group_uses(dst->src[2], dst->src[4], &groups);
+        acts.resize(size_t(dst->src[1]->ne[1] * dst->src[1]->ne[2]));
+        quantized.assign(acts.size(), 0);
+        const int64_t n_items = int64_t(groups.size()) * ((dst->ne[0] + GROUP_ROWS - 1) / GROUP_ROWS);
+        for (int64_t c = ith; c < n_items; c = next()) {
+            product_group_rows(dst, ready, groups, c, acts, quantized, &waited_ns);
+        }
+    } else {
+        const int64_t total = dst->ne[0] * dst->ne[1];
+        const int64_t chunk = std::max<int64_t>(16, total / (int64_t(nth) * 8));
+        const int64_t n_chunks = (total + chunk - 1) / chunk;
+        thread_local quantized_activations act;
+        int64_t quantized = -1;
+        for (int64_t c = ith; c < n_chunks; c = next()) {
+            product_rows(dst, ready, c * chunk, std::min(total, (c + 1) * chunk), act, &quantized, &waited_ns);
+        }
     }
     if (waited_ns > 0) {   // the time this op was held up by reads: its slowest thread's
         std::atomic<int64_t> & longest = ready->waited_ns;
@@ -135,17 +215,17 @@ bool host_q4_1(const ggml_tensor * t) {
 
 ggml_tensor * build_expert_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
                                    ggml_tensor * ids, ggml_tensor * ids_lsb, product_ready * ready) {
-    const bool fits = host_q4_1(w) && host_q4_1(w_lsb) && w->ne[0] == w_lsb->ne[0] && w->ne[1] == w_lsb->ne[1] &&
-                      w->ne[0] % 32 == 0 &&
-                      w->nb[1] == w_lsb->nb[1] && w->nb[1] % sizeof(q4_1_block) == 0 && x->type == GGML_TYPE_F32 && x->nb[0] == sizeof(float) &&
-                      x->ne[0] == w->ne[0] && ids->type == GGML_TYPE_I32 && ids_lsb && ids_lsb->type == GGML_TYPE_I32 &&
-                      ids_lsb->ne[0] == ids->ne[0] && ids_lsb->ne[1] == ids->ne[1] && x->ne[2] == ids->ne[1] &&
-                      (x->ne[1] == 1 || x->ne[1] == ids->ne[0]);
-    if (!fits) {
+    const bool fits = host_q4_1(w) && w->ne[0] % 32 == 0 && w->nb[1] % sizeof(q4_1_block) == 0 &&
+                      x->type == GGML_TYPE_F32 && x->nb[0] == sizeof(float) && x->ne[0] == w->ne[0] &&
+                      ids->type == GGML_TYPE_I32 && x->ne[2] == ids->ne[1] && (x->ne[1] == 1 || x->ne[1] == ids->ne[0]);
+    const bool lsb_fits = !w_lsb || (host_q4_1(w_lsb) && w->ne[0] == w_lsb->ne[0] && w->ne[1] == w_lsb->ne[1] &&
+                                     w->nb[1] == w_lsb->nb[1] && ids_lsb && ids_lsb->type == GGML_TYPE_I32 &&
+                                     ids_lsb->ne[0] == ids->ne[0] && ids_lsb->ne[1] == ids->ne[1]);
+    if (!fits || !lsb_fits) {
         return nullptr;
     }
-    ggml_tensor * args[] = { w, w_lsb, x, ids, ids_lsb };
-    ggml_tensor * product = ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, 5,
+    ggml_tensor * args[] = { w, x, ids, w_lsb, ids_lsb };
+    ggml_tensor * product = ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, w_lsb ? 5 : 3,
                                            expert_product_op, GGML_N_TASKS_MAX, ready);
     ggml_format_name(product, "slicemoe_product");
     return product;

@@ -68,10 +68,11 @@ struct product_ready {
 };
 
 // The op over a layer's uses: [n_out, k, n_tokens] F32 from Q4_1 weights w and w_lsb
-// [n_in, n_out, slots] in host memory, activations x [n_in, k or 1, n_tokens] and slot ids [k, n_tokens] (MSB id < 0: a dropped use, zeros; LSB id
-// < 0: a 4-bit use). ready (may be nullptr): the slots to wait for, use by use, before reading them.
-// nullptr where the tensors do not fit that description (device pools, other types): the caller
-// keeps ggml's products.
+// [n_in, n_out, slots] in host memory (w_lsb nullptr: every use at 4 bits), activations x
+// [n_in, k or 1, n_tokens] and slot ids [k, n_tokens] (MSB id < 0: a dropped use, zeros; LSB id
+// < 0: a 4-bit use). ready (may be nullptr): the slots to wait for, use by use, before reading
+// them. nullptr where the tensors do not fit that description (device pools, other types): the
+// caller keeps ggml's products.
 ggml_tensor * build_expert_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
                                    ggml_tensor * ids, ggml_tensor * ids_lsb, product_ready * ready);
 
