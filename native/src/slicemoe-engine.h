@@ -20,12 +20,14 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <list>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -177,12 +179,16 @@ struct cache {
     int64_t              reads_left = -1;     // failure injection for tests; -1 = off
     bool                 mapped = false;      // the model's expert tensors are mapped from the file
     bool                 prompt_seen = false; // a prompt batch ran since the last release
+    std::thread          releaser;            // release_mapped after a prompt, off the decode's path
+    std::atomic<bool>    releaser_stop{false};// the engine is going: what is left of a release is moot
     slicemoe_cache_stats_t totals = {};
     std::vector<int32_t> scratch_ids;
     std::unique_ptr<forced_routes> forced;    // trace-driven routing (slicemoe_route_force)
     std::list<eval_chain> chains;             // one per context of the model (new_chain, free_chain)
 
     ~cache() {
+        releaser_stop = true;
+        if (releaser.joinable()) releaser.join();   // before the model unmaps what it hands back
         io.reset();   // finishes any prefetch still queued: no read in flight from here on
         for (ggml_backend_buffer_t b : bufs) ggml_backend_buffer_free(b);
         for (const auto & [memory, size] : host_memory) std::free(memory);
@@ -266,6 +272,10 @@ void graph_step(ggml_tensor * dst, int ith, int nth, void * userdata);
 bool keep_dense_resident(cache & c, std::string * error);
 // Hand the mapped expert tensors' pages back after loading and after each prompt.
 void release_mapped(cache & c);
+// The same on c.releaser at the lowest priority, so that decode does not wait for it: at full size
+// the prompt leaves GBs of the file's pages mapped and cached, and dropping them took 0.5-0.6 s of
+// the first decode token (OLMoE-1B-7B). The decode reads the pools and the file, never the mapping.
+void release_mapped_in_background(cache & c);
 
 // ---- look-ahead prefetch (slicemoe-prefetch.cpp) ----
 // Load the predicted experts' MSB slices into L's pool on the reader threads.

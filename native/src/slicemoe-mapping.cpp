@@ -20,10 +20,14 @@
 #include <cstring>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <unordered_set>
 #include <utility>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 namespace slicemoe {
@@ -115,6 +119,8 @@ bool keep_dense_resident(cache & c, std::string * error) {
     return true;
 }
 
+constexpr uintptr_t RELEASE_STEP = uintptr_t(16) << 20;
+
 void release_mapped(cache & c) {
     if (!c.mapped) return;
     const uintptr_t page = page_size();
@@ -123,14 +129,32 @@ void release_mapped(cache & c) {
             if (!t) continue;
             const uintptr_t begin = (uintptr_t(t->data) + page - 1) / page * page;
             const uintptr_t end = (uintptr_t(t->data) + ggml_nbytes(t)) / page * page;
-            if (end > begin) {
-                madvise((void *) begin, end - begin, MADV_DONTNEED);
+            // in steps, each holding the address space's lock briefly (a page fault or an mmap of
+            // the decode threads waits for the step it meets, not for GBs of pages)
+            for (uintptr_t step = begin; step < end && !c.releaser_stop; step += RELEASE_STEP) {
+                madvise((void *) step, std::min<uintptr_t>(RELEASE_STEP, end - step), MADV_DONTNEED);
             }
         }
     }
 #if defined(POSIX_FADV_DONTNEED)
     posix_fadvise(c.io->fd(), 0, 0, POSIX_FADV_DONTNEED);
 #endif
+}
+
+void release_mapped_in_background(cache & c) {
+    if (c.releaser.joinable()) c.releaser.join();
+    try {
+        c.releaser = std::thread([&c] {
+#if defined(__linux__)
+            // the lowest share of the cores: the decode threads keep them, and the pages go back
+            // as they idle (between tokens and requests) instead of during the next tokens
+            setpriority(PRIO_PROCESS, pid_t(syscall(SYS_gettid)), 19);
+#endif
+            release_mapped(c);
+        });
+    } catch (const std::system_error &) {   // no thread to be had: hand the pages back here
+        release_mapped(c);
+    }
 }
 
 void release_pools(cache & c) {
