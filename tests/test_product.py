@@ -148,15 +148,24 @@ def test_bad_arguments_are_refused():
         kernels.expert_product(msb, None, np.zeros(32, dtype=np.float32), missing)
 
 
-def test_the_timed_product_computes_each_token_as_the_single_one():
+@pytest.mark.parametrize("kernel", kernels.available())
+def test_a_batch_of_tokens_computes_each_token_as_it_alone(kernel):
+    """A prompt's tokens that use one expert are computed together (each block unpacked once for up
+    to 4 of them): every value equals that token's product alone, bit for bit, so a token computes
+    the same in a prompt batch as in decode. 6 tokens (a group of 4 and one of 2), 11 blocks (a
+    group of 8 and 3 after it), one block whose steps are not nested."""
     rng = np.random.default_rng(5)
-    msb, lsb = _slices(rng.standard_normal((16, 256)).astype(np.float32) * np.float32(0.02), "searched")
-    x = rng.standard_normal((3, 256)).astype(np.float32)
+    n_in = 11 * 32
+    msb, lsb = _slices(rng.standard_normal((16, n_in)).astype(np.float32) * np.float32(0.02), "searched")
+    steps = lsb.reshape(16, -1, 20)[7, 2, 0:2].view("<f2")
+    steps[0] = steps[0] * np.float16(1.5)
+    x = rng.standard_normal((6, n_in)).astype(np.float32)
     for high in (lsb, None):
-        y, seconds = kernels.time_expert_product(msb, high, x, repeats=2)
+        y, seconds = kernels.time_expert_product(msb, high, x, kernel, repeats=2)
         assert seconds > 0
-        for token in range(3):
-            np.testing.assert_array_equal(y[token], kernels.expert_product(msb, high, x[token]))
+        for token in range(6):
+            np.testing.assert_array_equal(y[token], kernels.expert_product(msb, high, x[token], kernel))
+        _check(y[5], msb, high, x[5])
 
 
 @pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_0"])

@@ -34,15 +34,21 @@ bool product_args_ok(int32_t kernel, const void * msb, int64_t n_in, int64_t n_o
     return true;
 }
 
-// x [n_tokens, n_in] -> y [n_tokens, n_out], as the graph's op computes a use: the activations
-// quantized, then every row.
+// x [n_tokens, n_in] -> y [n_tokens, n_out], as the graph's op computes the uses of one expert:
+// the activations quantized, then every row against all of them.
 void expert_product_tokens(slicemoe::kernel_id kernel, const void * msb, const void * lsb, int64_t n_in, int64_t n_out,
-                           int64_t n_tokens, const float * x, float * y, slicemoe::quantized_activations * act) {
+                           int64_t n_tokens, const float * x, float * y, std::vector<slicemoe::quantized_activations> * acts) {
+    acts->resize(size_t(n_tokens));
+    std::vector<const slicemoe::quantized_activations *> xs;
+    std::vector<float *> outs;
     for (int64_t t = 0; t < n_tokens; ++t) {
-        slicemoe::quantize_activations(kernel, x + t * n_in, n_in, act);
-        slicemoe::rows_dot(kernel, static_cast<const slicemoe::q4_1_block *>(msb),
-                           static_cast<const slicemoe::q4_1_block *>(lsb), n_in / 32, *act, n_out, y + t * n_out);
+        slicemoe::quantize_activations(kernel, x + t * n_in, n_in, &(*acts)[size_t(t)]);
+        xs.push_back(&(*acts)[size_t(t)]);
+        outs.push_back(y + t * n_out);
     }
+    slicemoe::rows_dot_tokens(kernel, static_cast<const slicemoe::q4_1_block *>(msb),
+                              static_cast<const slicemoe::q4_1_block *>(lsb), n_in / 32, xs.data(), int(n_tokens), n_out,
+                              outs.data());
 }
 
 template <typename F>
@@ -95,9 +101,9 @@ int slicemoe_expert_product_time(int32_t kernel, const void * msb, const void * 
         if (!product_args_ok(kernel, msb, n_in, n_out, n_tokens, x, y)) {
             return SLICEMOE_ERR_INVALID_ARG;
         }
-        slicemoe::quantized_activations act;
+        std::vector<slicemoe::quantized_activations> acts;
         const double best = best_of(repeats, [&] {
-            expert_product_tokens(slicemoe::kernel_id(kernel), msb, lsb, n_in, n_out, n_tokens, x, y, &act);
+            expert_product_tokens(slicemoe::kernel_id(kernel), msb, lsb, n_in, n_out, n_tokens, x, y, &acts);
         });
         if (best_seconds) *best_seconds = best;
         return ok();

@@ -204,65 +204,88 @@ SLICEMOE_VNNI inline __m256 header_halves_vnni(__m256i headers, bool high) {
         }                                                                                                 \
     } while (0)
 
-// One row of an expert against quantized activations, 8 blocks at a time: their 8 headers are
-// loaded and converted as one vector, so a block costs its unpacking, one dot product and one
-// multiply-add (the scale of block i taken from lane i); the offsets m d_x sum(q) of 8 blocks are one
-// vector multiply-add. Groups with a block whose steps are not nested, and the last n_blocks % 8
-// blocks, take the one-block form. A macro for the two targets: GCC compiles a body for one target.
+// The one-block form for blocks [FIRST, LAST) of the row, for each of the T vectors.
+#define SLICEMOE_X86_BLOCKS_ALONE(FIRST, LAST, CODE, DOT_NIBBLES, DOT_CODE, CENTRE)                         \
+    for (int t = 0; t < T; ++t) {                                                                         \
+        const quantized_activations & x = *xs[t];                                                         \
+        float & rest = rests[t];                                                                          \
+        for (int64_t blk_i = (FIRST); blk_i < (LAST); ++blk_i) {                                          \
+            SLICEMOE_X86_BLOCK(blk_i, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);                               \
+        }                                                                                                 \
+    }
+
+// One row of an expert against T activation vectors xs[0..T), 8 blocks at a time: their 8 headers
+// are loaded and converted as one vector, so a block costs its unpacking (once for the T vectors),
+// one dot product and one multiply-add per vector (the scale of block i taken from lane i); the
+// offsets m d_x sum(q) of 8 blocks are one vector multiply-add. Groups with a block whose steps are
+// not nested, and the last n_blocks % 8 blocks, take the one-block form. Each vector's sums run in
+// the same order for every T, so a token computes the same in a prompt batch as alone. A macro for
+// the two targets: GCC compiles a body for one target.
 #define SLICEMOE_X86_ROW(HEADERS, HALVES, CODE, DOT_NIBBLES, DOT_CODE, CENTRE)                                   \
-    __m256 acc_even = _mm256_setzero_ps(), acc_odd = _mm256_setzero_ps();                                  \
-    __m256 offsets = _mm256_setzero_ps();                                                                 \
-    float rest = 0.0f;                                                                                    \
+    __m256 acc_even[T], acc_odd[T], offsets[T];                                                            \
+    float rests[T];                                                                                       \
+    for (int t = 0; t < T; ++t) {                                                                         \
+        acc_even[t] = acc_odd[t] = offsets[t] = _mm256_setzero_ps();                                      \
+        rests[t] = 0.0f;                                                                                  \
+    }                                                                                                     \
     int64_t b = 0;                                                                                        \
     for (; b + 8 <= n_blocks; b += 8) {                                                                   \
         const __m256i high_headers = HEADERS(msb + b);                                                    \
-        __m256 scale = HALVES(high_headers, false);                                                       \
+        __m256 step = HALVES(high_headers, false);                                                        \
         __m256 minimum = HALVES(high_headers, true);                                                      \
         if (lsb) {                                                                                        \
             const __m256i low_headers = HEADERS(lsb + b);                                                 \
-            const __m256 step = HALVES(low_headers, false);                                               \
-            const __m256 nested_steps = _mm256_cmp_ps(scale, _mm256_mul_ps(step, _mm256_set1_ps(16.0f)), _CMP_EQ_OQ); \
+            const __m256 low_step = HALVES(low_headers, false);                                           \
+            const __m256 nested_steps = _mm256_cmp_ps(step, _mm256_mul_ps(low_step, _mm256_set1_ps(16.0f)), _CMP_EQ_OQ); \
             if (_mm256_movemask_ps(nested_steps) != 0xFF) {                                               \
-                for (int i = 0; i < 8; ++i) SLICEMOE_X86_BLOCK(b + i, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);       \
+                SLICEMOE_X86_BLOCKS_ALONE(b, b + 8, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);                 \
                 continue;                                                                                 \
             }                                                                                             \
-            minimum = _mm256_add_ps(minimum, _mm256_fmadd_ps(step, _mm256_set1_ps(CENTRE), HALVES(low_headers, true))); \
-            scale = step;                                                                                 \
+            minimum = _mm256_add_ps(minimum, _mm256_fmadd_ps(low_step, _mm256_set1_ps(CENTRE), HALVES(low_headers, true))); \
+            step = low_step;                                                                              \
         }                                                                                                 \
-        scale = _mm256_mul_ps(scale, _mm256_loadu_ps(&x.d[size_t(b)]));                                   \
-        offsets = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(&x.d_sum[size_t(b)]), offsets);                \
-        /* two accumulators in registers (an indexed pair would live on the stack), lsb tested once */  \
+        __m256 scale[T];                                                                                  \
+        for (int t = 0; t < T; ++t) {                                                                     \
+            scale[t] = _mm256_mul_ps(step, _mm256_loadu_ps(&xs[t]->d[size_t(b)]));                        \
+            offsets[t] = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(&xs[t]->d_sum[size_t(b)]), offsets[t]); \
+        }                                                                                                 \
+        /* two accumulators per vector, in registers (an indexed pair would live on the stack) */      \
         for (int i = 0; i < 8; i += 2) {                                                                  \
-            const __m256i q_even = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x.blocks[size_t(b + i)].q)); \
-            const __m256i q_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x.blocks[size_t(b + i + 1)].q)); \
-            __m256i dot_even, dot_odd;                                                                    \
-            if (lsb) {                                                                                    \
-                dot_even = DOT_CODE(CODE(msb[b + i].qs, lsb[b + i].qs), q_even);                \
-                dot_odd = DOT_CODE(CODE(msb[b + i + 1].qs, lsb[b + i + 1].qs), q_odd);          \
-            } else {                                                                                      \
-                dot_even = DOT_NIBBLES(nibbles_in_order(msb[b + i].qs), q_even);                          \
-                dot_odd = DOT_NIBBLES(nibbles_in_order(msb[b + i + 1].qs), q_odd);                        \
+            const __m256i code_even = lsb ? CODE(msb[b + i].qs, lsb[b + i].qs) : nibbles_in_order(msb[b + i].qs); \
+            const __m256i code_odd = lsb ? CODE(msb[b + i + 1].qs, lsb[b + i + 1].qs)                      \
+                                         : nibbles_in_order(msb[b + i + 1].qs);                           \
+            const __m256i lane_even = _mm256_set1_epi32(i), lane_odd = _mm256_set1_epi32(i + 1);          \
+            for (int t = 0; t < T; ++t) {                                                                 \
+                const __m256i q_even = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xs[t]->blocks[size_t(b + i)].q)); \
+                const __m256i q_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xs[t]->blocks[size_t(b + i + 1)].q)); \
+                const __m256i dot_even = lsb ? DOT_CODE(code_even, q_even) : DOT_NIBBLES(code_even, q_even); \
+                const __m256i dot_odd = lsb ? DOT_CODE(code_odd, q_odd) : DOT_NIBBLES(code_odd, q_odd);   \
+                acc_even[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_even),                               \
+                                              _mm256_permutevar8x32_ps(scale[t], lane_even), acc_even[t]); \
+                acc_odd[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_odd),                                 \
+                                             _mm256_permutevar8x32_ps(scale[t], lane_odd), acc_odd[t]);   \
             }                                                                                             \
-            acc_even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_even),                                      \
-                                       _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(i)), acc_even);  \
-            acc_odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_odd),                                        \
-                                      _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(i + 1)), acc_odd); \
         }                                                                                                 \
     }                                                                                                     \
-    for (; b < n_blocks; ++b) SLICEMOE_X86_BLOCK(b, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);                      \
-    return horizontal_sum(_mm256_add_ps(acc_even, acc_odd)) + horizontal_sum(offsets) + rest;
+    SLICEMOE_X86_BLOCKS_ALONE(b, n_blocks, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);                          \
+    for (int t = 0; t < T; ++t) {                                                                         \
+        out[t] = horizontal_sum(_mm256_add_ps(acc_even[t], acc_odd[t])) + horizontal_sum(offsets[t]) + rests[t]; \
+    }
 
-SLICEMOE_AVX2 float row_dot_avx2(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations & x,
-                                 int64_t n_blocks) {
+template <int T>
+SLICEMOE_AVX2 void row_dot_avx2(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations * const * xs,
+                                int64_t n_blocks, float * out) {
     SLICEMOE_X86_ROW(headers_avx2, header_halves_avx2, code_in_order, dot_nibbles_avx2, dot_code_avx2, 128.0f)
 }
 
-SLICEMOE_VNNI float row_dot_vnni(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations & x,
-                                 int64_t n_blocks) {
+template <int T>
+SLICEMOE_VNNI void row_dot_vnni(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations * const * xs,
+                                int64_t n_blocks, float * out) {
     SLICEMOE_X86_ROW(headers_vnni, header_halves_vnni, code_in_order_vnni, dot_unsigned_vnni, dot_unsigned_vnni, 0.0f)
 }
 
 #undef SLICEMOE_X86_ROW
+#undef SLICEMOE_X86_BLOCKS_ALONE
 #undef SLICEMOE_X86_BLOCK
 
 // quantize_activations for AVX2 machines: the same values as the scalar loop (ties to even)
@@ -466,25 +489,71 @@ void quantize_activations(kernel_id kernel, const float * x, int64_t n_in, quant
     }
 }
 
-void rows_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, int64_t stride,
-              const quantized_activations & x, int64_t n_rows, float * out) {
+namespace {
+
+#ifdef SLICEMOE_X86
+// One row against up to TOKENS_AT_ONCE vectors: row_dot_<isa><T>, T from the count.
+template <template <int> class Row>
+void row_x86(const q4_1_block * high, const q4_1_block * low, const quantized_activations * const * xs, int n_x,
+             int64_t n_blocks, float * out) {
+    switch (n_x) {
+        case 4: return Row<4>::run(high, low, xs, n_blocks, out);
+        case 3: return Row<3>::run(high, low, xs, n_blocks, out);
+        case 2: return Row<2>::run(high, low, xs, n_blocks, out);
+        default: return Row<1>::run(high, low, xs, n_blocks, out);
+    }
+}
+template <int T> struct row_avx2 {
+    static void run(const q4_1_block * h, const q4_1_block * l, const quantized_activations * const * xs, int64_t n, float * out) {
+        row_dot_avx2<T>(h, l, xs, n, out);
+    }
+};
+template <int T> struct row_vnni {
+    static void run(const q4_1_block * h, const q4_1_block * l, const quantized_activations * const * xs, int64_t n, float * out) {
+        row_dot_vnni<T>(h, l, xs, n, out);
+    }
+};
+#endif
+
+} // namespace
+
+void rows_dot_tokens(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, int64_t stride,
+                     const quantized_activations * const * xs, int n_x, int64_t n_rows, float * const * outs) {
     if (kernel == KERNEL_AUTO) kernel = best_kernel();
-    const int64_t n_blocks = int64_t(x.blocks.size());
+    if (n_x <= 0) return;
+    const int64_t n_blocks = int64_t(xs[0]->blocks.size());
     for (int64_t r = 0; r < n_rows; ++r) {
         const q4_1_block * high = msb + r * stride;
         const q4_1_block * low = lsb ? lsb + r * stride : nullptr;
-        switch (kernel) {
+        for (int first = 0; first < n_x; first += TOKENS_AT_ONCE) {
+            const int count = std::min(TOKENS_AT_ONCE, n_x - first);
+            float row[TOKENS_AT_ONCE];
+            switch (kernel) {
 #ifdef SLICEMOE_X86
-            case KERNEL_AVX2:         out[r] = row_dot_avx2(high, low, x, n_blocks); break;
-            case KERNEL_AVX512_VNNI:  out[r] = row_dot_vnni(high, low, x, n_blocks); break;
+                case KERNEL_AVX2:        row_x86<row_avx2>(high, low, xs + first, count, n_blocks, row); break;
+                case KERNEL_AVX512_VNNI: row_x86<row_vnni>(high, low, xs + first, count, n_blocks, row); break;
 #endif
+                default:
+                    for (int t = 0; t < count; ++t) {
+                        const act_block * x = xs[first + t]->blocks.data();
 #ifdef SLICEMOE_ARM64
-            case KERNEL_NEON:         out[r] = row_dot_neon(high, low, x.blocks.data(), n_blocks); break;
-            case KERNEL_NEON_DOTPROD: out[r] = row_dot_neon_dotprod(high, low, x.blocks.data(), n_blocks); break;
+                        if (kernel == KERNEL_NEON) { row[t] = row_dot_neon(high, low, x, n_blocks); continue; }
+                        if (kernel == KERNEL_NEON_DOTPROD) { row[t] = row_dot_neon_dotprod(high, low, x, n_blocks); continue; }
 #endif
-            default:                  out[r] = row_dot_scalar(high, low, x.blocks.data(), n_blocks); break;
+                        row[t] = row_dot_scalar(high, low, x, n_blocks);
+                    }
+                    break;
+            }
+            for (int t = 0; t < count; ++t) outs[first + t][r] = row[t];
         }
     }
+}
+
+void rows_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, int64_t stride,
+              const quantized_activations & x, int64_t n_rows, float * out) {
+    const quantized_activations * xs[] = { &x };
+    float * outs[] = { out };
+    rows_dot_tokens(kernel, msb, lsb, stride, xs, 1, n_rows, outs);
 }
 
 } // namespace slicemoe

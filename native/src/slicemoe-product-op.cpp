@@ -132,6 +132,10 @@ void product_group_rows(ggml_tensor * dst, const product_ready * ready, const st
     const auto * msb = usable ? reinterpret_cast<const q4_1_block *>(row_of(w, first, group.slot)) : nullptr;
     const auto * lsb = usable && group.slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, first, group.slot_lsb))
                                                      : nullptr;
+    thread_local std::vector<const quantized_activations *> xs;
+    thread_local std::vector<float *> outs;
+    xs.clear();
+    outs.clear();
     for (const auto & [use, token] : group.uses) {
         float * out = reinterpret_cast<float *>(const_cast<char *>(row_of(dst, use, token)));
         if (!msb) {   // a dropped use, or a read that failed (the ubatch fails)
@@ -144,8 +148,11 @@ void product_group_rows(ggml_tensor * dst, const product_ready * ready, const st
             quantize_activations(KERNEL_AUTO, reinterpret_cast<const float *>(row_of(x, column, token)), n_in, &acts[which]);
             quantized[which] = 1;
         }
-        rows_dot(KERNEL_AUTO, msb, lsb, int64_t(w->nb[1] / sizeof(q4_1_block)), acts[which], last - first, out + first);
+        xs.push_back(&acts[which]);
+        outs.push_back(out + first);
     }
+    rows_dot_tokens(KERNEL_AUTO, msb, lsb, int64_t(w->nb[1] / sizeof(q4_1_block)), xs.data(), int(xs.size()),
+                    last - first, outs.data());
 }
 
 // The op's work queue lives in the node's own op_params, after the custom op's parameters (a

@@ -55,6 +55,13 @@ void quantize_activations(kernel_id kernel, const float * x, int64_t n_in, quant
 void rows_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, int64_t stride,
               const quantized_activations & x, int64_t n_rows, float * out);
 
+// The same rows against n_x activation vectors at once (a prompt batch's tokens that use this
+// expert): outs[t][r] = row r . xs[t]. The x86 kernels unpack each block once for up to
+// TOKENS_AT_ONCE vectors; every value equals what rows_dot computes for that vector alone.
+constexpr int TOKENS_AT_ONCE = 4;
+void rows_dot_tokens(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, int64_t stride,
+                     const quantized_activations * const * xs, int n_x, int64_t n_rows, float * const * outs);
+
 // Reads still landing in a projection's MSB and LSB pools while the product runs (one per layer and
 // projection, owned by the engine; the op keeps a pointer to it). The engine fills it when it issues
 // a step's reads and clears it once they are joined, always outside the graph's compute; during the
