@@ -1,0 +1,287 @@
+// The fused expert product's x86 kernels (slicemoe-kernels.h): AVX2 and AVX512-VNNI, compiled with
+// target attributes (libllama is built for the baseline ISA) and chosen at run time. The
+// arithmetic is described at the top of slicemoe-kernels.cpp.
+
+#include "slicemoe-kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace slicemoe {
+
+namespace {
+
+#define SLICEMOE_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+SLICEMOE_AVX2 inline __m256i nibbles_in_order(const uint8_t * qs) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    return _mm256_and_si256(both, _mm256_set1_epi8(15));
+}
+
+SLICEMOE_AVX2 inline float fp16_avx2(ggml_fp16_t h) {
+    return _cvtsh_ss(h);
+}
+
+SLICEMOE_AVX2 inline float horizontal_sum(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+// signed bytes a . b, 32 pairs, as 8 int32 sums (|a| <= 128, |b| <= 127: no int16 saturation)
+SLICEMOE_AVX2 inline __m256i dot_i8(__m256i a, __m256i b) {
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+// The 8-bit code of a block, bytes in x.q's order: code j = h_j << 4 | l_j. Shifts within 16-bit
+// lanes put each nibble where its byte needs it; the 0xF0 mask picks which source fills which half.
+SLICEMOE_AVX2 inline __m256i code_in_order(const uint8_t * msb_qs, const uint8_t * lsb_qs) {
+    const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i *>(msb_qs));
+    const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i *>(lsb_qs));
+    const __m128i upper = _mm_set1_epi8(char(0xF0));
+    const __m128i first = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(high, 4), upper), _mm_andnot_si128(upper, low));
+    const __m128i second = _mm_or_si128(_mm_and_si128(high, upper), _mm_andnot_si128(upper, _mm_srli_epi16(low, 4)));
+    return _mm256_set_m128i(second, first);
+}
+
+// AVX2: a nibble h <= 15 is an unsigned byte, one maddubs without the sign trick; the 8-bit code
+// would saturate maddubs, so it is centred (c - 128, the block's offset gaining 128 s).
+SLICEMOE_AVX2 inline __m256i dot_nibbles_avx2(__m256i h, __m256i q) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(h, q), _mm256_set1_epi16(1));
+}
+
+SLICEMOE_AVX2 inline __m256i dot_code_avx2(__m256i code, __m256i q) {
+    return dot_i8(_mm256_xor_si256(code, _mm256_set1_epi8(char(0x80))), q);
+}
+
+// The (d, m) headers of 8 consecutive blocks as 8 lanes of 32 bits (d low): block i's header is
+// dword 5 i of their 160 bytes. AVX2 gathers them; AVX512 permutes two 64-byte loads.
+SLICEMOE_AVX2 inline __m256i headers_avx2(const q4_1_block * blocks) {
+    const __m256i offsets = _mm256_setr_epi32(0, 20, 40, 60, 80, 100, 120, 140);
+    return _mm256_i32gather_epi32(reinterpret_cast<const int *>(blocks), offsets, 1);
+}
+
+// The low (d) or high (m) fp16 halves of 8 headers, as floats.
+SLICEMOE_AVX2 inline __m256 header_halves_avx2(__m256i headers, bool high) {
+    const __m256i pick = high ? _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                 2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1)
+                              : _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                 0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(headers, pick), 0x08);   // qwords 0, 2
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
+}
+
+// AVX512-VNNI (256-bit vectors, AVX512VL): vpdpbusd multiplies unsigned by signed bytes and sums
+// four products into 32 bits without saturation, so the 8-bit code needs no centring.
+#define SLICEMOE_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+SLICEMOE_VNNI inline __m256i dot_unsigned_vnni(__m256i u, __m256i q) {
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q);
+}
+
+// code_in_order with AVX512's three-input logic: each half of a byte from its source in one step
+SLICEMOE_VNNI inline __m256i code_in_order_vnni(const uint8_t * msb_qs, const uint8_t * lsb_qs) {
+    const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i *>(msb_qs));
+    const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i *>(lsb_qs));
+    const __m128i upper = _mm_set1_epi8(char(0xF0));
+    constexpr int UPPER_FROM_A_ELSE_B = 0xE4;   // c ? a : b, bit by bit
+    const __m128i first = _mm_ternarylogic_epi32(_mm_slli_epi16(high, 4), low, upper, UPPER_FROM_A_ELSE_B);
+    const __m128i second = _mm_ternarylogic_epi32(high, _mm_srli_epi16(low, 4), upper, UPPER_FROM_A_ELSE_B);
+    return _mm256_set_m128i(second, first);
+}
+
+// GCC 12 warns inside its own _mm512_castsi512_si256 (the _mm256_undefined idiom, GCC bug 105593)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+SLICEMOE_VNNI inline __m256i headers_vnni(const q4_1_block * blocks) {
+    const __m512i first = _mm512_loadu_si512(blocks);        // headers of blocks 0-3 at dwords 0, 5, 10, 15
+    const __m512i second = _mm512_loadu_si512(blocks + 4);   // and of blocks 4-7
+    const __m512i index = _mm512_setr_epi32(0, 5, 10, 15, 16, 21, 26, 31, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castsi512_si256(_mm512_permutex2var_epi32(first, index, second));
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+SLICEMOE_VNNI inline __m256 header_halves_vnni(__m256i headers, bool high) {
+    return _mm256_cvtph_ps(_mm256_cvtepi32_epi16(high ? _mm256_srli_epi32(headers, 16) : headers));
+}
+
+// One block of a row (rest: the row's sum outside the vector accumulators).
+#define SLICEMOE_X86_BLOCK(B, CODE, DOT_NIBBLES, DOT_CODE, CENTRE)                                               \
+    do {                                                                                                  \
+        const int64_t blk = (B);                                                                          \
+        const act_block & xb = x.blocks[size_t(blk)];                                                     \
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb.q));                    \
+        if (!lsb) {                                                                                       \
+            const float dot = horizontal_sum(_mm256_cvtepi32_ps(DOT_NIBBLES(nibbles_in_order(msb[blk].qs), q))); \
+            rest += fp16_avx2(msb[blk].d) * xb.d * dot + fp16_avx2(msb[blk].m) * xb.d_sum;                \
+        } else if (!nested(msb[blk], lsb[blk])) {                                                         \
+            rest += block_dot_general(msb[blk], &lsb[blk], xb);                                           \
+        } else {                                                                                          \
+            const float s = fp16_avx2(lsb[blk].d);                                                        \
+            const float dot = horizontal_sum(_mm256_cvtepi32_ps(DOT_CODE(CODE(msb[blk].qs, lsb[blk].qs), q))); \
+            rest += s * xb.d * dot + (CENTRE * s + fp16_avx2(msb[blk].m) + fp16_avx2(lsb[blk].m)) * xb.d_sum; \
+        }                                                                                                 \
+    } while (0)
+
+// The one-block form for blocks [FIRST, LAST) of the row, for each of the T vectors.
+#define SLICEMOE_X86_BLOCKS_ALONE(FIRST, LAST, CODE, DOT_NIBBLES, DOT_CODE, CENTRE)                         \
+    for (int t = 0; t < T; ++t) {                                                                         \
+        const quantized_activations & x = *xs[t];                                                         \
+        float & rest = rests[t];                                                                          \
+        for (int64_t blk_i = (FIRST); blk_i < (LAST); ++blk_i) {                                          \
+            SLICEMOE_X86_BLOCK(blk_i, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);                               \
+        }                                                                                                 \
+    }
+
+// One row of an expert against T activation vectors xs[0..T), 8 blocks at a time: their 8 headers
+// are loaded and converted as one vector, so a block costs its unpacking (once for the T vectors),
+// one dot product and one multiply-add per vector (the scale of block i taken from lane i); the
+// offsets m d_x sum(q) of 8 blocks are one vector multiply-add. Groups with a block whose steps are
+// not nested, and the last n_blocks % 8 blocks, take the one-block form. Each vector's sums run in
+// the same order for every T, so a token computes the same in a prompt batch as alone. A macro for
+// the two targets: GCC compiles a body for one target.
+#define SLICEMOE_X86_ROW(HEADERS, HALVES, CODE, DOT_NIBBLES, DOT_CODE, CENTRE)                                   \
+    __m256 acc_even[T], acc_odd[T], offsets[T];                                                            \
+    float rests[T];                                                                                       \
+    for (int t = 0; t < T; ++t) {                                                                         \
+        acc_even[t] = acc_odd[t] = offsets[t] = _mm256_setzero_ps();                                      \
+        rests[t] = 0.0f;                                                                                  \
+    }                                                                                                     \
+    int64_t b = 0;                                                                                        \
+    for (; b + 8 <= n_blocks; b += 8) {                                                                   \
+        const __m256i high_headers = HEADERS(msb + b);                                                    \
+        __m256 step = HALVES(high_headers, false);                                                        \
+        __m256 minimum = HALVES(high_headers, true);                                                      \
+        if (lsb) {                                                                                        \
+            const __m256i low_headers = HEADERS(lsb + b);                                                 \
+            const __m256 low_step = HALVES(low_headers, false);                                           \
+            const __m256 nested_steps = _mm256_cmp_ps(step, _mm256_mul_ps(low_step, _mm256_set1_ps(16.0f)), _CMP_EQ_OQ); \
+            if (_mm256_movemask_ps(nested_steps) != 0xFF) {                                               \
+                SLICEMOE_X86_BLOCKS_ALONE(b, b + 8, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);                 \
+                continue;                                                                                 \
+            }                                                                                             \
+            minimum = _mm256_add_ps(minimum, _mm256_fmadd_ps(low_step, _mm256_set1_ps(CENTRE), HALVES(low_headers, true))); \
+            step = low_step;                                                                              \
+        }                                                                                                 \
+        __m256 scale[T];                                                                                  \
+        for (int t = 0; t < T; ++t) {                                                                     \
+            scale[t] = _mm256_mul_ps(step, _mm256_loadu_ps(&xs[t]->d[size_t(b)]));                        \
+            offsets[t] = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(&xs[t]->d_sum[size_t(b)]), offsets[t]); \
+        }                                                                                                 \
+        /* two accumulators per vector, in registers (an indexed pair would live on the stack) */      \
+        for (int i = 0; i < 8; i += 2) {                                                                  \
+            const __m256i code_even = lsb ? CODE(msb[b + i].qs, lsb[b + i].qs) : nibbles_in_order(msb[b + i].qs); \
+            const __m256i code_odd = lsb ? CODE(msb[b + i + 1].qs, lsb[b + i + 1].qs)                      \
+                                         : nibbles_in_order(msb[b + i + 1].qs);                           \
+            const __m256i lane_even = _mm256_set1_epi32(i), lane_odd = _mm256_set1_epi32(i + 1);          \
+            for (int t = 0; t < T; ++t) {                                                                 \
+                const __m256i q_even = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xs[t]->blocks[size_t(b + i)].q)); \
+                const __m256i q_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xs[t]->blocks[size_t(b + i + 1)].q)); \
+                const __m256i dot_even = lsb ? DOT_CODE(code_even, q_even) : DOT_NIBBLES(code_even, q_even); \
+                const __m256i dot_odd = lsb ? DOT_CODE(code_odd, q_odd) : DOT_NIBBLES(code_odd, q_odd);   \
+                acc_even[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_even),                               \
+                                              _mm256_permutevar8x32_ps(scale[t], lane_even), acc_even[t]); \
+                acc_odd[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_odd),                                 \
+                                             _mm256_permutevar8x32_ps(scale[t], lane_odd), acc_odd[t]);   \
+            }                                                                                             \
+        }                                                                                                 \
+    }                                                                                                     \
+    SLICEMOE_X86_BLOCKS_ALONE(b, n_blocks, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);                          \
+    for (int t = 0; t < T; ++t) {                                                                         \
+        out[t] = horizontal_sum(_mm256_add_ps(acc_even[t], acc_odd[t])) + horizontal_sum(offsets[t]) + rests[t]; \
+    }
+
+template <int T>
+SLICEMOE_AVX2 void row_dot_avx2(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations * const * xs,
+                                int64_t n_blocks, float * out) {
+    SLICEMOE_X86_ROW(headers_avx2, header_halves_avx2, code_in_order, dot_nibbles_avx2, dot_code_avx2, 128.0f)
+}
+
+template <int T>
+SLICEMOE_VNNI void row_dot_vnni(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations * const * xs,
+                                int64_t n_blocks, float * out) {
+    SLICEMOE_X86_ROW(headers_vnni, header_halves_vnni, code_in_order_vnni, dot_unsigned_vnni, dot_unsigned_vnni, 0.0f)
+}
+
+#undef SLICEMOE_X86_ROW
+#undef SLICEMOE_X86_BLOCKS_ALONE
+#undef SLICEMOE_X86_BLOCK
+
+// One row against up to TOKENS_AT_ONCE vectors: row_dot_<isa><T>, T from the count.
+template <template <int> class Row>
+void row_x86(const q4_1_block * high, const q4_1_block * low, const quantized_activations * const * xs, int n_x,
+             int64_t n_blocks, float * out) {
+    switch (n_x) {
+        case 4: return Row<4>::run(high, low, xs, n_blocks, out);
+        case 3: return Row<3>::run(high, low, xs, n_blocks, out);
+        case 2: return Row<2>::run(high, low, xs, n_blocks, out);
+        default: return Row<1>::run(high, low, xs, n_blocks, out);
+    }
+}
+template <int T> struct row_avx2 {
+    static void run(const q4_1_block * h, const q4_1_block * l, const quantized_activations * const * xs, int64_t n, float * out) {
+        row_dot_avx2<T>(h, l, xs, n, out);
+    }
+};
+template <int T> struct row_vnni {
+    static void run(const q4_1_block * h, const q4_1_block * l, const quantized_activations * const * xs, int64_t n, float * out) {
+        row_dot_vnni<T>(h, l, xs, n, out);
+    }
+};
+} // namespace
+
+SLICEMOE_AVX2 void quantize_activations_avx2(const float * x, int64_t n_in, act_block * out) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < n_in / 32; ++b) {
+        __m256 v[4];
+        __m256 amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; ++i) {
+            v[i] = _mm256_loadu_ps(x + b * 32 + i * 8);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float d = _mm_cvtss_f32(m4) / 127.0f;
+        const __m256 inverse = _mm256_set1_ps(inverse_step(d));
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) {
+            q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        const __m256i sum4 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(sum4), _mm256_extracti128_si256(sum4, 1));
+        sum = _mm_hadd_epi32(sum, sum);
+        sum = _mm_hadd_epi32(sum, sum);
+        // packs work within 128-bit lanes: the permute puts the 32 bytes back in order
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(out[b].q), ordered);
+        out[b].d = d;
+        out[b].d_sum = d * float(_mm_cvtsi128_si32(sum));
+    }
+}
+
+
+void rows_x86(kernel_id kernel, const q4_1_block * high, const q4_1_block * low, const quantized_activations * const * xs,
+              int n_x, int64_t n_blocks, float * out) {
+    if (kernel == KERNEL_AVX512_VNNI) {
+        row_x86<row_vnni>(high, low, xs, n_x, n_blocks, out);
+    } else {
+        row_x86<row_avx2>(high, low, xs, n_x, n_blocks, out);
+    }
+}
+
+} // namespace slicemoe
+
+#endif // x86
