@@ -21,7 +21,9 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
-#include <sys/syscall.h>
+#if defined(__linux__)
+#include <sys/syscall.h>   // the releaser's thread id, for its priority
+#endif
 #include <sys/stat.h>
 #include <unistd.h>
 #include <unordered_set>
