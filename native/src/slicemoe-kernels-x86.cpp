@@ -34,31 +34,24 @@ SLICEMOE_AVX2 inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(r);
 }
 
-// signed bytes a . b, 32 pairs, as 8 int32 sums (|a| <= 128, |b| <= 127: no int16 saturation)
-SLICEMOE_AVX2 inline __m256i dot_i8(__m256i a, __m256i b) {
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+// AVX2 takes a block's two slices as two vectors of nibbles: maddubs multiplies unsigned by
+// signed bytes, and the 8-bit code (up to 255) would saturate its 16-bit pair sums, where a nibble
+// (up to 15) cannot. code . q = 16 (h . q) + (l . q), the same integer vpdpbusd gives.
+struct nibble_pair {
+    __m256i high, low;
+};
+
+SLICEMOE_AVX2 inline nibble_pair nibbles_of_both(const uint8_t * msb_qs, const uint8_t * lsb_qs) {
+    return { nibbles_in_order(msb_qs), nibbles_in_order(lsb_qs) };
 }
 
-// The 8-bit code of a block, bytes in x.q's order: code j = h_j << 4 | l_j. Shifts within 16-bit
-// lanes put each nibble where its byte needs it; the 0xF0 mask picks which source fills which half.
-SLICEMOE_AVX2 inline __m256i code_in_order(const uint8_t * msb_qs, const uint8_t * lsb_qs) {
-    const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i *>(msb_qs));
-    const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i *>(lsb_qs));
-    const __m128i upper = _mm_set1_epi8(char(0xF0));
-    const __m128i first = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(high, 4), upper), _mm_andnot_si128(upper, low));
-    const __m128i second = _mm_or_si128(_mm_and_si128(high, upper), _mm_andnot_si128(upper, _mm_srli_epi16(low, 4)));
-    return _mm256_set_m128i(second, first);
-}
-
-// AVX2: a nibble h <= 15 is an unsigned byte, one maddubs without the sign trick; the 8-bit code
-// would saturate maddubs, so it is centred (c - 128, the block's offset gaining 128 s).
 SLICEMOE_AVX2 inline __m256i dot_nibbles_avx2(__m256i h, __m256i q) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(h, q), _mm256_set1_epi16(1));
 }
 
-SLICEMOE_AVX2 inline __m256i dot_code_avx2(__m256i code, __m256i q) {
-    return dot_i8(_mm256_xor_si256(code, _mm256_set1_epi8(char(0x80))), q);
+SLICEMOE_AVX2 inline __m256i dot_code_avx2(nibble_pair code, __m256i q) {
+    const __m256i high = _mm256_madd_epi16(_mm256_maddubs_epi16(code.high, q), _mm256_set1_epi16(16));
+    return _mm256_add_epi32(high, dot_nibbles_avx2(code.low, q));
 }
 
 // The (d, m) headers of 8 consecutive blocks as 8 lanes of 32 bits (d low): block i's header is
@@ -86,7 +79,9 @@ SLICEMOE_VNNI inline __m256i dot_unsigned_vnni(__m256i u, __m256i q) {
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q);
 }
 
-// code_in_order with AVX512's three-input logic: each half of a byte from its source in one step
+// The 8-bit code of a block, bytes in x.q's order: code j = h_j << 4 | l_j, with AVX512's
+// three-input logic (shifts within 16-bit lanes put each nibble where its byte needs it; the 0xF0
+// mask picks which source fills which half of a byte)
 SLICEMOE_VNNI inline __m256i code_in_order_vnni(const uint8_t * msb_qs, const uint8_t * lsb_qs) {
     const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i *>(msb_qs));
     const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i *>(lsb_qs));
@@ -117,7 +112,7 @@ SLICEMOE_VNNI inline __m256 header_halves_vnni(__m256i headers, bool high) {
 }
 
 // One block of a row (rest: the row's sum outside the vector accumulators).
-#define SLICEMOE_X86_BLOCK(B, CODE, DOT_NIBBLES, DOT_CODE, CENTRE)                                               \
+#define SLICEMOE_X86_BLOCK(B, CODE, DOT_NIBBLES, DOT_CODE)                                               \
     do {                                                                                                  \
         const int64_t blk = (B);                                                                          \
         const act_block & xb = x.blocks[size_t(blk)];                                                     \
@@ -130,18 +125,29 @@ SLICEMOE_VNNI inline __m256 header_halves_vnni(__m256i headers, bool high) {
         } else {                                                                                          \
             const float s = fp16_avx2(lsb[blk].d);                                                        \
             const float dot = horizontal_sum(_mm256_cvtepi32_ps(DOT_CODE(CODE(msb[blk].qs, lsb[blk].qs), q))); \
-            rest += s * xb.d * dot + (CENTRE * s + fp16_avx2(msb[blk].m) + fp16_avx2(lsb[blk].m)) * xb.d_sum; \
+            rest += s * xb.d * dot + (fp16_avx2(msb[blk].m) + fp16_avx2(lsb[blk].m)) * xb.d_sum; \
         }                                                                                                 \
     } while (0)
 
 // The one-block form for blocks [FIRST, LAST) of the row, for each of the T vectors.
-#define SLICEMOE_X86_BLOCKS_ALONE(FIRST, LAST, CODE, DOT_NIBBLES, DOT_CODE, CENTRE)                         \
+#define SLICEMOE_X86_BLOCKS_ALONE(FIRST, LAST, CODE, DOT_NIBBLES, DOT_CODE)                         \
     for (int t = 0; t < T; ++t) {                                                                         \
         const quantized_activations & x = *xs[t];                                                         \
         float & rest = rests[t];                                                                          \
         for (int64_t blk_i = (FIRST); blk_i < (LAST); ++blk_i) {                                          \
-            SLICEMOE_X86_BLOCK(blk_i, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);                               \
+            SLICEMOE_X86_BLOCK(blk_i, CODE, DOT_NIBBLES, DOT_CODE);                               \
         }                                                                                                 \
+    }
+
+// Blocks b + i and b + i + 1 (their unpacked weights code_even, code_odd) into each vector's sums.
+#define SLICEMOE_X86_ACCUMULATE(DOT)                                                                       \
+    for (int t = 0; t < T; ++t) {                                                                         \
+        const __m256i q_even = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xs[t]->blocks[size_t(b + i)].q)); \
+        const __m256i q_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xs[t]->blocks[size_t(b + i + 1)].q)); \
+        acc_even[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(code_even, q_even)),                         \
+                                      _mm256_permutevar8x32_ps(scale[t], _mm256_set1_epi32(i)), acc_even[t]); \
+        acc_odd[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(code_odd, q_odd)),                            \
+                                     _mm256_permutevar8x32_ps(scale[t], _mm256_set1_epi32(i + 1)), acc_odd[t]); \
     }
 
 // One row of an expert against T activation vectors xs[0..T), 8 blocks at a time: their 8 headers
@@ -151,7 +157,7 @@ SLICEMOE_VNNI inline __m256 header_halves_vnni(__m256i headers, bool high) {
 // not nested, and the last n_blocks % 8 blocks, take the one-block form. Each vector's sums run in
 // the same order for every T, so a token computes the same in a prompt batch as alone. A macro for
 // the two targets: GCC compiles a body for one target.
-#define SLICEMOE_X86_ROW(HEADERS, HALVES, CODE, DOT_NIBBLES, DOT_CODE, CENTRE)                                   \
+#define SLICEMOE_X86_ROW(HEADERS, HALVES, CODE, DOT_NIBBLES, DOT_CODE)                                   \
     __m256 acc_even[T], acc_odd[T], offsets[T];                                                            \
     float rests[T];                                                                                       \
     for (int t = 0; t < T; ++t) {                                                                         \
@@ -168,10 +174,10 @@ SLICEMOE_VNNI inline __m256 header_halves_vnni(__m256i headers, bool high) {
             const __m256 low_step = HALVES(low_headers, false);                                           \
             const __m256 nested_steps = _mm256_cmp_ps(step, _mm256_mul_ps(low_step, _mm256_set1_ps(16.0f)), _CMP_EQ_OQ); \
             if (_mm256_movemask_ps(nested_steps) != 0xFF) {                                               \
-                SLICEMOE_X86_BLOCKS_ALONE(b, b + 8, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);                 \
+                SLICEMOE_X86_BLOCKS_ALONE(b, b + 8, CODE, DOT_NIBBLES, DOT_CODE);                 \
                 continue;                                                                                 \
             }                                                                                             \
-            minimum = _mm256_add_ps(minimum, _mm256_fmadd_ps(low_step, _mm256_set1_ps(CENTRE), HALVES(low_headers, true))); \
+            minimum = _mm256_add_ps(minimum, HALVES(low_headers, true)); \
             step = low_step;                                                                              \
         }                                                                                                 \
         __m256 scale[T];                                                                                  \
@@ -181,23 +187,18 @@ SLICEMOE_VNNI inline __m256 header_halves_vnni(__m256i headers, bool high) {
         }                                                                                                 \
         /* two accumulators per vector, in registers (an indexed pair would live on the stack) */      \
         for (int i = 0; i < 8; i += 2) {                                                                  \
-            const __m256i code_even = lsb ? CODE(msb[b + i].qs, lsb[b + i].qs) : nibbles_in_order(msb[b + i].qs); \
-            const __m256i code_odd = lsb ? CODE(msb[b + i + 1].qs, lsb[b + i + 1].qs)                      \
-                                         : nibbles_in_order(msb[b + i + 1].qs);                           \
-            const __m256i lane_even = _mm256_set1_epi32(i), lane_odd = _mm256_set1_epi32(i + 1);          \
-            for (int t = 0; t < T; ++t) {                                                                 \
-                const __m256i q_even = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xs[t]->blocks[size_t(b + i)].q)); \
-                const __m256i q_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xs[t]->blocks[size_t(b + i + 1)].q)); \
-                const __m256i dot_even = lsb ? DOT_CODE(code_even, q_even) : DOT_NIBBLES(code_even, q_even); \
-                const __m256i dot_odd = lsb ? DOT_CODE(code_odd, q_odd) : DOT_NIBBLES(code_odd, q_odd);   \
-                acc_even[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_even),                               \
-                                              _mm256_permutevar8x32_ps(scale[t], lane_even), acc_even[t]); \
-                acc_odd[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_odd),                                 \
-                                             _mm256_permutevar8x32_ps(scale[t], lane_odd), acc_odd[t]);   \
+            if (lsb) {                                                                                    \
+                const auto code_even = CODE(msb[b + i].qs, lsb[b + i].qs);                                \
+                const auto code_odd = CODE(msb[b + i + 1].qs, lsb[b + i + 1].qs);                         \
+                SLICEMOE_X86_ACCUMULATE(DOT_CODE);                                                        \
+            } else {                                                                                      \
+                const __m256i code_even = nibbles_in_order(msb[b + i].qs);                                \
+                const __m256i code_odd = nibbles_in_order(msb[b + i + 1].qs);                             \
+                SLICEMOE_X86_ACCUMULATE(DOT_NIBBLES);                                                     \
             }                                                                                             \
         }                                                                                                 \
     }                                                                                                     \
-    SLICEMOE_X86_BLOCKS_ALONE(b, n_blocks, CODE, DOT_NIBBLES, DOT_CODE, CENTRE);                          \
+    SLICEMOE_X86_BLOCKS_ALONE(b, n_blocks, CODE, DOT_NIBBLES, DOT_CODE);                          \
     for (int t = 0; t < T; ++t) {                                                                         \
         out[t] = horizontal_sum(_mm256_add_ps(acc_even[t], acc_odd[t])) + horizontal_sum(offsets[t]) + rests[t]; \
     }
@@ -205,17 +206,18 @@ SLICEMOE_VNNI inline __m256 header_halves_vnni(__m256i headers, bool high) {
 template <int T>
 SLICEMOE_AVX2 void row_dot_avx2(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations * const * xs,
                                 int64_t n_blocks, float * out) {
-    SLICEMOE_X86_ROW(headers_avx2, header_halves_avx2, code_in_order, dot_nibbles_avx2, dot_code_avx2, 128.0f)
+    SLICEMOE_X86_ROW(headers_avx2, header_halves_avx2, nibbles_of_both, dot_nibbles_avx2, dot_code_avx2)
 }
 
 template <int T>
 SLICEMOE_VNNI void row_dot_vnni(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations * const * xs,
                                 int64_t n_blocks, float * out) {
-    SLICEMOE_X86_ROW(headers_vnni, header_halves_vnni, code_in_order_vnni, dot_unsigned_vnni, dot_unsigned_vnni, 0.0f)
+    SLICEMOE_X86_ROW(headers_vnni, header_halves_vnni, code_in_order_vnni, dot_unsigned_vnni, dot_unsigned_vnni)
 }
 
 #undef SLICEMOE_X86_ROW
 #undef SLICEMOE_X86_BLOCKS_ALONE
+#undef SLICEMOE_X86_ACCUMULATE
 #undef SLICEMOE_X86_BLOCK
 
 // One row against up to TOKENS_AT_ONCE vectors: row_dot_<isa><T>, T from the count.

@@ -8,9 +8,9 @@
 //     w = s (16 h + l) + (m_msb + m_lsb)
 //     sum_j w_j x_j ~ s d_x sum_j (16 h_j + l_j) q_j + (m_msb + m_lsb) d_x sum_j q_j
 // one 8 x 8-bit dot product per block, as Q8_0 x Q8_0: vpdpbusd takes the unsigned code as it is;
-// AVX2's maddubs would saturate on it, so there the code is centred (c - 128, the offset gaining
-// 128 s). A block whose steps are not nested (a file this project did not write) takes the exact
-// two-product form, h and l separately.
+// AVX2's maddubs would saturate on it, so there it is 16 (h . q) + (l . q), the same integer; the
+// scalar and NEON kernels centre it (c - 128, the offset gaining 128 s). A block whose steps are not
+// nested (a file this project did not write) takes the exact two-product form, h and l separately.
 
 #include "slicemoe-kernels.h"
 
