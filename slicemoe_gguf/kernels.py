@@ -27,22 +27,11 @@ def expert_product(msb: np.ndarray, lsb: np.ndarray | None, x: np.ndarray, kerne
     """y [n_out] float32 = (MSB + LSB) x, or MSB x without lsb. msb and lsb are ggml Q4_1 rows,
     uint8 [n_out, n_in / 32 * 20] (amat.slice_blocks); x is float32 [n_in], quantized to 8 bits per
     32 values inside, as llama.cpp's Q8_1."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r} (one of {', '.join(KERNELS)})")
-    msb = np.ascontiguousarray(msb, dtype=np.uint8)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n_out, row_bytes = msb.shape
-    if row_bytes % Q4_1_BLOCK_BYTES or x.shape != (row_bytes // Q4_1_BLOCK_BYTES * GROUP_SIZE,):
-        raise ValueError(f"rows of {row_bytes} bytes do not match {x.shape[0]} activations")
-    if lsb is not None:
-        lsb = np.ascontiguousarray(lsb, dtype=np.uint8)
-        if lsb.shape != msb.shape:
-            raise ValueError(f"LSB rows {lsb.shape} differ from MSB rows {msb.shape}")
-    y = np.empty(n_out, dtype=np.float32)
-    check(lib().slicemoe_expert_product(
-        KERNELS.index(kernel), ffi.from_buffer(msb), ffi.NULL if lsb is None else ffi.from_buffer(lsb),
-        x.shape[0], n_out, ffi.cast("float *", ffi.from_buffer(x)), ffi.cast("float *", ffi.from_buffer(y))))
-    return y
+    if x.ndim != 1:
+        raise ValueError(f"activations {x.shape} are not one vector")
+    y, _ = time_expert_product(msb, lsb, x[None, :], kernel, repeats=1)
+    return y[0]
 
 
 def _tokens(x: np.ndarray, n_in: int) -> np.ndarray:
@@ -60,6 +49,8 @@ def time_expert_product(msb: np.ndarray, lsb: np.ndarray | None, x: np.ndarray, 
         raise ValueError(f"unknown kernel {kernel!r} (one of {', '.join(KERNELS)})")
     msb = np.ascontiguousarray(msb, dtype=np.uint8)
     n_out, row_bytes = msb.shape
+    if row_bytes % Q4_1_BLOCK_BYTES:
+        raise ValueError(f"rows of {row_bytes} bytes are not whole Q4_1 blocks ({Q4_1_BLOCK_BYTES} bytes) of activations")
     x = _tokens(x, row_bytes // Q4_1_BLOCK_BYTES * GROUP_SIZE)
     if lsb is not None:
         lsb = np.ascontiguousarray(lsb, dtype=np.uint8)

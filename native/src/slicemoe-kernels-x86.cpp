@@ -8,9 +8,6 @@
 
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cstring>
-
 namespace slicemoe {
 
 namespace {
