@@ -9,7 +9,7 @@ from slicemoe_gguf import amat
 
 from .architectures import ARCHITECTURES
 from .checkpoint import CheckpointError
-from .converter import DENSE_TYPES, EXPERT_TYPES, Converter
+from .converter import DENSE_MIXES, DENSE_TYPES, EXPERT_TYPES, Converter
 
 
 def _mib(n: int) -> str:
@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "Q4_1); aligned = Q4_1's own 4-bit levels (faster to convert); paper = the grid of "
                              "arXiv 2512.12990, for reproducing its results (format version 1)")
     parser.add_argument("--dense-type", choices=DENSE_TYPES, default="q8_0",
-                        help="attention, embeddings, shared experts (default: q8_0; routers and norms stay f32)")
+                        help="attention, embeddings, shared experts (default: q8_0; routers and norms stay "
+                             "f32). q4_k_m, q5_k_m, q6_k: the dense tensors as llama.cpp's quantizer makes "
+                             "that file type (its per-tensor mix, e.g. a Q6_K output head), the routed "
+                             "experts kept as --experts says: a sliced file whose dense part matches the "
+                             "stock file of that name")
     parser.add_argument("--tokenizer-pre", metavar="NAME",
                         help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when it cannot be detected "
                              "from tokenizer.json, e.g. deepseek-llm")
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{t.name:40s} {t.qtype.name:5s} {'x'.join(map(str, reversed(t.shape))):>18s} {_mib(t.nbytes):>12s}")
             print(f"{len(conv.tensors())} tensors, {_mib(sum(roles.values()))} of tensor data "
                   f"({conv.arch.gguf_arch}); nothing written (--dry-run)")
+            if args.dense_type in DENSE_MIXES:
+                print(f"the F32 dense tensors are then quantized to {args.dense_type.upper()} by llama.cpp's "
+                      "quantizer, which chooses each one's type")
             return 0
         summary = conv.write(args.output, force=args.force, progress=not args.quiet)
     except (CheckpointError, ValueError) as exc:   # ValueError: AMAT input checks, which name the tensor

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,11 @@ SLICE_ALIGNMENT = 4096   # general.alignment of sliced files: O_DIRECT's block s
 # by that key (the embedded model's) are made again (2: sliced files aligned to 4 KiB; 3: the
 # searched AMAT grid by default).
 FILE_REVISION = 3
-DENSE_TYPES = ("q8_0", "f16", "f32")
+# The K mixes are llama.cpp's own file types, made by its quantizer from an f32 file with the
+# routed experts pinned: the dense part of a sliced file then matches the stock file users compare
+# it with, byte for byte in type.
+DENSE_MIXES = ("q4_k_m", "q5_k_m", "q6_k")
+DENSE_TYPES = ("q8_0", "f16", "f32", *DENSE_MIXES)
 
 
 @dataclass
@@ -82,6 +87,8 @@ def _dense_type(shape: tuple[int, ...], requested: str, name: str) -> Q:
         return Q.F32   # norms, biases and routers stay f32: routing decides which experts run
     if requested == "q8_0" and shape[-1] % 32 != 0:
         return Q.F16
+    if requested in DENSE_MIXES:
+        return Q.F32   # the quantizer's input, so that no weight is rounded twice
     return {"q8_0": Q.Q8_0, "f16": Q.F16, "f32": Q.F32}[requested]
 
 
@@ -119,6 +126,29 @@ def _free_bytes(directory: Path) -> int:
         return shutil.disk_usage(directory).free
     except OSError:
         return 0
+
+
+def _quantize_dense(path: Path, mix: str, progress: bool) -> int:
+    """Requantize the dense tensors of `path` in place with llama.cpp's quantizer and mix `mix`
+    (routed experts kept as they are), through a sibling partial file. Returns the descriptor that
+    holds the lock of the file now at `path`, for the caller to close once it is renamed."""
+    from slicemoe_gguf._native import SliceMoEError
+    from slicemoe_gguf.runtime import quantize_file
+
+    if progress:
+        print(f"quantizing the dense tensors to {mix.upper()} with llama.cpp's quantizer", file=sys.stderr)
+    fd, name = tempfile.mkstemp(prefix=path.name.split(".partial")[0] + ".", suffix=".partial", dir=path.parent)
+    fcntl.flock(fd, fcntl.LOCK_EX)   # see Converter.write: a locked partial file is in use
+    try:
+        quantize_file(path, name, mix.upper(), keep_experts=True)
+        os.replace(name, path)
+        return fd
+    except BaseException as exc:
+        Path(name).unlink(missing_ok=True)
+        os.close(fd)
+        if isinstance(exc, SliceMoEError):
+            raise CheckpointError(f"quantizing the dense tensors to {mix.upper()} failed: {exc}") from None
+        raise
 
 
 def _check_loads(path: Path) -> None:
@@ -344,6 +374,7 @@ class Converter:
         # held (and so locked) until this function returns: a partial file nobody holds is a
         # leftover of a killed run, which the next run removes
         fcntl.flock(fd, fcntl.LOCK_EX)
+        locks = [fd]
         tmp = Path(tmp_name)
         try:
             umask = os.umask(0)
@@ -373,6 +404,8 @@ class Converter:
                         w.write_tensor_data(data)
                     bar.update(item.source_bytes)
             w.close()
+            if self.dense_type in DENSE_MIXES:
+                locks.append(_quantize_dense(tmp, self.dense_type, progress))
             _check_loads(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -387,6 +420,15 @@ class Converter:
             tmp.unlink(missing_ok=True)
             raise
         finally:
-            os.close(fd)
-        return ConversionSummary(out, self.arch.gguf_arch, out.stat().st_size, self.bytes_by_role(),
+            for lock in locks:
+                os.close(lock)
+        return ConversionSummary(out, self.arch.gguf_arch, out.stat().st_size, self._bytes_by_role_in(out),
                                  time.perf_counter() - t0)
+
+    def _bytes_by_role_in(self, path: Path) -> dict[str, int]:
+        """Tensor bytes by role as written (a dense mix changes the planned sizes)."""
+        role_of = {t.name: t.role for t in self.tensors()}
+        roles: dict[str, int] = {}
+        for t in gguf.GGUFReader(path).tensors:
+            roles[role_of[t.name]] = roles.get(role_of[t.name], 0) + int(t.n_bytes)
+        return roles

@@ -40,23 +40,30 @@ SHAPES = (("OLMoE-1B-7B", 1024, 2048), ("Qwen1.5-MoE-A2.7B", 1408, 2048), ("Qwen
           ("DeepSeek-V2-Lite", 1408, 2048), ("Mixtral-8x7B", 14336, 4096))
 
 
-def rows(amat: Path, stock: list[Path]) -> list[tuple[str, dict, dict]]:
-    """(row name, child config, environment) of every configuration."""
+def rows(amats: list[Path], stock: list[Path]) -> list[tuple[str, dict, dict]]:
+    """(row name, child config, environment) of every configuration. The first sliced file gets
+    every row; a further one (e.g. the same experts with another --dense-type) the fused rows only,
+    named by its file."""
     from slicemoe_gguf.model_info import describe
 
-    info = describe(amat)
-    everything = sum(layer["msb_bytes_per_expert"] + layer["lsb_bytes_per_expert"] for layer in info["layers"]) \
-        * info["n_experts"]
     fused, two_pass = {}, {"SLICEMOE_PRODUCT": "ggml"}
     out = [(f"stock {path.stem}", {"model": str(path)}, fused) for path in stock]
-    out += [("AMAT 8-bit, no cache (fused)", {"model": str(amat), "precision": "high"}, fused),
-            ("AMAT 8-bit, no cache (ggml x2)", {"model": str(amat), "precision": "high"}, two_pass),
-            ("AMAT 4-bit, no cache", {"model": str(amat), "precision": "low"}, fused),
-            ("dbsc @ 100% (fused)", {"model": str(amat), "cache_budget": everything, "policy": "dbsc", "warmup": "none"}, fused),
-            ("dbsc @ 100% (ggml x2)", {"model": str(amat), "cache_budget": everything, "policy": "dbsc", "warmup": "none"},
-             two_pass),
-            ("lru8 @ 100% (fused)", {"model": str(amat), "cache_budget": everything, "policy": "lru8", "warmup": "none"}, fused),
-            ("lru4 @ 100%", {"model": str(amat), "cache_budget": everything, "policy": "lru4", "warmup": "none"}, fused)]
+    for index, amat in enumerate(amats):
+        info = describe(amat)
+        everything = sum(layer["msb_bytes_per_expert"] + layer["lsb_bytes_per_expert"] for layer in info["layers"]) \
+            * info["n_experts"]
+        cached = {"model": str(amat), "cache_budget": everything, "warmup": "none"}
+        mine = [("AMAT 8-bit, no cache (fused)", {"model": str(amat), "precision": "high"}, fused),
+                ("AMAT 8-bit, no cache (ggml x2)", {"model": str(amat), "precision": "high"}, two_pass),
+                ("AMAT 4-bit, no cache", {"model": str(amat), "precision": "low"}, fused),
+                ("dbsc @ 100% (fused)", {**cached, "policy": "dbsc"}, fused),
+                ("dbsc @ 100% (ggml x2)", {**cached, "policy": "dbsc"}, two_pass),
+                ("lru8 @ 100% (fused)", {**cached, "policy": "lru8"}, fused),
+                ("lru4 @ 100%", {**cached, "policy": "lru4"}, fused)]
+        if index == 0:
+            out += mine
+        else:
+            out += [(f"{amat.stem}: {name}", config, env) for name, config, env in mine if env is fused]
     return out
 
 
@@ -140,7 +147,9 @@ def versus_ggml_table(repeats: int, batches: tuple[int, ...] = (1, 32)) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--amat", type=Path, help="the sliced (AMAT) full-size GGUF")
+    ap.add_argument("--amat", type=Path, action="append", default=[],
+                    help="the sliced (AMAT) full-size GGUF; repeat for the same experts in another file "
+                         "(e.g. --dense-type q4_k_m), which gets the fused rows")
     ap.add_argument("--stock", type=Path, action="append", default=[], help="a stock GGUF of the same model (repeatable)")
     ap.add_argument("--trace", type=Path, help="route trace (bench_side_by_side's widened routing)")
     ap.add_argument("-t", "--threads", type=int, default=2)
@@ -172,18 +181,20 @@ def main() -> int:
                 elif result["decode_ms"] < best.get(name, {}).get("decode_ms", float("inf")):
                     best[name] = result
         q8 = next((r["decode_ms"] for n, r in best.items() if "q8_0" in n.lower() and "decode_ms" in r), None)
+        q4km = next((r["decode_ms"] for n, r in best.items() if "q4_k_m" in n.lower() and "decode_ms" in r), None)
         table = []
         for name, _, _ in configs:
             r = best[name]
             if "error" in r:
-                table.append([name, r["error"], "", "", "", " / ".join(every[name])])
+                table.append([name, r["error"], "", "", "", "", " / ".join(every[name])])
                 continue
             table.append([name, f"{r['decode_ms']:.1f}", f"{r['ttft_ms']:.0f}",
-                          f"{r['decode_ms'] / q8:.2f}x" if q8 else "", f"{r['read_per_token'] / 1e6:.1f}",
+                          f"{r['decode_ms'] / q8:.2f}x" if q8 else "",
+                          f"{r['decode_ms'] / q4km:.2f}x" if q4km else "", f"{r['read_per_token'] / 1e6:.1f}",
                           " / ".join(every[name])])
-        report.append(f"Full size: {args.amat.name}, routing forced from {args.trace.name}, page cache warm, "
+        report.append(f"Full size: {', '.join(path.name for path in args.amat)}, routing forced from {args.trace.name}, page cache warm, "
                       f"best of {args.rounds} alternating rounds.\n")
-        report.append(markdown_table(["configuration", "decode ms/token", "prefill ms", "vs stock q8_0",
+        report.append(markdown_table(["configuration", "decode ms/token", "prefill ms", "vs stock q8_0", "vs stock Q4_K_M",
                                      "read from disk (MB/token)", "every round (ms/token)"], table))
         report.append("\nA nonzero read column means the page cache did not hold that row's file: its time "
                       "includes disk reads.")

@@ -205,17 +205,14 @@ def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 2) -> Path:
     """llama.cpp's own quantizer (llama_model_quantize, in our library) from `src` to `dst` with the
     file type users pick by name (Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0): the stock files they download.
     Written to a temporary name and renamed, so an interrupted run leaves no half file."""
-    import slicemoe_gguf.llama  # noqa: F401  (points llama_cpp at our library)
-    import llama_cpp
+    from slicemoe_gguf.runtime import quantize_file
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
-    params.allow_requantize = True
-    params.nthread = threads
     tmp = dst.with_name(dst.name + ".partial")
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+    try:
+        quantize_file(src, tmp, ftype, threads=threads)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"quantizing {src} to {ftype} failed")
+        raise
     tmp.replace(dst)
     return dst
 

@@ -72,6 +72,15 @@ def check_model(path: str | os.PathLike) -> None:
     check(lib().slicemoe_model_check(os.fsencode(Path(path))))
 
 
+def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, file_type: str, *, keep_experts: bool = False,
+                  threads: int = defaults.N_THREADS) -> None:
+    """llama.cpp's own quantizer from `src` to `dst` (written in place) with the file type users pick
+    by name (Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, ...): the stock files they download. keep_experts: the
+    routed experts keep their type and bytes (a sliced file's slices), only the dense tensors change."""
+    check(lib().slicemoe_quantize_file(os.fsencode(Path(src)), os.fsencode(Path(dst)), file_type.encode(),
+                                       keep_experts, threads))
+
+
 class Model:
     """A GGUF model loaded by the native library. Use as a context manager or call close()."""
 

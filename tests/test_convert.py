@@ -98,6 +98,45 @@ def test_q8_0_experts_make_a_stock_gguf(tiny_checkpoints, tmp_path):
     assert result["n_decode"] == 4
 
 
+@pytest.mark.slow
+def test_a_k_mix_gives_llama_cpps_own_dense_tensors_and_leaves_the_slices_unchanged(tiny_checkpoints, sliced_gguf,
+                                                                                   tmp_path):
+    """--dense-type q4_k_m: the dense part is what llama.cpp's quantizer makes of the same
+    checkpoint for a stock Q4_K_M file (per tensor: its type and bytes), and every expert slice is
+    the default conversion's, byte for byte. Qwen1.5-MoE: shared experts and a padded vocabulary."""
+    from slicemoe_gguf.runtime import quantize_file
+
+    hf = tiny_checkpoints("qwen2_moe")
+    mixed = tmp_path / "mixed.gguf"
+    proc = convert(hf, mixed, "--dense-type", "q4_k_m")
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.glob(".mixed.gguf.*"))   # the f32 intermediate is gone
+    f32 = tmp_path / "f32.gguf"
+    assert convert(hf, f32, "--experts", "f32", "--dense-type", "f32").returncode == 0
+    stock = tmp_path / "stock-q4_k_m.gguf"
+    quantize_file(f32, stock, "Q4_K_M")
+
+    ours = {t.name: t for t in gguf.GGUFReader(mixed).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(stock).tensors}
+    default = {t.name: t for t in gguf.GGUFReader(sliced_gguf("qwen2_moe")).tensors}
+    assert set(ours) == set(default)
+    experts = {name for name in ours if "_exps." in name}
+    assert experts and all(name.endswith(".lsb") or name.endswith(".weight") for name in experts)
+    for name in experts:
+        assert ours[name].tensor_type == default[name].tensor_type == gguf.GGMLQuantizationType.Q4_1, name
+        assert np.array_equal(ours[name].data, default[name].data), name
+    mixed_types = set()
+    for name in set(ours) - experts:
+        assert ours[name].tensor_type == theirs[name].tensor_type, name
+        assert np.array_equal(ours[name].data, theirs[name].data), name
+        mixed_types.add(ours[name].tensor_type)
+    assert len(mixed_types - {gguf.GGMLQuantizationType.F32}) >= 2   # a mix, not one type
+
+    result = run_json("run", "-m", str(mixed), "-p", PROMPT, "-n", "4", "--json", "--ignore-eos",
+                      "--cache-budget", "50%")
+    assert result["n_decode"] == 4 and result["cache"]["misses"] > 0
+
+
 def test_dry_run_lists_tensors_and_writes_nothing(tiny_checkpoints, tmp_path):
     out = tmp_path / "never.gguf"
     proc = convert(tiny_checkpoints("qwen2_moe"), out, "--dry-run")

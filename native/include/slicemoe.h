@@ -328,6 +328,13 @@ SLICEMOE_API int  slicemoe_model_wrap(void * llama_model_ptr, slicemoe_model ** 
 // shapes are checked exactly as a load checks them, but no tensor data is read or allocated
 // (llama.cpp's no_alloc load). SLICEMOE_OK, or an error whose message is llama.cpp's reason.
 SLICEMOE_API int  slicemoe_model_check(const char * path);
+// llama.cpp's own quantizer (llama_model_quantize, no importance matrix) from src to dst, as its
+// quantize tool makes the file type users pick by name ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", ...;
+// case-insensitive). keep_experts: the routed experts (`*_exps.weight`) keep their type and bytes, so
+// a sliced file's slices are copied unchanged and only its dense tensors follow the mix. dst is
+// written in place (callers write to a temporary name). ERR_INVALID_ARG for an unknown type.
+SLICEMOE_API int  slicemoe_quantize_file(const char * src, const char * dst, const char * file_type, bool keep_experts,
+                                         int32_t n_threads);
 
 SLICEMOE_API int32_t slicemoe_model_n_vocab(const slicemoe_model * model);
 SLICEMOE_API int32_t slicemoe_model_n_layer(const slicemoe_model * model);

@@ -1,4 +1,4 @@
-// The C API: loading, checking and describing a model; tokens, pieces and chat templates.
+// The C API: loading, checking, describing and quantizing a model; tokens, pieces and chat templates.
 
 #include "slicemoe-api.h"
 
@@ -12,6 +12,7 @@
 #include "llama.h"
 #include "llama-ext.h"   // llama_get_memory_breakdown (the pinned source's internal C++ API)
 #include "ggml-backend.h"
+#include "gguf.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -25,6 +26,7 @@
 #include <thread>
 #include <vector>
 #include <fcntl.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -186,6 +188,99 @@ int slicemoe_model_check(const char * path) {
             return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp would not load '") + path + "'");
         }
         llama_model_free(model);
+        return ok();
+    });
+}
+
+namespace {
+
+struct llama_file_type_name {
+    const char * name;
+    llama_ftype  ftype;
+};
+
+// The file types users pick by name in llama.cpp's quantize tool and on model hubs.
+const llama_file_type_name llama_file_types[] = {
+    {"Q4_0", LLAMA_FTYPE_MOSTLY_Q4_0},     {"Q4_1", LLAMA_FTYPE_MOSTLY_Q4_1},
+    {"Q5_0", LLAMA_FTYPE_MOSTLY_Q5_0},     {"Q5_1", LLAMA_FTYPE_MOSTLY_Q5_1},
+    {"Q8_0", LLAMA_FTYPE_MOSTLY_Q8_0},     {"Q3_K_M", LLAMA_FTYPE_MOSTLY_Q3_K_M},
+    {"Q4_K_S", LLAMA_FTYPE_MOSTLY_Q4_K_S}, {"Q4_K_M", LLAMA_FTYPE_MOSTLY_Q4_K_M},
+    {"Q5_K_S", LLAMA_FTYPE_MOSTLY_Q5_K_S}, {"Q5_K_M", LLAMA_FTYPE_MOSTLY_Q5_K_M},
+    {"Q6_K", LLAMA_FTYPE_MOSTLY_Q6_K},
+};
+
+bool is_routed_expert(const std::string & name) {
+    const std::string suffix = "_exps.weight";
+    return name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// One exact pattern per routed-expert tensor of `path`, pinned to the type it has: llama.cpp's
+// quantizer copies a tensor whose target type is its own type.
+bool expert_type_pins(const char * path, std::vector<std::string> * patterns, std::vector<ggml_type> * types) {
+    gguf_init_params params = {/*no_alloc =*/ true, /*ctx =*/ nullptr};
+    gguf_context * ctx = gguf_init_from_file(path, params);
+    if (!ctx) {
+        return false;
+    }
+    for (int64_t i = 0; i < gguf_get_n_tensors(ctx); ++i) {
+        const std::string name = gguf_get_tensor_name(ctx, i);
+        if (is_routed_expert(name)) {
+            std::string escaped;
+            for (char ch : name) {
+                if (ch == '.') escaped += '\\';
+                escaped += ch;
+            }
+            patterns->push_back("^" + escaped + "$");
+            types->push_back(gguf_get_tensor_type(ctx, i));
+        }
+    }
+    gguf_free(ctx);
+    return true;
+}
+
+}  // namespace
+
+int slicemoe_quantize_file(const char * src, const char * dst, const char * file_type, bool keep_experts,
+                           int32_t n_threads) {
+    return guard([&]() -> int {
+        init_once();
+        if (!src || !dst || !file_type) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, "slicemoe_quantize_file: src, dst and file_type must not be NULL");
+        }
+        const llama_file_type_name * chosen = nullptr;
+        std::string known;
+        for (const auto & t : llama_file_types) {
+            if (strcasecmp(t.name, file_type) == 0) chosen = &t;
+            known += std::string(known.empty() ? "" : ", ") + t.name;
+        }
+        if (!chosen) {
+            return fail(SLICEMOE_ERR_INVALID_ARG, std::string("unknown llama.cpp file type '") + file_type +
+                                                      "' (one of " + known + ")");
+        }
+        const int status = check_gguf_file(src);
+        if (status != SLICEMOE_OK) {
+            return status;
+        }
+        std::vector<std::string> patterns;
+        std::vector<ggml_type> types;
+        if (keep_experts && !expert_type_pins(src, &patterns, &types)) {
+            return fail(SLICEMOE_ERR_FORMAT, std::string("cannot read the tensors of '") + src + "'");
+        }
+        std::vector<llama_model_tensor_override> pins;
+        for (size_t i = 0; i < patterns.size(); ++i) {
+            pins.push_back({patterns[i].c_str(), types[i]});
+        }
+        pins.push_back({nullptr, GGML_TYPE_COUNT});
+        llama_model_quantize_params params = llama_model_quantize_default_params();
+        params.ftype            = chosen->ftype;
+        params.nthread          = n_threads;
+        params.allow_requantize = true;
+        params.tt_overrides     = pins.size() > 1 ? pins.data() : nullptr;
+        clear_llama_errors();
+        if (llama_model_quantize(src, dst, &params) != 0) {
+            return fail_llama(SLICEMOE_ERR_FORMAT, std::string("llama.cpp could not quantize '") + src + "' to " +
+                                                       chosen->name);
+        }
         return ok();
     });
 }
