@@ -226,6 +226,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                       f"({100 * cache['misses'] / max(uses, 1):.1f}% of slice uses), "
                       f"{format_size(cache['flash_bytes'] / max(cache['decode_tokens'], 1))}/token from flash, "
                       f"{cache['io_ms']:.1f} ms blocked on reads", file=sys.stderr)
+                if cache["load_flash_bytes"]:
+                    print(f"cache: every slice read at load ({format_size(cache['load_flash_bytes'])} in "
+                          f"{cache['load_io_ms']:.0f} ms), not counted above", file=sys.stderr)
                 if cache.get("io_note"):
                     print(f"cache: {cache['io_note']}", file=sys.stderr)
                 compute_ms = max(decode_ms - cache["io_ms"], 0.0) / steps

@@ -164,6 +164,20 @@ def test_run_json_reports_the_cache(sliced):
     assert sum(cache["layers"]["io_ms"]) == pytest.approx(cache["io_ms"])
 
 
+def test_a_budget_that_holds_every_slice_reads_them_at_load_and_serving_reads_nothing(sliced):
+    """The pools are filled when the model loads; that read is reported apart (load_flash_bytes,
+    load_io_ms), so the per-token figures a run prints are those of serving: here, no read at all."""
+    path = sliced("olmoe")
+    everything = budgets(path, "high")["100%"]
+    result = run_json("run", "-m", str(path), "-p", PROMPT, "-n", "8", "--json", "--ignore-eos",
+                      "--cache-budget", str(everything), "--policy", "lru8")
+    cache = result["cache"]
+    assert cache["load_flash_bytes"] == everything and cache["load_io_ms"] > 0
+    assert cache["misses"] == 0 and cache["flash_bytes"] == 0 and cache["loads"] == 0
+    assert sum(cache["layers"]["flash_bytes"]) == 0 and cache["io_ms"] == 0
+    assert cache["hits"] > 0
+
+
 def _log_softmax(x):
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

@@ -215,6 +215,9 @@ typedef struct slicemoe_cache_stats {
     int32_t io_direct;         // 1: misses are read with O_DIRECT, 0: buffered pread
     int64_t dense_copied_bytes;  // dense weights copied out of the file mapping into anonymous
                                  // memory at load, where page cache pressure cannot evict them
+    int64_t load_flash_bytes;  // slice bytes read while the model loaded (a budget that holds every
+    double  load_io_ms;        // slice fills the pools then) and the time it took; the counters above
+                               // start after it, so they describe serving alone
 } slicemoe_cache_stats_t;
 
 typedef struct slicemoe_layer_stats {

@@ -32,6 +32,8 @@ void clear_stats(cache * c) {
     c->totals.budget_bytes = kept.budget_bytes;
     c->totals.io_direct = kept.io_direct;
     c->totals.dense_copied_bytes = kept.dense_copied_bytes;
+    c->totals.load_flash_bytes = kept.load_flash_bytes;
+    c->totals.load_io_ms = kept.load_io_ms;
     c->totals.pool_bytes = kept.pool_bytes;
     c->totals.device_pool_bytes = kept.device_pool_bytes;
     for (layer & L : c->layers) {
