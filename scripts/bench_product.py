@@ -158,7 +158,10 @@ def main() -> int:
                     help="seconds between rows (default 10): the kernel is still freeing the last row's GiB of "
                          "pools when the next starts, and the first row after one runs up to 1.8x slower")
     ap.add_argument("--kernel-repeats", type=int, default=20)
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="only the rows whose name contains TEXT (repeatable), e.g. --only stock --only lru4")
     ap.add_argument("--skip-models", action="store_true", help="only the kernel microbenchmark")
+    ap.add_argument("--skip-kernels", action="store_true", help="only the full-size rows")
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args()
     if not args.skip_models and not (args.amat and args.trace):
@@ -166,7 +169,8 @@ def main() -> int:
 
     report = [f"# The expert product, everything resident\n\n{machine_line()}, {args.threads} threads.\n"]
     if not args.skip_models:
-        configs = rows(args.amat, args.stock)
+        configs = [row for row in rows(args.amat, args.stock)
+                   if not args.only or any(text in row[0] for text in args.only)]
         best: dict[str, dict] = {}
         every: dict[str, list[str]] = {name: [] for name, _, _ in configs}
         for round_index in range(args.rounds):
@@ -198,6 +202,9 @@ def main() -> int:
                                      "read from disk (MB/token)", "every round (ms/token)"], table))
         report.append("\nA nonzero read column means the page cache did not hold that row's file: its time "
                       "includes disk reads.")
+    if args.skip_kernels:
+        emit("\n".join(report) + "\n", args.output)
+        return 0
     report.append("\n## Kernels against ggml's: one expert\n\nBest of "
                   f"{args.kernel_repeats}, one thread, timed inside the library (activation quantization "
                   "included on both sides); ggml's weights quantized by ggml and loaded as llama.cpp loads a "
