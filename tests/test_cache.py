@@ -265,6 +265,36 @@ print(after['RssFile'] - before['RssFile'], after['RssAnon'] - before['RssAnon']
     assert file_delta + anon_delta < stated + 16 * 2**20
 
 
+def test_a_prompt_reads_the_pools_when_they_hold_every_slice(tmp_path):
+    """With every slice cached (filled at load), a prompt computes from the pools: none of the
+    file's expert pages is mapped in, so none has to be handed back while the first tokens decode.
+    Under a smaller budget the prompt streams every expert through the mapping, which the same
+    measure sees."""
+    import subprocess
+    import sys
+
+    from slicemoe_gguf.embedded import embedded_gguf
+
+    path = embedded_gguf(progress=False)
+    slices = describe(path)["expert_msb_bytes"] + describe(path)["expert_lsb_bytes"]
+    code = f"""
+import re
+from slicemoe_gguf import Model
+def rss_file():
+    return int(re.search(r'RssFile:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024
+for budget in ({slices // 2}, {slices}):   # the first run also pages in the library's code
+    with Model({str(path)!r}, cache_budget=budget, precision='high', policy='lru8', n_threads=2) as model:
+        tokens = model.tokenize('ROMEO: But soft, what light through yonder window breaks? ' * 4)
+        before = rss_file()
+        model.eval(tokens)
+        print(rss_file() - before)
+"""
+    half, every = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                          cwd=tmp_path).stdout.split())
+    assert half > slices // 2        # the control: a prompt through the mapping faults the experts in
+    assert every < slices // 10      # from the pools: the file's expert pages stay out
+
+
 def test_lookahead_prefetch_changes_no_result_and_accounts_its_bytes(sliced):
     path = sliced("qwen2_moe")
     budget = budgets(path, "high")["50%"]

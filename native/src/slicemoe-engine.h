@@ -258,6 +258,10 @@ void free_slot(cache & c, layer & L, pool & p, int slot);
 bool ensure(cache & c, layer & L, pool & p, int expert, bool * hit);
 // A resident slice of `expert` is not a victim within the current step.
 void protect_for_step(cache & c, pool & p, int expert);
+// Whether slot e of L's host pools holds expert e's slices, every expert's (MSB, and LSB unless
+// the precision is low): a budget that holds every slice, filled at load, and no miss since. A
+// prompt then reads the pools instead of streaming the experts through the file's mapping.
+bool holds_every_slice(const cache & c, const layer & L);
 
 // ---- the decode step as an op of the graph (slicemoe-callback.cpp) ----
 // Serve the selection node t ([top_k, n_tokens] expert ids) of engine layer `index`, as the eval

@@ -135,7 +135,22 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
         }
         return;
     }
+    // A prompt: the experts a batch uses, every one, read once. From the pools when they hold every
+    // slice in its expert's slot (the ids are then slots), else through the file's mapping.
+    const bool from_pools = serves_decode(*c) && holds_every_slice(*c, L);
+    if (from_pools) {
+        w->up   = L.msb.t[0];
+        w->gate = L.msb.t[1];
+        w->down = L.msb.t[2];
+    }
     if (c->precision == SLICEMOE_PRECISION_LOW) {
+        return;
+    }
+    if (from_pools) {
+        w->up_lsb   = L.lsb.t[0];
+        w->gate_lsb = L.lsb.t[1];
+        w->down_lsb = L.lsb.t[2];
+        w->ids_lsb  = w->ids;
         return;
     }
     w->up_lsb   = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 0]);

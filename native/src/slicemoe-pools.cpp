@@ -243,6 +243,18 @@ void free_slot(cache & c, layer & L, pool & p, int slot) {
 }
 
 // Make `expert`'s slice resident in pool p; false if no slot is free for it or the read failed.
+bool holds_every_slice(const cache & c, const layer & L) {
+    const auto in_own_slots = [&c](const pool & p) {
+        if (p.n_slots != c.n_expert) return false;
+        for (int e = 0; e < c.n_expert; ++e) {
+            if (p.expert_slot[size_t(e)] != e) return false;
+        }
+        return true;
+    };
+    return L.cpu_pools && !L.shared_slots && in_own_slots(L.msb) &&
+           (c.precision == SLICEMOE_PRECISION_LOW || in_own_slots(L.lsb));
+}
+
 bool ensure(cache & c, layer & L, pool & p, int expert, bool * hit) {
     int slot = p.expert_slot[expert];
     *hit = slot >= 0;

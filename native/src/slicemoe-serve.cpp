@@ -284,7 +284,9 @@ bool access(cache & c, int index, int phase, int64_t n_tokens, const int32_t * i
         }
         if (c.prompt_seen) {
             c.prompt_seen = false;
-            release_mapped_in_background(c);   // the prompt streamed the experts through the mapping
+            const bool mapped = !std::all_of(c.layers.begin(), c.layers.end(),
+                                             [&c](const layer & L) { return holds_every_slice(c, L); });
+            if (mapped) release_mapped_in_background(c);   // the prompt streamed the experts through the mapping
         }
     }
     const bool ok = serve_step(c, L, n_tokens, ids, stride, weights);
