@@ -13,6 +13,9 @@ against the fp32 model, on held-out text of a trained checkpoint.
   file (searched grid, dense q8_0: the converter's defaults) all-resident at 4 and 8 bits and under
   a RAM budget of 25/50/75/100% of its expert bytes with lru4, lru8 and dbsc at three thresholds.
   Budgeted rows also give the slice reads per token (the flash traffic a device would see).
+- The same slices with the dense tensors of a stock file (`--dense-type q4_k_m` and `q5_k_m`: llama.cpp's
+  own mix for them), whole files all resident at 4 and 8 bits and dbsc at 50%: what a sliced file
+  costs in accuracy when its dense part is as small as the stock file's.
 
     python scripts/bench_front.py [--checkpoint DIR] [--windows 24] [--length 128] [-o results/front.md]
 
@@ -35,6 +38,7 @@ import benchlib  # noqa: E402
 STOCK = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 BUDGETS = (25, 50, 75, 100)
 THRESHOLDS = (0.1, 0.25, 0.5)
+DENSE_MIXES = ("q4_k_m", "q5_k_m")
 
 
 def convert(checkpoint: Path, out: Path, *args: str) -> Path:
@@ -92,6 +96,8 @@ def main() -> int:
     f16 = convert(args.checkpoint, work / f"{name}-f16.gguf", "--experts", "f16", "--dense-type", "f16")
     stock = {t: benchlib.llama_quantize(f16, work / f"{name}-{t}.gguf", t, args.threads) for t in STOCK}
     sliced = convert(args.checkpoint, work / f"{name}-amat.gguf")
+    mixed = {mix: convert(args.checkpoint, work / f"{name}-amat-dense-{mix}.gguf", "--dense-type", mix)
+             for mix in DENSE_MIXES}
     info = describe(sliced)
     expert_bytes = info["expert_msb_bytes"] + info["expert_lsb_bytes"]
     n_weights = expert_bytes / 2 / 20 * 32   # two Q4_1 slices of 20 bytes per 32 weights
@@ -140,6 +146,10 @@ def main() -> int:
                  for t, p in stock.items()]
     file_rows.append(engine_row("AMAT 4-bit, all resident", sliced, precision="low"))
     file_rows.append(engine_row("AMAT 8-bit, all resident", sliced, precision="high"))
+    for mix, path in mixed.items():
+        size = f"{describe(path)['file_bytes'] / 2**20:.1f} MiB"
+        file_rows.append(engine_row(f"AMAT 4-bit, dense {mix.upper()} ({size})", path, precision="low"))
+        file_rows.append(engine_row(f"AMAT 8-bit, dense {mix.upper()}", path, precision="high"))
     budget_rows = []
     for b in BUDGETS:
         budget = expert_bytes * b // 100
@@ -148,6 +158,9 @@ def main() -> int:
         for threshold in THRESHOLDS:
             budget_rows.append([f"{b}%", *engine_row(f"dbsc + pcw, threshold {threshold}", sliced, cache_budget=budget,
                                                       policy="dbsc", warmup="pcw", high_threshold=threshold)])
+    for mix, path in mixed.items():
+        budget_rows.append(["50%", *engine_row(f"dbsc + pcw, dense {mix.upper()}", path, cache_budget=expert_bytes // 2,
+                                               policy="dbsc", warmup="pcw")])
 
     report = "\n".join([
         f"Accuracy front of `{name}` ({info['n_experts']} experts, top-{info['top_k']}); {len(windows)} held-out "

@@ -223,6 +223,10 @@ def main() -> int:
     parser.add_argument("--stock", default="Q4_K_M",
                         help="stock files made by llama.cpp's quantizer from the q8_0 file, besides it (default Q4_K_M; "
                              "the front: Q4_0,Q4_K_M,Q5_K_M,Q6_K)")
+    parser.add_argument("--dense-types", default="",
+                        help="also every configuration on the sliced file with its dense tensors in these llama.cpp "
+                             "mixes (comma-separated: q4_k_m, q5_k_m, q6_k), made from PREFIX-amat.gguf by llama.cpp's "
+                             "quantizer with the experts kept, as the stock files are made from the q8_0 one")
     parser.add_argument("-o", "--output", type=Path, help="also write the markdown here")
     args = parser.parse_args()
     if args.child:
@@ -243,6 +247,15 @@ def main() -> int:
         quantized[ftype] = work / f"{args.prefix}-{ftype.lower()}.gguf"
         if not quantized[ftype].exists():
             llama_quantize(q8, quantized[ftype], ftype, args.threads)
+    from slicemoe_gguf.runtime import quantize_file
+
+    mixed = {}
+    for mix in filter(None, args.dense_types.lower().split(",")):
+        mixed[mix] = work / f"{args.prefix}-amat-dense-{mix}.gguf"
+        if not mixed[mix].exists():
+            partial = mixed[mix].with_name(mixed[mix].name + ".partial")
+            quantize_file(amat, partial, mix.upper(), keep_experts=True, threads=args.threads)
+            partial.replace(mixed[mix])
     trace_path = work / f"{args.prefix}-route.jsonl"
     shape = widened_route(amat, args.n_decode, trace_path)
 
@@ -262,6 +275,9 @@ def main() -> int:
     for threshold in filter(None, args.thresholds.split(",")):
         configs[f"dbsc + pcw, threshold {threshold}"] = dict(base, model=str(amat), **CONFIGS["dbsc + pcw"],
                                                              high_threshold=float(threshold))
+    for mix, path in mixed.items():
+        configs.update({f"{name}, dense {mix.upper()}": dict(config, model=str(path))
+                        for name, config in list(configs.items()) if "dense" not in name})
     stock = {"stock q8_0 (mmap)": dict(base, model=str(q8))}
     stock.update({f"stock {ftype} (mmap)": dict(base, model=str(path)) for ftype, path in quantized.items()})
 
