@@ -62,6 +62,10 @@ def cold() -> None:
 
 def fio(path: Path, block: str, depth: int, seconds: int = 5) -> float:
     """Random O_DIRECT reads of `path` at one block size and queue depth, page cache dropped: GB/s."""
+    import shutil
+
+    if shutil.which("fio") is None:
+        raise SystemExit("fio measures the device the rows are stated against; install it (apt-get install fio)")
     cold()
     out = subprocess.run(["fio", "--name=r", f"--filename={path}", "--rw=randread", f"--bs={block}",
                           "--direct=1", "--ioengine=libaio", f"--iodepth={depth}", "--readonly",
