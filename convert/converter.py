@@ -38,7 +38,7 @@ SLICE_ALIGNMENT = 4096   # general.alignment of sliced files: O_DIRECT's block s
 FILE_REVISION = 3
 # The K mixes are llama.cpp's own file types, made by its quantizer from an f32 file with the
 # routed experts pinned: the dense part of a sliced file then matches the stock file users compare
-# it with, byte for byte in type.
+# it with, tensor for tensor.
 DENSE_MIXES = ("q4_k_m", "q5_k_m", "q6_k")
 DENSE_TYPES = ("q8_0", "f16", "f32", *DENSE_MIXES)
 
