@@ -4,6 +4,9 @@ bounds, stock GGUFs that reproduce transformers, and clean failures on bad input
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import gguf
@@ -99,22 +102,30 @@ def test_q8_0_experts_make_a_stock_gguf(tiny_checkpoints, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_k_mix_gives_llama_cpps_own_dense_tensors_and_leaves_the_slices_unchanged(tiny_checkpoints, sliced_gguf,
-                                                                                   tmp_path):
-    """--dense-type q4_k_m: the dense part is what llama.cpp's quantizer makes of the same
-    checkpoint for a stock Q4_K_M file (per tensor: its type and bytes), and every expert slice is
-    the default conversion's, byte for byte. Qwen1.5-MoE: shared experts and a padded vocabulary."""
-    from slicemoe_gguf.runtime import quantize_file
-
+def test_a_k_mix_gives_llama_cpps_own_dense_tensors_and_leaves_the_slices_unchanged(tiny_checkpoints, stock_gguf,
+                                                                                   sliced_gguf, tmp_path):
+    """--dense-type q4_k_m: the dense part is what llama.cpp makes of the same checkpoint for a stock
+    Q4_K_M file (per tensor: its type and bytes), and every expert slice is the default conversion's,
+    byte for byte. Qwen1.5-MoE: shared experts and a padded vocabulary. The reference is independent of
+    our converter and our quantizer call: the pinned convert_hf_to_gguf.py's f32 file, quantized by
+    llama_model_quantize through llama-cpp-python with its default parameters."""
     hf = tiny_checkpoints("qwen2_moe")
     mixed = tmp_path / "mixed.gguf"
     proc = convert(hf, mixed, "--dense-type", "q4_k_m")
     assert proc.returncode == 0, proc.stderr
     assert not list(tmp_path.glob(".mixed.gguf.*"))   # the f32 intermediate is gone
-    f32 = tmp_path / "f32.gguf"
-    assert convert(hf, f32, "--experts", "f32", "--dense-type", "f32").returncode == 0
     stock = tmp_path / "stock-q4_k_m.gguf"
-    quantize_file(f32, stock, "Q4_K_M")
+    quantize = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import ctypes
+        import slicemoe_gguf.llama   # llama-cpp-python's bindings on the library we built
+        import llama_cpp
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+        status = llama_cpp.llama_model_quantize({str(stock_gguf("qwen2_moe")).encode()!r}, {str(stock).encode()!r},
+                                                ctypes.byref(params))
+        raise SystemExit(status)
+    """)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert quantize.returncode == 0, quantize.stderr[-2000:]
 
     ours = {t.name: t for t in gguf.GGUFReader(mixed).tensors}
     theirs = {t.name: t for t in gguf.GGUFReader(stock).tensors}

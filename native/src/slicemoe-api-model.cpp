@@ -216,7 +216,13 @@ bool is_routed_expert(const std::string & name) {
 
 // One exact pattern per routed-expert tensor of `path`, pinned to the type it has: llama.cpp's
 // quantizer copies a tensor whose target type is its own type.
-bool expert_type_pins(const char * path, std::vector<std::string> * patterns, std::vector<ggml_type> * types) {
+// (The patterns live here while tt_overrides points at them.)
+struct expert_pin {
+    std::string pattern;
+    ggml_type   type;
+};
+
+bool expert_type_pins(const char * path, std::vector<expert_pin> * pins) {
     gguf_init_params params = {/*no_alloc =*/ true, /*ctx =*/ nullptr};
     gguf_context * ctx = gguf_init_from_file(path, params);
     if (!ctx) {
@@ -230,8 +236,7 @@ bool expert_type_pins(const char * path, std::vector<std::string> * patterns, st
                 if (ch == '.') escaped += '\\';
                 escaped += ch;
             }
-            patterns->push_back("^" + escaped + "$");
-            types->push_back(gguf_get_tensor_type(ctx, i));
+            pins->push_back({"^" + escaped + "$", gguf_get_tensor_type(ctx, i)});
         }
     }
     gguf_free(ctx);
@@ -261,14 +266,13 @@ int slicemoe_quantize_file(const char * src, const char * dst, const char * file
         if (status != SLICEMOE_OK) {
             return status;
         }
-        std::vector<std::string> patterns;
-        std::vector<ggml_type> types;
-        if (keep_experts && !expert_type_pins(src, &patterns, &types)) {
+        std::vector<expert_pin> experts;
+        if (keep_experts && !expert_type_pins(src, &experts)) {
             return fail(SLICEMOE_ERR_FORMAT, std::string("cannot read the tensors of '") + src + "'");
         }
         std::vector<llama_model_tensor_override> pins;
-        for (size_t i = 0; i < patterns.size(); ++i) {
-            pins.push_back({patterns[i].c_str(), types[i]});
+        for (const expert_pin & pin : experts) {
+            pins.push_back({pin.pattern.c_str(), pin.type});
         }
         pins.push_back({nullptr, GGML_TYPE_COUNT});
         llama_model_quantize_params params = llama_model_quantize_default_params();

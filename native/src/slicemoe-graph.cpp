@@ -34,6 +34,20 @@ ggml_tensor * step_op(ggml_context * ctx, slicemoe::cache & c, slicemoe::eval_ch
     return step;
 }
 
+// The three weights of a product's MSB (or LSB) operand: a pool's tensors [n_embd or n_ff, .., n_slots] or
+// the file's mapped ones, in the order up, gate, down.
+void use_msb(slicemoe_moe_weights * w, ggml_tensor * const t[slicemoe::N_PROJ]) {
+    w->up   = t[0];
+    w->gate = t[1];
+    w->down = t[2];
+}
+
+void use_lsb(slicemoe_moe_weights * w, ggml_tensor * const t[slicemoe::N_PROJ]) {
+    w->up_lsb   = t[0];
+    w->gate_lsb = t[1];
+    w->down_lsb = t[2];
+}
+
 } // namespace
 
 ggml_tensor * slicemoe_moe_selection_bias(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data, int il,
@@ -101,9 +115,7 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
             msb_map = ggml_view_3d(ctx, step, 1, c->n_expert, 1, step->nb[1], step->nb[2], 0);
             lsb_map = ggml_view_3d(ctx, step, 1, c->n_expert, 1, step->nb[1], step->nb[2], step->nb[2]);
         }
-        w->up   = L.msb.t[0];
-        w->gate = L.msb.t[1];
-        w->down = L.msb.t[2];
+        use_msb(w, L.msb.t);
         w->ids  = gather(msb_map);
         w->decode = true;
         if (L.ready) {
@@ -124,9 +136,7 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
             record_router_node(*static_cast<eval_chain *>(cb_eval_user_data), it->second, NODE_AHEAD, ahead);
         }
         if (L.lsb.n_slots > 0) {
-            w->up_lsb   = L.lsb.t[0];
-            w->gate_lsb = L.lsb.t[1];
-            w->down_lsb = L.lsb.t[2];
+            use_lsb(w, L.lsb.t);
             w->ids_lsb  = gather(lsb_map);
             // fixed high precision needs no mask, nor do CPU pools (slot -1 for a 4-bit use)
             if (c->precision == SLICEMOE_PRECISION_AUTO && !L.cpu_pools) {
@@ -139,24 +149,15 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
     // slice in its expert's slot (the ids are then slots), else through the file's mapping.
     const bool from_pools = serves_decode(*c) && holds_every_slice(*c, L);
     if (from_pools) {
-        w->up   = L.msb.t[0];
-        w->gate = L.msb.t[1];
-        w->down = L.msb.t[2];
+        use_msb(w, L.msb.t);
     }
     if (c->precision == SLICEMOE_PRECISION_LOW) {
         return;
     }
-    if (from_pools) {
-        w->up_lsb   = L.lsb.t[0];
-        w->gate_lsb = L.lsb.t[1];
-        w->down_lsb = L.lsb.t[2];
-        w->ids_lsb  = w->ids;
-        return;
-    }
-    w->up_lsb   = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 0]);
-    w->gate_lsb = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 1]);
-    w->down_lsb = const_cast<ggml_tensor *>(L.mapped[N_PROJ + 2]);
-    w->ids_lsb  = w->ids;
+    ggml_tensor * mapped_lsb[N_PROJ];
+    for (int j = 0; j < N_PROJ; ++j) mapped_lsb[j] = const_cast<ggml_tensor *>(L.mapped[N_PROJ + j]);
+    use_lsb(w, from_pools ? L.lsb.t : mapped_lsb);
+    w->ids_lsb = w->ids;
 }
 
 ggml_tensor * slicemoe_moe_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
