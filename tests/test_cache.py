@@ -142,6 +142,27 @@ def test_pcw_warm_up_saves_misses_on_a_repeating_prompt(sliced):
     assert first16["pcw"]["misses"] < first16["none"]["misses"]
 
 
+def test_pcw_warms_the_pools_during_the_prompt_and_the_first_token_reads_no_warm_up(sliced):
+    """PCW is prefill-time: each layer is warmed as soon as its prompt products have read its experts'
+    pages (copied from them), so the prompt's eval has done every warm-up load and the first decode
+    token does none; the copied slices are the file's (at fixed 8-bit precision a decode with warm-up
+    computes exactly what one without it does)."""
+    path = sliced("qwen2_moe")
+    budget = budgets(path, "auto")["50%"]
+    with Model(path, cache_budget=budget, warmup="pcw") as model:
+        model.eval(model.tokenize(PROMPT))
+        prompt_stats = model.cache_stats()
+        token = int(np.argmax(model.logits()))
+        model.reset_cache_stats()
+        model.eval([token])
+        first_token = model.cache_stats()
+    assert prompt_stats["warmup_loads"] > 0 and prompt_stats["flash_bytes"] > 0
+    assert first_token["warmup_loads"] == 0
+    warm, _ = decode(path, "high", budgets(path, "high")["50%"], warmup="pcw")
+    cold, _ = decode(path, "high", budgets(path, "high")["50%"], warmup="none")
+    np.testing.assert_array_equal(warm.logits, cold.logits)
+
+
 def test_max_miss_rate_raises_the_threshold_when_misses_are_too_many(sliced):
     path = sliced("olmoe")
     budget = budgets(path, "auto")["minimum"] * 2

@@ -3,8 +3,12 @@ file system has it and buffered pread otherwise. The two paths must compute the 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from slicemoe_gguf import Model
 from slicemoe_gguf._native import SliceMoEError
 from slicemoe_gguf.embedded import embedded_gguf
 
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?"
 COUNTERS = ("hits", "misses", "loads", "evictions", "flash_bytes", "warmup_loads", "high_uses", "low_uses")
 
@@ -160,3 +165,20 @@ def test_a_sliced_file_puts_every_tensor_on_a_4_kib_boundary(embedded):
     reader = gguf.GGUFReader(embedded)
     assert reader.alignment == 4096
     assert all(t.data_offset % 4096 == 0 for t in reader.tensors)
+
+
+def test_a_read_timeline_records_every_read_the_engine_counts(tmp_path):
+    """SLICEMOE_READ_TIMELINE: one row per slice read, the bytes adding up to the engine's own count,
+    each read submitted before it starts and ending after; scripts/read_timeline.py summarises it."""
+    timeline = tmp_path / "reads.tsv"
+    proc = run_cli("run", "-m", str(embedded_gguf(progress=False)), "-p", PROMPT, "-n", "8", "--json", "--ignore-eos",
+                   "--cache-budget", "25%", env={**os.environ, "SLICEMOE_READ_TIMELINE": str(timeline)})
+    cache = json.loads(proc.stdout)["cache"]
+    with open(timeline, newline="") as f:
+        rows = [{k: int(v) for k, v in row.items()} for row in csv.DictReader(f, delimiter="\t")]
+    assert cache["flash_bytes"] > 0
+    assert sum(row["bytes"] for row in rows) == cache["flash_bytes"] + cache["load_flash_bytes"]
+    assert all(row["submitted_ns"] <= row["started_ns"] <= row["ended_ns"] for row in rows)
+    summary = subprocess.run([sys.executable, str(SCRIPTS / "read_timeline.py"), str(timeline)], capture_output=True,
+                             text=True, check=True).stdout
+    assert "steps" in summary and "device busy" in summary

@@ -202,6 +202,7 @@ bool eval_callback(ggml_tensor * t, bool ask, void * user_data) noexcept {
 
 bool end_ubatch(cache & c, std::string * failure) {
     c.decode_batch = false;
+    if (!c.failed) warm_recorded_layers(c);   // a prompt's last layers
     for (layer & L : c.layers) {
         join_step_reads(c, L);   // a failed read sets c.failed
     }

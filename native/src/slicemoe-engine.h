@@ -68,6 +68,7 @@ struct pending_load {
     pool *               p = nullptr;
     int                  expert = -1, slot = -1;
     std::vector<uint8_t> staging[N_PROJ];   // for a pool in device memory: uploaded after the read
+    bool                 cached = false;    // read through the page cache (slice_read::cached)
 };
 
 struct layer {
@@ -213,6 +214,10 @@ bool slot_counts(const cache & c, const std::vector<slice_sizes> & sizes, bool s
                  const int32_t * layer_slots, int32_t n_layer_slots, slot_plan * out, std::string * error);
 // The cache's policy, for an engine of n_layers MoE layers (sets c.pol and c.precision).
 void set_policy(cache & c, const policy_params & params, int n_layers);
+// PCW's warm-up of every layer whose prompt tokens were recorded since its last warm-up (the end of a
+// prompt ubatch: a layer is warmed when the next one's routing is seen, the last one here). false
+// (c.failed, c.error) when a read failed.
+bool warm_recorded_layers(cache & c);
 // The routing events of one step of a layer, live or replayed: the single place that drives the
 // policy. n_tokens tokens, their top-k ids `stride` apart and weights [n_tokens, top_k]; phase 0 is a
 // prompt (each token recorded for warm-up), phase 1 a decode step: one token, or one token of each

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
@@ -58,6 +59,8 @@ std::unique_ptr<slice_reader> slice_reader::open(const char * path, int mode, in
 #if defined(__APPLE__)
     fcntl(r->fd_, F_NOCACHE, 1);   // macOS has neither O_DIRECT nor posix_fadvise: this is its equivalent
 #endif
+    const char * timeline = std::getenv("SLICEMOE_READ_TIMELINE");
+    r->timeline_path_ = timeline ? timeline : "";
     const char * delay = std::getenv("SLICEMOE_FAULT_READ_DELAY_MS");
     r->delay_ms_ = delay ? std::max(0, std::atoi(delay)) : 0;
     if (mode != BUFFERED) {
@@ -98,6 +101,7 @@ slice_reader::~slice_reader() {
     }
     wake_.notify_all();
     for (std::thread & t : threads_) t.join();
+    write_timeline();
     if (direct_fd_ >= 0) close(direct_fd_);
     if (fd_ >= 0) close(fd_);
 }
@@ -144,7 +148,10 @@ bool slice_reader::run(const slice_read & r, std::string * error) {
     int err = EIO;
     if (r.fail) {
         got = -1;
-    } else if (direct_fd_ >= 0) {
+    } else if (r.cached && r.mapped) {
+        std::memcpy(r.dst, r.mapped, r.bytes);
+        got = ssize_t(r.bytes);
+    } else if (direct_fd_ >= 0 && !r.cached) {
         const int64_t begin = r.offset / ALIGN * ALIGN;
         const int64_t end = (r.offset + int64_t(r.bytes) + ALIGN - 1) / ALIGN * ALIGN;
         if (begin == r.offset && aligned(int64_t(r.bytes)) && aligned(int64_t(reinterpret_cast<uintptr_t>(r.dst)))) {
@@ -179,10 +186,20 @@ void slice_reader::claim_and_run(const std::shared_ptr<read_batch> & b, std::uni
     if (b->next == b->reads.size()) {
         queue_.erase(std::find(queue_.begin(), queue_.end(), b));
     }
+    const bool by_caller = !timeline_path_.empty() &&
+                           std::find_if(threads_.begin(), threads_.end(), [](const std::thread & t) {
+                               return t.get_id() == std::this_thread::get_id();
+                           }) == threads_.end();
     lock.unlock();
     std::string error;
+    const int64_t started = timeline_path_.empty() ? 0 : now_ns();
     const bool ok = run(b->reads[i], &error);
+    const int64_t ended = timeline_path_.empty() ? 0 : now_ns();
     lock.lock();
+    if (!timeline_path_.empty()) {
+        timeline_.push_back({ b->id, int64_t(i), int64_t(b->reads[i].bytes), b->submitted_ns, started, ended, b->urgent,
+                              by_caller });
+    }
     if (!ok) {
         b->failed[i] = 1;
         if (b->first_error.empty()) b->first_error = error;
@@ -210,6 +227,7 @@ bool slice_reader::read(const std::vector<slice_read> & reads, std::vector<char>
     b->state.reset(new std::atomic<uint8_t>[reads.size()]());
     std::unique_lock<std::mutex> lock(mutex_);
     b->urgent = true;
+    stamp(*b);
     queue_.push_front(b);   // a step's misses block compute: ahead of any prefetch
     // as many readers as the batch can keep busy besides this thread: a decode step of a small
     // model misses one or two slices, and waking every reader for them costs more than the reads
@@ -235,6 +253,7 @@ std::shared_ptr<read_batch> slice_reader::submit(std::vector<slice_read> reads, 
     b->reads = std::move(reads);
     b->urgent = urgent;
     std::lock_guard<std::mutex> lock(mutex_);
+    stamp(*b);
     if (urgent) {
         // behind the urgent batches already queued (earlier layers' steps), ahead of every prefetch
         auto at = queue_.begin();
@@ -259,6 +278,28 @@ bool slice_reader::wait(const std::shared_ptr<read_batch> & batch, std::string *
         return false;
     }
     return true;
+}
+
+void slice_reader::stamp(read_batch & b) {
+    b.id = n_batches_++;
+    b.submitted_ns = timeline_path_.empty() ? 0 : now_ns();
+}
+
+int64_t slice_reader::now_ns() const {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - opened_).count();
+}
+
+void slice_reader::write_timeline() const {
+    if (timeline_path_.empty()) return;
+    FILE * out = std::fopen(timeline_path_.c_str(), "w");
+    if (!out) return;   // a diagnostic: never a reason to fail closing the model
+    std::fprintf(out, "batch\tread\tbytes\tsubmitted_ns\tstarted_ns\tended_ns\turgent\tby_caller\n");
+    for (const read_event & e : timeline_) {
+        std::fprintf(out, "%lld\t%lld\t%lld\t%lld\t%lld\t%lld\t%d\t%d\n", (long long) e.batch, (long long) e.read,
+                     (long long) e.bytes, (long long) e.submitted_ns, (long long) e.started_ns, (long long) e.ended_ns,
+                     int(e.urgent), int(e.by_caller));
+    }
+    std::fclose(out);
 }
 
 } // namespace slicemoe

@@ -15,9 +15,14 @@
 // (Android's FUSE shared storage); a mismatch or a failed direct read selects buffered reads in
 // auto mode (fallback_reason() says why) and fails the open when direct reads were asked for.
 // SLICEMOE_FAULT_DIRECT_READS=corrupt makes every direct read return altered bytes, to test that.
+//
+// SLICEMOE_READ_TIMELINE=PATH records when every read was submitted, started and ended and writes
+// them to PATH as tab-separated values when the reader closes (scripts/read_timeline.py reads it):
+// the timeline shows whether reads overlap compute, not only how long compute waited for them.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -35,6 +40,10 @@ struct slice_read {
     size_t    bytes = 0;
     uint8_t * dst = nullptr;
     bool      fail = false; // testing: report this read as failed (EIO) without reading
+    bool      cached = false; // through the page cache even in direct mode: pages a prompt has just
+                              // read (PCW's warm-up), copied instead of read from the device again
+    const uint8_t * mapped = nullptr;   // with cached: the range in the model's own mapping, copied
+                                        // from there (no system call; a page gone is faulted back in)
 };
 
 // Reads in flight together: a step's misses (read(): the caller reads too and waits) or a
@@ -48,6 +57,15 @@ struct read_batch {
     size_t                  finished = 0;
     std::string             first_error;
     bool                    urgent = false;   // a step's misses (compute waits): ahead of prefetches
+    int64_t                 id = 0;           // in submission order, for the read timeline
+    int64_t                 submitted_ns = 0; // since the reader opened, for the read timeline
+};
+
+// One read as SLICEMOE_READ_TIMELINE records it: times in ns since the reader opened.
+struct read_event {
+    int64_t batch, read, bytes;
+    int64_t submitted_ns, started_ns, ended_ns;
+    bool    urgent, by_caller;   // a step's misses; read by the thread that waits for the batch
 };
 
 class slice_reader {
@@ -90,6 +108,10 @@ private:
     // Under mutex_: claim the next read of b (taking b off the queue with its last read), run it
     // unlocked, record the result.
     void claim_and_run(const std::shared_ptr<read_batch> & b, std::unique_lock<std::mutex> & lock);
+    // Under mutex_: number the batch and stamp its submission (for the timeline).
+    void stamp(read_batch & b);
+    int64_t now_ns() const;
+    void write_timeline() const;
 
     int fd_ = -1;
     int direct_fd_ = -1;
@@ -101,6 +123,10 @@ private:
     std::condition_variable wake_, done_;
     std::deque<std::shared_ptr<read_batch>> queue_;   // batches with reads left to claim, step first
     bool stop_ = false;
+    std::string timeline_path_;          // SLICEMOE_READ_TIMELINE ("": no timeline)
+    std::vector<read_event> timeline_;
+    int64_t n_batches_ = 0;
+    std::chrono::steady_clock::time_point opened_ = std::chrono::steady_clock::now();
 };
 
 } // namespace slicemoe

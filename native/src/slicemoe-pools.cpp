@@ -73,12 +73,27 @@ void abandon_loads(cache & c) {
 
 namespace {
 
-// The reads of the queued slices, into their slots (or a staging buffer for a device pool).
+// The projections (up 0, gate 1, down 2) in the order ggml computes a layer's products: the gated
+// activation swiglu_split(gate, up) is visited source by source, so gate runs first, then up, then down.
+constexpr int RUN_ORDER[N_PROJ] = { 1, 0, 2 };
+
+// Where the read of projection `proj` of load `load` is in a batch of `n_loads` loads' reads (reads_of).
+size_t read_index(size_t load, int proj, size_t n_loads) {
+    int position = 0;
+    while (RUN_ORDER[position] != proj) ++position;
+    return size_t(position) * n_loads + load;
+}
+
+// The reads of the queued slices, into their slots (or a staging buffer for a device pool). Projection
+// by projection in the order the layer's products run (RUN_ORDER), each in the loads' order: the
+// readers claim a batch's reads in order, so with the step not waited for (defer_loads) the slices
+// the first product needs land first, and the next product's are read while it computes.
 std::vector<slice_read> reads_of(cache & c, std::vector<pending_load> & loads) {
-    std::vector<slice_read> reads;
-    reads.reserve(loads.size() * N_PROJ);
-    for (pending_load & q : loads) {
-        for (int j = 0; j < N_PROJ; ++j) {
+    std::vector<slice_read> reads(loads.size() * N_PROJ);
+    for (int position = 0; position < N_PROJ; ++position) {
+        const int j = RUN_ORDER[position];
+        for (size_t i = 0; i < loads.size(); ++i) {
+            pending_load & q = loads[i];
             ggml_tensor * t = q.p->t[j];
             uint8_t * dst = nullptr;
             if (ggml_backend_buffer_is_host(t->buffer)) {
@@ -89,8 +104,14 @@ std::vector<slice_read> reads_of(cache & c, std::vector<pending_load> & loads) {
             }
             slice_read r = slice_range(*q.p, j, q.expert, dst);
             r.fail = c.reads_left == 0;
+            r.cached = q.cached;
+            const ggml_tensor * model_tensor = q.L->mapped[(q.p == &q.L->lsb ? N_PROJ : 0) + j];
+            if (q.cached && model_tensor && model_tensor->data && model_tensor->buffer &&
+                ggml_backend_buffer_is_host(model_tensor->buffer) && size_t(model_tensor->nb[2]) == r.bytes) {
+                r.mapped = static_cast<const uint8_t *>(model_tensor->data) + size_t(q.expert) * model_tensor->nb[2];
+            }
             if (c.reads_left > 0) --c.reads_left;
-            reads.push_back(r);
+            reads[read_index(i, j, loads.size())] = r;
         }
     }
     return reads;
@@ -103,7 +124,8 @@ bool land_loads(cache & c, std::vector<pending_load> & loads, const std::vector<
     int first_failed = -1;
     for (size_t i = 0; i < loads.size(); ++i) {
         pending_load & q = loads[i];
-        const bool bad = failed[i * N_PROJ] || failed[i * N_PROJ + 1] || failed[i * N_PROJ + 2];
+        bool bad = false;
+        for (int j = 0; j < N_PROJ; ++j) bad = bad || failed[read_index(i, j, loads.size())];
         if (bad) {
             if (first_failed < 0) first_failed = int(i);
             if (q.p->slot_expert[q.slot] == q.expert) {
@@ -140,7 +162,7 @@ void defer_loads(cache & c, layer & L, const int32_t * ids, int k) {
         ready.lsb_read.assign(size_t(std::max(L.lsb.n_slots, L.shared_slots ? L.msb.n_slots : 0)), -1);
         for (size_t i = 0; i < L.step_loads.size(); ++i) {
             const pending_load & q = L.step_loads[i];
-            (q.p == &L.msb ? ready.msb_read : ready.lsb_read)[size_t(q.slot)] = int32_t(i * N_PROJ + size_t(j));
+            (q.p == &L.msb ? ready.msb_read : ready.lsb_read)[size_t(q.slot)] = int32_t(read_index(i, j, L.step_loads.size()));
         }
         // one token: its uses whose MSB slice is resident first
         ready.order.clear();

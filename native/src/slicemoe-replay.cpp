@@ -92,6 +92,12 @@ int sim_run(cache * c, int64_t n, const int32_t * requests, const int32_t * laye
         iface.see_trace(*c->pol, { n, layers, phases, experts, first_event.data() });
     }
     for (int64_t i = 0; i < n; ++i) {
+        // where a live run's prompt ubatch ended, and end_ubatch warmed what it recorded: before a
+        // decode record, another request, or a prompt record of an earlier layer (the next ubatch)
+        if (i > 0 && phases[i - 1] == 0 &&
+            (phases[i] == 1 || requests[i] != requests[i - 1] || layers[i] < layers[i - 1])) {
+            warm_recorded_layers(*c);
+        }
         if (requests[i] != c->request) {
             begin_sequence(c);
             c->request = requests[i];

@@ -13,8 +13,10 @@ namespace slicemoe {
 
 namespace {
 
-// PCW: before the layer's first decode token, load the slices the prompt used most (recent tokens
-// weigh more): MSB slices for as many as fit, LSB slices for the top of that list.
+// PCW: load the slices the prompt used most (recent tokens weigh more): MSB slices for as many as
+// fit, LSB slices for the top of that list. Run as soon as the layer's prompt products have computed
+// (warm_recorded_layers), its slices are read through the page cache: the prompt has just read those
+// pages from the file, so they are copied, not read from the device a second time.
 void warm_up(cache & c, layer & L) {
     L.warm_pending = false;
     std::vector<int> order(c.n_expert);
@@ -28,6 +30,7 @@ void warm_up(cache & c, layer & L) {
             if (slot < 0) break;
             free_slot(c, L, L.msb, slot);
             queue_load(c, L, L.msb, e, slot);
+            if (!c.pending.empty()) c.pending.back().cached = true;
             c.totals.warmup_loads += 1;
         }
         if (rank < L.lsb.n_slots && rank < c.top_k && L.lsb.expert_slot[e] < 0 && L.msb.expert_slot[e] >= 0) {
@@ -35,6 +38,7 @@ void warm_up(cache & c, layer & L) {
             if (slot < 0) continue;
             free_slot(c, L, L.lsb, slot);
             queue_load(c, L, L.lsb, e, slot);
+            if (!c.pending.empty()) c.pending.back().cached = true;
             c.totals.warmup_loads += 1;
         }
     }
@@ -275,7 +279,11 @@ bool access(cache & c, int index, int phase, int64_t n_tokens, const int32_t * i
             record_prompt_token(c, L, ids + tok * stride);
         }
         c.prompt_seen = true;
-        return true;
+        // the previous MoE layer's prompt products have run: its pages are fresh in the page cache
+        if (index > 0 && c.layers[size_t(index - 1)].warm_pending) {
+            warm_up(c, c.layers[size_t(index - 1)]);
+        }
+        return !c.failed;
     }
     if (index == 0) {
         c.totals.decode_tokens += n_tokens;
@@ -292,6 +300,13 @@ bool access(cache & c, int index, int phase, int64_t n_tokens, const int32_t * i
     const bool ok = serve_step(c, L, n_tokens, ids, stride, weights);
     L.event += 1;
     return ok;
+}
+
+bool warm_recorded_layers(cache & c) {
+    for (layer & L : c.layers) {
+        if (L.warm_pending && !c.failed) warm_up(c, L);
+    }
+    return !c.failed;
 }
 
 } // namespace slicemoe
