@@ -95,7 +95,7 @@ CACHE_FIELDS = ("budget_bytes", "pool_bytes", "msb_hits", "msb_misses", "lsb_hit
                 "evictions", "flash_bytes", "ram_bytes", "high_uses", "low_uses", "warmup_loads",
                 "decode_tokens", "io_ms", "high_threshold", "dropped_uses", "prefetch_loads",
                 "prefetch_useful_bytes", "prefetch_wasted_bytes", "device_pool_bytes", "io_direct",
-                "dense_copied_bytes", "load_flash_bytes", "load_io_ms")
+                "dense_copied_bytes", "load_flash_bytes", "load_io_ms", "warmup_io_ms")
 LAYER_FIELDS = ("layer", "msb_slots", "lsb_slots", "msb_hits", "msb_misses", "lsb_hits", "lsb_misses",
                 "loads", "evictions", "flash_bytes", "ram_bytes", "io_ms", "shared_slots", "msb_resident",
                 "lsb_resident")

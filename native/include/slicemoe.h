@@ -205,7 +205,7 @@ typedef struct slicemoe_cache_stats {
     int64_t high_uses, low_uses;
     int64_t warmup_loads;
     int64_t decode_tokens;
-    double  io_ms;             // time blocked on reads
+    double  io_ms;             // time the decode was blocked on reads (warm-up's is warmup_io_ms)
     float   high_threshold;    // current value (moves when max_miss_rate is set)
     int64_t dropped_uses;      // adapmoe: uses removed from the mixture by its gating
     int64_t prefetch_loads;    // slices loaded ahead by look-ahead prefetch (also in loads, flash_bytes)
@@ -218,6 +218,9 @@ typedef struct slicemoe_cache_stats {
     int64_t load_flash_bytes;  // slice bytes read while the model loaded (a budget that holds every
     double  load_io_ms;        // slice fills the pools then) and the time it took; the counters above
                                // start after it, so they describe serving alone
+    double  warmup_io_ms;      // time PCW's warm-up loads took; they run during the prompt, so this
+                               // is part of its prefill time, not of io_ms (their bytes are in
+                               // flash_bytes and loads, as where the warm-up ran at the first token)
 } slicemoe_cache_stats_t;
 
 typedef struct slicemoe_layer_stats {

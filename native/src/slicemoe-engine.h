@@ -68,7 +68,7 @@ struct pending_load {
     pool *               p = nullptr;
     int                  expert = -1, slot = -1;
     std::vector<uint8_t> staging[N_PROJ];   // for a pool in device memory: uploaded after the read
-    bool                 cached = false;    // read through the page cache (slice_read::cached)
+    bool                 cached = false;    // read through the page cache (slice_read::cached): PCW's warm-up
 };
 
 struct layer {

@@ -195,8 +195,15 @@ bool flush_loads(cache & c, layer * deferred, const int32_t * ids, int k) {
     std::string error;
     const bool ok = c.io->read(reads, &failed, &error);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    c.totals.io_ms += ms;
-    c.pending.front().L->stats.io_ms += ms;   // a step's loads are one layer's
+    if (c.pending.front().cached) {
+        // PCW's warm-up (its loads alone are read through the page cache) runs in the prompt: its
+        // time is prefill time, and the decode's io_ms, from which run derives compute per token,
+        // must not carry it
+        c.totals.warmup_io_ms += ms;
+    } else {
+        c.totals.io_ms += ms;
+        c.pending.front().L->stats.io_ms += ms;   // a step's loads are one layer's
+    }
     std::vector<pending_load> loads = std::move(c.pending);
     c.pending.clear();
     return land_loads(c, loads, failed, ok, error);
