@@ -238,6 +238,14 @@ void quantize_activations(kernel_id kernel, const float * x, int64_t n_in, quant
         out->d[b] = out->blocks[b].d;
         out->d_sum[b] = out->blocks[b].d_sum;
     }
+    out->pair_q.resize(n_blocks / 2 * 64);
+    for (size_t pair = 0; pair < n_blocks / 2; ++pair) {
+        int8_t * q = &out->pair_q[pair * 64];
+        for (int half = 0; half < 2; ++half) {
+            std::memcpy(q + half * 32,      out->blocks[2 * pair].q + half * 16, 16);
+            std::memcpy(q + half * 32 + 16, out->blocks[2 * pair + 1].q + half * 16, 16);
+        }
+    }
 }
 
 void rows_dot_tokens(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, int64_t stride,
