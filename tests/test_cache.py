@@ -157,8 +157,11 @@ def test_pcw_warms_the_pools_during_the_prompt_and_the_first_token_reads_no_warm
         model.eval([token])
         first_token = model.cache_stats()
     assert prompt_stats["warmup_loads"] > 0 and prompt_stats["flash_bytes"] > 0
-    # its time is the prompt's, reported apart: the decode's blocked time (io_ms) starts at zero
-    assert prompt_stats["warmup_io_ms"] > 0 and prompt_stats["io_ms"] == 0
+    # its time is the prompt's, reported apart: no warmed layer has blocked time (io_ms) of its own.
+    # (llama.cpp runs the last layer for the output token alone, which the engine serves from the
+    # pools as a decode step: that layer is not warmed and may read.)
+    assert prompt_stats["warmup_io_ms"] > 0
+    assert prompt_stats["layers"]["io_ms"][:-1] == [0.0] * (len(prompt_stats["layers"]["io_ms"]) - 1)
     assert first_token["warmup_loads"] == 0
     warm, _ = decode(path, "high", budgets(path, "high")["50%"], warmup="pcw")
     cold, _ = decode(path, "high", budgets(path, "high")["50%"], warmup="none")
