@@ -141,6 +141,52 @@ def test_every_kernel_agrees_with_the_scalar_one():
         np.testing.assert_allclose(kernels.expert_product(msb, None, x, kernel), scalar_msb, rtol=1e-5, atol=1e-6)
 
 
+GUARDED_PRODUCTS = """
+import ctypes, mmap, sys
+import numpy as np
+from slicemoe_gguf import kernels
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+def at_the_end_of_readable_memory(a):
+    # a copy of a whose last byte is the last one before a page that cannot be read
+    size = -(-a.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    region = mmap.mmap(-1, size + mmap.PAGESIZE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    assert libc.mprotect(address + size, mmap.PAGESIZE, 0) == 0, ctypes.get_errno()
+    copy = np.frombuffer(region, dtype=np.uint8, count=size)[size - a.nbytes:].reshape(a.shape)
+    copy[...] = a
+    return copy
+
+rng = np.random.default_rng(0)
+for n_blocks in map(int, sys.argv[1:]):
+    msb = rng.integers(0, 256, (3, n_blocks * 20), dtype=np.uint8)
+    msb.reshape(3, n_blocks, 20)[:, :, 0:4] = np.frombuffer(np.float16([0.016, -0.1]).tobytes(), np.uint8)
+    lsb = msb.copy()
+    lsb.reshape(3, n_blocks, 20)[:, :, 0:4] = np.frombuffer(np.float16([0.001, 0.0]).tobytes(), np.uint8)
+    guarded_msb, guarded_lsb = at_the_end_of_readable_memory(msb), at_the_end_of_readable_memory(lsb)
+    x = rng.standard_normal((5, n_blocks * 32)).astype(np.float32)
+    for kernel in kernels.available():
+        for high, guarded in ((lsb, guarded_lsb), (None, None)):
+            y, _ = kernels.time_expert_product(guarded_msb, guarded, x, kernel, repeats=1)
+            np.testing.assert_array_equal(y, kernels.time_expert_product(msb, high, x, kernel, repeats=1)[0])
+print("ok")
+"""
+
+
+def test_no_kernel_reads_past_the_last_block_of_an_expert():
+    """An expert's last row may end where readable memory ends (a pool's last slot, a mapped file's
+    last expert): every kernel, 8-bit and 4-bit, one token and a batch, over rows whose blocks end in
+    a group of 8, a group of 4 and blocks alone, reads only the expert's own bytes (its copy placed
+    just before a page that cannot be read computes the same values). In a child process: a read
+    past the end is a crash there."""
+    n_blocks = ["8", "11", "12", "44", "45", "3"]
+    child = subprocess.run([sys.executable, "-c", GUARDED_PRODUCTS, *n_blocks], capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr[-2000:]
+
+
 def test_bad_arguments_are_refused():
     msb = np.zeros((2, 20), dtype=np.uint8)
     with pytest.raises(ValueError, match="activations"):

@@ -52,13 +52,14 @@ SLICEMOE_AVX2 inline __m256i dot_code_avx2(nibble_pair code, __m256i q) {
     return _mm256_add_epi32(high, dot_nibbles_avx2(code.low, q));
 }
 
-// The (d, m) headers of 8 consecutive blocks as 8 lanes of 32 bits (d low): block i's header is
-// dword 5 i of their 160 bytes. AVX2 loads them one by one (a vpgatherdd took more time: one expert
-// on one thread, 8-bit 156 -> 113-148 us, MSB 81 -> 65-70 us on Zen 4); AVX512 permutes two 64-byte
-// loads.
+// The (d, m) headers of N = 8 (or 4) consecutive blocks as N lanes of 32 bits (d low), the other
+// lanes zero: block i's header is dword 5 i of their bytes. AVX2 loads them one by one (a vpgatherdd
+// took more time: one expert on one thread, 8-bit 156 -> 113-148 us, MSB 81 -> 65-70 us on Zen 4);
+// AVX512 permutes 64-byte loads (headers_vnni).
+template <int N>
 SLICEMOE_AVX2 inline __m256i headers_avx2(const q4_1_block * blocks) {
-    int32_t h[8];
-    for (int i = 0; i < 8; ++i) std::memcpy(&h[i], &blocks[i], 4);
+    int32_t h[8] = {};
+    for (int i = 0; i < N; ++i) std::memcpy(&h[i], &blocks[i], 4);
     return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(h));
 }
 
@@ -70,6 +71,11 @@ SLICEMOE_AVX2 inline __m256 header_halves_avx2(__m256i headers, bool high) {
                                                  0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(headers, pick), 0x08);   // qwords 0, 2
     return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
+}
+
+template <int N>
+SLICEMOE_AVX2 inline __m256 load_lanes(const float * values) {
+    return N == 8 ? _mm256_loadu_ps(values) : _mm256_set_m128(_mm_setzero_ps(), _mm_loadu_ps(values));
 }
 
 // AVX512-VNNI (256-bit vectors, AVX512VL): vpdpbusd multiplies unsigned by signed bytes and sums
@@ -98,10 +104,12 @@ SLICEMOE_VNNI inline __m256i code_in_order_vnni(const uint8_t * msb_qs, const ui
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+template <int N>
 SLICEMOE_VNNI inline __m256i headers_vnni(const q4_1_block * blocks) {
     const __m512i first = _mm512_loadu_si512(blocks);        // headers of blocks 0-3 at dwords 0, 5, 10, 15
-    const __m512i second = _mm512_loadu_si512(blocks + 4);   // and of blocks 4-7
     const __m512i index = _mm512_setr_epi32(0, 5, 10, 15, 16, 21, 26, 31, 0, 0, 0, 0, 0, 0, 0, 0);
+    if (N == 4) return _mm512_castsi512_si256(_mm512_maskz_permutexvar_epi32(0x000F, index, first));
+    const __m512i second = _mm512_loadu_si512(blocks + 4);   // and of blocks 4-7
     return _mm512_castsi512_si256(_mm512_permutex2var_epi32(first, index, second));
 }
 #if defined(__GNUC__) && !defined(__clang__)
@@ -113,31 +121,31 @@ SLICEMOE_VNNI inline __m256 header_halves_vnni(__m256i headers, bool high) {
 }
 
 // One block of a row (rest: the row's sum outside the vector accumulators).
-#define SLICEMOE_X86_BLOCK(B, CODE, DOT_NIBBLES, DOT_CODE)                                               \
-    do {                                                                                                  \
-        const int64_t blk = (B);                                                                          \
-        const act_block & xb = x.blocks[size_t(blk)];                                                     \
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb.q));                    \
-        if (!lsb) {                                                                                       \
+#define SLICEMOE_X86_BLOCK(B, CODE, DOT_NIBBLES, DOT_CODE)                                                    \
+    do {                                                                                                      \
+        const int64_t blk = (B);                                                                              \
+        const act_block & xb = x.blocks[size_t(blk)];                                                         \
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xb.q));                        \
+        if (!lsb) {                                                                                           \
             const float dot = horizontal_sum(_mm256_cvtepi32_ps(DOT_NIBBLES(nibbles_in_order(msb[blk].qs), q))); \
-            rest += fp16_avx2(msb[blk].d) * xb.d * dot + fp16_avx2(msb[blk].m) * xb.d_sum;                \
-        } else if (!nested(msb[blk], lsb[blk])) {                                                         \
-            rest += block_dot_general(msb[blk], &lsb[blk], xb);                                           \
-        } else {                                                                                          \
-            const float s = fp16_avx2(lsb[blk].d);                                                        \
+            rest += fp16_avx2(msb[blk].d) * xb.d * dot + fp16_avx2(msb[blk].m) * xb.d_sum;                    \
+        } else if (!nested(msb[blk], lsb[blk])) {                                                             \
+            rest += block_dot_general(msb[blk], &lsb[blk], xb);                                               \
+        } else {                                                                                              \
+            const float s = fp16_avx2(lsb[blk].d);                                                            \
             const float dot = horizontal_sum(_mm256_cvtepi32_ps(DOT_CODE(CODE(msb[blk].qs, lsb[blk].qs), q))); \
-            rest += s * xb.d * dot + (fp16_avx2(msb[blk].m) + fp16_avx2(lsb[blk].m)) * xb.d_sum; \
-        }                                                                                                 \
+            rest += s * xb.d * dot + (fp16_avx2(msb[blk].m) + fp16_avx2(lsb[blk].m)) * xb.d_sum;              \
+        }                                                                                                     \
     } while (0)
 
 // The one-block form for blocks [FIRST, LAST) of the row, for each of the T vectors.
-#define SLICEMOE_X86_BLOCKS_ALONE(FIRST, LAST, CODE, DOT_NIBBLES, DOT_CODE)                         \
-    for (int t = 0; t < T; ++t) {                                                                         \
-        const quantized_activations & x = *xs[t];                                                         \
-        float & rest = rests[t];                                                                          \
-        for (int64_t blk_i = (FIRST); blk_i < (LAST); ++blk_i) {                                          \
-            SLICEMOE_X86_BLOCK(blk_i, CODE, DOT_NIBBLES, DOT_CODE);                               \
-        }                                                                                                 \
+#define SLICEMOE_X86_BLOCKS_ALONE(FIRST, LAST, CODE, DOT_NIBBLES, DOT_CODE)                                   \
+    for (int t = 0; t < T; ++t) {                                                                             \
+        const quantized_activations & x = *xs[t];                                                             \
+        float & rest = rests[t];                                                                              \
+        for (int64_t blk_i = (FIRST); blk_i < (LAST); ++blk_i) {                                              \
+            SLICEMOE_X86_BLOCK(blk_i, CODE, DOT_NIBBLES, DOT_CODE);                                           \
+        }                                                                                                     \
     }
 
 // The pair form: blocks a and a + 1 are unpacked together, a 16-byte half of each per vector, and
@@ -204,108 +212,140 @@ SLICEMOE_VNNI inline __m256i dot_pair_vnni(pair_halves w, __m256i q_first, __m25
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.first, q_first), w.second, q_second);
 }
 
-// One row of an expert against T activation vectors xs[0..T), 8 blocks at a time: their 8 headers
-// are loaded and converted as one vector; the blocks are unpacked in pairs (once for the T vectors),
-// each pair one integer dot product per vector; the 8 blocks' integer sums are reduced into one
-// vector (lane i = block i) and scaled by one multiply-add, as are the offsets m d_x sum(q). A block
-// so costs about half the vector operations of one unpacked and scaled alone (OLMoE's gate/up
-// expert, one thread: 8-bit 101 -> 77 us, MSB 77 -> 52 us with AVX512-VNNI). Groups with a block
-// whose steps are not nested, and the last n_blocks % 8 blocks, take the one-block form. Each vector's sums run in
-// the same order for every T, so a token computes the same in a prompt batch as alone. A macro for
-// the two targets: GCC compiles a body for one target.
-#define SLICEMOE_X86_ROW(HEADERS, HALVES, CODE, DOT_NIBBLES, DOT_CODE, PAIR_CODE, PAIR_DOT_CODE, PAIR_DOT_MSB)                                 \
-    __m256 acc[T], offsets[T];                                                                            \
-    float rests[T];                                                                                       \
-    for (int t = 0; t < T; ++t) {                                                                         \
-        acc[t] = offsets[t] = _mm256_setzero_ps();                                                        \
-        rests[t] = 0.0f;                                                                                  \
-    }                                                                                                     \
-    int64_t b = 0;                                                                                        \
-    for (; b + 8 <= n_blocks; b += 8) {                                                                   \
-        const __m256i high_headers = HEADERS(msb + b);                                                    \
-        __m256 step = HALVES(high_headers, false);                                                        \
-        __m256 minimum = HALVES(high_headers, true);                                                      \
-        if (lsb) {                                                                                        \
-            const __m256i low_headers = HEADERS(lsb + b);                                                 \
-            const __m256 low_step = HALVES(low_headers, false);                                           \
+// The body of a loop over groups of N = 8 (or 4) blocks from b (`continue` goes to the next group;
+// a do-while wrapper, tried instead, made GCC compile the loop about 8% slower). The N headers are
+// loaded and converted as one vector (lanes past N zero: a step of 0 nests, a minimum of 0 adds
+// nothing); the blocks are unpacked in pairs (once for the T vectors), each pair one integer dot
+// product per vector; their integer sums are reduced into one vector (lane i = block i) and scaled
+// by one multiply-add, as are the offsets m d_x sum(q). A group with a block whose steps are not
+// nested takes the one-block form.
+#define SLICEMOE_X86_GROUP(N, HEADERS, HALVES, CODE, DOT_NIBBLES, DOT_CODE, PAIR_CODE, PAIR_DOT_CODE, PAIR_DOT_MSB) \
+        const __m256i high_headers = HEADERS<N>(msb + b);                                                     \
+        __m256 step = HALVES(high_headers, false);                                                            \
+        __m256 minimum = HALVES(high_headers, true);                                                          \
+        if (lsb) {                                                                                            \
+            const __m256i low_headers = HEADERS<N>(lsb + b);                                                  \
+            const __m256 low_step = HALVES(low_headers, false);                                               \
             const __m256 nested_steps = _mm256_cmp_ps(step, _mm256_mul_ps(low_step, _mm256_set1_ps(16.0f)), _CMP_EQ_OQ); \
-            if (_mm256_movemask_ps(nested_steps) != 0xFF) {                                               \
-                SLICEMOE_X86_BLOCKS_ALONE(b, b + 8, CODE, DOT_NIBBLES, DOT_CODE);                 \
-                continue;                                                                                 \
-            }                                                                                             \
-            minimum = _mm256_add_ps(minimum, HALVES(low_headers, true)); \
-            step = low_step;                                                                              \
-        }                                                                                                 \
-        __m256 scale[T];                                                                                  \
-        for (int t = 0; t < T; ++t) {                                                                     \
-            scale[t] = _mm256_mul_ps(step, _mm256_loadu_ps(&xs[t]->d[size_t(b)]));                        \
-            offsets[t] = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(&xs[t]->d_sum[size_t(b)]), offsets[t]); \
-        }                                                                                                 \
-        __m256i pair_dot[4][T];                                                                           \
-        for (int i = 0; i < 4; ++i) {                                                                     \
-            const q4_1_block * high = msb + b + 2 * i;                                                    \
-            if (lsb) {                                                                                    \
-                const auto code = PAIR_CODE(high, lsb + b + 2 * i);                                       \
-                for (int t = 0; t < T; ++t) {                                                             \
+            if (_mm256_movemask_ps(nested_steps) != 0xFF) {                                                   \
+                SLICEMOE_X86_BLOCKS_ALONE(b, b + N, CODE, DOT_NIBBLES, DOT_CODE);                             \
+                continue;                                                                                     \
+            }                                                                                                 \
+            minimum = _mm256_add_ps(minimum, HALVES(low_headers, true));                                      \
+            step = low_step;                                                                                  \
+        }                                                                                                     \
+        __m256 scale[T];                                                                                      \
+        for (int t = 0; t < T; ++t) {                                                                         \
+            scale[t] = _mm256_mul_ps(step, load_lanes<N>(&xs[t]->d[size_t(b)]));                              \
+            offsets[t] = _mm256_fmadd_ps(minimum, load_lanes<N>(&xs[t]->d_sum[size_t(b)]), offsets[t]);       \
+        }                                                                                                     \
+        __m256i pair_dot[4][T];                                                                               \
+        for (int i = N / 2; i < 4; ++i) {                                                                     \
+            for (int t = 0; t < T; ++t) pair_dot[i][t] = _mm256_setzero_si256();                              \
+        }                                                                                                     \
+        for (int i = 0; i < N / 2; ++i) {                                                                     \
+            const q4_1_block * high = msb + b + 2 * i;                                                        \
+            if (lsb) {                                                                                        \
+                const auto code = PAIR_CODE(high, lsb + b + 2 * i);                                           \
+                for (int t = 0; t < T; ++t) {                                                                 \
                     const __m256i * q = reinterpret_cast<const __m256i *>(&xs[t]->pair_q[size_t(b + 2 * i) * 32]); \
-                    pair_dot[i][t] = PAIR_DOT_CODE(code, _mm256_loadu_si256(q), _mm256_loadu_si256(q + 1)); \
-                }                                                                                         \
-            } else {                                                                                      \
-                const pair_halves nibbles = nibbles_of_pair(high);                                        \
-                for (int t = 0; t < T; ++t) {                                                             \
+                    pair_dot[i][t] = PAIR_DOT_CODE(code, _mm256_loadu_si256(q), _mm256_loadu_si256(q + 1));   \
+                }                                                                                             \
+            } else {                                                                                          \
+                const pair_halves nibbles = nibbles_of_pair(high);                                            \
+                for (int t = 0; t < T; ++t) {                                                                 \
                     const __m256i * q = reinterpret_cast<const __m256i *>(&xs[t]->pair_q[size_t(b + 2 * i) * 32]); \
                     pair_dot[i][t] = PAIR_DOT_MSB(nibbles, _mm256_loadu_si256(q), _mm256_loadu_si256(q + 1)); \
-                }                                                                                         \
-            }                                                                                             \
-        }                                                                                                 \
-        for (int t = 0; t < T; ++t) {                                                                     \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int t = 0; t < T; ++t) {                                                                         \
             const __m256i sums = in_block_order(_mm256_hadd_epi32(_mm256_hadd_epi32(pair_dot[0][t], pair_dot[1][t]), \
                                                                    _mm256_hadd_epi32(pair_dot[2][t], pair_dot[3][t]))); \
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale[t], acc[t]);                          \
-        }                                                                                                 \
-    }                                                                                                     \
-    SLICEMOE_X86_BLOCKS_ALONE(b, n_blocks, CODE, DOT_NIBBLES, DOT_CODE);                          \
-    for (int t = 0; t < T; ++t) {                                                                         \
-        out[t] = horizontal_sum(acc[t]) + horizontal_sum(offsets[t]) + rests[t];                          \
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale[t], acc[t]);                             \
+        }                                                                                                     \
+
+// One row of an expert against T activation vectors xs[0..T): groups of 8 blocks, then one of 4
+// where 4 to 7 remain, then the last n_blocks % 4 blocks in the one-block form. The pair form costs
+// about half the vector operations of a block unpacked and scaled alone (OLMoE's gate/up expert,
+// one thread, AVX512-VNNI: 8-bit 101 -> 71 us, MSB 73 -> 48 us, with the group of 4 and the loop
+// over rows inside the target function). Each vector's sums run in the same order for every T, so
+// a token computes the same in a prompt batch as alone. A macro for the two targets: GCC compiles a
+// body for one target.
+#define SLICEMOE_X86_ROW(HEADERS, HALVES, CODE, DOT_NIBBLES, DOT_CODE, PAIR_CODE, PAIR_DOT_CODE, PAIR_DOT_MSB) \
+    __m256 acc[T], offsets[T];                                                                                \
+    float rests[T];                                                                                           \
+    for (int t = 0; t < T; ++t) {                                                                             \
+        acc[t] = offsets[t] = _mm256_setzero_ps();                                                            \
+        rests[t] = 0.0f;                                                                                      \
+    }                                                                                                         \
+    int64_t b = 0;                                                                                            \
+    for (; b + 8 <= n_blocks; b += 8) {                                                                       \
+        SLICEMOE_X86_GROUP(8, HEADERS, HALVES, CODE, DOT_NIBBLES, DOT_CODE, PAIR_CODE, PAIR_DOT_CODE, PAIR_DOT_MSB); \
+    }                                                                                                         \
+    for (; b + 4 <= n_blocks; b += 4) {   /* at most once */                                                  \
+        SLICEMOE_X86_GROUP(4, HEADERS, HALVES, CODE, DOT_NIBBLES, DOT_CODE, PAIR_CODE, PAIR_DOT_CODE, PAIR_DOT_MSB); \
+    }                                                                                                         \
+    SLICEMOE_X86_BLOCKS_ALONE(b, n_blocks, CODE, DOT_NIBBLES, DOT_CODE);                                      \
+    for (int t = 0; t < T; ++t) {                                                                             \
+        out[t] = horizontal_sum(_mm256_add_ps(acc[t], offsets[t])) + rests[t];                                \
+    }
+
+// n_rows rows of an expert (row r at stride r blocks from msb_rows, lsb_rows) against T vectors:
+// outs[t][r]. The loop over rows is inside the target function: a call per row cost about 10 ns,
+// a tenth of a short row's time.
+#define SLICEMOE_X86_ROWS(...)                                                                                \
+    for (int64_t r = 0; r < n_rows; ++r) {                                                                    \
+        const q4_1_block * msb = msb_rows + r * stride;                                                       \
+        const q4_1_block * lsb = lsb_rows ? lsb_rows + r * stride : nullptr;                                  \
+        float out[T];                                                                                         \
+        SLICEMOE_X86_ROW(__VA_ARGS__)                                                                         \
+        for (int t = 0; t < T; ++t) outs[t][r] = out[t];                                                      \
     }
 
 template <int T>
-SLICEMOE_AVX2 void row_dot_avx2(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations * const * xs,
-                                int64_t n_blocks, float * out) {
-    SLICEMOE_X86_ROW(headers_avx2, header_halves_avx2, nibbles_of_both, dot_nibbles_avx2, dot_code_avx2,
-                     code_of_pair_avx2, dot_pair_code_avx2, dot_pair_msb_avx2)
+SLICEMOE_AVX2 void rows_dot_avx2(const q4_1_block * msb_rows, const q4_1_block * lsb_rows, int64_t stride,
+                                 const quantized_activations * const * xs, int64_t n_blocks, int64_t n_rows,
+                                 float * const * outs) {
+    SLICEMOE_X86_ROWS(headers_avx2, header_halves_avx2, nibbles_of_both, dot_nibbles_avx2, dot_code_avx2,
+                      code_of_pair_avx2, dot_pair_code_avx2, dot_pair_msb_avx2)
 }
 
 template <int T>
-SLICEMOE_VNNI void row_dot_vnni(const q4_1_block * msb, const q4_1_block * lsb, const quantized_activations * const * xs,
-                                int64_t n_blocks, float * out) {
-    SLICEMOE_X86_ROW(headers_vnni, header_halves_vnni, code_in_order_vnni, dot_unsigned_vnni, dot_unsigned_vnni,
-                     code_of_pair_vnni, dot_pair_vnni, dot_pair_vnni)
+SLICEMOE_VNNI void rows_dot_vnni(const q4_1_block * msb_rows, const q4_1_block * lsb_rows, int64_t stride,
+                                 const quantized_activations * const * xs, int64_t n_blocks, int64_t n_rows,
+                                 float * const * outs) {
+    SLICEMOE_X86_ROWS(headers_vnni, header_halves_vnni, code_in_order_vnni, dot_unsigned_vnni, dot_unsigned_vnni,
+                      code_of_pair_vnni, dot_pair_vnni, dot_pair_vnni)
 }
 
+#undef SLICEMOE_X86_ROWS
 #undef SLICEMOE_X86_ROW
+#undef SLICEMOE_X86_GROUP
 #undef SLICEMOE_X86_BLOCKS_ALONE
 #undef SLICEMOE_X86_BLOCK
 
-// One row against up to TOKENS_AT_ONCE vectors: row_dot_<isa><T>, T from the count.
-template <template <int> class Row>
-void row_x86(const q4_1_block * high, const q4_1_block * low, const quantized_activations * const * xs, int n_x,
-             int64_t n_blocks, float * out) {
+// Rows against up to TOKENS_AT_ONCE vectors: Rows<T>, T from the count.
+template <template <int> class Rows>
+void rows_of_isa(const q4_1_block * msb, const q4_1_block * lsb, int64_t stride, const quantized_activations * const * xs,
+                 int n_x, int64_t n_blocks, int64_t n_rows, float * const * outs) {
     switch (n_x) {
-        case 4: return Row<4>::run(high, low, xs, n_blocks, out);
-        case 3: return Row<3>::run(high, low, xs, n_blocks, out);
-        case 2: return Row<2>::run(high, low, xs, n_blocks, out);
-        default: return Row<1>::run(high, low, xs, n_blocks, out);
+        case 4: return Rows<4>::run(msb, lsb, stride, xs, n_blocks, n_rows, outs);
+        case 3: return Rows<3>::run(msb, lsb, stride, xs, n_blocks, n_rows, outs);
+        case 2: return Rows<2>::run(msb, lsb, stride, xs, n_blocks, n_rows, outs);
+        default: return Rows<1>::run(msb, lsb, stride, xs, n_blocks, n_rows, outs);
     }
 }
-template <int T> struct row_avx2 {
-    static void run(const q4_1_block * h, const q4_1_block * l, const quantized_activations * const * xs, int64_t n, float * out) {
-        row_dot_avx2<T>(h, l, xs, n, out);
+template <int T> struct rows_avx2 {
+    static void run(const q4_1_block * h, const q4_1_block * l, int64_t stride, const quantized_activations * const * xs,
+                    int64_t n_blocks, int64_t n_rows, float * const * outs) {
+        rows_dot_avx2<T>(h, l, stride, xs, n_blocks, n_rows, outs);
     }
 };
-template <int T> struct row_vnni {
-    static void run(const q4_1_block * h, const q4_1_block * l, const quantized_activations * const * xs, int64_t n, float * out) {
-        row_dot_vnni<T>(h, l, xs, n, out);
+template <int T> struct rows_vnni {
+    static void run(const q4_1_block * h, const q4_1_block * l, int64_t stride, const quantized_activations * const * xs,
+                    int64_t n_blocks, int64_t n_rows, float * const * outs) {
+        rows_dot_vnni<T>(h, l, stride, xs, n_blocks, n_rows, outs);
     }
 };
 } // namespace
@@ -342,12 +382,12 @@ SLICEMOE_AVX2 void quantize_activations_avx2(const float * x, int64_t n_in, act_
 }
 
 
-void rows_x86(kernel_id kernel, const q4_1_block * high, const q4_1_block * low, const quantized_activations * const * xs,
-              int n_x, int64_t n_blocks, float * out) {
+void rows_x86(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, int64_t stride,
+              const quantized_activations * const * xs, int n_x, int64_t n_blocks, int64_t n_rows, float * const * outs) {
     if (kernel == KERNEL_AVX512_VNNI) {
-        row_x86<row_vnni>(high, low, xs, n_x, n_blocks, out);
+        rows_of_isa<rows_vnni>(msb, lsb, stride, xs, n_x, n_blocks, n_rows, outs);
     } else {
-        row_x86<row_avx2>(high, low, xs, n_x, n_blocks, out);
+        rows_of_isa<rows_avx2>(msb, lsb, stride, xs, n_x, n_blocks, n_rows, outs);
     }
 }
 

@@ -253,29 +253,25 @@ void rows_dot_tokens(kernel_id kernel, const q4_1_block * msb, const q4_1_block 
     if (kernel == KERNEL_AUTO) kernel = best_kernel();
     if (n_x <= 0) return;
     const int64_t n_blocks = int64_t(xs[0]->blocks.size());
+#ifdef SLICEMOE_X86
+    if (kernel == KERNEL_AVX2 || kernel == KERNEL_AVX512_VNNI) {
+        for (int first = 0; first < n_x; first += TOKENS_AT_ONCE) {
+            rows_x86(kernel, msb, lsb, stride, xs + first, std::min(TOKENS_AT_ONCE, n_x - first), n_blocks, n_rows,
+                     outs + first);
+        }
+        return;
+    }
+#endif
     for (int64_t r = 0; r < n_rows; ++r) {
         const q4_1_block * high = msb + r * stride;
         const q4_1_block * low = lsb ? lsb + r * stride : nullptr;
-        for (int first = 0; first < n_x; first += TOKENS_AT_ONCE) {
-            const int count = std::min(TOKENS_AT_ONCE, n_x - first);
-            float row[TOKENS_AT_ONCE];
-            switch (kernel) {
-#ifdef SLICEMOE_X86
-                case KERNEL_AVX2:        rows_x86(KERNEL_AVX2, high, low, xs + first, count, n_blocks, row); break;
-                case KERNEL_AVX512_VNNI: rows_x86(KERNEL_AVX512_VNNI, high, low, xs + first, count, n_blocks, row); break;
-#endif
-                default:
-                    for (int t = 0; t < count; ++t) {
-                        const act_block * x = xs[first + t]->blocks.data();
+        for (int t = 0; t < n_x; ++t) {
+            const act_block * x = xs[t]->blocks.data();
 #ifdef SLICEMOE_ARM64
-                        if (kernel == KERNEL_NEON) { row[t] = row_dot_neon(high, low, x, n_blocks); continue; }
-                        if (kernel == KERNEL_NEON_DOTPROD) { row[t] = row_dot_neon_dotprod(high, low, x, n_blocks); continue; }
+            if (kernel == KERNEL_NEON) { outs[t][r] = row_dot_neon(high, low, x, n_blocks); continue; }
+            if (kernel == KERNEL_NEON_DOTPROD) { outs[t][r] = row_dot_neon_dotprod(high, low, x, n_blocks); continue; }
 #endif
-                        row[t] = row_dot_scalar(high, low, x, n_blocks);
-                    }
-                    break;
-            }
-            for (int t = 0; t < count; ++t) outs[first + t][r] = row[t];
+            outs[t][r] = row_dot_scalar(high, low, x, n_blocks);
         }
     }
 }

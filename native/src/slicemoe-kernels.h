@@ -23,9 +23,10 @@ inline bool nested(const q4_1_block & msb, const q4_1_block & lsb) {
 }
 
 #ifdef SLICEMOE_X86
-// One row against n_x <= TOKENS_AT_ONCE vectors with KERNEL_AVX2 or KERNEL_AVX512_VNNI: out[t].
-void rows_x86(kernel_id kernel, const q4_1_block * high, const q4_1_block * low, const quantized_activations * const * xs,
-              int n_x, int64_t n_blocks, float * out);
+// n_rows rows (row r at r * stride blocks) against n_x <= TOKENS_AT_ONCE vectors with KERNEL_AVX2 or
+// KERNEL_AVX512_VNNI: outs[t][r].
+void rows_x86(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, int64_t stride,
+              const quantized_activations * const * xs, int n_x, int64_t n_blocks, int64_t n_rows, float * const * outs);
 // quantize_activations with AVX2: the same values as the scalar loop (ties to even)
 void quantize_activations_avx2(const float * x, int64_t n_in, act_block * out);
 #endif
