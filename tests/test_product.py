@@ -175,15 +175,16 @@ print("ok")
 """
 
 
-def test_no_kernel_reads_past_the_last_block_of_an_expert():
+def test_no_kernel_reads_past_the_last_block_of_an_expert(tmp_path):
     """An expert's last row may end where readable memory ends (a pool's last slot, a mapped file's
     last expert): every kernel, 8-bit and 4-bit, one token and a batch, over rows whose blocks end in
     a group of 8, a group of 4 and blocks alone, reads only the expert's own bytes (its copy placed
     just before a page that cannot be read computes the same values). In a child process: a read
     past the end is a crash there."""
     n_blocks = ["8", "11", "12", "44", "45", "3"]
+    # cwd: the installed package, not the source tree's (python -c puts the directory first on the path)
     child = subprocess.run([sys.executable, "-c", GUARDED_PRODUCTS, *n_blocks], capture_output=True, text=True,
-                           timeout=300)
+                           timeout=300, cwd=tmp_path)
     assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr[-2000:]
 
 
