@@ -238,8 +238,10 @@ void quantize_activations(kernel_id kernel, const float * x, int64_t n_in, quant
         out->d[b] = out->blocks[b].d;
         out->d_sum[b] = out->blocks[b].d_sum;
     }
-    out->pair_q.resize(n_blocks / 2 * 64);
-    for (size_t pair = 0; pair < n_blocks / 2; ++pair) {
+    // only the x86 vector kernels read the pair form: the scalar and NEON ones skip the copy
+    const bool paired = kernel == KERNEL_AVX2 || kernel == KERNEL_AVX512_VNNI;
+    out->pair_q.resize(paired ? n_blocks / 2 * 64 : 0);
+    for (size_t pair = 0; paired && pair < n_blocks / 2; ++pair) {
         int8_t * q = &out->pair_q[pair * 64];
         for (int half = 0; half < 2; ++half) {
             std::memcpy(q + half * 32,      out->blocks[2 * pair].q + half * 16, 16);

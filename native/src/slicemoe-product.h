@@ -44,8 +44,8 @@ const char * kernel_name(kernel_id kernel);
 struct quantized_activations {
     std::vector<act_block> blocks;   // [n_in / 32]
     std::vector<float> d, d_sum;     // [n_in / 32]
-    // the x86 kernels' pair form, [n_in / 64][64]: for blocks 2p and 2p + 1, q[0..16) of each, then
-    // q[16..32) of each (the order two blocks' nibbles unpack in, one vector op for both)
+    // the x86 vector kernels' pair form, [n_in / 64][64] (empty for the others): for blocks 2p and
+    // 2p + 1, q[0..16) of each, then q[16..32) of each (the order two blocks' nibbles unpack in)
     std::vector<int8_t> pair_q;
 };
 
