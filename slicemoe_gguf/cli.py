@@ -9,6 +9,7 @@ cli_demo.py.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__, defaults
@@ -365,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slicemoe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`slicemoe sim ... | head`): stop quietly, as a Unix filter does, and keep
+        # Python from reporting the flush of the closed stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -154,9 +154,11 @@ def _routing_margins(out, config, n_tokens: int):
 
 class Server:
     """`slicemoe serve` running on 127.0.0.1 (a real process, a real port): .base is its URL, .proc
-    the process, .log its output so far."""
+    the process, .log its output so far. `launcher` is the command that runs the CLI (the arm64 tier
+    runs it under emulation)."""
 
-    def __init__(self, model: Path, workdir: Path, *flags: str):
+    def __init__(self, model: Path, workdir: Path, *flags: str, launcher: tuple[str, ...] = ("slicemoe",),
+                 env: dict | None = None, start_timeout: float = 60):
         import socket
         import time
         import urllib.request
@@ -166,10 +168,10 @@ class Server:
             self.port = probe.getsockname()[1]
         self.log_path = workdir / f"serve-{self.port}.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(["slicemoe", "serve", "-m", str(model), "--port", str(self.port), *flags],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir)
+        self.proc = subprocess.Popen([*launcher, "serve", "-m", str(model), "--port", str(self.port), *flags],
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=env)
         self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_timeout
         while True:
             try:
                 urllib.request.urlopen(self.base + "/health", timeout=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -196,6 +197,18 @@ def test_bad_trace_files_are_clear_errors(tmp_path):
                                "slice_bytes": {"msb": 1, "lsb": 1}}) + "\n" + '{"request": 1, "layer": 3}\n')
     proc = run_cli("sim", str(bad), "--cache-budget", "1MB", check=False)
     assert proc.returncode == 1 and "line 2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sim_into_a_closed_pipe_stops_quietly_as_a_unix_filter(sliced, tmp_path):
+    path = tmp_path / "t.jsonl"
+    run_cli("trace", "-m", str(sliced), "-p", PROMPT, "-n", "4", "-o", str(path))
+    # the reader is gone before the report is written, as with `slicemoe sim ... | head -c 0`
+    proc = subprocess.Popen(["slicemoe", "sim", str(path), "--cache-budget", "50%", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
 
 
 def test_plan_finds_the_smallest_budget_that_meets_the_miss_rate(sliced, tmp_path):
