@@ -203,21 +203,22 @@ def test_bad_arguments_are_refused():
 @pytest.mark.parametrize("kernel", kernels.available())
 def test_a_batch_of_tokens_computes_each_token_as_it_alone(kernel):
     """A prompt's tokens that use one expert are computed together (each block unpacked once for up
-    to 4 of them): every value equals that token's product alone, bit for bit, so a token computes
-    the same in a prompt batch as in decode. 6 tokens (a group of 4 and one of 2), 11 blocks (a
-    group of 8 and 3 after it), one block whose steps are not nested."""
+    to 8 of them, in tiles of 32 rows): every value equals that token's product alone, bit for bit,
+    so a token computes the same in a prompt batch as in decode. 11 tokens (a group of 8 and one of
+    3), 40 rows (a tile of 32 and one of 8), 11 blocks (a group of 8 and 3 after it), one block whose
+    steps are not nested."""
     rng = np.random.default_rng(5)
-    n_in = 11 * 32
-    msb, lsb = _slices(rng.standard_normal((16, n_in)).astype(np.float32) * np.float32(0.02), "searched")
-    steps = lsb.reshape(16, -1, 20)[7, 2, 0:2].view("<f2")
+    n_in, n_rows, n_tokens = 11 * 32, 40, 11
+    msb, lsb = _slices(rng.standard_normal((n_rows, n_in)).astype(np.float32) * np.float32(0.02), "searched")
+    steps = lsb.reshape(n_rows, -1, 20)[7, 2, 0:2].view("<f2")
     steps[0] = steps[0] * np.float16(1.5)
-    x = rng.standard_normal((6, n_in)).astype(np.float32)
+    x = rng.standard_normal((n_tokens, n_in)).astype(np.float32)
     for high in (lsb, None):
         y, seconds = kernels.time_expert_product(msb, high, x, kernel, repeats=2)
         assert seconds > 0
-        for token in range(6):
+        for token in range(n_tokens):
             np.testing.assert_array_equal(y[token], kernels.expert_product(msb, high, x[token], kernel))
-        _check(y[5], msb, high, x[5])
+        _check(y[n_tokens - 1], msb, high, x[n_tokens - 1])
 
 
 @pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_0"])

@@ -46,9 +46,15 @@ void expert_product_tokens(slicemoe::kernel_id kernel, const void * msb, const v
         xs.push_back(&(*acts)[size_t(t)]);
         outs.push_back(y + t * n_out);
     }
-    slicemoe::rows_dot_tokens(kernel, static_cast<const slicemoe::q4_1_block *>(msb),
-                              static_cast<const slicemoe::q4_1_block *>(lsb), n_in / 32, xs.data(), int(n_tokens), n_out,
-                              outs.data());
+    // in tiles of rows, as the product op runs a ubatch (its work items)
+    const int64_t stride = n_in / 32;
+    for (int64_t first = 0; first < n_out; first += slicemoe::GROUP_ROWS) {
+        std::vector<float *> tile_outs(outs);
+        for (float *& out : tile_outs) out += first;
+        slicemoe::rows_dot_tokens(kernel, static_cast<const slicemoe::q4_1_block *>(msb) + first * stride,
+                                  lsb ? static_cast<const slicemoe::q4_1_block *>(lsb) + first * stride : nullptr, stride,
+                                  xs.data(), int(n_tokens), std::min(slicemoe::GROUP_ROWS, n_out - first), tile_outs.data());
+    }
 }
 
 template <typename F>

@@ -330,6 +330,10 @@ template <template <int> class Rows>
 void rows_of_isa(const q4_1_block * msb, const q4_1_block * lsb, int64_t stride, const quantized_activations * const * xs,
                  int n_x, int64_t n_blocks, int64_t n_rows, float * const * outs) {
     switch (n_x) {
+        case 8: return Rows<8>::run(msb, lsb, stride, xs, n_blocks, n_rows, outs);
+        case 7: return Rows<7>::run(msb, lsb, stride, xs, n_blocks, n_rows, outs);
+        case 6: return Rows<6>::run(msb, lsb, stride, xs, n_blocks, n_rows, outs);
+        case 5: return Rows<5>::run(msb, lsb, stride, xs, n_blocks, n_rows, outs);
         case 4: return Rows<4>::run(msb, lsb, stride, xs, n_blocks, n_rows, outs);
         case 3: return Rows<3>::run(msb, lsb, stride, xs, n_blocks, n_rows, outs);
         case 2: return Rows<2>::run(msb, lsb, stride, xs, n_blocks, n_rows, outs);

@@ -115,8 +115,6 @@ void group_uses(const ggml_tensor * ids, const ggml_tensor * ids_lsb, std::vecto
     }
 }
 
-constexpr int64_t GROUP_ROWS = 32;   // rows of one expert per work item: 32 x 2.5 KiB of 8-bit slices at n_in 2048
-
 // Work item `item` of the grouped product: rows [first, first + GROUP_ROWS) of one group's expert,
 // for each of its uses. acts[token * columns + column] holds that vector quantized once its flag is set.
 void product_group_rows(ggml_tensor * dst, const product_ready * ready, const std::vector<use_group> & groups,
