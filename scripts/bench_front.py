@@ -18,6 +18,7 @@ against the fp32 model, on held-out text of a trained checkpoint.
   costs in accuracy when its dense part is as small as the stock file's.
 
     python scripts/bench_front.py [--checkpoint DIR] [--windows 24] [--length 128] [-o results/front.md]
+                                  [--json front.json]
 
 The speed half (decode ms/token at full size under the same RAM limit, trace-driven) is
 scripts/bench_side_by_side.py; this script's ms/token is the small model's, all in RAM.
@@ -26,6 +27,7 @@ scripts/bench_side_by_side.py; this script's ms/token is the small model's, all 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+from slicemoe_gguf import defaults  # noqa: E402
 
 STOCK = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 BUDGETS = (25, 50, 75, 100)
@@ -88,6 +91,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="where the GGUFs go (default: a temporary directory)")
     parser.add_argument("-o", "--output", type=Path, help="also write the report here (markdown)")
+    parser.add_argument("--plan-miss-rate", type=float,
+                        help="also `slicemoe plan`'s answer at each budget for this slice miss rate, chosen on the "
+                             "model's own routing of the held-out windows")
+    parser.add_argument("--json", type=Path,
+                        help="also write each whole-file and budgeted row's KL and top-1 here, named as "
+                             "bench_side_by_side.py names the same configuration (scripts/plot_front.py joins them)")
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="front-"))
@@ -105,8 +114,14 @@ def main() -> int:
     windows = benchlib.heldout_windows(args.windows, args.length, args.checkpoint)
     reference = benchlib.hf_reference(windows, args.prompt, args.checkpoint)
 
-    def score(logprobs) -> list[str]:
+    scores: dict = {"model": name, "windows": len(windows), "scored_tokens": args.length - args.prompt,
+                    "machine": benchlib.machine_line(), "files": {}, "budgets": {}}
+
+    def score(logprobs, key: tuple | None = None) -> list[str]:
         a = benchlib.agreement(reference, logprobs, windows, args.prompt)
+        if key:   # (section, [budget,] configuration as bench_side_by_side.py names it)
+            section = scores[key[0]] if len(key) == 2 else scores[key[0]].setdefault(key[1], {})
+            section[key[-1]] = {"kl": float(a["kl"]), "top1": float(a["top1"])}
         return [f"{a['kl']:.2e}", f"{100 * a['top1']:.2f}%"]
 
     experts_rows = []
@@ -126,9 +141,9 @@ def main() -> int:
 
     eight_bit: list = []   # the AMAT file's 8-bit model, the reference a cache's own loss is measured by
 
-    def engine_row(label: str, path: Path, **kwargs) -> list[str]:
+    def engine_row(label: str, path: Path, key: tuple | None = None, **kwargs) -> list[str]:
         run = benchlib.engine_run(path, windows, args.prompt, threads=args.threads, **kwargs)
-        row = [label, *score(run.logprobs), f"{run.ms_per_token:.2f}"]
+        row = [label, *score(run.logprobs, key), f"{run.ms_per_token:.2f}"]
         if kwargs.get("precision") == "high" and not eight_bit:
             eight_bit.extend(run.logprobs)
         if eight_bit and kwargs.get("cache_budget"):
@@ -142,7 +157,8 @@ def main() -> int:
         print(f"  {label}: KL {row[1]}", file=sys.stderr, flush=True)
         return row
 
-    file_rows = [engine_row(f"llama.cpp {t} (whole file, {describe(p)['file_bytes'] / 2**20:.1f} MiB)", p)
+    file_rows = [engine_row(f"llama.cpp {t} (whole file, {describe(p)['file_bytes'] / 2**20:.1f} MiB)", p,
+                            key=("files", side_by_side_stock_name(t)))
                  for t, p in stock.items()]
     file_rows.append(engine_row("AMAT 4-bit, all resident", sliced, precision="low"))
     file_rows.append(engine_row("AMAT 8-bit, all resident", sliced, precision="high"))
@@ -150,17 +166,28 @@ def main() -> int:
         size = f"{describe(path)['file_bytes'] / 2**20:.1f} MiB"
         file_rows.append(engine_row(f"AMAT 4-bit, dense {mix.upper()} ({size})", path, precision="low"))
         file_rows.append(engine_row(f"AMAT 8-bit, dense {mix.upper()}", path, precision="high"))
+    routing = held_out_routing(sliced, windows, args.prompt, args.threads) if args.plan_miss_rate is not None else None
     budget_rows = []
     for b in BUDGETS:
         budget = expert_bytes * b // 100
-        for policy in ("lru4", "lru8"):
-            budget_rows.append([f"{b}%", *engine_row(policy, sliced, cache_budget=budget, policy=policy)])
+        point = benchlib.plan_point(routing, budget, args.plan_miss_rate) if routing is not None else None
+        if point:
+            name, settings = point
+            label = f"{name}: " + (f"threshold {settings['high_threshold']}" if settings["precision"] == "auto" else "4-bit")
+            budget_rows.append([f"{b}%", *engine_row(label, sliced, key=("budgets", str(b), name), cache_budget=budget,
+                                                      **settings)])
+        for policy, side_name in (("lru4", "lru4 + pcw"), ("lru8", "lru8")):
+            budget_rows.append([f"{b}%", *engine_row(policy, sliced, key=("budgets", str(b), side_name),
+                                                      cache_budget=budget, policy=policy)])
         for threshold in THRESHOLDS:
-            budget_rows.append([f"{b}%", *engine_row(f"dbsc + pcw, threshold {threshold}", sliced, cache_budget=budget,
+            side_name = "dbsc + pcw" if threshold == defaults.HIGH_THRESHOLD else f"dbsc + pcw, threshold {threshold}"
+            budget_rows.append([f"{b}%", *engine_row(f"dbsc + pcw, threshold {threshold}", sliced,
+                                                      key=("budgets", str(b), side_name), cache_budget=budget,
                                                       policy="dbsc", warmup="pcw", high_threshold=threshold)])
     for mix, path in mixed.items():
-        budget_rows.append(["50%", *engine_row(f"dbsc + pcw, dense {mix.upper()}", path, cache_budget=expert_bytes // 2,
-                                               policy="dbsc", warmup="pcw")])
+        budget_rows.append(["50%", *engine_row(f"dbsc + pcw, dense {mix.upper()}", path,
+                                               key=("budgets", "50", f"dbsc + pcw, dense {mix.upper()}"),
+                                               cache_budget=expert_bytes // 2, policy="dbsc", warmup="pcw")])
 
     report = "\n".join([
         f"Accuracy front of `{name}` ({info['n_experts']} experts, top-{info['top_k']}); {len(windows)} held-out "
@@ -174,7 +201,29 @@ def main() -> int:
         benchlib.markdown_table(["budget", "policy", "KL (nats)", "top-1", "ms/token", "top-1 vs 8-bit",
                                  "flash kB/token", "8-bit uses"], budget_rows)])
     benchlib.emit(report, args.output)
+    if args.json:
+        args.json.write_text(json.dumps(scores, indent=1) + "\n")
     return 0
+
+
+def held_out_routing(path: Path, windows: list[list[int]], n_prompt: int, threads: int):
+    """The 8-bit model's routing of the held-out windows (teacher-forced, one request each): the
+    trace `slicemoe plan` chooses its threshold on."""
+    from slicemoe_gguf import Model
+
+    with Model(path, n_threads=threads, n_ctx=max(len(w) for w in windows) + 8, precision="high",
+               record_trace=True) as model:
+        for w in windows:
+            model.reset()
+            model.eval(w[:n_prompt])
+            for token in w[n_prompt:-1]:
+                model.eval([token])
+        return model.routing_trace()
+
+
+def side_by_side_stock_name(file_type: str) -> str:
+    """A stock file's row name in bench_side_by_side.py (its q8_0 file is the converter's, lower case)."""
+    return "stock q8_0 (mmap)" if file_type == "Q8_0" else f"stock {file_type} (mmap)"
 
 
 if __name__ == "__main__":

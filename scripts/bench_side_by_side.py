@@ -38,7 +38,7 @@ import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
-from benchlib import drop_page_cache, llama_quantize, machine_line, markdown_table  # noqa: E402
+from benchlib import drop_page_cache, llama_quantize, machine_line, markdown_table, plan_point  # noqa: E402
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 BUDGETS = (25, 50, 75, 100)
@@ -173,13 +173,15 @@ class MemoryLimit:
                     time.sleep(0.1)
 
 
-def run_row(config: dict, limit: int | None, cold_start: bool = True) -> dict:
+def run_row(config: dict, limit: int | None, cold_start: bool = True, timeout: float = 3600) -> dict:
     cgroup = MemoryLimit(limit)
     try:
         if cold_start:
             cold()
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)], capture_output=True, text=True,
-                              preexec_fn=cgroup.enter, timeout=3600)
+                              preexec_fn=cgroup.enter, timeout=timeout)
+    except subprocess.TimeoutExpired:   # a file thrashing under its limit: the row says so and the run goes on
+        return {"error": f"over {timeout:.0f} s (load, prompt and decode)"}
     finally:
         cgroup.close()
     if proc.returncode != 0:
@@ -232,6 +234,12 @@ def main() -> int:
                              "mixes (comma-separated: q4_k_m, q5_k_m, q6_k), made from PREFIX-amat.gguf by llama.cpp's "
                              "quantizer with the experts kept, as the stock files are made from the q8_0 one")
     parser.add_argument("-o", "--output", type=Path, help="also write the markdown here")
+    parser.add_argument("--json", type=Path, help="also write every row's numbers here (scripts/plot_front.py reads them)")
+    parser.add_argument("--plan-miss-rate", type=float,
+                        help="also `slicemoe plan`'s answer at each budget for this slice miss rate (a dbsc threshold "
+                             "chosen on this run's trace), for the accuracy-speed front")
+    parser.add_argument("--row-timeout", type=float, default=3600.0,
+                        help="seconds a row under a limit may take before it is reported as over that (default 3600)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -299,9 +307,17 @@ def main() -> int:
     for percent in map(int, args.budgets.split(",")):
         budget = expert_bytes * percent // 100
         limit = dense + budget + HEADROOM
-        for name, config in {**configs, **stock}.items():
-            cfg = dict(config, cache_budget=budget) if name in configs else config
-            r = run_row(cfg, limit)
+        planned = {}
+        if args.plan_miss_rate is not None:
+            from slicemoe_gguf import trace as traces
+
+            point = plan_point(traces.read(trace_path), budget, args.plan_miss_rate)
+            if point:
+                planned[point[0]] = dict(base, model=str(amat), **point[1])
+                print(f"{percent}%: {point[0]}: {point[1]}", flush=True)
+        for name, config in {**configs, **planned, **stock}.items():
+            cfg = dict(config, cache_budget=budget) if name in configs or name in planned else config
+            r = run_row(cfg, limit, timeout=args.row_timeout)
             results[(percent, name)] = r
             if "error" in r:
                 rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", "failed: " + r["error"], "", "", "", "", "", ""])
@@ -333,6 +349,15 @@ def main() -> int:
     print(text)
     if args.output:
         args.output.write_text(text + "\n")
+    if args.json:
+        budgets = {}
+        for (percent, name), row in results.items():
+            budgets.setdefault(str(percent), {})[name] = row
+        args.json.write_text(json.dumps({
+            "machine": machine_line(), "model": info.get("architecture", "?"), "n_decode": shape["n_decode"],
+            "device_gb_s": device, "limits_mib": {str(p): (dense + expert_bytes * p // 100 + HEADROOM) / MiB
+                                                  for p in map(int, args.budgets.split(","))},
+            "compute_only": {**compute, **nocache}, "budgets": budgets}, indent=1) + "\n")
     return 0
 
 

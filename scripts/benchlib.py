@@ -138,6 +138,21 @@ def perplexity(logprobs: list[np.ndarray], windows: list[list[int]], n_prompt: i
     return float(np.exp(nll / sum(len(w) - n_prompt for w in windows)))
 
 
+def plan_point(trace, budget: int, max_miss_rate: float) -> tuple[str, dict] | None:
+    """`slicemoe plan`'s answer as a configuration of the front: (its row name, Model settings) of the
+    dbsc deployment with the most 8-bit uses whose slice miss rate on `trace` meets `max_miss_rate` at
+    `budget`, or None where none does. Each benchmark asks it of its own model's trace, as a user
+    would, so the same name may stand for another threshold on another model."""
+    from slicemoe_gguf import trace as traces
+
+    answer = traces.plan_precision(trace, budget=budget, max_miss_rate=max_miss_rate)
+    if not answer:
+        return None
+    settings = {"policy": "dbsc", "warmup": "pcw", "precision": answer["precision"],
+                "high_threshold": answer["high_threshold"]}
+    return f"plan (slice miss rate <= {max_miss_rate:g})", settings
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
