@@ -172,10 +172,11 @@ def main() -> int:
         budget = expert_bytes * b // 100
         point = benchlib.plan_point(routing, budget, args.plan_miss_rate) if routing is not None else None
         if point:
-            name, settings = point
-            label = f"{name}: " + (f"threshold {settings['high_threshold']}" if settings["precision"] == "auto" else "4-bit")
-            budget_rows.append([f"{b}%", *engine_row(label, sliced, key=("budgets", str(b), name), cache_budget=budget,
-                                                      **settings)])
+            plan_name, settings = point
+            label = f"{plan_name}: " + (f"threshold {settings['high_threshold']}" if settings["precision"] == "auto"
+                                        else "4-bit")
+            budget_rows.append([f"{b}%", *engine_row(label, sliced, key=("budgets", str(b), plan_name),
+                                                      cache_budget=budget, **settings)])
         for policy, side_name in (("lru4", "lru4 + pcw"), ("lru8", "lru8")):
             budget_rows.append([f"{b}%", *engine_row(policy, sliced, key=("budgets", str(b), side_name),
                                                       cache_budget=budget, policy=policy)])
