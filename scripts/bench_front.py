@@ -11,13 +11,13 @@ against the fp32 model, on held-out text of a trained checkpoint.
   slice alone and MSB + LSB), so encodings are compared without the dense tensors or the engine.
 - Whole files through the engine, teacher-forced: the stock files as users run them, and the AMAT
   file (searched grid, dense q8_0: the converter's defaults) all-resident at 4 and 8 bits and under
-  a RAM budget of 25/50/75/100% of its expert bytes with lru4, lru8 and dbsc at three thresholds.
+  a RAM budget of 25/50/75/100% of its expert bytes with lru4, lru8 and dbsc at its thresholds (--thresholds).
   Budgeted rows also give the slice reads per token (the flash traffic a device would see).
 - The same slices with the dense tensors of a stock file (`--dense-type q4_k_m` and `q5_k_m`: llama.cpp's
   own mix for them), whole files all resident at 4 and 8 bits and dbsc at 50%: what a sliced file
   costs in accuracy when its dense part is as small as the stock file's.
 
-    python scripts/bench_front.py [--checkpoint DIR] [--windows 24] [--length 128] [-o results/front.md]
+    python scripts/bench_front.py [--checkpoint DIR] [--windows 24] [--length 128] [--thresholds 0.1,0.25,0.5] [-o results/front.md]
                                   [--json front.json]
 
 The speed half (decode ms/token at full size under the same RAM limit, trace-driven) is
@@ -36,7 +36,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
-from slicemoe_gguf import defaults  # noqa: E402
 
 STOCK = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 BUDGETS = (25, 50, 75, 100)
@@ -91,9 +90,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="where the GGUFs go (default: a temporary directory)")
     parser.add_argument("-o", "--output", type=Path, help="also write the report here (markdown)")
-    parser.add_argument("--plan-miss-rate", type=float,
-                        help="also `slicemoe plan`'s answer at each budget for this slice miss rate, chosen on the "
-                             "model's own routing of the held-out windows")
+    parser.add_argument("--thresholds", default=",".join(f"{t:g}" for t in THRESHOLDS),
+                        help="dbsc's 8-bit thresholds under each budget (comma-separated; default %(default)s); the "
+                             "front's run takes every one `slicemoe plan` may choose (slicemoe_gguf.trace.THRESHOLDS), "
+                             "so that plan's answer at full size has its accuracy here")
     parser.add_argument("--json", type=Path,
                         help="also write each whole-file and budgeted row's KL and top-1 here, named as "
                              "bench_side_by_side.py names the same configuration (scripts/plot_front.py joins them)")
@@ -111,6 +111,7 @@ def main() -> int:
     expert_bytes = info["expert_msb_bytes"] + info["expert_lsb_bytes"]
     n_weights = expert_bytes / 2 / 20 * 32   # two Q4_1 slices of 20 bytes per 32 weights
 
+    thresholds = [float(t) for t in args.thresholds.split(",") if t]
     windows = benchlib.heldout_windows(args.windows, args.length, args.checkpoint)
     reference = benchlib.hf_reference(windows, args.prompt, args.checkpoint)
 
@@ -166,25 +167,17 @@ def main() -> int:
         size = f"{describe(path)['file_bytes'] / 2**20:.1f} MiB"
         file_rows.append(engine_row(f"AMAT 4-bit, dense {mix.upper()} ({size})", path, precision="low"))
         file_rows.append(engine_row(f"AMAT 8-bit, dense {mix.upper()}", path, precision="high"))
-    routing = held_out_routing(sliced, windows, args.prompt, args.threads) if args.plan_miss_rate is not None else None
     budget_rows = []
     for b in BUDGETS:
         budget = expert_bytes * b // 100
-        point = benchlib.plan_point(routing, budget, args.plan_miss_rate) if routing is not None else None
-        if point:
-            plan_name, settings = point
-            label = f"{plan_name}: " + (f"threshold {settings['high_threshold']}" if settings["precision"] == "auto"
-                                        else "4-bit")
-            budget_rows.append([f"{b}%", *engine_row(label, sliced, key=("budgets", str(b), plan_name),
-                                                      cache_budget=budget, **settings)])
         for policy, side_name in (("lru4", "lru4 + pcw"), ("lru8", "lru8")):
             budget_rows.append([f"{b}%", *engine_row(policy, sliced, key=("budgets", str(b), side_name),
                                                       cache_budget=budget, policy=policy)])
-        for threshold in THRESHOLDS:
-            side_name = "dbsc + pcw" if threshold == defaults.HIGH_THRESHOLD else f"dbsc + pcw, threshold {threshold}"
-            budget_rows.append([f"{b}%", *engine_row(f"dbsc + pcw, threshold {threshold}", sliced,
-                                                      key=("budgets", str(b), side_name), cache_budget=budget,
-                                                      policy="dbsc", warmup="pcw", high_threshold=threshold)])
+        for threshold in thresholds:
+            budget_rows.append([f"{b}%", *engine_row(f"dbsc + pcw, threshold {threshold:g}", sliced,
+                                                      key=("budgets", str(b), benchlib.dbsc_name(threshold)),
+                                                      cache_budget=budget, policy="dbsc", warmup="pcw",
+                                                      high_threshold=threshold)])
     for mix, path in mixed.items():
         budget_rows.append(["50%", *engine_row(f"dbsc + pcw, dense {mix.upper()}", path,
                                                key=("budgets", "50", f"dbsc + pcw, dense {mix.upper()}"),
@@ -205,21 +198,6 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(scores, indent=1) + "\n")
     return 0
-
-
-def held_out_routing(path: Path, windows: list[list[int]], n_prompt: int, threads: int):
-    """The 8-bit model's routing of the held-out windows (teacher-forced, one request each): the
-    trace `slicemoe plan` chooses its threshold on."""
-    from slicemoe_gguf import Model
-
-    with Model(path, n_threads=threads, n_ctx=max(len(w) for w in windows) + 8, precision="high",
-               record_trace=True) as model:
-        for w in windows:
-            model.reset()
-            model.eval(w[:n_prompt])
-            for token in w[n_prompt:-1]:
-                model.eval([token])
-        return model.routing_trace()
 
 
 def side_by_side_stock_name(file_type: str) -> str:

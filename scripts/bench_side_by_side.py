@@ -38,7 +38,7 @@ import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
-from benchlib import drop_page_cache, llama_quantize, machine_line, markdown_table, plan_point  # noqa: E402
+from benchlib import dbsc_name, drop_page_cache, llama_quantize, machine_line, markdown_table, plan_point  # noqa: E402
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 BUDGETS = (25, 50, 75, 100)
@@ -284,9 +284,8 @@ def main() -> int:
         if name not in CONFIGS:
             parser.error(f"unknown configuration {name!r} (one of {', '.join(CONFIGS)})")
         configs[name] = dict(base, model=str(amat), **CONFIGS[name])
-    for threshold in filter(None, args.thresholds.split(",")):
-        configs[f"dbsc + pcw, threshold {threshold}"] = dict(base, model=str(amat), **CONFIGS["dbsc + pcw"],
-                                                             high_threshold=float(threshold))
+    for threshold in map(float, filter(None, args.thresholds.split(","))):
+        configs[dbsc_name(threshold)] = dict(base, model=str(amat), **CONFIGS["dbsc + pcw"], high_threshold=threshold)
     for mix, path in mixed.items():
         configs.update({f"{name}, dense {mix.upper()}": dict(config, model=str(path))
                         for name, config in list(configs.items()) if "dense" not in name})
@@ -303,6 +302,18 @@ def main() -> int:
     nocache = {"AMAT, no cache, high": run_row(dict(base, model=str(amat), precision="high"), None, cold_start=False),
                "AMAT, no cache, low": run_row(dict(base, model=str(amat), precision="low"), None, cold_start=False)}
 
+    def write_json(results: dict) -> None:
+        if not args.json:
+            return
+        budgets = {}
+        for (percent, name), row in results.items():
+            budgets.setdefault(str(percent), {})[name] = row
+        args.json.write_text(json.dumps({
+            "machine": machine_line(), "model": info.get("architecture", "?"), "n_decode": shape["n_decode"],
+            "device_gb_s": device, "limits_mib": {str(p): (dense + expert_bytes * p // 100 + HEADROOM) / MiB
+                                                  for p in map(int, args.budgets.split(","))},
+            "compute_only": {**compute, **nocache}, "budgets": budgets}, indent=1) + "\n")
+
     rows, results = [], {}
     for percent in map(int, args.budgets.split(",")):
         budget = expert_bytes * percent // 100
@@ -315,14 +326,25 @@ def main() -> int:
             if point:
                 planned[point[0]] = dict(base, model=str(amat), **point[1])
                 print(f"{percent}%: {point[0]}: {point[1]}", flush=True)
+                # its compute-only time: the same settings with everything resident (once per setting)
+                key = f"{point[0]}: {point[1]['precision']} {point[1]['high_threshold']}"
+                if key not in compute:
+                    compute[key] = run_row(dict(planned[point[0]], cache_budget=expert_bytes), None)
+                compute_of = {**compute, point[0]: compute[key]}
+            else:
+                compute_of = compute
         for name, config in {**configs, **planned, **stock}.items():
             cfg = dict(config, cache_budget=budget) if name in configs or name in planned else config
             r = run_row(cfg, limit, timeout=args.row_timeout)
+            if name in planned:   # what plan chose: the front takes its accuracy from the same computation
+                r["settings"] = {k: planned[name][k] for k in ("policy", "precision", "high_threshold")}
             results[(percent, name)] = r
+            write_json(results)   # row by row: a run cut short keeps what it measured
             if "error" in r:
                 rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", "failed: " + r["error"], "", "", "", "", "", ""])
+                print(" | ".join(rows[-1]), flush=True)
                 continue
-            ideal = max(compute[name].get("decode_ms", 0.0), r["read_per_token"] / bandwidth * 1000)
+            ideal = max(compute_of[name].get("decode_ms", 0.0), r["read_per_token"] / bandwidth * 1000)
             # the read path's own rate: the engine's bytes over the time it blocked on them
             io_rate = f"{r['engine_flash_per_token'] / r['io_ms'] / 1e6:.2f}" if r.get("io_ms") else "-"
             rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", f"{r['decode_ms']:.1f}", f"{r['ttft_ms']:.0f}",
@@ -349,15 +371,7 @@ def main() -> int:
     print(text)
     if args.output:
         args.output.write_text(text + "\n")
-    if args.json:
-        budgets = {}
-        for (percent, name), row in results.items():
-            budgets.setdefault(str(percent), {})[name] = row
-        args.json.write_text(json.dumps({
-            "machine": machine_line(), "model": info.get("architecture", "?"), "n_decode": shape["n_decode"],
-            "device_gb_s": device, "limits_mib": {str(p): (dense + expert_bytes * p // 100 + HEADROOM) / MiB
-                                                  for p in map(int, args.budgets.split(","))},
-            "compute_only": {**compute, **nocache}, "budgets": budgets}, indent=1) + "\n")
+    write_json(results)
     return 0
 
 

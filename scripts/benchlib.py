@@ -138,6 +138,20 @@ def perplexity(logprobs: list[np.ndarray], windows: list[list[int]], n_prompt: i
     return float(np.exp(nll / sum(len(w) - n_prompt for w in windows)))
 
 
+def dbsc_name(threshold: float) -> str:
+    """A dbsc + pcw row's name in the front's scripts: the default threshold has none."""
+    from slicemoe_gguf import defaults
+
+    return "dbsc + pcw" if threshold == defaults.HIGH_THRESHOLD else f"dbsc + pcw, threshold {threshold:g}"
+
+
+def same_computation(settings: dict) -> str:
+    """The row of the front that computes what dbsc with these settings computes: every use at 4
+    bits is lru4's model (a cache never changes what a fixed precision computes), else dbsc at the
+    threshold."""
+    return "lru4 + pcw" if settings["precision"] == "low" else dbsc_name(settings["high_threshold"])
+
+
 def plan_point(trace, budget: int, max_miss_rate: float) -> tuple[str, dict] | None:
     """`slicemoe plan`'s answer as a configuration of the front: (its row name, Model settings) of the
     dbsc deployment with the most 8-bit uses whose slice miss rate on `trace` meets `max_miss_rate` at

@@ -4,7 +4,9 @@ x is its decode time at full size under that limit (scripts/bench_side_by_side.p
 driven, page cache dropped, a memory cgroup per row) and whose y is its KL against fp32 on a trained
 model's held-out text (scripts/bench_front.py --json: the same encoding and policy, teacher-forced).
 The two scripts name a configuration alike ("lru8", "dbsc + pcw, threshold 0.5", "stock Q4_K_M
-(mmap)"); a stock file's accuracy is its whole file's, the same under every limit.
+(mmap)"); a stock file's accuracy is its whole file's, the same under every limit. `slicemoe plan`'s
+answer (bench_side_by_side.py --plan-miss-rate) is chosen on the speed run's trace and takes the
+accuracy of the configuration it chose (bench_front.py scores every threshold plan may choose).
 
 The issue's targets are checked on the points and printed with the tables:
 - at every limit, some dbsc point that no stock point beats on both axes (faster and more accurate);
@@ -53,8 +55,11 @@ class Point:
 
 def points_at(budget: str, speed: dict, accuracy: dict) -> list[Point]:
     points = []
+    scored_at = accuracy["budgets"].get(budget, {})
     for name, row in speed["budgets"][budget].items():
-        scored = accuracy["budgets"].get(budget, {}).get(name) or accuracy["files"].get(name) or {}
+        # plan's answer was chosen on the speed run's trace: its accuracy is that of the same settings
+        same = benchlib.same_computation(row["settings"]) if "settings" in row else name
+        scored = scored_at.get(same) or accuracy["files"].get(name) or {}
         points.append(Point(name, row.get("decode_ms"), scored.get("kl"), scored.get("top1"), row.get("error", "")))
     return points
 
