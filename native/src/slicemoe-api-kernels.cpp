@@ -48,9 +48,9 @@ void expert_product_tokens(slicemoe::kernel_id kernel, const void * msb, const v
     }
     // in tiles of rows, as the product op runs a ubatch (its work items)
     const int64_t stride = n_in / 32;
+    std::vector<float *> tile_outs(outs.size());
     for (int64_t first = 0; first < n_out; first += slicemoe::GROUP_ROWS) {
-        std::vector<float *> tile_outs(outs);
-        for (float *& out : tile_outs) out += first;
+        for (size_t t = 0; t < outs.size(); ++t) tile_outs[t] = outs[t] + first;
         slicemoe::rows_dot_tokens(kernel, static_cast<const slicemoe::q4_1_block *>(msb) + first * stride,
                                   lsb ? static_cast<const slicemoe::q4_1_block *>(lsb) + first * stride : nullptr, stride,
                                   xs.data(), int(n_tokens), std::min(slicemoe::GROUP_ROWS, n_out - first), tile_outs.data());

@@ -60,9 +60,9 @@ void rows_dot(kernel_id kernel, const q4_1_block * msb, const q4_1_block * lsb, 
 
 // The same rows against n_x activation vectors at once (a prompt batch's tokens that use this
 // expert): outs[t][r] = row r . xs[t]. The x86 kernels unpack each block once for up to
-// TOKENS_AT_ONCE vectors; every value equals what rows_dot computes for that vector alone. (8 with
-// AVX512's 32 vector registers: a 32-token ubatch of one expert in 1.17-1.18x ggml Q8_0's time on
-// Zen 4, against 1.24-1.28x with 4.)
+// TOKENS_AT_ONCE vectors; every value equals what rows_dot computes for that vector alone. (8: a
+// 32-token ubatch of one expert in 1.17-1.18x ggml Q8_0's time with AVX512-VNNI on Zen 4, against
+// 1.24-1.28x with 4; AVX2, with half the vector registers, still gained: 1.78x -> 1.55x.)
 constexpr int TOKENS_AT_ONCE = 8;
 // Rows of one expert per work item of a batch's product: the tile stays in the core's cache while
 // every token that uses it passes (32 x 2.5 KiB of 8-bit slices at n_in 2048).
