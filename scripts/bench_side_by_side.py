@@ -314,15 +314,16 @@ def main() -> int:
                                                   for p in map(int, args.budgets.split(","))},
             "compute_only": {**compute, **nocache}, "budgets": budgets}, indent=1) + "\n")
 
+    from slicemoe_gguf import trace as traces
+
+    route_trace = traces.read(trace_path) if args.plan_miss_rate is not None else None   # plan's input
     rows, results = [], {}
     for percent in map(int, args.budgets.split(",")):
         budget = expert_bytes * percent // 100
         limit = dense + budget + HEADROOM
         planned = {}
         if args.plan_miss_rate is not None:
-            from slicemoe_gguf import trace as traces
-
-            point = plan_point(traces.read(trace_path), budget, args.plan_miss_rate)
+            point = plan_point(route_trace, budget, args.plan_miss_rate)
             if point:
                 planned[point[0]] = dict(base, model=str(amat), **point[1])
                 print(f"{percent}%: {point[0]}: {point[1]}", flush=True)

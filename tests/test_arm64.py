@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, Server
+from helpers import REPO, Server, run_cli, run_json
 from slicemoe_gguf.embedded import embedded_gguf
 from slicemoe_gguf.model_info import describe
 
@@ -158,12 +158,6 @@ def _arm64_cli(arm64, workdir: Path, *args: str, cpu: str = "cortex-a76") -> str
     return proc.stdout
 
 
-def _run_here(*args: str) -> str:
-    proc = subprocess.run(["slicemoe", *args], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
 def _assert_counters_close(here: dict, there: dict, slice_bytes: int) -> None:
     for name in COUNTERS:
         slack = SLICE_SLACK * (slice_bytes if name == "flash_bytes" else 1)
@@ -181,7 +175,7 @@ def test_the_arm64_wheel_runs_on_debian_python_with_pypis_aarch64_dependencies(a
 def test_slicemoe_run_on_arm64_writes_this_machines_text_and_reads(arm64, tmp_path):
     model = embedded_gguf(progress=False)
     flags = ["-m", str(model), "-p", PROMPT, "-n", str(N_TOKENS), "--cache-budget", "50%", "--json"]
-    here = json.loads(_run_here("run", *flags))
+    here = run_json("run", *flags)
     there = json.loads(_arm64_cli(arm64, tmp_path, "run", *flags))
     assert there["tokens"] == here["tokens"] and there["text"] == here["text"]
     _assert_counters_close(here["cache"], there["cache"], describe(model)["msb_slice_bytes"])
@@ -191,7 +185,7 @@ def test_slicemoe_run_on_arm64_writes_this_machines_text_and_reads(arm64, tmp_pa
 def trace_here(tmp_path_factory):
     """A routing trace of the embedded model recorded on this machine."""
     path = tmp_path_factory.mktemp("trace") / "here.jsonl"
-    _run_here("trace", "-m", str(embedded_gguf(progress=False)), *TRACE_FLAGS, "-o", str(path))
+    run_cli("trace", "-m", str(embedded_gguf(progress=False)), *TRACE_FLAGS, "-o", str(path))
     return path
 
 
@@ -202,9 +196,9 @@ def test_a_trace_recorded_here_replays_on_arm64_to_the_same_counts_for_every_pol
     # which no CPU may change.
     flags = [str(trace_here), "--cache-budget", budget, "--json"]
     assert json.loads(_arm64_cli(arm64, tmp_path, "sim", *flags, "--policy", "optimal")) == \
-        json.loads(_run_here("sim", *flags, "--policy", "optimal"))
+        run_json("sim", *flags, "--policy", "optimal")
     for policy in ("dbsc", "cache_prior"):   # every counter, per layer; cache_prior re-picks the experts
-        here = json.loads(_run_here("sim", *flags, "--policy", policy))
+        here = run_json("sim", *flags, "--policy", policy)
         there = json.loads(_arm64_cli(arm64, tmp_path, "sim", *flags, "--policy", policy))
         assert there == here, policy
 
