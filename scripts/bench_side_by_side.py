@@ -47,6 +47,7 @@ BUDGETS = (25, 50, 75, 100)
 CONFIGS = {"lru8": {"policy": "lru8", "warmup": "none"}, "dbsc": {"policy": "dbsc", "warmup": "none"},
            "dbsc + pcw": {"policy": "dbsc", "warmup": "pcw"}, "hobbit + pcw": {"policy": "hobbit", "warmup": "pcw"},
            "lru4 + pcw": {"policy": "lru4", "warmup": "pcw"},
+           "dbsc + pcw, LSB in background": {"policy": "dbsc", "warmup": "pcw", "lsb_background": True},
            "dbsc + pcw + prefetch": {"policy": "dbsc", "warmup": "pcw", "prefetch": True}}
 HEADROOM = 768 << 20   # runtime, libraries, KV cache and compute buffers, the same for every row
 MiB = 1 << 20
@@ -112,8 +113,8 @@ def child(config: dict) -> dict:
     from slicemoe_gguf import Model, trace as traces
 
     route = traces.request_route(traces.read(config["trace"]))
-    kwargs = {k: config[k] for k in ("cache_budget", "policy", "warmup", "precision", "prefetch", "high_threshold")
-              if k in config}
+    kwargs = {k: config[k] for k in ("cache_budget", "policy", "warmup", "precision", "prefetch", "high_threshold",
+                                     "lsb_background") if k in config}
     t0 = time.perf_counter()
     with Model(config["model"], n_threads=config["threads"], forced_routes=True, n_ctx=512, **kwargs) as model:
         load_s = time.perf_counter() - t0

@@ -104,7 +104,8 @@ LAYER_FIELDS = ("layer", "msb_slots", "lsb_slots", "msb_hits", "msb_misses", "ls
 def set_cache_params(params, *, policy: str, precision: str, warmup: str, high_threshold: float,
                      max_miss_rate: float, msb_share: float, high_ratio: float, prior_lambda: float,
                      gating_t: float, layer_slots: list[int] | None,
-                     layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None):
+                     layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None,
+                     lsb_background: bool = False):
     """Fill a struct slicemoe_cache_params (a live cache's, params.cache of slicemoe_model_params, or a
     replay's); returns the per-layer arrays, which must stay alive until the native call has read them."""
     tables = {"policy": policies(), "precision": enum_values("slicemoe_precision"),
@@ -121,6 +122,7 @@ def set_cache_params(params, *, policy: str, precision: str, warmup: str, high_t
     params.high_ratio = high_ratio
     params.prior_lambda = prior_lambda
     params.gating_t = gating_t
+    params.lsb_background = bool(lsb_background)
     slots = ffi.new("int32_t[]", list(layer_slots)) if layer_slots else ffi.NULL
     params.layer_slots = slots
     params.n_layer_slots = len(layer_slots) if layer_slots else 0

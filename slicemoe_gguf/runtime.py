@@ -93,7 +93,8 @@ class Model:
                  gating_t: float = defaults.GATING_T, prefetch: bool = defaults.PREFETCH,
                  layer_slots: list[int] | None = None, io_mode: str = defaults.IO_MODE,
                  forced_routes: bool = False, layer_sensitivity: list[float] | None = None,
-                 layer_high_uses: list[int] | None = None, n_seq: int = 1):
+                 layer_high_uses: list[int] | None = None, n_seq: int = 1,
+                 lsb_background: bool = defaults.LSB_BACKGROUND):
         self.path = Path(path)
         io_modes = enum_values("slicemoe_io_mode")
         if io_mode not in io_modes:
@@ -111,7 +112,7 @@ class Model:
                                  high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
                                  high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
                                  layer_slots=layer_slots, layer_sensitivity=layer_sensitivity,
-                                 layer_high_uses=layer_high_uses)
+                                 layer_high_uses=layer_high_uses, lsb_background=lsb_background)
         self._model = NativeModel(self.path, params)
         del arrays   # what params pointed at, needed until the model is loaded
         try:

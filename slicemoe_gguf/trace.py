@@ -196,7 +196,8 @@ def replay(trace: Trace, *, budget: int, policy: str = defaults.POLICY, precisio
            max_miss_rate: float = defaults.MAX_MISS_RATE, msb_share: float = defaults.MSB_SHARE,
            high_ratio: float = defaults.HIGH_RATIO, gating_t: float = defaults.GATING_T,
            prior_lambda: float = defaults.PRIOR_LAMBDA, layer_slots: list[int] | None = None,
-           layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None) -> dict:
+           layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None,
+           lsb_background: bool = defaults.LSB_BACKGROUND) -> dict:
     """Drive the native cache manager with the trace (no compute) and return its counters, with the
     same names as `slicemoe run --json`'s `cache` object."""
     native = lib()
@@ -216,7 +217,7 @@ def replay(trace: Trace, *, budget: int, policy: str = defaults.POLICY, precisio
                              high_threshold=high_threshold, max_miss_rate=max_miss_rate, msb_share=msb_share,
                              high_ratio=high_ratio, prior_lambda=prior_lambda, gating_t=gating_t,
                              layer_slots=layer_slots, layer_sensitivity=layer_sensitivity,
-                             layer_high_uses=layer_high_uses)
+                             layer_high_uses=layer_high_uses, lsb_background=lsb_background)
     out = ffi.new("slicemoe_sim **")
     check(native.slicemoe_sim_create(ffi.new("struct slicemoe_sim_params *", params), out))
     sim = ffi.gc(out[0], native.slicemoe_sim_free)

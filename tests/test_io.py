@@ -110,6 +110,27 @@ def test_reads_overlapped_with_the_products_compute_what_reading_first_computes(
     assert slowed_stats["io_ms"] >= 3.0, "the products waited for the slowed reads"
 
 
+def test_lsb_slices_read_in_the_background_compute_the_same_whatever_the_reads_take(embedded, monkeypatch):
+    """lsb_background: a step never waits for an LSB slice (it runs the use at 4 bits and reads the
+    slice for the layer's next token), and what runs depends on the routing alone: reads held up
+    3 ms each give the same logits bit for bit and the same counters."""
+    budget = embedded.stat().st_size // 5
+
+    def decode():
+        with Model(embedded, cache_budget=budget, n_threads=2, lsb_background=True) as model:
+            result = model.generate(PROMPT, 24, keep_logits=True, stop_at_eog=False)
+            return result, model.cache_stats()
+
+    quick, quick_stats = decode()
+    monkeypatch.setenv("SLICEMOE_FAULT_READ_DELAY_MS", "3")
+    slowed, slowed_stats = decode()
+    assert quick_stats["lsb_misses"] == 0 and quick_stats["high_uses"] > 0
+    assert slowed.tokens == quick.tokens
+    assert np.array_equal(slowed.logits, quick.logits)
+    for name in COUNTERS:
+        assert slowed_stats[name] == quick_stats[name], name
+
+
 @pytest.mark.parametrize("policy", ["dbsc", "lru8", "hobbit", "adapmoe"])
 def test_the_step_as_an_op_of_the_graph_computes_what_the_callbacks_step_computes(embedded, policy, monkeypatch):
     """With SLICEMOE_GRAPH_STEP=1 a decode step on CPU pools runs inside the graph (an op on the
@@ -133,23 +154,25 @@ def test_the_step_as_an_op_of_the_graph_computes_what_the_callbacks_step_compute
 
 
 @pytest.mark.parametrize("after", [1, 4, 7, 13])
-@pytest.mark.parametrize("reads", ["first", "in-graph step", pytest.param("overlapped", marks=pytest.mark.slow),
+@pytest.mark.parametrize("reads", ["first", "in-graph step", "LSB in the background",
+                                   pytest.param("overlapped", marks=pytest.mark.slow),
                                    pytest.param("overlapped and slow", marks=pytest.mark.slow)])
 def test_a_read_failing_inside_a_batch_leaves_no_slot_half_filled(embedded, after, reads, monkeypatch):
     """Reads fail from the `after`-th on, in the middle of a step's batch (read first, or while the
-    products wait for them): the decode stops with an I/O error, the slots whose reads failed are
-    empty (not resident with stale bytes), so the next request computes exactly what a fresh model
-    does."""
+    products wait for them, or LSB slices read for a later token): the decode stops with an I/O
+    error, the slots whose reads failed are empty (not resident with stale bytes), so the next
+    request computes exactly what a fresh model does."""
     if reads == "in-graph step":
         monkeypatch.setenv("SLICEMOE_GRAPH_STEP", "1")
     elif reads != "first":
         monkeypatch.setenv("SLICEMOE_OVERLAP", "1")
     if reads == "overlapped and slow":
         monkeypatch.setenv("SLICEMOE_FAULT_READ_DELAY_MS", "3")
+    settings = {"lsb_background": reads == "LSB in the background"}
     budget = embedded.stat().st_size // 5
-    with Model(embedded, cache_budget=budget, n_threads=2) as fresh:
+    with Model(embedded, cache_budget=budget, n_threads=2, **settings) as fresh:
         reference = fresh.generate(PROMPT, 16, stop_at_eog=False).tokens
-    with Model(embedded, cache_budget=budget, n_threads=2) as model:
+    with Model(embedded, cache_budget=budget, n_threads=2, **settings) as model:
         model.generate("JULIET.\nO Romeo, Romeo", 8, stop_at_eog=False)   # a full cache, another request
         model.fail_reads_after(after)
         with pytest.raises(SliceMoEError, match="failed: Input/output error") as excinfo:

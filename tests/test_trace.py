@@ -48,6 +48,26 @@ def test_a_live_run_replayed_gives_the_same_counters(sliced, policy, warmup, fra
     assert replayed["pool_bytes"] == live["pool_bytes"]
 
 
+@pytest.mark.parametrize("fraction", [0.3, 0.5])
+def test_lsb_slices_read_in_the_background_replay_to_the_same_decisions(sliced, fraction):
+    """lsb_background: an 8-bit use whose LSB slice is not resident runs at 4 bits and the slice is
+    read for the layer's next token. Which uses that demotes depends only on the routing, so a replay
+    counts exactly what the live run did, and no use ever waited for an LSB slice (no LSB miss)."""
+    budget = int(slice_total(sliced) * fraction)
+    with Model(sliced, cache_budget=budget, lsb_background=True, record_trace=True) as model:
+        for prompt in (PROMPT, "the fish and the sea and the stars"):
+            model.generate(prompt, 24, stop_at_eog=False)
+        live = model.cache_stats()
+        trace = model.routing_trace()
+    waiting = traces.replay(trace, budget=budget)
+    replayed = traces.replay(trace, budget=budget, lsb_background=True)
+    for name in COUNTERS:
+        assert replayed[name] == live[name], name
+    assert replayed["layers"]["loads"] == live["layers"]["loads"]
+    assert live["lsb_misses"] == 0 and waiting["lsb_misses"] > 0
+    assert 0 < live["high_uses"] < waiting["high_uses"]   # the slices read behind serve later tokens
+
+
 def test_trace_file_round_trips_and_sim_reports_the_run_counters(sliced, tmp_path):
     path = tmp_path / "t.jsonl"
     proc = run_cli("trace", "-m", str(sliced), "-p", PROMPT, "-n", "16", "--ignore-eos", "-o", str(path))

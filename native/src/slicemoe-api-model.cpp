@@ -48,6 +48,7 @@ slicemoe_cache_params slicemoe_cache_default_params(void) {
     p.high_ratio     = 0.0f;
     p.prior_lambda   = 0.5f;
     p.gating_t       = 0.04f;
+    p.lsb_background = false;
     return p;   // no per-layer arrays
 }
 

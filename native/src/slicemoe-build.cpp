@@ -109,12 +109,16 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->top_k = int(model->hparams.n_expert_used_max());
     set_policy(*c, policy_params::of(params.cache), int(moe.size()));
     c->warmup = params.cache.warmup;
+    c->lsb_background = params.cache.lsb_background;
     c->record = params.record_trace;
     c->prefetch = params.prefetch;
     const char * overlap = std::getenv("SLICEMOE_OVERLAP");
     c->overlap = overlap && std::strcmp(overlap, "1") == 0;
     const char * graph_step = std::getenv("SLICEMOE_GRAPH_STEP");
     c->graph_step = graph_step && std::strcmp(graph_step, "1") == 0;
+    if (const char * chunk_kib = std::getenv("SLICEMOE_READ_CHUNK_KIB")) {
+        c->read_chunk = std::max<int64_t>(4, std::atoll(chunk_kib)) * 1024;
+    }
     c->budget = params.cache.budget_bytes;
 
     gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ nullptr };

@@ -69,7 +69,19 @@ struct pending_load {
     int                  expert = -1, slot = -1;
     std::vector<uint8_t> staging[N_PROJ];   // for a pool in device memory: uploaded after the read
     bool                 cached = false;    // read through the page cache (slice_read::cached): PCW's warm-up
+    bool                 background = false;// lsb_background: read for the layer's next step, not waited for
+    int32_t              first_read[N_PROJ] = {};   // in the step's batch: projection j's slice is the reads
+    int32_t              n_reads[N_PROJ] = {};      // [first_read[j], first_read[j] + n_reads[j]) (chunks)
 };
+
+// A slice is read in chunks of at most this many bytes, in the order the products use them: with
+// reads overlapped, a product computes an expert's first rows once their chunk has landed, and a
+// few chunks in flight at a time land in order. (fio on this machine's disk, random O_DIRECT reads:
+// 512 KiB at queue depth 1 gave 1.16 GB/s, at 2 1.10, at 8 1.05; 1 MiB at 8 1.00, 256 KiB at 1
+// 0.65.) A multiple of 4 KiB, so that chunks of an aligned slice stay aligned for O_DIRECT.
+constexpr int64_t READ_CHUNK = 512 * 1024;
+// A step's chunks in flight at once when the products wait for them read by read (overlapped reads).
+constexpr size_t OVERLAPPED_IN_FLIGHT = 2;
 
 struct layer {
     int                  index = 0;           // among the MoE layers
@@ -89,6 +101,11 @@ struct layer {
     std::shared_ptr<read_batch> ahead;        // look-ahead reads into this layer, on the reader threads
     std::vector<std::pair<int, int>> ahead_slots;   // their (expert, slot), in the order of the reads
     std::vector<char>    prefetched;          // per expert: MSB slice loaded ahead, not used yet
+    // lsb_background: LSB slices a step left to be read while the token goes on, for the layer's
+    // next step (joined with the prefetches, before anything else touches the layer)
+    std::shared_ptr<read_batch> lsb_reads;
+    std::vector<pending_load> lsb_loads;
+    std::vector<char>    lsb_loading;         // per expert: its LSB slot is being filled (not usable yet)
     // CPU pools: the current step's misses, read while the fused products compute what is resident
     std::unique_ptr<product_ready[]> ready;   // [N_PROJ]: what each projection's product waits for
     std::shared_ptr<read_batch> step_reads;   // in flight until join_step_reads (nullptr: none)
@@ -159,6 +176,7 @@ struct cache {
     int32_t              request = 0;
     std::vector<route>   trace;
     bool                 prefetch = false;
+    bool                 lsb_background = false;   // slicemoe_cache_params.lsb_background
     // SLICEMOE_OVERLAP=1: a step's misses are read while the fused products compute the resident uses
     // (CPU pools, every product of the layer fused). Off by default: on the 2-core machine it was
     // measured on (scripts/bench_overlap.py, full-size OLMoE at 50%), it saved no blocked time and
@@ -178,6 +196,8 @@ struct cache {
     bool                 failed = false;
     std::string          error;
     int64_t              reads_left = -1;     // failure injection for tests; -1 = off
+    int64_t              read_chunk = READ_CHUNK;   // SLICEMOE_READ_CHUNK_KIB: smaller, for tests whose
+                                                    // slices are smaller than one chunk
     bool                 mapped = false;      // the model's expert tensors are mapped from the file
     bool                 prompt_seen = false; // a prompt batch ran since the last release
     std::thread          releaser;            // release_mapped after a prompt, off the decode's path
@@ -252,6 +272,9 @@ bool flush_loads(cache & c, layer * deferred = nullptr, const int32_t * ids = nu
 // The deferred reads of layer L's step, after the products that waited for them (the end of the
 // ubatch): as flush_loads's result.
 bool join_step_reads(cache & c, layer & L);
+// lsb_background: until the LSB slices the layer's last step left to be read have landed. A failed
+// read leaves its slot empty (the use misses again next time); nothing computed used it.
+void join_lsb_reads(cache & c, layer & L);
 // Empty slot s of pool p (with an MSB slice, its LSB slice goes too).
 void evict(cache & c, layer & L, pool & p, int slot);
 // The slot to replace for the current step (-1 if none): an empty one first, never one the step
@@ -289,7 +312,8 @@ void release_mapped_in_background(cache & c);
 // ---- look-ahead prefetch (slicemoe-prefetch.cpp) ----
 // Load the predicted experts' MSB slices into L's pool on the reader threads.
 void start_prefetch(cache & c, layer & L, const std::vector<int> & predicted);
-// Wait for L's look-ahead reads; a slot whose read failed is emptied.
+// Wait for every read into L that no step waited for: its look-ahead reads and its background LSB
+// reads (join_lsb_reads); a slot whose read failed is emptied.
 void join_prefetch(cache & c, layer & L);
 
 } // namespace slicemoe

@@ -190,6 +190,7 @@ void slice_reader::claim_and_run(const std::shared_ptr<read_batch> & b, std::uni
                            std::find_if(threads_.begin(), threads_.end(), [](const std::thread & t) {
                                return t.get_id() == std::this_thread::get_id();
                            }) == threads_.end();
+    b->in_flight += 1;
     lock.unlock();
     std::string error;
     const int64_t started = timeline_path_.empty() ? 0 : now_ns();
@@ -205,15 +206,25 @@ void slice_reader::claim_and_run(const std::shared_ptr<read_batch> & b, std::uni
         if (b->first_error.empty()) b->first_error = error;
     }
     b->state[i].store(ok ? 1 : 2, std::memory_order_release);
+    b->in_flight -= 1;
     if (++b->finished == b->reads.size()) done_.notify_all();
+    if (b->max_in_flight > 0 && b->next < b->reads.size()) wake_.notify_one();   // its next read may go
+}
+
+std::shared_ptr<read_batch> slice_reader::claimable() const {
+    for (const std::shared_ptr<read_batch> & b : queue_) {
+        if (b->max_in_flight == 0 || b->in_flight < b->max_in_flight) return b;
+        if (b->urgent) return nullptr;   // compute waits for its reads: nothing behind it shares the device
+    }
+    return nullptr;
 }
 
 void slice_reader::worker() {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-        wake_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-        if (queue_.empty()) return;   // stopping, with nothing left to read
-        const std::shared_ptr<read_batch> b = queue_.front();
+        std::shared_ptr<read_batch> b;
+        wake_.wait(lock, [&] { return (b = claimable()) != nullptr || (stop_ && queue_.empty()); });
+        if (!b) return;   // stopping, with nothing left to read
         claim_and_run(b, lock);
     }
 }
@@ -245,13 +256,14 @@ bool slice_reader::read(const std::vector<slice_read> & reads, std::vector<char>
     return true;
 }
 
-std::shared_ptr<read_batch> slice_reader::submit(std::vector<slice_read> reads, bool urgent) {
+std::shared_ptr<read_batch> slice_reader::submit(std::vector<slice_read> reads, bool urgent, size_t max_in_flight) {
     if (reads.empty()) return nullptr;
     auto b = std::make_shared<read_batch>();
     b->failed.assign(reads.size(), 0);
     b->state.reset(new std::atomic<uint8_t>[reads.size()]());
     b->reads = std::move(reads);
     b->urgent = urgent;
+    b->max_in_flight = max_in_flight;
     std::lock_guard<std::mutex> lock(mutex_);
     stamp(*b);
     if (urgent) {
@@ -262,7 +274,8 @@ std::shared_ptr<read_batch> slice_reader::submit(std::vector<slice_read> reads, 
     } else {
         queue_.push_back(b);
     }
-    const size_t readers = std::min(b->reads.size(), threads_.size());
+    size_t readers = std::min(b->reads.size(), threads_.size());
+    if (max_in_flight > 0) readers = std::min(readers, max_in_flight);
     for (size_t k = 0; k < readers; ++k) wake_.notify_one();
     return b;
 }

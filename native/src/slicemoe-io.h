@@ -55,6 +55,10 @@ struct read_batch {
                                                      // a compute that waits for one read at a time)
     size_t                  next = 0;      // the next read to claim
     size_t                  finished = 0;
+    size_t                  in_flight = 0;     // claimed, not finished
+    size_t                  max_in_flight = 0; // readers at once on this batch (0: every reader); a
+                                               // batch that compute waits for read by read keeps
+                                               // few in flight, so that its reads land in order
     std::string             first_error;
     bool                    urgent = false;   // a step's misses (compute waits): ahead of prefetches
     int64_t                 id = 0;           // in submission order, for the read timeline
@@ -86,8 +90,9 @@ public:
     bool read(const std::vector<slice_read> & reads, std::vector<char> * failed, std::string * error);
     // A batch the reader threads read while the caller goes on; it waits for it later (wait()), or
     // for one read at a time (read_batch::state). urgent: a step's misses, ahead of every look-ahead
-    // prefetch; else behind every batch queued. nullptr for an empty batch.
-    std::shared_ptr<read_batch> submit(std::vector<slice_read> reads, bool urgent = false);
+    // prefetch; else behind every batch queued. max_in_flight: at most that many of its reads at once
+    // (0: no limit), claimed in order. nullptr for an empty batch.
+    std::shared_ptr<read_batch> submit(std::vector<slice_read> reads, bool urgent = false, size_t max_in_flight = 0);
     // Until every read of a submitted batch is done (reading what no reader took yet); false with
     // *error when any failed.
     bool wait(const std::shared_ptr<read_batch> & batch, std::string * error);
@@ -108,6 +113,8 @@ private:
     // Under mutex_: claim the next read of b (taking b off the queue with its last read), run it
     // unlocked, record the result.
     void claim_and_run(const std::shared_ptr<read_batch> & b, std::unique_lock<std::mutex> & lock);
+    // Under mutex_: the first queued batch a reader thread may claim a read of now (nullptr: none).
+    std::shared_ptr<read_batch> claimable() const;
     // Under mutex_: number the batch and stamp its submission (for the timeline).
     void stamp(read_batch & b);
     int64_t now_ns() const;

@@ -3,6 +3,7 @@
 
 #include "slicemoe-engine.h"
 
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <vector>
@@ -77,23 +78,16 @@ namespace {
 // activation swiglu_split(gate, up) is visited source by source, so gate runs first, then up, then down.
 constexpr int RUN_ORDER[N_PROJ] = { 1, 0, 2 };
 
-// Where the read of projection `proj` of load `load` is in a batch of `n_loads` loads' reads (reads_of).
-size_t read_index(size_t load, int proj, size_t n_loads) {
-    int position = 0;
-    while (RUN_ORDER[position] != proj) ++position;
-    return size_t(position) * n_loads + load;
-}
-
-// The reads of the queued slices, into their slots (or a staging buffer for a device pool). Projection
-// by projection in the order the layer's products run (RUN_ORDER), each in the loads' order: the
+// The reads of the queued slices, into their slots (or a staging buffer for a device pool), each
+// slice in chunks (READ_CHUNK); q.first_read and q.n_reads say which reads are whose. Projection by
+// projection in the order the layer's products run (RUN_ORDER), each in the loads' order: the
 // readers claim a batch's reads in order, so with the step not waited for (defer_loads) the slices
 // the first product needs land first, and the next product's are read while it computes.
 std::vector<slice_read> reads_of(cache & c, std::vector<pending_load> & loads) {
-    std::vector<slice_read> reads(loads.size() * N_PROJ);
+    std::vector<slice_read> reads;
     for (int position = 0; position < N_PROJ; ++position) {
         const int j = RUN_ORDER[position];
-        for (size_t i = 0; i < loads.size(); ++i) {
-            pending_load & q = loads[i];
+        for (pending_load & q : loads) {
             ggml_tensor * t = q.p->t[j];
             uint8_t * dst = nullptr;
             if (ggml_backend_buffer_is_host(t->buffer)) {
@@ -111,7 +105,16 @@ std::vector<slice_read> reads_of(cache & c, std::vector<pending_load> & loads) {
                 r.mapped = static_cast<const uint8_t *>(model_tensor->data) + size_t(q.expert) * model_tensor->nb[2];
             }
             if (c.reads_left > 0) --c.reads_left;
-            reads[read_index(i, j, loads.size())] = r;
+            q.first_read[j] = int32_t(reads.size());
+            for (size_t done = 0; done < r.bytes || done == 0; done += size_t(c.read_chunk)) {
+                slice_read chunk = r;
+                chunk.offset += int64_t(done);
+                chunk.bytes = std::min(r.bytes - done, size_t(c.read_chunk));
+                chunk.dst += done;
+                if (chunk.mapped) chunk.mapped += done;
+                reads.push_back(chunk);
+            }
+            q.n_reads[j] = int32_t(reads.size()) - q.first_read[j];
         }
     }
     return reads;
@@ -119,13 +122,16 @@ std::vector<slice_read> reads_of(cache & c, std::vector<pending_load> & loads) {
 
 // The loads' reads are done (failed[i] per read): a slice that failed leaves its slot empty, never
 // half-filled; the others are uploaded where they were staged. false (c.failed, c.error) on a failure.
+// report = false (reads nothing computed has waited for): a failure only empties its slot.
 bool land_loads(cache & c, std::vector<pending_load> & loads, const std::vector<char> & failed, bool ok,
-                const std::string & error) {
+                const std::string & error, bool report = true) {
     int first_failed = -1;
     for (size_t i = 0; i < loads.size(); ++i) {
         pending_load & q = loads[i];
         bool bad = false;
-        for (int j = 0; j < N_PROJ; ++j) bad = bad || failed[read_index(i, j, loads.size())];
+        for (int j = 0; j < N_PROJ; ++j) {
+            for (int32_t r = q.first_read[j]; r < q.first_read[j] + q.n_reads[j]; ++r) bad = bad || failed[size_t(r)];
+        }
         if (bad) {
             if (first_failed < 0) first_failed = int(i);
             if (q.p->slot_expert[q.slot] == q.expert) {
@@ -140,7 +146,7 @@ bool land_loads(cache & c, std::vector<pending_load> & loads, const std::vector<
             }
         }
     }
-    if (!ok && !c.failed) {
+    if (!ok && report && !c.failed) {
         const pending_load & q = loads[size_t(std::max(first_failed, 0))];
         c.failed = true;
         c.error = "reading expert " + std::to_string(q.expert) + " of layer " + std::to_string(q.L->il) +
@@ -155,22 +161,27 @@ bool land_loads(cache & c, std::vector<pending_load> & loads, const std::vector<
 void defer_loads(cache & c, layer & L, const int32_t * ids, int k) {
     L.step_loads = std::move(c.pending);
     c.pending.clear();
-    L.step_reads = c.io->submit(reads_of(c, L.step_loads), /*urgent*/ true);
+    L.step_reads = c.io->submit(reads_of(c, L.step_loads), /*urgent*/ true, OVERLAPPED_IN_FLIGHT);
     for (int j = 0; j < N_PROJ; ++j) {
         product_ready & ready = L.ready[j];
         ready.msb_read.assign(size_t(L.msb.n_slots), -1);
         ready.lsb_read.assign(size_t(std::max(L.lsb.n_slots, L.shared_slots ? L.msb.n_slots : 0)), -1);
-        for (size_t i = 0; i < L.step_loads.size(); ++i) {
-            const pending_load & q = L.step_loads[i];
-            (q.p == &L.msb ? ready.msb_read : ready.lsb_read)[size_t(q.slot)] = int32_t(read_index(i, j, L.step_loads.size()));
+        for (const pending_load & q : L.step_loads) {
+            (q.p == &L.msb ? ready.msb_read : ready.lsb_read)[size_t(q.slot)] = q.first_read[j];
         }
-        // one token: its uses whose MSB slice is resident first
+        ready.chunk_bytes = c.read_chunk;
+        // one token: its uses whose slices are all resident first (at 8 bits a use waits for its LSB
+        // slice too, the usual miss where every MSB slice fits)
         ready.order.clear();
         for (int pass = 0; ids && pass < 2; ++pass) {
             for (int r = 0; r < k; ++r) {
                 const int e = ids[r];
-                const int slot = e >= 0 && e < c.n_expert ? L.msb.expert_slot[size_t(e)] : -1;
-                const bool pending = slot >= 0 && ready.msb_read[size_t(slot)] >= 0;
+                const bool known = e >= 0 && e < c.n_expert;
+                const int slot = known ? L.msb.expert_slot[size_t(e)] : -1;
+                const int slot_lsb = known && size_t(e) < L.lsb.expert_slot.size() ? L.lsb.expert_slot[size_t(e)] : -1;
+                const bool pending = (slot >= 0 && ready.msb_read[size_t(slot)] >= 0) ||
+                                     (slot_lsb >= 0 && size_t(slot_lsb) < ready.lsb_read.size() &&
+                                      ready.lsb_read[size_t(slot_lsb)] >= 0);
                 if (pending == (pass == 1)) ready.order.push_back(r);
             }
         }
@@ -184,6 +195,14 @@ void defer_loads(cache & c, layer & L, const int32_t * ids, int k) {
 bool flush_loads(cache & c, layer * deferred, const int32_t * ids, int k) {
     for (const auto & [p, slot] : c.claims) p->claimed[slot] = 0;
     c.claims.clear();
+    const auto background = std::stable_partition(c.pending.begin(), c.pending.end(),
+                                                  [](const pending_load & q) { return !q.background; });
+    if (background != c.pending.end()) {   // one layer's step: read behind every step's misses
+        layer & L = *background->L;
+        L.lsb_loads.assign(std::make_move_iterator(background), std::make_move_iterator(c.pending.end()));
+        c.pending.erase(background, c.pending.end());
+        L.lsb_reads = c.io->submit(reads_of(c, L.lsb_loads));
+    }
     if (c.pending.empty()) return true;
     if (deferred) {
         defer_loads(c, *deferred, ids, k);
@@ -225,6 +244,22 @@ bool join_step_reads(cache & c, layer & L) {
     const std::vector<char> failed = L.step_reads->failed;
     L.step_reads.reset();
     return land_loads(c, L.step_loads, failed, ok, error);
+}
+
+void join_lsb_reads(cache & c, layer & L) {
+    if (L.lsb_reads) {
+        std::string error;
+        const auto t0 = std::chrono::steady_clock::now();
+        const bool ok = c.io->wait(L.lsb_reads, &error);
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        c.totals.io_ms += ms;   // blocked only where a whole token was not time enough to read them
+        L.stats.io_ms += ms;
+        const std::vector<char> failed = L.lsb_reads->failed;
+        L.lsb_reads.reset();
+        land_loads(c, L.lsb_loads, failed, ok, error, /*report*/ false);
+    }
+    L.lsb_loads.clear();
+    std::fill(L.lsb_loading.begin(), L.lsb_loading.end(), 0);
 }
 
 void evict(cache & c, layer & L, pool & p, int slot) {

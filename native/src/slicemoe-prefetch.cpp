@@ -56,6 +56,7 @@ void start_prefetch(cache & c, layer & L, const std::vector<int> & predicted) {
 }
 
 void join_prefetch(cache & c, layer & L) {
+    join_lsb_reads(c, L);
     if (!L.ahead) return;
     std::string error;
     if (!c.io->wait(L.ahead, &error)) {

@@ -26,23 +26,30 @@ int32_t id_at(const ggml_tensor * ids, int64_t use, int64_t token) {
     return *reinterpret_cast<const int32_t *>(static_cast<const char *>(ids->data) + use * ids->nb[0] + token * ids->nb[1]);
 }
 
-// Until the read of a slot has landed (true) or failed (false); a resident slot is ready at once.
-// The wait sleeps in short steps: the reader threads need the cores' time to finish the reads (a
-// spinning wait took it from them), and a slice read takes hundreds of microseconds.
-bool wait_for_slot(const product_ready * ready, const std::vector<int32_t> & read_of, int32_t slot, int64_t * waited_ns) {
+// Until the reads of rows [first, last) of a slot (row_bytes each) have landed (true) or one failed
+// (false); a resident slot is ready at once. The wait sleeps in short steps: the reader threads need
+// the cores' time to finish the reads (a spinning wait took it from them), and a chunk read takes
+// hundreds of microseconds.
+bool wait_for_rows(const product_ready * ready, const std::vector<int32_t> & read_of, int32_t slot, int64_t first,
+                   int64_t last, size_t row_bytes, int64_t * waited_ns) {
     if (!ready || !ready->pending() || slot < 0 || size_t(slot) >= read_of.size() || read_of[size_t(slot)] < 0) {
         return true;
     }
-    const std::atomic<uint8_t> & state = ready->state[read_of[size_t(slot)]];
-    uint8_t now = state.load(std::memory_order_acquire);
-    if (now == 0) {
-        const auto t0 = std::chrono::steady_clock::now();
-        while ((now = state.load(std::memory_order_acquire)) == 0) {
-            std::this_thread::sleep_for(std::chrono::microseconds(20));
+    const int64_t first_chunk = first * int64_t(row_bytes) / ready->chunk_bytes;
+    const int64_t last_chunk = (last * int64_t(row_bytes) - 1) / ready->chunk_bytes;
+    for (int64_t chunk = first_chunk; chunk <= last_chunk; ++chunk) {
+        const std::atomic<uint8_t> & state = ready->state[read_of[size_t(slot)] + chunk];
+        uint8_t now = state.load(std::memory_order_acquire);
+        if (now == 0) {
+            const auto t0 = std::chrono::steady_clock::now();
+            while ((now = state.load(std::memory_order_acquire)) == 0) {
+                std::this_thread::sleep_for(std::chrono::microseconds(20));
+            }
+            *waited_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
         }
-        *waited_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+        if (now != 1) return false;
     }
-    return now == 1;
+    return true;
 }
 
 // The rows [begin, end) of dst; *quantized says which activations act holds (-1: none yet).
@@ -65,8 +72,9 @@ void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin,
         float * out = reinterpret_cast<float *>(const_cast<char *>(row_of(dst, use, token)));
         const int32_t slot = id_at(ids, use, token);
         const int32_t slot_lsb = slot < 0 || !ids_lsb ? -1 : id_at(ids_lsb, use, token);
-        if (slot >= 0 && ready && !(wait_for_slot(ready, ready->msb_read, slot, waited_ns) &&
-                                    wait_for_slot(ready, ready->lsb_read, slot_lsb, waited_ns))) {
+        if (slot >= 0 && ready && !(wait_for_rows(ready, ready->msb_read, slot, first, last, w->nb[1], waited_ns) &&
+                                    (!w_lsb || wait_for_rows(ready, ready->lsb_read, slot_lsb, first, last, w_lsb->nb[1],
+                                                             waited_ns)))) {
             std::memset(out + first, 0, size_t(last - first) * sizeof(float));   // the ubatch fails
             continue;
         }
@@ -125,8 +133,10 @@ void product_group_rows(ggml_tensor * dst, const product_ready * ready, const st
     const int64_t chunks_per_group = (n_out + GROUP_ROWS - 1) / GROUP_ROWS;
     const use_group & group = groups[size_t(item / chunks_per_group)];
     const int64_t first = item % chunks_per_group * GROUP_ROWS, last = std::min(n_out, first + GROUP_ROWS);
-    const bool usable = group.slot >= 0 && (!ready || (wait_for_slot(ready, ready->msb_read, group.slot, waited_ns) &&
-                                                       wait_for_slot(ready, ready->lsb_read, group.slot_lsb, waited_ns)));
+    const bool usable = group.slot >= 0 &&
+                        (!ready || (wait_for_rows(ready, ready->msb_read, group.slot, first, last, w->nb[1], waited_ns) &&
+                                    (!w_lsb || wait_for_rows(ready, ready->lsb_read, group.slot_lsb, first, last,
+                                                             w_lsb->nb[1], waited_ns))));
     const auto * msb = usable ? reinterpret_cast<const q4_1_block *>(row_of(w, first, group.slot)) : nullptr;
     const auto * lsb = usable && group.slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, first, group.slot_lsb))
                                                      : nullptr;

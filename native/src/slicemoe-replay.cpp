@@ -22,6 +22,7 @@ cache * sim_create(const slicemoe_sim_params & p, std::string * error) {
     c->n_expert = p.n_expert;
     c->top_k = p.top_k;
     c->warmup = p.cache.warmup;
+    c->lsb_background = p.cache.lsb_background;
     set_policy(*c, policy_params::of(p.cache), p.n_layers);
     c->budget = p.cache.budget_bytes;
     std::vector<slice_sizes> sizes(size_t(p.n_layers), slice_sizes{ size_t(p.msb_bytes), size_t(p.lsb_bytes) });

@@ -83,6 +83,8 @@ bool serve_step(cache & c, layer & L, int64_t n_tokens, const int32_t * ids, int
     if (!join_step_reads(c, L)) {   // normally joined at the end of the last ubatch already
         return false;
     }
+    join_lsb_reads(c, L);   // normally joined with the prefetches already (replay reads nothing)
+    L.lsb_loading.assign(size_t(c.n_expert), 0);
     if (L.warm_pending) {
         warm_up(c, L);
         if (c.failed) return false;
@@ -164,7 +166,21 @@ bool serve_step(cache & c, layer & L, int64_t n_tokens, const int32_t * ids, int
             const int e = id(tok, r);
             bool high = wants_high(c, L, r, weight(tok, r), e, msb_hit[use]);
             bool hit = false;
-            if (high && L.lsb.n_slots > 0) {
+            const bool later = high && L.lsb.n_slots > 0 && c.lsb_background &&
+                               (L.lsb_loading[size_t(e)] || L.lsb.expert_slot[size_t(e)] < 0);
+            if (later) {
+                // runs at 4 bits now; the slice is read while the token goes on, for the next one
+                if (!L.lsb_loading[size_t(e)] && ensure(c, L, L.lsb, e, &hit)) {
+                    L.lsb_loading[size_t(e)] = 1;
+                    if (!c.pending.empty() && c.pending.back().p == &L.lsb && c.pending.back().expert == e) {
+                        c.pending.back().background = true;
+                    }
+                } else if (c.failed) {
+                    abandon_loads(c);
+                    return false;
+                }
+                high = false;
+            } else if (high && L.lsb.n_slots > 0) {
                 if (ensure(c, L, L.lsb, e, &hit)) {
                     count_use(c, L, L.lsb, e, hit);
                     lsb_map[e] = L.lsb.expert_slot[e];
