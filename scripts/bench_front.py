@@ -11,7 +11,8 @@ against the fp32 model, on held-out text of a trained checkpoint.
   slice alone and MSB + LSB), so encodings are compared without the dense tensors or the engine.
 - Whole files through the engine, teacher-forced: the stock files as users run them, and the AMAT
   file (searched grid, dense q8_0: the converter's defaults) all-resident at 4 and 8 bits and under
-  a RAM budget of 25/50/75/100% of its expert bytes with lru4, lru8 and dbsc at its thresholds (--thresholds).
+  a RAM budget of 25/50/75/100% of its expert bytes with lru4, lru8, dbsc at its thresholds (--thresholds)
+  and dbsc with its LSB misses read in the background (--lsb-background).
   Budgeted rows also give the slice reads per token (the flash traffic a device would see).
 - The same slices with the dense tensors of a stock file (`--dense-type q4_k_m` and `q5_k_m`: llama.cpp's
   own mix for them), whole files all resident at 4 and 8 bits and dbsc at 50%: what a sliced file
@@ -41,6 +42,7 @@ STOCK = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 BUDGETS = (25, 50, 75, 100)
 THRESHOLDS = (0.1, 0.25, 0.5)
 DENSE_MIXES = ("q4_k_m", "q5_k_m")
+BACKGROUND = "dbsc + pcw + LSB in background"   # --lsb-background, as bench_side_by_side.py names it
 
 
 def convert(checkpoint: Path, out: Path, *args: str) -> Path:
@@ -178,6 +180,8 @@ def main() -> int:
                                                       key=("budgets", str(b), benchlib.dbsc_name(threshold)),
                                                       cache_budget=budget, policy="dbsc", warmup="pcw",
                                                       high_threshold=threshold)])
+        budget_rows.append([f"{b}%", *engine_row(BACKGROUND, sliced, key=("budgets", str(b), BACKGROUND),
+                                                  cache_budget=budget, policy="dbsc", warmup="pcw", lsb_background=True)])
     for mix, path in mixed.items():
         budget_rows.append(["50%", *engine_row(f"dbsc + pcw, dense {mix.upper()}", path,
                                                key=("budgets", "50", f"dbsc + pcw, dense {mix.upper()}"),

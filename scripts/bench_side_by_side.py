@@ -47,7 +47,7 @@ BUDGETS = (25, 50, 75, 100)
 CONFIGS = {"lru8": {"policy": "lru8", "warmup": "none"}, "dbsc": {"policy": "dbsc", "warmup": "none"},
            "dbsc + pcw": {"policy": "dbsc", "warmup": "pcw"}, "hobbit + pcw": {"policy": "hobbit", "warmup": "pcw"},
            "lru4 + pcw": {"policy": "lru4", "warmup": "pcw"},
-           "dbsc + pcw, LSB in background": {"policy": "dbsc", "warmup": "pcw", "lsb_background": True},
+           "dbsc + pcw + LSB in background": {"policy": "dbsc", "warmup": "pcw", "lsb_background": True},
            "dbsc + pcw + prefetch": {"policy": "dbsc", "warmup": "pcw", "prefetch": True}}
 HEADROOM = 768 << 20   # runtime, libraries, KV cache and compute buffers, the same for every row
 MiB = 1 << 20
@@ -322,7 +322,7 @@ def main() -> int:
     for percent in map(int, args.budgets.split(",")):
         budget = expert_bytes * percent // 100
         limit = dense + budget + HEADROOM
-        planned = {}
+        planned, compute_of = {}, compute
         if args.plan_miss_rate is not None:
             point = plan_point(route_trace, budget, args.plan_miss_rate)
             if point:
@@ -333,8 +333,6 @@ def main() -> int:
                 if key not in compute:
                     compute[key] = run_row(dict(planned[point[0]], cache_budget=expert_bytes), None)
                 compute_of = {**compute, point[0]: compute[key]}
-            else:
-                compute_of = compute
         for name, config in {**configs, **planned, **stock}.items():
             cfg = dict(config, cache_budget=budget) if name in configs or name in planned else config
             r = run_row(cfg, limit, timeout=args.row_timeout)

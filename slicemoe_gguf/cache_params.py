@@ -103,9 +103,8 @@ LAYER_FIELDS = ("layer", "msb_slots", "lsb_slots", "msb_hits", "msb_misses", "ls
 
 def set_cache_params(params, *, policy: str, precision: str, warmup: str, high_threshold: float,
                      max_miss_rate: float, msb_share: float, high_ratio: float, prior_lambda: float,
-                     gating_t: float, layer_slots: list[int] | None,
-                     layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None,
-                     lsb_background: bool = False):
+                     gating_t: float, lsb_background: bool, layer_slots: list[int] | None,
+                     layer_sensitivity: list[float] | None = None, layer_high_uses: list[int] | None = None):
     """Fill a struct slicemoe_cache_params (a live cache's, params.cache of slicemoe_model_params, or a
     replay's); returns the per-layer arrays, which must stay alive until the native call has read them."""
     tables = {"policy": policies(), "precision": enum_values("slicemoe_precision"),
