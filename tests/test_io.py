@@ -92,12 +92,14 @@ def _decode(path, budget: int):
 @pytest.mark.slow
 def test_reads_overlapped_with_the_products_compute_what_reading_first_computes(embedded, monkeypatch):
     """With SLICEMOE_OVERLAP=1 a step's misses are read while the fused products compute the uses
-    whose slices are resident, each product waiting for the slots it reads: the logits and every
-    counter are those of reading every miss before the products run (the default), with reads held
-    up 3 ms each too (the products then wait)."""
+    whose slices are resident, each product waiting for the chunks of the rows it computes (4 KiB
+    chunks here, so that the embedded model's slices come in two): the logits and every counter are
+    those of reading every miss before the products run (the default), with reads held up 3 ms each
+    too (the products then wait)."""
     budget = embedded.stat().st_size // 5
     first, first_stats = _decode(embedded, budget)
     monkeypatch.setenv("SLICEMOE_OVERLAP", "1")
+    monkeypatch.setenv("SLICEMOE_READ_CHUNK_KIB", "4")
     overlapped, overlapped_stats = _decode(embedded, budget)
     monkeypatch.setenv("SLICEMOE_FAULT_READ_DELAY_MS", "3")
     slowed, slowed_stats = _decode(embedded, budget)
@@ -164,8 +166,9 @@ def test_a_read_failing_inside_a_batch_leaves_no_slot_half_filled(embedded, afte
     request computes exactly what a fresh model does."""
     if reads == "in-graph step":
         monkeypatch.setenv("SLICEMOE_GRAPH_STEP", "1")
-    elif reads != "first":
+    elif reads.startswith("overlapped"):
         monkeypatch.setenv("SLICEMOE_OVERLAP", "1")
+        monkeypatch.setenv("SLICEMOE_READ_CHUNK_KIB", "4")   # a slice in two chunks: one may fail alone
     if reads == "overlapped and slow":
         monkeypatch.setenv("SLICEMOE_FAULT_READ_DELAY_MS", "3")
     settings = {"lsb_background": reads == "LSB in the background"}

@@ -179,8 +179,8 @@ struct cache {
     bool                 lsb_background = false;   // slicemoe_cache_params.lsb_background
     // SLICEMOE_OVERLAP=1: a step's misses are read while the fused products compute the resident uses
     // (CPU pools, every product of the layer fused). Off by default: on the 2-core machine it was
-    // measured on (scripts/bench_overlap.py, full-size OLMoE at 50%), it saved no blocked time and
-    // decode ran at 0.91-1.10x the time of reading first (docs/design.md), readers and products sharing two cores.
+    // measured on (scripts/bench_overlap.py, full-size OLMoE at 50%), decode ran at 0.91-1.20x the
+    // time of reading first (docs/design.md): a layer's resident products hide little of its reads.
     bool                 overlap = false;
     // SLICEMOE_GRAPH_STEP=1: a decode step on CPU pools runs as an op of the graph (graph_step), so a
     // token is one graph run, without a stop per MoE layer for the eval callback
