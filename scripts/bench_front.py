@@ -42,7 +42,6 @@ STOCK = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 BUDGETS = (25, 50, 75, 100)
 THRESHOLDS = (0.1, 0.25, 0.5)
 DENSE_MIXES = ("q4_k_m", "q5_k_m")
-BACKGROUND = "dbsc + pcw + LSB in background"   # --lsb-background, as bench_side_by_side.py names it
 
 
 def convert(checkpoint: Path, out: Path, *args: str) -> Path:
@@ -180,8 +179,9 @@ def main() -> int:
                                                       key=("budgets", str(b), benchlib.dbsc_name(threshold)),
                                                       cache_budget=budget, policy="dbsc", warmup="pcw",
                                                       high_threshold=threshold)])
-        budget_rows.append([f"{b}%", *engine_row(BACKGROUND, sliced, key=("budgets", str(b), BACKGROUND),
-                                                  cache_budget=budget, policy="dbsc", warmup="pcw", lsb_background=True)])
+        budget_rows.append([f"{b}%", *engine_row(benchlib.BACKGROUND, sliced,
+                                                  key=("budgets", str(b), benchlib.BACKGROUND), cache_budget=budget,
+                                                  policy="dbsc", warmup="pcw", lsb_background=True)])
     for mix, path in mixed.items():
         budget_rows.append(["50%", *engine_row(f"dbsc + pcw, dense {mix.upper()}", path,
                                                key=("budgets", "50", f"dbsc + pcw, dense {mix.upper()}"),

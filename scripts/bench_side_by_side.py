@@ -38,7 +38,7 @@ import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
-from benchlib import dbsc_name, drop_page_cache, llama_quantize, machine_line, markdown_table, plan_point  # noqa: E402
+from benchlib import BACKGROUND, dbsc_name, drop_page_cache, llama_quantize, machine_line, markdown_table, plan_point  # noqa: E402
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 BUDGETS = (25, 50, 75, 100)
@@ -47,7 +47,7 @@ BUDGETS = (25, 50, 75, 100)
 CONFIGS = {"lru8": {"policy": "lru8", "warmup": "none"}, "dbsc": {"policy": "dbsc", "warmup": "none"},
            "dbsc + pcw": {"policy": "dbsc", "warmup": "pcw"}, "hobbit + pcw": {"policy": "hobbit", "warmup": "pcw"},
            "lru4 + pcw": {"policy": "lru4", "warmup": "pcw"},
-           "dbsc + pcw + LSB in background": {"policy": "dbsc", "warmup": "pcw", "lsb_background": True},
+           BACKGROUND: {"policy": "dbsc", "warmup": "pcw", "lsb_background": True},
            "dbsc + pcw + prefetch": {"policy": "dbsc", "warmup": "pcw", "prefetch": True}}
 HEADROOM = 768 << 20   # runtime, libraries, KV cache and compute buffers, the same for every row
 MiB = 1 << 20

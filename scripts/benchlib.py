@@ -138,6 +138,10 @@ def perplexity(logprobs: list[np.ndarray], windows: list[list[int]], n_prompt: i
     return float(np.exp(nll / sum(len(w) - n_prompt for w in windows)))
 
 
+# dbsc + pcw with --lsb-background: the name the side-by-side and the front give the configuration
+BACKGROUND = "dbsc + pcw + LSB in background"
+
+
 def dbsc_name(threshold: float) -> str:
     """A dbsc + pcw row's name in the front's scripts: the default threshold has none."""
     from slicemoe_gguf import defaults

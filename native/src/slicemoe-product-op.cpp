@@ -72,9 +72,9 @@ void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin,
         float * out = reinterpret_cast<float *>(const_cast<char *>(row_of(dst, use, token)));
         const int32_t slot = id_at(ids, use, token);
         const int32_t slot_lsb = slot < 0 || !ids_lsb ? -1 : id_at(ids_lsb, use, token);
+        // (the two slices of an expert have one type and shape: one row size for both)
         if (slot >= 0 && ready && !(wait_for_rows(ready, ready->msb_read, slot, first, last, w->nb[1], waited_ns) &&
-                                    (!w_lsb || wait_for_rows(ready, ready->lsb_read, slot_lsb, first, last, w_lsb->nb[1],
-                                                             waited_ns)))) {
+                                    wait_for_rows(ready, ready->lsb_read, slot_lsb, first, last, w->nb[1], waited_ns))) {
             std::memset(out + first, 0, size_t(last - first) * sizeof(float));   // the ubatch fails
             continue;
         }
@@ -135,8 +135,7 @@ void product_group_rows(ggml_tensor * dst, const product_ready * ready, const st
     const int64_t first = item % chunks_per_group * GROUP_ROWS, last = std::min(n_out, first + GROUP_ROWS);
     const bool usable = group.slot >= 0 &&
                         (!ready || (wait_for_rows(ready, ready->msb_read, group.slot, first, last, w->nb[1], waited_ns) &&
-                                    (!w_lsb || wait_for_rows(ready, ready->lsb_read, group.slot_lsb, first, last,
-                                                             w_lsb->nb[1], waited_ns))));
+                                    wait_for_rows(ready, ready->lsb_read, group.slot_lsb, first, last, w->nb[1], waited_ns)));
     const auto * msb = usable ? reinterpret_cast<const q4_1_block *>(row_of(w, first, group.slot)) : nullptr;
     const auto * lsb = usable && group.slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, first, group.slot_lsb))
                                                      : nullptr;

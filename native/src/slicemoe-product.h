@@ -76,7 +76,7 @@ void rows_dot_tokens(kernel_id kernel, const q4_1_block * msb, const q4_1_block 
 // compute only the read states change.
 struct product_ready {
     const std::atomic<uint8_t> * state = nullptr;   // per read: 0 in flight, 1 landed, 2 failed
-    std::vector<int32_t> msb_read, lsb_read;         // per slot: the first read of its slice, or -1 (resident);
+    std::vector<int32_t> msb_read, lsb_read;         // per slot: the first read of its slice, or -1 (resident)
     int64_t chunk_bytes = 0;                         // the slice's reads are its chunks of this many bytes
     std::vector<int32_t> order;                      // one token: its uses, resident first (empty: in order)
     std::atomic<int64_t> waited_ns{0};               // the longest a thread of the op waited
