@@ -87,9 +87,10 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None
                        help="adapmoe: drop a use after the first when its routing weight < sqrt(T) "
                             f"(default {d.GATING_T}, i.e. weights below {d.GATING_T ** 0.5:g}; 0 = never, exactly lru8)")
     cache.add_argument("--lsb-background", action="store_true", default=d.LSB_BACKGROUND,
-                       help="an 8-bit use whose LSB slice is not resident runs at 4 bits, and the slice is read "
-                            "while the token goes on, for the layer's next token: no decode step waits for a read "
-                            "that only refines precision (off by default: the use loses its 8 bits once)")
+                       help="an 8-bit use whose MSB slice is resident and whose LSB slice is not runs at 4 bits, "
+                            "and the LSB slice is read while the token goes on, for the layer's next token: no "
+                            "decode step waits for a read that only refines precision (a use that waits for its "
+                            "MSB slice reads both; off by default: the use loses its 8 bits once)")
     cache.add_argument("--layer-slots", type=_int_list, metavar="N,N,...",
                        help="whole-expert policies: slots per MoE layer (slicemoe plan --per-layer finds them); "
                             "default: an equal share of the budget")

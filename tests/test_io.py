@@ -113,9 +113,10 @@ def test_reads_overlapped_with_the_products_compute_what_reading_first_computes(
 
 
 def test_lsb_slices_read_in_the_background_compute_the_same_whatever_the_reads_take(embedded, monkeypatch):
-    """lsb_background: a step never waits for an LSB slice (it runs the use at 4 bits and reads the
-    slice for the layer's next token), and what runs depends on the routing alone: reads held up
-    3 ms each give the same logits bit for bit and the same counters."""
+    """lsb_background: a step never waits for an LSB slice alone (with the MSB slice resident it runs
+    the use at 4 bits and reads the LSB slice for the layer's next token), and what runs depends on
+    the routing alone: reads held up 3 ms each give the same logits bit for bit and the same
+    counters."""
     budget = embedded.stat().st_size // 5
 
     def decode():
@@ -126,7 +127,7 @@ def test_lsb_slices_read_in_the_background_compute_the_same_whatever_the_reads_t
     quick, quick_stats = decode()
     monkeypatch.setenv("SLICEMOE_FAULT_READ_DELAY_MS", "3")
     slowed, slowed_stats = decode()
-    assert quick_stats["lsb_misses"] == 0 and quick_stats["high_uses"] > 0
+    assert quick_stats["lsb_misses"] <= quick_stats["msb_misses"] and quick_stats["high_uses"] > 0
     assert slowed.tokens == quick.tokens
     assert np.array_equal(slowed.logits, quick.logits)
     for name in COUNTERS:

@@ -50,9 +50,10 @@ def test_a_live_run_replayed_gives_the_same_counters(sliced, policy, warmup, fra
 
 @pytest.mark.parametrize("fraction", [0.3, 0.5])
 def test_lsb_slices_read_in_the_background_replay_to_the_same_decisions(sliced, fraction):
-    """lsb_background: an 8-bit use whose LSB slice is not resident runs at 4 bits and the slice is
-    read for the layer's next token. Which uses that demotes depends only on the routing, so a replay
-    counts exactly what the live run did, and no use ever waited for an LSB slice (no LSB miss)."""
+    """lsb_background: an 8-bit use whose MSB slice is resident and whose LSB slice is not runs at 4
+    bits, and the LSB slice is read for the layer's next token; a use that waits for its MSB slice
+    anyway reads its LSB slice with it. Which uses that demotes depends only on the routing, so a
+    replay counts exactly what the live run did, and every LSB miss comes with an MSB miss."""
     budget = int(slice_total(sliced) * fraction)
     with Model(sliced, cache_budget=budget, lsb_background=True, record_trace=True) as model:
         for prompt in (PROMPT, "the fish and the sea and the stars"):
@@ -64,7 +65,7 @@ def test_lsb_slices_read_in_the_background_replay_to_the_same_decisions(sliced, 
     for name in COUNTERS:
         assert replayed[name] == live[name], name
     assert replayed["layers"]["loads"] == live["layers"]["loads"]
-    assert live["lsb_misses"] == 0 and waiting["lsb_misses"] > 0
+    assert live["lsb_misses"] <= live["msb_misses"] and live["lsb_misses"] < waiting["lsb_misses"]
     assert 0 < live["high_uses"] < waiting["high_uses"]   # the slices read behind serve later tokens
 
 

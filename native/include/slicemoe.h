@@ -166,9 +166,10 @@ struct slicemoe_cache_params {
     int32_t n_layer_sensitivity;
     const int32_t * layer_high_uses;
     int32_t n_layer_high_uses;
-    // An 8-bit use whose LSB slice is not resident runs at 4 bits, and the slice is read in the
-    // background for the layer's next token (which finds it resident): no decode step waits for a
-    // read that only refines precision. Replay makes the same decisions.
+    // An 8-bit use whose MSB slice is resident and whose LSB slice is not runs at 4 bits, and the
+    // LSB slice is read in the background for the layer's next token (which finds it resident): no
+    // decode step waits for a read that only refines precision. A use that waits for its MSB slice
+    // anyway reads its LSB slice with it. Replay makes the same decisions.
     bool    lsb_background;
 };
 

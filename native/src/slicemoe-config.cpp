@@ -75,7 +75,7 @@ const setting_def SETTINGS[] = {
       "adapmoe: a use after the first is dropped when its weight is below sqrt(T / S_l) (T a squared weight)",
       nullptr, FIELD(cache.gating_t) },
     { "lsb_background", "--lsb-background", SLICEMOE_SETTING_FLAG,   0.0f, 0.0f, false,
-      "an 8-bit use whose LSB slice misses runs at 4 bits while the slice is read for the next token",
+      "an 8-bit use whose MSB slice hits and LSB slice misses runs at 4 bits while the LSB slice is read for the next token",
       nullptr, FIELD(cache.lsb_background) },
     { "prefetch",       "--prefetch",       SLICEMOE_SETTING_FLAG,   0.0f, 0.0f, false,
       "load the next layer's predicted experts while this one computes", nullptr, FIELD(prefetch) },

@@ -166,8 +166,10 @@ bool serve_step(cache & c, layer & L, int64_t n_tokens, const int32_t * ids, int
             const int e = id(tok, r);
             bool high = wants_high(c, L, r, weight(tok, r), e, msb_hit[use]);
             bool hit = false;
+            // A use whose MSB slice missed waits for this expert's read anyway: its LSB slice joins
+            // that read. Only a use that could run at once is left at 4 bits.
             const bool later = high && L.lsb.n_slots > 0 && c.lsb_background &&
-                               (L.lsb_loading[size_t(e)] || L.lsb.expert_slot[size_t(e)] < 0);
+                               (L.lsb_loading[size_t(e)] || (msb_hit[use] && L.lsb.expert_slot[size_t(e)] < 0));
             if (later) {
                 // runs at 4 bits now; the slice is read while the token goes on, for the next one
                 if (!L.lsb_loading[size_t(e)] && ensure(c, L, L.lsb, e, &hit)) {
