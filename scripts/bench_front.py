@@ -119,11 +119,13 @@ def main() -> int:
     scores: dict = {"model": name, "windows": len(windows), "scored_tokens": args.length - args.prompt,
                     "machine": benchlib.machine_line(), "files": {}, "budgets": {}}
 
-    def score(logprobs, key: tuple | None = None) -> list[str]:
+    def score(logprobs, key: tuple | None = None, stats: dict | None = None) -> list[str]:
         a = benchlib.agreement(reference, logprobs, windows, args.prompt)
         if key:   # (section, [budget,] configuration as bench_side_by_side.py names it)
             section = scores[key[0]] if len(key) == 2 else scores[key[0]].setdefault(key[1], {})
             section[key[-1]] = {"kl": float(a["kl"]), "top1": float(a["top1"])}
+            if stats:   # the share the side-by-side's --match-shares runs the same configuration at
+                section[key[-1]]["high_share"] = stats["high_uses"] / max(stats["high_uses"] + stats["low_uses"], 1)
         return [f"{a['kl']:.2e}", f"{100 * a['top1']:.2f}%"]
 
     experts_rows = []
@@ -145,7 +147,7 @@ def main() -> int:
 
     def engine_row(label: str, path: Path, key: tuple | None = None, **kwargs) -> list[str]:
         run = benchlib.engine_run(path, windows, args.prompt, threads=args.threads, **kwargs)
-        row = [label, *score(run.logprobs, key), f"{run.ms_per_token:.2f}"]
+        row = [label, *score(run.logprobs, key, run.stats), f"{run.ms_per_token:.2f}"]
         if kwargs.get("precision") == "high" and not eight_bit:
             eight_bit.extend(run.logprobs)
         if eight_bit and kwargs.get("cache_budget"):

@@ -38,7 +38,8 @@ import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
-from benchlib import BACKGROUND, dbsc_name, drop_page_cache, llama_quantize, machine_line, markdown_table, plan_point  # noqa: E402
+from benchlib import (BACKGROUND, dbsc_name, drop_page_cache, llama_quantize, machine_line, markdown_table,  # noqa: E402
+                      plan_point, threshold_for_share)
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 BUDGETS = (25, 50, 75, 100)
@@ -214,6 +215,17 @@ def targets(results: dict, compute: dict, nocache: dict, device: dict) -> str:
               f"{ms(compute.get('lru8')) / ms(nocache['AMAT, no cache, high']):.2f} (target <= 1.05)"]
     return "\n".join(lines)
 
+def high_uses(row: dict) -> str:
+    """The share of decode uses a row ran at 8 bits, with the share it was matched to (and the
+    threshold that gave it) under --match-shares."""
+    if row.get("high_share") is None:
+        return "-"
+    text = f"{100 * row['high_share']:.0f}%"
+    if "accuracy_high_share" in row:
+        text += f" (accuracy model {100 * row['accuracy_high_share']:.0f}%, threshold {row['high_threshold']:.3g})"
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -239,6 +251,12 @@ def main() -> int:
     parser.add_argument("--plan-miss-rate", type=float,
                         help="also `slicemoe plan`'s answer at each budget for this slice miss rate (a dbsc threshold "
                              "chosen on this run's trace), for the accuracy-speed front")
+    parser.add_argument("--match-shares", type=Path, metavar="FRONT_JSON",
+                        help="run each dbsc configuration at the share of 8-bit uses it had on the accuracy model "
+                             "(bench_front.py --json), at the threshold that gives that share on this run's trace "
+                             "under each budget: a threshold is a routing weight, and the widened trace's weights are "
+                             "m times smaller than its top-k/m source's, so the same threshold runs fewer uses at 8 "
+                             "bits here than where the accuracy was measured")
     parser.add_argument("--row-timeout", type=float, default=3600.0,
                         help="seconds a row under a limit may take before it is reported as over that (default 3600)")
     args = parser.parse_args()
@@ -317,12 +335,14 @@ def main() -> int:
 
     from slicemoe_gguf import trace as traces
 
-    route_trace = traces.read(trace_path) if args.plan_miss_rate is not None else None   # plan's input
+    # the input of plan and of the share matching
+    route_trace = traces.read(trace_path) if args.plan_miss_rate is not None or args.match_shares else None
+    shares = json.loads(args.match_shares.read_text())["budgets"] if args.match_shares else {}
     rows, results = [], {}
     for percent in map(int, args.budgets.split(",")):
         budget = expert_bytes * percent // 100
         limit = dense + budget + HEADROOM
-        planned, compute_of = {}, compute
+        planned, compute_of = {}, dict(compute)
         if args.plan_miss_rate is not None:
             point = plan_point(route_trace, budget, args.plan_miss_rate)
             if point:
@@ -332,16 +352,34 @@ def main() -> int:
                 key = f"{point[0]}: {point[1]['precision']} {point[1]['high_threshold']}"
                 if key not in compute:
                     compute[key] = run_row(dict(planned[point[0]], cache_budget=expert_bytes), None)
-                compute_of = {**compute, point[0]: compute[key]}
+                compute_of[point[0]] = compute[key]
+        matched = {}   # dbsc configurations at the accuracy model's share of 8-bit uses under this budget
+        for name, config in configs.items():
+            share = shares.get(str(percent), {}).get(name, {}).get("high_share")
+            if config.get("policy") != "dbsc" or share is None:
+                continue
+            threshold, reached = threshold_for_share(route_trace, budget, share,
+                                                     lsb_background=config.get("lsb_background", False))
+            matched[name] = dict(config, high_threshold=threshold)
+            print(f"{percent}%: {name}: threshold {threshold:.4g} runs {100 * reached:.1f}% of uses at 8 bits "
+                  f"on this trace ({100 * share:.1f}% on the accuracy model)", flush=True)
+            key = f"{name}: threshold {threshold:.4g}"
+            if key not in compute:
+                compute[key] = run_row(dict(matched[name], cache_budget=expert_bytes), None)
+            compute_of[name] = compute[key]
         for name, config in {**configs, **planned, **stock}.items():
+            config = matched.get(name, config)
             cfg = dict(config, cache_budget=budget) if name in configs or name in planned else config
             r = run_row(cfg, limit, timeout=args.row_timeout)
             if name in planned:   # what plan chose: the front takes its accuracy from the same computation
                 r["settings"] = {k: planned[name][k] for k in ("policy", "precision", "high_threshold")}
+            if name in matched:
+                r["high_threshold"] = config["high_threshold"]
+                r["accuracy_high_share"] = shares[str(percent)][name]["high_share"]
             results[(percent, name)] = r
             write_json(results)   # row by row: a run cut short keeps what it measured
             if "error" in r:
-                rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", "failed: " + r["error"], "", "", "", "", "", ""])
+                rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", "failed: " + r["error"], *[""] * 7])
                 print(" | ".join(rows[-1]), flush=True)
                 continue
             ideal = max(compute_of[name].get("decode_ms", 0.0), r["read_per_token"] / bandwidth * 1000)
@@ -350,7 +388,7 @@ def main() -> int:
             rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", f"{r['decode_ms']:.1f}", f"{r['ttft_ms']:.0f}",
                          f"{r['read_per_token'] / 1e6:.1f}",
                          f"{r['read_per_token'] / max(r['decode_ms'], 1e-9) / 1e6:.2f}", io_rate,
-                         f"{ideal:.1f}", f"{r['decode_ms'] / max(ideal, 1e-9):.2f}x"])
+                         f"{ideal:.1f}", f"{r['decode_ms'] / max(ideal, 1e-9):.2f}x", high_uses(r)])
             print(" | ".join(rows[-1]), flush=True)
 
     lines = [f"Machine: {machine_line()}. Model: {info.get('architecture', '?')} full shape, "
@@ -365,7 +403,8 @@ def main() -> int:
              "Compute-only (everything resident, warm; ms/token): " +
              ", ".join(f"{k} {v.get('decode_ms', float('nan')):.1f}" for k, v in {**compute, **nocache}.items()), "",
              markdown_table(["budget", "configuration", "RAM limit MiB", "decode ms/token", "TTFT ms",
-                             "flash MB/token", "read GB/s", "read path GB/s", "limit ms/token", "vs limit"], rows),
+                             "flash MB/token", "read GB/s", "read path GB/s", "limit ms/token", "vs limit",
+                             "8-bit uses"], rows),
              "", targets(results, compute, nocache, device)]
     text = "\n".join(lines)
     print(text)

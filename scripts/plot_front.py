@@ -8,6 +8,9 @@ The two scripts name a configuration alike ("lru8", "dbsc + pcw, threshold 0.5",
 answer (bench_side_by_side.py --plan-miss-rate) is chosen on the speed run's trace and takes the
 accuracy of the configuration it chose (bench_front.py scores every threshold plan may choose).
 
+A dbsc point's two runs should use their 8-bit slices alike: the table gives the share of uses at 8
+bits in each (bench_side_by_side.py --match-shares runs the speed side at the accuracy side's share).
+
 The issue's targets are checked on the points and printed with the tables:
 - at every limit, some dbsc point that no stock point beats on both axes (faster and more accurate);
 - at 25% and 50%, a dbsc point with KL at most stock Q5_K_M's that is faster than every stock file
@@ -36,6 +39,7 @@ class Point:
     kl: float | None        # None: no accuracy measured for this configuration
     top1: float | None
     error: str = ""
+    shares: tuple = (None, None)   # the share of uses at 8 bits in the speed run and in the accuracy run
 
     @property
     def stock(self) -> bool:
@@ -60,7 +64,8 @@ def points_at(budget: str, speed: dict, accuracy: dict) -> list[Point]:
         # plan's answer was chosen on the speed run's trace: its accuracy is that of the same settings
         same = benchlib.same_computation(row["settings"]) if "settings" in row else name
         scored = scored_at.get(same) or accuracy["files"].get(name) or {}
-        points.append(Point(name, row.get("decode_ms"), scored.get("kl"), scored.get("top1"), row.get("error", "")))
+        points.append(Point(name, row.get("decode_ms"), scored.get("kl"), scored.get("top1"), row.get("error", ""),
+                            (row.get("high_share"), scored.get("high_share"))))
     return points
 
 
@@ -97,8 +102,10 @@ def table(points: list[Point]) -> str:
         rows.append([p.name, f"{p.ms:.1f}" if p.ms is not None else f"- ({p.error})",
                      f"{p.kl:.2e}" if p.kl is not None else "-", f"{100 * p.top1:.2f}%" if p.top1 is not None else "-",
                      "on the front" if p.kl is not None and p.ms is not None and not beaten_by else
-                     ("beaten by " + ", ".join(beaten_by) if beaten_by else "-")])
-    return benchlib.markdown_table(["configuration", "decode ms/token", "KL (nats)", "top-1", "front"], rows)
+                     ("beaten by " + ", ".join(beaten_by) if beaten_by else "-"),
+                     " / ".join("-" if share is None else f"{100 * share:.0f}%" for share in p.shares)])
+    return benchlib.markdown_table(["configuration", "decode ms/token", "KL (nats)", "top-1", "front",
+                                    "8-bit uses (speed / accuracy run)"], rows)
 
 
 def plot(path: Path, budget: str, limit_mib: float, points: list[Point]) -> None:
