@@ -57,12 +57,24 @@ class Point:
         return self.ms <= other_ms and self.kl <= other.kl and (self.ms < other_ms or self.kl < other.kl)
 
 
+def nearest_share(row: dict, scored_at: dict) -> str | None:
+    """The plain dbsc row of the accuracy run whose share of 8-bit uses is nearest the speed row's,
+    where both runs recorded shares: plan's threshold was chosen on the speed trace, whose routing
+    weights are on another scale than the accuracy model's (see bench_side_by_side.py --match-shares)."""
+    if row.get("high_share") is None or row["settings"]["precision"] == "low":
+        return None
+    candidates = {name: scored["high_share"] for name, scored in scored_at.items()
+                  if (name == "dbsc + pcw" or name.startswith("dbsc + pcw, threshold ")) and "high_share" in scored}
+    return min(candidates, key=lambda name: abs(candidates[name] - row["high_share"]), default=None)
+
+
 def points_at(budget: str, speed: dict, accuracy: dict) -> list[Point]:
     points = []
     scored_at = accuracy["budgets"].get(budget, {})
     for name, row in speed["budgets"][budget].items():
-        # plan's answer was chosen on the speed run's trace: its accuracy is that of the same settings
-        same = benchlib.same_computation(row["settings"]) if "settings" in row else name
+        # plan's answer was chosen on the speed run's trace: its accuracy is that of the same
+        # computation, at the nearest share of 8-bit uses where the runs recorded shares
+        same = (nearest_share(row, scored_at) or benchlib.same_computation(row["settings"])) if "settings" in row else name
         scored = scored_at.get(same) or accuracy["files"].get(name) or {}
         points.append(Point(name, row.get("decode_ms"), scored.get("kl"), scored.get("top1"), row.get("error", ""),
                             (row.get("high_share"), scored.get("high_share"))))
