@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import run_cli, run_json
+from helpers import _load_script, run_cli, run_json
 
 from slicemoe_gguf import Model, trace as traces
 from slicemoe_gguf.memory import routed_expert_bytes
@@ -67,6 +67,26 @@ def test_lsb_slices_read_in_the_background_replay_to_the_same_decisions(sliced, 
     assert replayed["layers"]["loads"] == live["layers"]["loads"]
     assert live["lsb_misses"] <= live["msb_misses"] and live["lsb_misses"] < waiting["lsb_misses"]
     assert 0 < live["high_uses"] < waiting["high_uses"]   # the slices read behind serve later tokens
+
+
+def test_the_threshold_found_for_a_share_of_8_bit_uses_gives_that_share_in_a_replay(sliced):
+    """The accuracy-speed front runs each dbsc configuration at one share of 8-bit uses on both of
+    its models, because a threshold is a routing weight whose scale depends on the model's top-k:
+    the threshold found for a share gives that share when the trace is replayed, and a larger share
+    takes a lower threshold."""
+    benchlib = _load_script("benchlib")
+    budget = int(slice_total(sliced) * 0.5)
+    with Model(sliced, cache_budget=budget, record_trace=True) as model:
+        model.generate(PROMPT, 32, stop_at_eog=False)
+        trace = model.routing_trace()
+    found = {}
+    for share in (0.6, 0.8):
+        threshold, reached = benchlib.threshold_for_share(trace, budget, share)
+        stats = traces.replay(trace, budget=budget, high_threshold=threshold)
+        assert stats["high_uses"] / (stats["high_uses"] + stats["low_uses"]) == pytest.approx(reached)
+        assert reached == pytest.approx(share, abs=0.05)
+        found[share] = threshold
+    assert found[0.8] < found[0.6]
 
 
 def test_trace_file_round_trips_and_sim_reports_the_run_counters(sliced, tmp_path):
