@@ -321,6 +321,54 @@ for budget in ({slices // 2}, {slices}):   # the first run also pages in the lib
     assert every < slices // 10      # from the pools: the file's expert pages stay out
 
 
+@pytest.mark.parametrize("policy,precision,fraction,most", [("lru8", "high", 0.9, 0.5), ("lru4", "low", 0.3, 0.6),
+                                                              ("dbsc", "auto", 0.5, 0.85)])
+def test_a_later_prompt_reads_the_slices_the_pools_hold_from_the_pools(tmp_path, policy, precision, fraction, most):
+    """Pools that hold some of a prompt's slices serve those, and only the rest streams through the
+    file's mapping: after a first request has filled the pools, the same prompt again maps in a
+    fraction of the expert pages the first one did (which found the pools empty) and computes its
+    logits bit for bit; at a fixed precision those are a model's without a cache."""
+    import subprocess
+    import sys
+
+    from slicemoe_gguf.embedded import embedded_gguf
+
+    path = embedded_gguf(progress=False)
+    slices = describe(path)["expert_msb_bytes"] + describe(path)["expert_lsb_bytes"]
+    code = f"""
+import re, time
+import numpy as np
+from slicemoe_gguf import Model
+def rss_file():
+    return int(re.search(r'RssFile:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024
+prompt = 'ROMEO: But soft, what light through yonder window breaks? ' * 4
+with Model({str(path)!r}, n_threads=2, precision={'low' if precision == 'low' else 'high'!r}) as plain:
+    plain.eval(plain.tokenize(prompt))
+    fixed = plain.logits().copy()
+with Model({str(path)!r}, cache_budget={int(slices * fraction)}, policy={policy!r}, precision={precision!r},
+           n_threads=2) as model:
+    tokens = model.tokenize(prompt)
+    before = rss_file()
+    model.eval(tokens)
+    first = rss_file() - before
+    expected = model.logits().copy()
+    for _ in range(24):
+        model.eval([int(np.argmax(model.logits()))])
+    model.reset()
+    time.sleep(0.2)   # the first request's mapped pages are handed back on a background thread
+    before = rss_file()
+    model.eval(tokens)
+    print(first, rss_file() - before, int(np.array_equal(model.logits(), expected)),
+          int(np.array_equal(expected, fixed)))
+"""
+    first, second, same, as_fixed = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                            text=True, check=True, cwd=tmp_path).stdout.split())
+    assert first > (slices // 4 if precision == "low" else slices // 2)   # the first streams its experts
+    assert second < most * first
+    assert same
+    assert as_fixed or precision == "auto"   # (auto: compared with its own first prompt only)
+
+
 def test_lookahead_prefetch_changes_no_result_and_accounts_its_bytes(sliced):
     path = sliced("qwen2_moe")
     budget = budgets(path, "high")["50%"]

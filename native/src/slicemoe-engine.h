@@ -114,6 +114,9 @@ struct layer {
     std::vector<float>   probs;               // router probabilities of the current decode token
     std::vector<double>  prompt_score;        // recency-weighted prompt routing, for PCW
     bool                 warm_pending = false;
+    // the layer's last prompt graph reads the pools where they hold a slice and the file elsewhere:
+    // its prompt steps write msb_map and lsb_map as expert -> slot, or n_slots + expert
+    bool                 prompt_from_pools = false;
     int64_t              event = 0;           // decode accesses of this layer so far
     slicemoe_layer_stats_t stats = {};
 };

@@ -5,8 +5,7 @@
 #include "slicemoe-engine.h"
 #include "slicemoe-product.h"
 
-#include <cstdlib>
-#include <cstring>
+#include <algorithm>
 
 namespace {
 
@@ -146,36 +145,56 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
         return;
     }
     // A prompt: the experts a batch uses, every one, read once. From the pools when they hold every
-    // slice in its expert's slot (the ids are then slots), else through the file's mapping.
+    // slice in its expert's slot (the ids are then slots). Else, where the fused product runs on
+    // CPU pools, each slice from its pool when resident and from the file's mapping when not (ids
+    // through the layer's tables, which its prompt step writes), so a prompt after the first reads
+    // from the file only what the pools lack; elsewhere every slice through the mapping.
+    const bool low = c->precision == SLICEMOE_PRECISION_LOW;
     const bool from_pools = serves_decode(*c) && holds_every_slice(*c, L);
+    L.prompt_from_pools = !from_pools && serves_decode(*c) && L.cpu_pools && fused_products() &&
+                          (low || L.lsb.n_slots > 0);
+    ggml_tensor * mapped[2 * N_PROJ];
+    for (int j = 0; j < 2 * N_PROJ; ++j) mapped[j] = const_cast<ggml_tensor *>(L.mapped[j]);
+    if (L.prompt_from_pools) {
+        const int64_t k = w->ids->ne[0];
+        ggml_tensor * selected = ggml_reshape_1d(ctx, ggml_cont(ctx, w->ids), k * n_tokens);
+        const auto gather = [&](ggml_tensor * table) {
+            return ggml_reshape_2d(ctx, ggml_get_rows(ctx, table, selected), k, n_tokens);
+        };
+        use_msb(w, L.msb.t);
+        w->ids = gather(L.msb_map);
+        std::copy_n(mapped, N_PROJ, w->file);
+        if (!low) {
+            use_lsb(w, L.lsb.t);
+            w->ids_lsb = gather(L.lsb_map);
+            std::copy_n(mapped + N_PROJ, N_PROJ, w->file + N_PROJ);
+        }
+        return;
+    }
     if (from_pools) {
         use_msb(w, L.msb.t);
     }
-    if (c->precision == SLICEMOE_PRECISION_LOW) {
+    if (low) {
         return;
     }
-    ggml_tensor * mapped_lsb[N_PROJ];
-    for (int j = 0; j < N_PROJ; ++j) mapped_lsb[j] = const_cast<ggml_tensor *>(L.mapped[N_PROJ + j]);
-    use_lsb(w, from_pools ? L.lsb.t : mapped_lsb);
+    use_lsb(w, from_pools ? L.lsb.t : mapped + N_PROJ);
     w->ids_lsb = w->ids;
 }
 
 ggml_tensor * slicemoe_moe_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
                                    const slicemoe_moe_weights * sw) {
     // Every product of a sliced file's experts in host memory: decode tokens on the pools, prompt
-    // batches on the mapped file (the op groups a batch's uses by expert), 8-bit uses and 4-bit
-    // ones (w_lsb nullptr: a 4-bit-only run). SLICEMOE_PRODUCT=ggml keeps ggml's Q4_1 products,
-    // for side-by-side runs; read once, as graphs are built for every decode token.
-    static const bool two_passes = [] {
-        const char * choice = std::getenv("SLICEMOE_PRODUCT");
-        return choice && std::strcmp(choice, "ggml") == 0;
-    }();
-    if (!sw->sliced || sw->lsb_mask || two_passes) {
+    // batches on the pools and the mapped file (the op groups a batch's uses by expert), 8-bit uses
+    // and 4-bit ones (w_lsb nullptr: a 4-bit-only run).
+    if (!sw->sliced || sw->lsb_mask || !slicemoe::fused_products()) {
         return nullptr;
     }
     const int proj = w == sw->up ? 0 : w == sw->gate ? 1 : w == sw->down ? 2 : -1;
     auto * ready = proj >= 0 ? static_cast<slicemoe::product_ready *>(sw->ready[proj]) : nullptr;
-    ggml_tensor * product = slicemoe::build_expert_product(ctx, w, w_lsb, x, sw->ids, w_lsb ? sw->ids_lsb : nullptr, ready);
+    ggml_tensor * file = proj >= 0 ? sw->file[proj] : nullptr;
+    ggml_tensor * file_lsb = proj >= 0 && w_lsb ? sw->file[slicemoe::N_PROJ + proj] : nullptr;
+    ggml_tensor * product = slicemoe::build_expert_product(ctx, w, w_lsb, x, sw->ids, w_lsb ? sw->ids_lsb : nullptr, ready,
+                                                           file, file_lsb);
     if (product && ready && sw->n_fused) {
         *sw->n_fused += 1;
     }

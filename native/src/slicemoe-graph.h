@@ -37,6 +37,10 @@ struct slicemoe_moe_weights {
     // overlaps a step's reads with the products only when all three are)
     void *        ready[3] = { nullptr, nullptr, nullptr };
     int *         n_fused = nullptr;
+    // set by slicemoe_moe_graph for a prompt on CPU pools that do not hold every slice: the file's
+    // mapped MSB (up, gate, down) and LSB tensors, from which the fused product reads a slice whose
+    // id is at or past its pool's slots (ids: expert -> slot, or n_slots + expert)
+    ggml_tensor * file[6] = { nullptr, nullptr, nullptr, nullptr, nullptr, nullptr };
 };
 
 // After a successful load from a path (every entry point: llama_model_load_from_file too). A

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -20,6 +21,16 @@ namespace {
 
 const char * row_of(const ggml_tensor * t, int64_t i1, int64_t i2) {
     return static_cast<const char *>(t->data) + i1 * t->nb[1] + i2 * t->nb[2];
+}
+
+// The rows from `first` of slice `id` of operand `operand` (0: MSB, 1: LSB): a slot of the pool
+// tensor, or, for an id at or past the pool's slots, expert id - n_slots of the file's mapped tensor
+// (src[5] and src[6]: a prompt reads what the pools hold from them and the rest from the file).
+const q4_1_block * slice_rows(const ggml_tensor * dst, int operand, int64_t first, int32_t id) {
+    const ggml_tensor * pool = dst->src[operand == 0 ? 0 : 3];
+    const ggml_tensor * file = dst->src[operand == 0 ? 5 : 6];
+    const bool from_file = file && id >= pool->ne[2];
+    return reinterpret_cast<const q4_1_block *>(from_file ? row_of(file, first, id - pool->ne[2]) : row_of(pool, first, id));
 }
 
 int32_t id_at(const ggml_tensor * ids, int64_t use, int64_t token) {
@@ -58,8 +69,7 @@ void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin,
     const ggml_tensor * w = dst->src[0];        // Q4_1 [n_in, n_out, n_slots]
     const ggml_tensor * x = dst->src[1];        // F32  [n_in, k or 1, n_tokens]
     const ggml_tensor * ids = dst->src[2];      // I32  [k, n_tokens]
-    const ggml_tensor * w_lsb = dst->src[3];    // Q4_1 [n_in, n_out, n_slots_lsb], or nullptr (4 bits only)
-    const ggml_tensor * ids_lsb = dst->src[4];  // I32  [k, n_tokens], or nullptr
+    const ggml_tensor * ids_lsb = dst->src[4];  // I32  [k, n_tokens], or nullptr (4 bits only)
     const int64_t n_in = w->ne[0], n_out = w->ne[1], k = ids->ne[0];
     // one token's uses in the order the engine gave (resident slices first), so that the threads
     // compute those while the misses are still being read
@@ -87,8 +97,8 @@ void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin,
             quantize_activations(KERNEL_AUTO, reinterpret_cast<const float *>(row_of(x, column, token)), n_in, &act);
             *quantized = token * x->ne[1] + column;
         }
-        const auto * msb = reinterpret_cast<const q4_1_block *>(row_of(w, first, slot));
-        const auto * lsb = slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, first, slot_lsb)) : nullptr;
+        const q4_1_block * msb = slice_rows(dst, 0, first, slot);
+        const q4_1_block * lsb = slot_lsb >= 0 ? slice_rows(dst, 1, first, slot_lsb) : nullptr;
         rows_dot(KERNEL_AUTO, msb, lsb, int64_t(w->nb[1] / sizeof(q4_1_block)), act, last - first, out + first);
     }
 }
@@ -128,7 +138,7 @@ void group_uses(const ggml_tensor * ids, const ggml_tensor * ids_lsb, std::vecto
 void product_group_rows(ggml_tensor * dst, const product_ready * ready, const std::vector<use_group> & groups,
                         int64_t item, std::vector<quantized_activations> & acts, std::vector<uint8_t> & quantized,
                         int64_t * waited_ns) {
-    const ggml_tensor * w = dst->src[0], * x = dst->src[1], * w_lsb = dst->src[3];
+    const ggml_tensor * w = dst->src[0], * x = dst->src[1];
     const int64_t n_in = w->ne[0], n_out = w->ne[1], columns = x->ne[1];
     const int64_t chunks_per_group = (n_out + GROUP_ROWS - 1) / GROUP_ROWS;
     const use_group & group = groups[size_t(item / chunks_per_group)];
@@ -136,9 +146,8 @@ void product_group_rows(ggml_tensor * dst, const product_ready * ready, const st
     const bool usable = group.slot >= 0 &&
                         (!ready || (wait_for_rows(ready, ready->msb_read, group.slot, first, last, w->nb[1], waited_ns) &&
                                     wait_for_rows(ready, ready->lsb_read, group.slot_lsb, first, last, w->nb[1], waited_ns)));
-    const auto * msb = usable ? reinterpret_cast<const q4_1_block *>(row_of(w, first, group.slot)) : nullptr;
-    const auto * lsb = usable && group.slot_lsb >= 0 ? reinterpret_cast<const q4_1_block *>(row_of(w_lsb, first, group.slot_lsb))
-                                                     : nullptr;
+    const q4_1_block * msb = usable ? slice_rows(dst, 0, first, group.slot) : nullptr;
+    const q4_1_block * lsb = usable && group.slot_lsb >= 0 ? slice_rows(dst, 1, first, group.slot_lsb) : nullptr;
     thread_local std::vector<const quantized_activations *> xs;
     thread_local std::vector<float *> outs;
     xs.clear();
@@ -227,19 +236,34 @@ bool host_q4_1(const ggml_tensor * t) {
 
 } // namespace
 
+bool fused_products() {
+    static const bool fused = [] {   // read once: graphs are built for every decode token
+        const char * choice = std::getenv("SLICEMOE_PRODUCT");
+        return !(choice && std::strcmp(choice, "ggml") == 0);
+    }();
+    return fused;
+}
+
 ggml_tensor * build_expert_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
-                                   ggml_tensor * ids, ggml_tensor * ids_lsb, product_ready * ready) {
+                                   ggml_tensor * ids, ggml_tensor * ids_lsb, product_ready * ready,
+                                   ggml_tensor * w_file, ggml_tensor * w_lsb_file) {
     const bool fits = host_q4_1(w) && w->ne[0] % 32 == 0 && w->nb[1] % sizeof(q4_1_block) == 0 &&
                       x->type == GGML_TYPE_F32 && x->nb[0] == sizeof(float) && x->ne[0] == w->ne[0] &&
                       ids->type == GGML_TYPE_I32 && x->ne[2] == ids->ne[1] && (x->ne[1] == 1 || x->ne[1] == ids->ne[0]);
     const bool lsb_fits = !w_lsb || (host_q4_1(w_lsb) && w->ne[0] == w_lsb->ne[0] && w->ne[1] == w_lsb->ne[1] &&
                                      w->nb[1] == w_lsb->nb[1] && ids_lsb && ids_lsb->type == GGML_TYPE_I32 &&
                                      ids_lsb->ne[0] == ids->ne[0] && ids_lsb->ne[1] == ids->ne[1]);
-    if (!fits || !lsb_fits) {
+    // a file's tensor behind a pool: the same rows (one row size), read where the pool has no slot
+    const auto same_rows = [](const ggml_tensor * pool, const ggml_tensor * file) {
+        return !file || (pool && host_q4_1(file) && file->ne[0] == pool->ne[0] && file->ne[1] == pool->ne[1] &&
+                         file->nb[1] == pool->nb[1]);
+    };
+    if (!fits || !lsb_fits || !same_rows(w, w_file) || !same_rows(w_lsb, w_lsb_file)) {
         return nullptr;
     }
-    ggml_tensor * args[] = { w, x, ids, w_lsb, ids_lsb };
-    ggml_tensor * product = ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, w_lsb ? 5 : 3,
+    ggml_tensor * args[] = { w, x, ids, w_lsb, ids_lsb, w_file, w_lsb_file };
+    const int n_args = w_file ? 7 : w_lsb ? 5 : 3;
+    ggml_tensor * product = ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, n_args,
                                            expert_product_op, GGML_N_TASKS_MAX, ready);
     ggml_format_name(product, "slicemoe_product");
     return product;

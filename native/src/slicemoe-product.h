@@ -87,9 +87,16 @@ struct product_ready {
 // [n_in, n_out, slots] in host memory (w_lsb nullptr: every use at 4 bits), activations x
 // [n_in, k or 1, n_tokens] and slot ids [k, n_tokens] (MSB id < 0: a dropped use, zeros; LSB id
 // < 0: a 4-bit use). ready (may be nullptr): the slots to wait for, use by use, before reading
-// them. nullptr where the tensors do not fit that description (device pools, other types): the
-// caller keeps ggml's products.
+// them. w_file and w_lsb_file (may be nullptr): the file's mapped tensors [n_in, n_out, n_expert]
+// behind the pools; an id at or past a pool's slots is then expert id - slots there (a prompt
+// reads the slices the pools hold from them). nullptr where the tensors do not fit that
+// description (device pools, other types): the caller keeps ggml's products.
 ggml_tensor * build_expert_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,
-                                   ggml_tensor * ids, ggml_tensor * ids_lsb, product_ready * ready);
+                                   ggml_tensor * ids, ggml_tensor * ids_lsb, product_ready * ready,
+                                   ggml_tensor * w_file = nullptr, ggml_tensor * w_lsb_file = nullptr);
+
+// Whether a sliced file's products are the fused op (the default). SLICEMOE_PRODUCT=ggml keeps
+// ggml's two Q4_1 passes instead, for side-by-side runs.
+bool fused_products();
 
 } // namespace slicemoe

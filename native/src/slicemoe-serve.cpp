@@ -235,6 +235,26 @@ void record_prompt_token(cache & c, layer & L, const int32_t * ids) {
     L.warm_pending = c.warmup == SLICEMOE_WARMUP_PCW;
 }
 
+// A prompt's products on CPU pools that do not hold every slice (slicemoe_moe_graph): each slice
+// from its pool where it is resident, else from the file's mapping, through the layer's tables:
+// expert -> slot, or the pool's slot count + expert. The bytes are the same either way.
+void write_prompt_tables(cache & c, layer & L) {
+    join_prefetch(c, L);   // a slot whose read is still in flight holds no slice yet
+    const auto write = [&c](const pool & p, ggml_tensor * table) {
+        const int32_t n_slots = int32_t(p.t[0]->ne[2]);
+        std::vector<int32_t> ids(size_t(c.n_expert));
+        for (int e = 0; e < c.n_expert; ++e) {
+            const int slot = p.expert_slot[size_t(e)];
+            ids[size_t(e)] = slot >= 0 ? slot : n_slots + e;
+        }
+        ggml_backend_tensor_set(table, ids.data(), 0, ids.size() * sizeof(int32_t));
+    };
+    write(L.msb, L.msb_map);
+    if (c.precision != SLICEMOE_PRECISION_LOW) {
+        write(L.lsb, L.lsb_map);
+    }
+}
+
 // A router-biasing policy's bias for layer L's logits of a decode token.
 std::vector<float> selection_bias(cache & c, const layer & L, const std::vector<float> & logits) {
     std::vector<char> msb_cached(size_t(c.n_expert));
@@ -300,6 +320,9 @@ bool access(cache & c, int index, int phase, int64_t n_tokens, const int32_t * i
         // the previous MoE layer's prompt products have run: its pages are fresh in the page cache
         if (index > 0 && c.layers[size_t(index - 1)].warm_pending) {
             warm_up(c, c.layers[size_t(index - 1)]);
+        }
+        if (L.prompt_from_pools && !c.failed) {
+            write_prompt_tables(c, L);
         }
         return !c.failed;
     }
