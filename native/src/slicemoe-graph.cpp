@@ -41,6 +41,15 @@ void use_msb(slicemoe_moe_weights * w, ggml_tensor * const t[slicemoe::N_PROJ]) 
     w->down = t[2];
 }
 
+// Whether the fused product can read every slice of the layer from the file where a pool lacks it
+// (else a prompt streams them all through the mapping, ids being expert ids)
+bool file_on_host(const slicemoe::layer & L) {
+    for (const ggml_tensor * t : L.mapped) {
+        if (!t || !t->buffer || !ggml_backend_buffer_is_host(t->buffer)) return false;
+    }
+    return true;
+}
+
 void use_lsb(slicemoe_moe_weights * w, ggml_tensor * const t[slicemoe::N_PROJ]) {
     w->up_lsb   = t[0];
     w->gate_lsb = t[1];
@@ -151,7 +160,7 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
     // from the file only what the pools lack; elsewhere every slice through the mapping.
     const bool low = c->precision == SLICEMOE_PRECISION_LOW;
     const bool from_pools = serves_decode(*c) && holds_every_slice(*c, L);
-    L.prompt_from_pools = !from_pools && serves_decode(*c) && L.cpu_pools && fused_products() &&
+    L.prompt_from_pools = !from_pools && serves_decode(*c) && L.cpu_pools && fused_products() && file_on_host(L) &&
                           (low || L.lsb.n_slots > 0);
     ggml_tensor * mapped[2 * N_PROJ];
     for (int j = 0; j < 2 * N_PROJ; ++j) mapped[j] = const_cast<ggml_tensor *>(L.mapped[j]);
