@@ -125,7 +125,7 @@ def main() -> int:
             section = scores[key[0]] if len(key) == 2 else scores[key[0]].setdefault(key[1], {})
             section[key[-1]] = {"kl": float(a["kl"]), "top1": float(a["top1"])}
             if stats:   # the share the side-by-side's --match-shares runs the same configuration at
-                section[key[-1]]["high_share"] = stats["high_uses"] / max(stats["high_uses"] + stats["low_uses"], 1)
+                section[key[-1]]["high_share"] = benchlib.high_share(stats)
         return [f"{a['kl']:.2e}", f"{100 * a['top1']:.2f}%"]
 
     experts_rows = []

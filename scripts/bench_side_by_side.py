@@ -39,8 +39,8 @@ import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
-from benchlib import (BACKGROUND, dbsc_name, drop_page_cache, llama_quantize, machine_line, markdown_table,  # noqa: E402
-                      plan_point, threshold_for_share)
+from benchlib import (BACKGROUND, dbsc_name, drop_page_cache, high_share, llama_quantize, machine_line,  # noqa: E402
+                      markdown_table, plan_point, threshold_for_share)
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 BUDGETS = (25, 50, 75, 100)
@@ -137,7 +137,8 @@ def child(config: dict) -> dict:
         decode_ms = 1000 * (time.perf_counter() - t2) / route.n_decode
         # CPU time of every thread: steadier than the wall clock on a shared machine, and what a
         # cache's own work would add to
-        cpu_ms = 1000 * (os.times().user + os.times().system - cpu.user - cpu.system) / route.n_decode
+        after = os.times()
+        cpu_ms = 1000 * (after.user + after.system - cpu.user - cpu.system) / route.n_decode
         decode_read = (read_bytes() - before_decode) / route.n_decode
         stats = model.cache_stats()
         # the same prompt again, as a session's next request: what the first request left in the
@@ -154,7 +155,7 @@ def child(config: dict) -> dict:
             "prefill_read": before_decode - before_prefill,
             "io_ms": stats["io_ms"] / route.n_decode if stats else None,
             "engine_flash_per_token": stats["flash_bytes"] / route.n_decode if stats else None,
-            "high_share": stats["high_uses"] / max(stats["high_uses"] + stats["low_uses"], 1) if stats else None}
+            "high_share": high_share(stats) if stats else None}
 
 
 class MemoryLimit:

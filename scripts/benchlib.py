@@ -171,28 +171,34 @@ def plan_point(trace, budget: int, max_miss_rate: float) -> tuple[str, dict] | N
     return f"plan (slice miss rate <= {max_miss_rate:g})", settings
 
 
+def high_share(stats: dict) -> float:
+    """The share of a run's uses that ran at 8 bits (cache counters, live or replayed)."""
+    return stats["high_uses"] / max(stats["high_uses"] + stats["low_uses"], 1)
+
+
 def threshold_for_share(trace, budget: int, share: float, **settings) -> tuple[float, float]:
     """(threshold, share reached): the dbsc threshold at which a replay of `trace` under `budget`
     runs `share` of its uses at 8 bits. A threshold is a routing weight, so the same threshold
     picks other uses on a model with another top-k (a widened trace's weights are m times smaller
     than its source's); the front compares a configuration's speed and accuracy at the same share.
     The share falls as the threshold rises (bisection); a token's first use always runs at 8 bits,
-    so no threshold goes below 1 / top_k."""
+    so no share below 1 / top_k can be reached (the nearest is returned)."""
     from slicemoe_gguf import trace as traces
 
     def replayed(threshold: float) -> float:
-        stats = traces.replay(trace, budget=budget, policy="dbsc", warmup="pcw", high_threshold=threshold, **settings)
-        return stats["high_uses"] / max(stats["high_uses"] + stats["low_uses"], 1)
+        return high_share(traces.replay(trace, budget=budget, policy="dbsc", warmup="pcw", high_threshold=threshold,
+                                        **settings))
 
-    low, high = 0.0, 1.0   # replayed(low) >= share >= replayed(high), where the share can be reached
+    # the bracket [low, high] with replayed(low) >= share >= replayed(high), where the share can be reached
+    (low, at_low), (high, at_high) = (0.0, replayed(0.0)), (1.0, replayed(1.0))
     for _ in range(16):
         middle = (low + high) / 2
-        if replayed(middle) > share:
-            low = middle
+        at_middle = replayed(middle)
+        if at_middle > share:
+            low, at_low = middle, at_middle
         else:
-            high = middle
-    best = min((low, high), key=lambda t: abs(replayed(t) - share))
-    return best, replayed(best)
+            high, at_high = middle, at_middle
+    return (low, at_low) if abs(at_low - share) <= abs(at_high - share) else (high, at_high)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
