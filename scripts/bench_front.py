@@ -12,7 +12,8 @@ against the fp32 model, on held-out text of a trained checkpoint.
 - Whole files through the engine, teacher-forced: the stock files as users run them, and the AMAT
   file (searched grid, dense q8_0: the converter's defaults) all-resident at 4 and 8 bits and under
   a RAM budget of 25/50/75/100% of its expert bytes with lru4, lru8, dbsc at its thresholds (--thresholds)
-  and dbsc with its LSB misses read in the background (--lsb-background).
+  and dbsc with its LSB misses read in the background (--lsb-background) and with its prompts at 4 bits
+  (--low-precision-prompt: the cost shows with a longer --prompt, whose tokens are not scored).
   Budgeted rows also give the slice reads per token (the flash traffic a device would see).
 - The same slices with the dense tensors of a stock file (`--dense-type q4_k_m` and `q5_k_m`: llama.cpp's
   own mix for them), whole files all resident at 4 and 8 bits and dbsc at 50%: what a sliced file
@@ -184,6 +185,9 @@ def main() -> int:
         budget_rows.append([f"{b}%", *engine_row(benchlib.BACKGROUND, sliced,
                                                   key=("budgets", str(b), benchlib.BACKGROUND), cache_budget=budget,
                                                   policy="dbsc", warmup="pcw", lsb_background=True)])
+        budget_rows.append([f"{b}%", *engine_row(benchlib.LOW_PROMPT, sliced,
+                                                  key=("budgets", str(b), benchlib.LOW_PROMPT), cache_budget=budget,
+                                                  policy="dbsc", warmup="pcw", low_precision_prompt=True)])
     for mix, path in mixed.items():
         budget_rows.append(["50%", *engine_row(f"dbsc + pcw, dense {mix.upper()}", path,
                                                key=("budgets", "50", f"dbsc + pcw, dense {mix.upper()}"),

@@ -39,7 +39,7 @@ import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
-from benchlib import (BACKGROUND, dbsc_name, drop_page_cache, high_share, llama_quantize, machine_line,  # noqa: E402
+from benchlib import (BACKGROUND, LOW_PROMPT, dbsc_name, drop_page_cache, high_share, llama_quantize, machine_line,  # noqa: E402
                       markdown_table, plan_point, threshold_for_share)
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
@@ -50,6 +50,7 @@ CONFIGS = {"lru8": {"policy": "lru8", "warmup": "none"}, "dbsc": {"policy": "dbs
            "dbsc + pcw": {"policy": "dbsc", "warmup": "pcw"}, "hobbit + pcw": {"policy": "hobbit", "warmup": "pcw"},
            "lru4 + pcw": {"policy": "lru4", "warmup": "pcw"},
            BACKGROUND: {"policy": "dbsc", "warmup": "pcw", "lsb_background": True},
+           LOW_PROMPT: {"policy": "dbsc", "warmup": "pcw", "low_precision_prompt": True},
            "dbsc + pcw + prefetch": {"policy": "dbsc", "warmup": "pcw", "prefetch": True}}
 HEADROOM = 768 << 20   # runtime, libraries, KV cache and compute buffers, the same for every row
 MiB = 1 << 20
@@ -116,7 +117,7 @@ def child(config: dict) -> dict:
 
     route = traces.request_route(traces.read(config["trace"]))
     kwargs = {k: config[k] for k in ("cache_budget", "policy", "warmup", "precision", "prefetch", "high_threshold",
-                                     "lsb_background") if k in config}
+                                     "lsb_background", "low_precision_prompt") if k in config}
     t0 = time.perf_counter()
     with Model(config["model"], n_threads=config["threads"], forced_routes=True, n_ctx=512, **kwargs) as model:
         load_s = time.perf_counter() - t0

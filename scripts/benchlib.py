@@ -140,6 +140,8 @@ def perplexity(logprobs: list[np.ndarray], windows: list[list[int]], n_prompt: i
 
 # dbsc + pcw with --lsb-background: the name the side-by-side and the front give the configuration
 BACKGROUND = "dbsc + pcw + LSB in background"
+# dbsc + pcw with --low-precision-prompt (the prompt's products on the MSB slices alone)
+LOW_PROMPT = "dbsc + pcw + 4-bit prompt"
 
 
 def dbsc_name(threshold: float) -> str:

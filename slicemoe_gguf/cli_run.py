@@ -183,8 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     rss_before_load = _process_memory().get("rss_bytes")
     load_start = time.perf_counter()
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
-               n_threads=args.threads, cache_budget=budget, prefetch=args.prefetch, io_mode=args.io_mode,
-               forced_routes=route is not None, **_cache_settings(args)) as model:
+               n_threads=args.threads, cache_budget=budget, forced_routes=route is not None,
+               **_model_settings(args), **_cache_settings(args)) as model:
         load_ms = 1000 * (time.perf_counter() - load_start)
         from .memory import plan_of_running
 
@@ -277,8 +277,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     budget = _cache_budget(args)
     # the run that `slicemoe run` with these flags would make (greedy), recorded
     with Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
-               n_threads=args.threads, record_trace=True, cache_budget=budget, prefetch=args.prefetch,
-               io_mode=args.io_mode, **_cache_settings(args)) as model:
+               n_threads=args.threads, record_trace=True, cache_budget=budget, **_model_settings(args),
+               **_cache_settings(args)) as model:
         for prompt in prompts:
             model.generate(prompt, args.n_predict, Sampling(), stop_at_eog=not args.ignore_eos)
         trace = model.routing_trace()
@@ -357,14 +357,19 @@ def _cache_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
+def _model_settings(args: argparse.Namespace) -> dict:
+    """The live-only flags (a model runs: no replay has them), as keyword arguments of Model."""
+    return {"prefetch": args.prefetch, "io_mode": args.io_mode, "low_precision_prompt": args.low_precision_prompt}
+
+
 
 
 def _open_model(args: argparse.Namespace, n_seq: int = 1):
     from .runtime import Model
 
     return Model(args.model, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
-                 n_threads=args.threads, cache_budget=_cache_budget(args), prefetch=args.prefetch, io_mode=args.io_mode,
-                 n_seq=n_seq, **_cache_settings(args))
+                 n_threads=args.threads, cache_budget=_cache_budget(args), n_seq=n_seq, **_model_settings(args),
+                 **_cache_settings(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

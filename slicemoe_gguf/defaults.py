@@ -25,6 +25,7 @@ PRIOR_LAMBDA = 0.5      # cache_prior: bias of a cached expert's logit, in mean 
 GATING_T = 0.04         # adapmoe: a use after the first is dropped when its weight < sqrt(T) = 0.2
 LSB_BACKGROUND = False  # an 8-bit use whose LSB slice misses waits for it (True: with its MSB slice resident, runs at 4 bits, the LSB read for the next token)
 PREFETCH = False        # look-ahead prefetch (see docs/design.md for why it is off)
+LOW_PRECISION_PROMPT = False  # a prompt's expert products at 8 bits (True: MSB slices only, half the bytes)
 IO_MODE = "auto"        # misses read with O_DIRECT where the file system has it, else buffered
 
 # slicemoe serve

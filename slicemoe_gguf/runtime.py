@@ -94,7 +94,8 @@ class Model:
                  layer_slots: list[int] | None = None, io_mode: str = defaults.IO_MODE,
                  forced_routes: bool = False, layer_sensitivity: list[float] | None = None,
                  layer_high_uses: list[int] | None = None, n_seq: int = 1,
-                 lsb_background: bool = defaults.LSB_BACKGROUND):
+                 lsb_background: bool = defaults.LSB_BACKGROUND,
+                 low_precision_prompt: bool = defaults.LOW_PRECISION_PROMPT):
         self.path = Path(path)
         io_modes = enum_values("slicemoe_io_mode")
         if io_mode not in io_modes:
@@ -106,6 +107,7 @@ class Model:
         params.cache.budget_bytes = int(cache_budget)
         params.record_trace = record_trace
         params.prefetch = prefetch
+        params.low_precision_prompt = low_precision_prompt
         params.io_mode = io_modes[io_mode]
         params.forced_routes = forced_routes
         arrays = set_cache_params(params.cache, policy=policy, precision=precision, warmup=warmup,

@@ -376,6 +376,62 @@ with Model({str(path)!r}, cache_budget={int(slices * fraction)}, policy={policy!
     assert as_fixed or precision == "auto"
 
 
+def test_a_low_precision_prompt_reads_the_msb_slices_alone_and_the_cache_decides_as_before(tmp_path):
+    """low_precision_prompt: a first prompt's expert products read the MSB slices only, so it maps
+    about half the expert pages an 8-bit prompt does and computes other logits; the cache decides as
+    it would after an 8-bit prompt (PCW's warm-up follows the prompt's routing, not its arithmetic),
+    so under the same routes every counter of the decode is the same."""
+    import json
+    import subprocess
+    import sys
+
+    from slicemoe_gguf.embedded import embedded_gguf
+
+    path = embedded_gguf(progress=False)
+    slices = describe(path)["expert_msb_bytes"] + describe(path)["expert_lsb_bytes"]
+    code = f"""
+import json, re
+import numpy as np
+from slicemoe_gguf import Model, trace as traces
+def rss_file():
+    return int(re.search(r'RssFile:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024
+prompt = 'ROMEO: But soft, what light through yonder window breaks? ' * 4
+with Model({str(path)!r}, n_threads=2, record_trace=True) as tracer:
+    tokens = tracer.tokenize(prompt)
+    tracer.eval(tokens)
+    continuation = []
+    for _ in range(16):
+        continuation.append(int(np.argmax(tracer.logits())))
+        tracer.eval(continuation[-1:])
+    route = traces.request_route(tracer.routing_trace())
+out = {{}}
+for low in (False, True):
+    with Model({str(path)!r}, cache_budget={slices // 2}, n_threads=2, forced_routes=True,
+               low_precision_prompt=low) as model:
+        model.force_routes(route.experts, route.weights)
+        before = rss_file()
+        model.eval(tokens)
+        mapped = rss_file() - before
+        first = model.logits().copy()
+        for token in continuation:
+            model.eval([token])
+        out[str(low)] = {{'mapped': mapped, 'first': first.tolist(), 'stats': model.cache_stats()}}
+print(json.dumps(out))
+"""
+    env = {name: value for name, value in os.environ.items() if name != "GGML_VK_VISIBLE_DEVICES"}
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, text=True, check=True,
+                                    cwd=tmp_path).stdout)
+    high, low = out["False"], out["True"]
+    assert high["mapped"] > slices // 2   # an 8-bit first prompt streams most of both slices
+    # half the bytes, in whole pages: the small slices of this model share pages (measured 0.59)
+    assert 0.3 * high["mapped"] < low["mapped"] < 0.7 * high["mapped"]
+    assert high["first"] != low["first"]
+    for name in ("msb_hits", "msb_misses", "lsb_hits", "lsb_misses", "loads", "evictions", "warmup_loads",
+                 "high_uses", "low_uses", "flash_bytes"):
+        assert low["stats"][name] == high["stats"][name], name
+    assert low["stats"]["warmup_loads"] > 0
+
+
 def test_lookahead_prefetch_changes_no_result_and_accounts_its_bytes(sliced):
     path = sliced("qwen2_moe")
     budget = budgets(path, "high")["50%"]

@@ -60,6 +60,7 @@ slicemoe_model_params slicemoe_model_default_params(void) {
     p.record_trace  = false;
     p.prefetch      = false;
     p.io_mode       = SLICEMOE_IO_AUTO;
+    p.low_precision_prompt = false;
     p.forced_routes = false;
     return p;
 }

@@ -48,6 +48,7 @@ std::unique_ptr<cache> build_uncached(const llama_model * model, const slicemoe_
     c->observe_only = true;
     c->record = params.record_trace;
     c->precision_only = !params.record_trace;
+    c->low_precision_prompt = params.low_precision_prompt;
     c->layers.resize(moe_il.size());
     for (size_t i = 0; i < moe_il.size(); ++i) {
         layer & L = c->layers[i];
@@ -112,6 +113,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
     c->lsb_background = params.cache.lsb_background;
     c->record = params.record_trace;
     c->prefetch = params.prefetch;
+    c->low_precision_prompt = params.low_precision_prompt;
     const char * overlap = std::getenv("SLICEMOE_OVERLAP");
     c->overlap = overlap && std::strcmp(overlap, "1") == 0;
     const char * graph_step = std::getenv("SLICEMOE_GRAPH_STEP");

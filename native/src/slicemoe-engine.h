@@ -180,6 +180,7 @@ struct cache {
     std::vector<route>   trace;
     bool                 prefetch = false;
     bool                 lsb_background = false;   // slicemoe_cache_params.lsb_background
+    bool                 low_precision_prompt = false;   // slicemoe_model_params.low_precision_prompt
     // SLICEMOE_OVERLAP=1: a step's misses are read while the fused products compute the resident uses
     // (CPU pools, every product of the layer fused). Off by default: on the 2-core machine it was
     // measured on (scripts/bench_overlap.py, full-size OLMoE at 50%), decode ran at 0.91-1.20x the
@@ -293,6 +294,12 @@ void protect_for_step(cache & c, pool & p, int expert);
 // the precision is low): a budget that holds every slice, filled at load, and no miss since. A
 // prompt then reads the pools instead of streaming the experts through the file's mapping.
 bool holds_every_slice(const cache & c, const layer & L);
+
+// Whether a prompt batch (more than one token) computes its expert products from the MSB slices
+// alone: a run at low precision, or low_precision_prompt.
+inline bool prompt_at_low_precision(const cache & c) {
+    return c.precision == SLICEMOE_PRECISION_LOW || c.low_precision_prompt;
+}
 
 // ---- the decode step as an op of the graph (slicemoe-callback.cpp) ----
 // Serve the selection node t ([top_k, n_tokens] expert ids) of engine layer `index`, as the eval

@@ -158,7 +158,8 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
     // CPU pools, each slice from its pool when resident and from the file's mapping when not (ids
     // through the layer's tables, which its prompt step writes), so a prompt after the first reads
     // from the file only what the pools lack; elsewhere every slice through the mapping.
-    const bool low = c->precision == SLICEMOE_PRECISION_LOW;
+    // (a batch of one token is a decode token on a model without a cache: it keeps the decode's precision)
+    const bool low = c->precision == SLICEMOE_PRECISION_LOW || (prompt_at_low_precision(*c) && n_tokens > 1);
     const bool from_pools = serves_decode(*c) && holds_every_slice(*c, L);
     L.prompt_from_pools = !from_pools && serves_decode(*c) && L.cpu_pools && fused_products() && file_on_host(L) &&
                           (low || L.lsb.n_slots > 0);

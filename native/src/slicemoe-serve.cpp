@@ -38,7 +38,8 @@ void warm_up(cache & c, layer & L) {
             if (slot < 0) continue;
             free_slot(c, L, L.lsb, slot);
             queue_load(c, L, L.lsb, e, slot);
-            if (!c.pending.empty()) c.pending.back().cached = true;
+            // a prompt at 4 bits has not read the LSB pages: those come from the device
+            if (!c.pending.empty()) c.pending.back().cached = !c.low_precision_prompt;
             c.totals.warmup_loads += 1;
         }
     }
@@ -250,7 +251,7 @@ void write_prompt_tables(cache & c, layer & L) {
         ggml_backend_tensor_set(table, ids.data(), 0, ids.size() * sizeof(int32_t));
     };
     write(L.msb, L.msb_map);
-    if (c.precision != SLICEMOE_PRECISION_LOW) {
+    if (!prompt_at_low_precision(c)) {
         write(L.lsb, L.lsb_map);
     }
 }
