@@ -106,10 +106,11 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, *, live: bool) -> None
                                 "load its predicted MSB slices on an I/O thread while this layer computes (off "
                                 "by default: see docs/design.md for the measurement)")
         cache.add_argument("--low-precision-prompt", action="store_true", default=d.LOW_PRECISION_PROMPT,
-                           help="a prompt's expert products read the MSB slices only (4 bits): a first prompt "
-                                "reads half the expert bytes and its first token comes sooner, decode keeps the "
-                                "policy's precision (off by default: the prompt at 8 bits; docs/measuring.md "
-                                "gives what it costs in accuracy)")
+                           help="a prompt's expert products read the MSB slices only (4 bits), but for its last "
+                                "token's, whose row the next token comes from: a first prompt reads about half the "
+                                "expert bytes and its first token comes sooner; decode keeps the policy's precision "
+                                "(off by default: the whole prompt at 8 bits; docs/measuring.md gives what it costs "
+                                "in accuracy)")
         cache.add_argument("--io", choices=["auto", "direct", "buffered"], default=d.IO_MODE, dest="io_mode",
                            help="how misses are read: direct (O_DIRECT, no page-cache copy), buffered (pread, then "
                                 "dropped from the page cache) or auto, direct where the file system has it "

@@ -182,9 +182,11 @@ struct slicemoe_model_params {
     bool    prefetch;          // look-ahead: apply the next MoE layer's router to this layer's input
                                // and queue the predicted MSB slices' reads on the reader threads meanwhile
     int32_t io_mode;           // enum slicemoe_io_mode (default auto)
-    bool    low_precision_prompt; // a prompt's expert products read the MSB slices only (4 bits): a
-                               // first prompt reads half the expert bytes; decode keeps the
-                               // precision of the policy (off by default: the prompt at 8 bits)
+    bool    low_precision_prompt; // a prompt's expert products read the MSB slices only (4 bits),
+                               // but for its last token's (the row the next token comes from, at
+                               // 8 bits where the fused product runs): a first prompt reads about
+                               // half the expert bytes; decode keeps the policy's precision (off by
+                               // default: the whole prompt at 8 bits)
     bool    forced_routes;     // the routing will come from slicemoe_route_force: a stock model gets
                                // an engine for it too (a sliced model always has one)
 };

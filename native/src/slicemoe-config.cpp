@@ -80,7 +80,7 @@ const setting_def SETTINGS[] = {
     { "prefetch",       "--prefetch",       SLICEMOE_SETTING_FLAG,   0.0f, 0.0f, false,
       "load the next layer's predicted experts while this one computes", nullptr, FIELD(prefetch) },
     { "low_precision_prompt", "--low-precision-prompt", SLICEMOE_SETTING_FLAG, 0.0f, 0.0f, false,
-      "a prompt's expert products read the MSB slices only (4 bits): a first prompt reads half the bytes; decode keeps the policy's precision",
+      "a prompt's expert products read the MSB slices only (4 bits) but for its last token's: a first prompt reads about half the bytes; decode keeps the policy's precision",
       nullptr, FIELD(low_precision_prompt) },
     { "record_trace",   "",                 SLICEMOE_SETTING_FLAG,   0.0f, 0.0f, false,
       "record the routing of every token (slicemoe trace)", nullptr, FIELD(record_trace) },

@@ -113,6 +113,8 @@ struct layer {
     std::vector<float>   last_logits;         // a router-biasing policy + trace: this token's router logits
     std::vector<float>   probs;               // router probabilities of the current decode token
     std::vector<double>  prompt_score;        // recency-weighted prompt routing, for PCW
+    std::vector<int32_t> last_prompt_experts; // the experts of the last prompt token recorded: a 4-bit
+                                              // prompt read their LSB slices (its last row at 8 bits)
     bool                 warm_pending = false;
     // the layer's last prompt graph reads the pools where they hold a slice and the file elsewhere:
     // its prompt steps write msb_map and lsb_map as expert -> slot, or n_slots + expert
@@ -295,10 +297,11 @@ void protect_for_step(cache & c, pool & p, int expert);
 // prompt then reads the pools instead of streaming the experts through the file's mapping.
 bool holds_every_slice(const cache & c, const layer & L);
 
-// Whether a prompt batch (more than one token) computes its expert products from the MSB slices
-// alone: a run at low precision, or low_precision_prompt.
+// low_precision_prompt on a model whose decode runs 8-bit uses: a prompt batch (more than one token)
+// computes its rows from the MSB slices alone, except its last row (the one the next token is
+// sampled from) where the fused product runs: that row's uses read both slices.
 inline bool prompt_at_low_precision(const cache & c) {
-    return c.precision == SLICEMOE_PRECISION_LOW || c.low_precision_prompt;
+    return c.low_precision_prompt && c.precision != SLICEMOE_PRECISION_LOW;
 }
 
 // ---- the decode step as an op of the graph (slicemoe-callback.cpp) ----

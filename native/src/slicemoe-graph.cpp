@@ -56,6 +56,12 @@ void use_lsb(slicemoe_moe_weights * w, ggml_tensor * const t[slicemoe::N_PROJ]) 
     w->down_lsb = t[2];
 }
 
+// The last column of ids [k, n_tokens] as [k, 1]: the LSB ids of a 4-bit prompt's last row (the fused
+// product runs every other row at 4 bits)
+ggml_tensor * last_row(ggml_context * ctx, ggml_tensor * ids) {
+    return ggml_view_2d(ctx, ids, ids->ne[0], 1, ids->nb[1], size_t(ids->ne[1] - 1) * ids->nb[1]);
+}
+
 } // namespace
 
 ggml_tensor * slicemoe_moe_selection_bias(ggml_backend_sched_eval_callback cb_eval, void * cb_eval_user_data, int il,
@@ -158,8 +164,11 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
     // CPU pools, each slice from its pool when resident and from the file's mapping when not (ids
     // through the layer's tables, which its prompt step writes), so a prompt after the first reads
     // from the file only what the pools lack; elsewhere every slice through the mapping.
-    // (a batch of one token is a decode token on a model without a cache: it keeps the decode's precision)
-    const bool low = c->precision == SLICEMOE_PRECISION_LOW || (prompt_at_low_precision(*c) && n_tokens > 1);
+    // low_precision_prompt: every row but the last at 4 bits, and where the fused product runs, the
+    // last at 8 bits (a batch of one token is a decode token on a model without a cache: it keeps the
+    // decode's precision)
+    const bool low = c->precision == SLICEMOE_PRECISION_LOW;
+    const bool low_prompt = prompt_at_low_precision(*c) && n_tokens > 1;
     const bool from_pools = serves_decode(*c) && holds_every_slice(*c, L);
     L.prompt_from_pools = !from_pools && serves_decode(*c) && L.cpu_pools && fused_products() && file_on_host(L) &&
                           (low || L.lsb.n_slots > 0);
@@ -176,7 +185,7 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
         std::copy_n(mapped, N_PROJ, w->file);
         if (!low) {
             use_lsb(w, L.lsb.t);
-            w->ids_lsb = gather(L.lsb_map);
+            w->ids_lsb = low_prompt ? last_row(ctx, gather(L.lsb_map)) : gather(L.lsb_map);
             std::copy_n(mapped + N_PROJ, N_PROJ, w->file + N_PROJ);
         }
         return;
@@ -184,11 +193,12 @@ void slicemoe_moe_graph(ggml_context * ctx, ggml_cgraph * gf, ggml_backend_sched
     if (from_pools) {
         use_msb(w, L.msb.t);
     }
-    if (low) {
-        return;
+    const bool fused = fused_products() && (from_pools ? L.cpu_pools : file_on_host(L));
+    if (low || (low_prompt && !fused)) {
+        return;   // every row at 4 bits: ggml's products take one set of ids for all rows
     }
     use_lsb(w, from_pools ? L.lsb.t : mapped + N_PROJ);
-    w->ids_lsb = w->ids;
+    w->ids_lsb = low_prompt ? last_row(ctx, w->ids) : w->ids;
 }
 
 ggml_tensor * slicemoe_moe_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * w_lsb, ggml_tensor * x,

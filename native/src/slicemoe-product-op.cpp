@@ -37,6 +37,14 @@ int32_t id_at(const ggml_tensor * ids, int64_t use, int64_t token) {
     return *reinterpret_cast<const int32_t *>(static_cast<const char *>(ids->data) + use * ids->nb[0] + token * ids->nb[1]);
 }
 
+// The LSB slice of a use with MSB id `slot`, or -1 (a 4-bit use): ids_lsb is [k, n_tokens], or [k, 1]
+// for the last token alone (a 4-bit prompt's last row at 8 bits)
+int32_t lsb_id_at(const ggml_tensor * ids_lsb, int32_t slot, int64_t use, int64_t token, int64_t n_tokens) {
+    if (slot < 0 || !ids_lsb) return -1;
+    if (ids_lsb->ne[1] == n_tokens) return id_at(ids_lsb, use, token);
+    return token == n_tokens - 1 ? id_at(ids_lsb, use, 0) : -1;
+}
+
 // Until the reads of rows [first, last) of a slot (row_bytes each) have landed (true) or one failed
 // (false); a resident slot is ready at once. The wait sleeps in short steps: the reader threads need
 // the cores' time to finish the reads (a spinning wait took it from them), and a chunk read takes
@@ -81,7 +89,7 @@ void product_rows(ggml_tensor * dst, const product_ready * ready, int64_t begin,
         row += last - first;
         float * out = reinterpret_cast<float *>(const_cast<char *>(row_of(dst, use, token)));
         const int32_t slot = id_at(ids, use, token);
-        const int32_t slot_lsb = slot < 0 || !ids_lsb ? -1 : id_at(ids_lsb, use, token);
+        const int32_t slot_lsb = lsb_id_at(ids_lsb, slot, use, token, ids->ne[1]);
         // (the two slices of an expert have one type and shape: one row size for both)
         if (slot >= 0 && ready && !(wait_for_rows(ready, ready->msb_read, slot, first, last, w->nb[1], waited_ns) &&
                                     wait_for_rows(ready, ready->lsb_read, slot_lsb, first, last, w->nb[1], waited_ns))) {
@@ -118,7 +126,7 @@ void group_uses(const ggml_tensor * ids, const ggml_tensor * ids_lsb, std::vecto
     for (int64_t token = 0; token < ids->ne[1]; ++token) {
         for (int64_t use = 0; use < ids->ne[0]; ++use) {
             const int32_t slot = id_at(ids, use, token);
-            all.push_back({ slot, slot < 0 || !ids_lsb ? -1 : id_at(ids_lsb, use, token), int32_t(use), int32_t(token) });
+            all.push_back({ slot, lsb_id_at(ids_lsb, slot, use, token, ids->ne[1]), int32_t(use), int32_t(token) });
         }
     }
     std::stable_sort(all.begin(), all.end(), [](const keyed & a, const keyed & b) {
@@ -252,7 +260,7 @@ ggml_tensor * build_expert_product(ggml_context * ctx, ggml_tensor * w, ggml_ten
                       ids->type == GGML_TYPE_I32 && x->ne[2] == ids->ne[1] && (x->ne[1] == 1 || x->ne[1] == ids->ne[0]);
     const bool lsb_fits = !w_lsb || (host_q4_1(w_lsb) && w->ne[0] == w_lsb->ne[0] && w->ne[1] == w_lsb->ne[1] &&
                                      w->nb[1] == w_lsb->nb[1] && ids_lsb && ids_lsb->type == GGML_TYPE_I32 &&
-                                     ids_lsb->ne[0] == ids->ne[0] && ids_lsb->ne[1] == ids->ne[1]);
+                                     ids_lsb->ne[0] == ids->ne[0] && (ids_lsb->ne[1] == ids->ne[1] || ids_lsb->ne[1] == 1));
     // a file's tensor behind a pool: the same rows (one row size), read where the pool has no slot
     const auto same_rows = [](const ggml_tensor * pool, const ggml_tensor * file) {
         return !file || (pool && host_q4_1(file) && file->ne[0] == pool->ne[0] && file->ne[1] == pool->ne[1] &&

@@ -17,6 +17,10 @@ namespace {
 // fit, LSB slices for the top of that list. Run as soon as the layer's prompt products have computed
 // (warm_recorded_layers), its slices are read through the page cache: the prompt has just read those
 // pages from the file, so they are copied, not read from the device a second time.
+bool used_last(const layer & L, int expert) {
+    return std::find(L.last_prompt_experts.begin(), L.last_prompt_experts.end(), expert) != L.last_prompt_experts.end();
+}
+
 void warm_up(cache & c, layer & L) {
     L.warm_pending = false;
     std::vector<int> order(c.n_expert);
@@ -38,8 +42,9 @@ void warm_up(cache & c, layer & L) {
             if (slot < 0) continue;
             free_slot(c, L, L.lsb, slot);
             queue_load(c, L, L.lsb, e, slot);
-            // a prompt at 4 bits has not read the LSB pages: those come from the device
-            if (!c.pending.empty()) c.pending.back().cached = !c.low_precision_prompt;
+            // a prompt at 4 bits read the LSB pages of its last token's experts only: the others
+            // come from the device
+            if (!c.pending.empty()) c.pending.back().cached = !prompt_at_low_precision(c) || used_last(L, e);
             c.totals.warmup_loads += 1;
         }
     }
@@ -233,6 +238,7 @@ void record_prompt_token(cache & c, layer & L, const int32_t * ids) {
         const int e = ids[r];
         if (e >= 0 && e < c.n_expert) L.prompt_score[size_t(e)] += 1.0;
     }
+    L.last_prompt_experts.assign(ids, ids + c.top_k);
     L.warm_pending = c.warmup == SLICEMOE_WARMUP_PCW;
 }
 
@@ -251,7 +257,7 @@ void write_prompt_tables(cache & c, layer & L) {
         ggml_backend_tensor_set(table, ids.data(), 0, ids.size() * sizeof(int32_t));
     };
     write(L.msb, L.msb_map);
-    if (!prompt_at_low_precision(c)) {
+    if (c.precision != SLICEMOE_PRECISION_LOW) {
         write(L.lsb, L.lsb_map);
     }
 }
