@@ -17,7 +17,8 @@ before every run. Before the runs, fio measures the device (O_DIRECT random read
 4 KiB and 1 MiB at queue depth 1 and 32, and 1 MiB at depth 8, the depth of the reader threads).
 
 Per row: decode ms/token, time to first token (the prompt's prefill; then the same prompt again
-after the decode, as a session's next request finds it), flash MB/token (bytes this
+after the decode, as a session's next request finds it), the bytes the first prompt read from the
+device (/proc/self/io, its warm-up included), flash MB/token (bytes this
 process read from the device during decode, /proc/self/io), the effective read rate, and the
 ratio to the row's limit max(compute-only ms/token, flash bytes per token / device bandwidth),
 where compute-only is the same configuration with everything resident and the page cache warm.
@@ -396,14 +397,14 @@ def main() -> int:
             results[(percent, name)] = r
             write_json(results)   # row by row: a run cut short keeps what it measured
             if "error" in r:
-                rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", "failed: " + r["error"], *[""] * 7])
+                rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", "failed: " + r["error"], *[""] * 8])
                 print(" | ".join(rows[-1]), flush=True)
                 continue
             ideal = max(compute_of[name].get("decode_ms", 0.0), r["read_per_token"] / bandwidth * 1000)
             # the read path's own rate: the engine's bytes over the time it blocked on them
             io_rate = f"{r['engine_flash_per_token'] / r['io_ms'] / 1e6:.2f}" if r.get("io_ms") else "-"
             rows.append([f"{percent}%", name, f"{limit / MiB:.0f}", f"{r['decode_ms']:.1f}",
-                         f"{r['ttft_ms']:.0f} / {r['ttft_again_ms']:.0f}",
+                         f"{r['ttft_ms']:.0f} / {r['ttft_again_ms']:.0f}", f"{r['prefill_read'] / 1e9:.2f}",
                          f"{r['read_per_token'] / 1e6:.1f}",
                          f"{r['read_per_token'] / max(r['decode_ms'], 1e-9) / 1e6:.2f}", io_rate,
                          f"{ideal:.1f}", f"{r['decode_ms'] / max(ideal, 1e-9):.2f}x", high_uses(r)])
@@ -421,7 +422,7 @@ def main() -> int:
              "Compute-only (everything resident, warm; ms/token): " +
              ", ".join(f"{k} {v.get('decode_ms', float('nan')):.1f}" for k, v in {**compute, **nocache}.items()), "",
              markdown_table(["budget", "configuration", "RAM limit MiB", "decode ms/token", "TTFT ms (first / again)",
-                             "flash MB/token", "read GB/s", "read path GB/s", "limit ms/token", "vs limit",
+                             "first prompt GB read", "flash MB/token", "read GB/s", "read path GB/s", "limit ms/token", "vs limit",
                              "8-bit uses"], rows),
              "", targets(results, compute, nocache, device)]
     text = "\n".join(lines)
