@@ -290,6 +290,7 @@ std::unique_ptr<cache> build_cache(const llama_model * model, const char * path,
         return nullptr;
     }
     release_mapped(*c);
+    advise_sparse_lsb(*c);
     return c;
 }
 

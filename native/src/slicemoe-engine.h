@@ -321,6 +321,12 @@ void release_mapped(cache & c);
 // the prompt leaves GBs of the file's pages mapped and cached, and dropping them took 0.5-0.6 s of
 // the first decode token (OLMoE-1B-7B). The decode reads the pools and the file, never the mapping.
 void release_mapped_in_background(cache & c);
+// low_precision_prompt: the mapped LSB tensors read no more than the page a fault is on (a 4-bit
+// prompt reads them at its last token's experts alone)
+void advise_sparse_lsb(cache & c);
+// low_precision_prompt: start reading the LSB slices of the last prompt token's experts that the
+// pool lacks into the page cache, before the layer's products read them from the mapping
+void ask_for_last_row(const cache & c, const layer & L);
 
 // ---- look-ahead prefetch (slicemoe-prefetch.cpp) ----
 // Load the predicted experts' MSB slices into L's pool on the reader threads.

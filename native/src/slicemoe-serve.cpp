@@ -330,6 +330,7 @@ bool access(cache & c, int index, int phase, int64_t n_tokens, const int32_t * i
         }
         if (L.prompt_from_pools && !c.failed) {
             write_prompt_tables(c, L);
+            if (prompt_at_low_precision(c)) ask_for_last_row(c, L);
         }
         return !c.failed;
     }
