@@ -86,8 +86,8 @@ struct product_ready {
 // The op over a layer's uses: [n_out, k, n_tokens] F32 from Q4_1 weights w and w_lsb
 // [n_in, n_out, slots] in host memory (w_lsb nullptr: every use at 4 bits), activations x
 // [n_in, k or 1, n_tokens] and slot ids [k, n_tokens] (MSB id < 0: a dropped use, zeros; LSB id
-// < 0: a 4-bit use; LSB ids [k, 1]: the last token's, every other token's uses at 4 bits). ready (may be nullptr): the slots to wait for, use by use, before reading
-// them. w_file and w_lsb_file (may be nullptr): the file's mapped tensors [n_in, n_out, n_expert]
+// < 0: a 4-bit use; LSB ids [k, 1]: the last token's, every other token's uses at 4 bits). ready
+// (may be nullptr): the slots to wait for, use by use, before reading them. w_file and w_lsb_file (may be nullptr): the file's mapped tensors [n_in, n_out, n_expert]
 // behind the pools; an id at or past a pool's slots is then expert id - slots there (a prompt
 // reads the slices the pools hold from them). nullptr where the tensors do not fit that
 // description (device pools, other types): the caller keeps ggml's products.

@@ -13,14 +13,15 @@ namespace slicemoe {
 
 namespace {
 
-// PCW: load the slices the prompt used most (recent tokens weigh more): MSB slices for as many as
-// fit, LSB slices for the top of that list. Run as soon as the layer's prompt products have computed
-// (warm_recorded_layers), its slices are read through the page cache: the prompt has just read those
-// pages from the file, so they are copied, not read from the device a second time.
+// Whether the last prompt token recorded in L routed to `expert`.
 bool used_last(const layer & L, int expert) {
     return std::find(L.last_prompt_experts.begin(), L.last_prompt_experts.end(), expert) != L.last_prompt_experts.end();
 }
 
+// PCW: load the slices the prompt used most (recent tokens weigh more): MSB slices for as many as
+// fit, LSB slices for the top of that list. Run as soon as the layer's prompt products have computed
+// (warm_recorded_layers), its slices are read through the page cache: the prompt has just read those
+// pages from the file, so they are copied, not read from the device a second time.
 void warm_up(cache & c, layer & L) {
     L.warm_pending = false;
     std::vector<int> order(c.n_expert);
